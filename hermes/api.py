@@ -1,0 +1,204 @@
+"""The Python API: one function per CLI command. The CLI only parses flags and prints."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+from hermes.config import Config, load_config
+from hermes.errors import HermesError
+from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
+                             label_is_current, quantize_shard)
+from hermes.progress import Progress, say
+from hermes.read import Fields, Shard, check_fields, discover
+from hermes.rvq import capped_codebook_size
+from hermes.store import LEVELS, build_store
+from hermes.store import query as _query
+from hermes.substrate import Substrate
+
+SAMPLE = "sample.jsonl.gz"
+
+
+def sample_corpus() -> Path:
+    """Path of the sample corpus bundled with hermes (3,000 documents of 20 Newsgroups)."""
+    path = Path(str(resources.files("hermes.data").joinpath(SAMPLE)))
+    if not path.is_file():
+        raise HermesError(f"{path}: the bundled sample corpus is missing", hint="reinstall hermes")
+    return path
+
+
+def _config(config: Config | str | Path | None, overrides: dict[str, Any] | None) -> Config:
+    if isinstance(config, Config):
+        return config.replace(**(overrides or {}))
+    return load_config(config, overrides)
+
+
+def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> list[Shard]:
+    inputs = [str(i) for i in (inputs or [])] or [str(sample_corpus())]
+    shards = discover(inputs)
+    check_fields(shards, Fields(text=cfg.text_field, id=cfg.id_field, source=cfg.source_field))
+    return shards
+
+
+def codebook_rule(n_fit: int, cfg: Config) -> str:
+    k = capped_codebook_size(n_fit, cfg.codebook_size, cfg.min_points_per_code)
+    if k < cfg.codebook_size:
+        return (f"{k} codewords per stage: capped from {cfg.codebook_size} to keep at least "
+                f"{cfg.min_points_per_code} fit documents per codeword ({n_fit:,} // {cfg.min_points_per_code})")
+    return f"{k} codewords per stage"
+
+
+def _embed_all(shards: list[Shard], stages: Stages, layout: Layout, quiet: bool):
+    progress = Progress("embed", total_shards=len(shards), quiet=quiet)
+    results = [embed_shard(s, stages, layout, progress) for s in shards]
+    progress.close()
+    return results
+
+
+def _no_documents(results) -> HermesError:
+    rejected = sum(r.n_rejects for r in results)
+    if rejected:
+        return HermesError(f"no document could be read: all {rejected} records were rejected",
+                           hint="see the reasons in rejects/*.parquet; check --text-field and the input format")
+    return HermesError("the corpus is empty: no records were found in " +
+                       ", ".join(r.shard.path for r in results[:3]), hint="check the input paths")
+
+
+def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | str | Path | None = None,
+        overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept)."""
+    t0 = time.perf_counter()
+    cfg = _config(config, overrides)
+    shards = _plan(inputs, cfg)
+    layout = Layout(Path(out))
+    stages = Stages(cfg)
+    results = _embed_all(shards, stages, layout, quiet)
+    counts = [r.n_docs for r in results]
+    if sum(counts) == 0:
+        raise _no_documents(results)
+    say(f"fit: {codebook_rule(min(sum(counts), cfg.fit_sample), cfg)}", quiet)
+    substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
+    return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
+            "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
+            "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+            "embedding": substrate.embedding, "documents": sum(counts),
+            "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _finish(command: str, shards: list[Shard], substrate: Substrate, stages: Stages, layout: Layout,
+            results, cfg: Config, t0: float, timings: dict[str, float], quiet: bool) -> dict[str, Any]:
+    t = time.perf_counter()
+    progress = Progress("label", total_shards=len(shards), quiet=quiet)
+    for shard in shards:
+        quantize_shard(shard, substrate, stages, layout, progress)
+        if not cfg.keep_embeddings:
+            drop_cached_embeddings(shard, layout)
+    progress.close()
+    timings["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    current = {layout.label_file(s).name for s in shards}
+    for stale in layout.labels.glob("*.parquet"):      # label files of shards no longer in the input
+        if stale.name not in current:
+            stale.unlink()
+    counts = build_store(layout.db, [layout.label_file(s) for s in shards],
+                         [layout.reject_file(s) for s in shards], substrate.manifest())
+    timings["store"] = time.perf_counter() - t
+    if not cfg.keep_embeddings and layout.embeddings.is_dir() and not any(layout.embeddings.iterdir()):
+        layout.embeddings.rmdir()
+    seconds = time.perf_counter() - t0
+    read = counts["labeled"] + counts["rejected"]
+    db = str(layout.db)
+    return {
+        "command": command, "out": str(layout.root), "shards": len(shards),
+        "read": read, "labeled": counts["labeled"], "rejected": counts["rejected"],
+        "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
+        "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+        "fit_sample_size": substrate.fit_sample_size, "substrate": substrate.fingerprint,
+        "embedding": substrate.embedding, "seconds": round(seconds, 2),
+        "docs_per_s": round(read / seconds, 1) if seconds else None,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "outputs": {"store": db, "substrate": str(layout.substrate), "labels": str(layout.labels),
+                    **({"embeddings": str(layout.embeddings)} if cfg.keep_embeddings else {})},
+        "next": [f"hermes cells --db {db} --level 1",
+                 f"hermes sql \"SELECT cell, n_docs, share_tokens FROM cells_l12 ORDER BY n_docs DESC LIMIT 10\" --db {db}",
+                 f"hermes sql \"SELECT reason, count(*) FROM rejects GROUP BY reason\" --db {db}"],
+    }
+
+
+def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-out",
+        config: Config | str | Path | None = None, overrides: dict[str, Any] | None = None,
+        quiet: bool = False) -> dict[str, Any]:
+    """The main job: embed every document once, fit a substrate on a sample, label all, build the store."""
+    t0 = time.perf_counter()
+    cfg = _config(config, overrides)
+    shards = _plan(inputs, cfg)
+    layout = Layout(Path(out))
+    stages = Stages(cfg)
+    timings: dict[str, float] = {}
+    results = _embed_all(shards, stages, layout, quiet)
+    timings["embed"] = time.perf_counter() - t0
+    counts = [r.n_docs for r in results]
+    if sum(counts) == 0:
+        raise _no_documents(results)
+    t = time.perf_counter()
+    say(f"fit: {codebook_rule(min(sum(counts), cfg.fit_sample), cfg)}", quiet)
+    substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
+    timings["fit"] = time.perf_counter() - t
+    return _finish("run", shards, substrate, stages, layout, results, cfg, t0, timings, quiet)
+
+
+def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
+          config: Config | str | Path | None = None, overrides: dict[str, Any] | None = None,
+          quiet: bool = False) -> dict[str, Any]:
+    """Label a corpus with an existing substrate. Resumable: shards already labeled are skipped."""
+    t0 = time.perf_counter()
+    cfg = _config(config, overrides)
+    sub = Substrate.load(substrate)
+    shards = _plan(inputs, cfg)
+    layout = Layout(Path(out))
+    if Path(substrate).resolve() != layout.substrate.resolve():
+        layout.root.mkdir(parents=True, exist_ok=True)
+        tmp = layout.root / "substrate.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(substrate, tmp)
+        shutil.rmtree(layout.substrate, ignore_errors=True)
+        tmp.rename(layout.substrate)
+    stages = Stages(cfg, embedding=sub.embedding)
+    # one shard at a time: embed, quantize, drop its cached embeddings (unless kept), so the
+    # disk holds at most one shard's embeddings and a relaunch redoes only unfinished shards
+    progress = Progress("embed+label", total_shards=len(shards), quiet=quiet)
+    results = []
+    for shard in shards:
+        if label_is_current(shard, sub, stages, layout):
+            progress.shard_done()
+            continue
+        results.append(embed_shard(shard, stages, layout, progress))
+        quantize_shard(shard, sub, stages, layout)
+        if not cfg.keep_embeddings:
+            drop_cached_embeddings(shard, layout)
+    progress.close()
+    timings = {"embed": time.perf_counter() - t0}
+    if results and len(results) == len(shards) and sum(r.n_docs for r in results) == 0:
+        raise _no_documents(results)
+    return _finish("label", shards, sub, stages, layout, results, cfg, t0, timings, quiet)
+
+
+def query(db: str | Path, sql: str) -> pa.Table:
+    """One read-only SQL statement against a store."""
+    return _query(db, sql)
+
+
+def cells(db: str | Path, level: int = 1, limit: int | None = None) -> pa.Table:
+    """The group-by view of one granularity (1 = L1, 2 = L12, 3 = L123)."""
+    if level not in LEVELS:
+        raise HermesError(f"level {level} is not 1, 2 or 3")
+    sql = f"SELECT * FROM cells_{LEVELS[level]}"
+    if limit is not None:
+        sql += f" ORDER BY n_docs DESC LIMIT {int(limit)}"
+    return _query(db, sql)

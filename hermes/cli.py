@@ -1,0 +1,345 @@
+"""The `hermes` command line: a thin layer over `hermes.api`.
+
+Heavy libraries (torch, sentence-transformers, duckdb) are imported inside the commands, so
+`hermes --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from hermes import __version__
+from hermes.errors import HermesError
+
+app = typer.Typer(
+    name="hermes",
+    help="Label a corpus with a coarse-to-fine code (c1, c2, c3) and query it per granularity.\n\n"
+         "Example: hermes run --out hermes-out",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": os.environ.get("HERMES_DEBUG", "") not in ("", "0")}
+
+
+class Fmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class SummaryFmt(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class Level(str, Enum):
+    l1 = "1"
+    l2 = "2"
+    l3 = "3"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn known errors into one `Error: ...` line and exit 1; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HermesError as e:
+            if _state["debug"]:
+                raise
+            _fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("Interrupted; finished shards are kept, rerun the same command to resume.", err=True)
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # an error hermes did not anticipate: still one line unless --debug
+            if _state["debug"]:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            _fail(f"unexpected {type(e).__name__}: {first} (hint: rerun with --debug for the traceback)")
+
+    return wrapper
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also HERMES_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    """Label a corpus with a coarse-to-fine code (c1, c2, c3) and query it per granularity.
+
+    Example: hermes run --out hermes-out
+    """
+    if debug:
+        _state["debug"] = True
+    if version:
+        typer.echo(f"hermes {__version__}")
+        raise typer.Exit(0)
+
+
+# ------------------------------------------------------------------------------ options
+
+ConfigOpt = typer.Option(None, "--config", help="YAML file overriding configs/default.yaml.")
+TextFieldOpt = typer.Option(None, "--text-field", help="Dotted path of the text field (default: text).")
+IdFieldOpt = typer.Option(None, "--id-field", help="Dotted path of the id field (default: id).")
+SourceFieldOpt = typer.Option(None, "--source-field", help="Dotted path of the source field (default: source).")
+DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps (default: auto).")
+BatchOpt = typer.Option(None, "--batch-size", help="Documents per encoder call (default: 64).")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer folder for n_tokens "
+                                                     "(default: the embedding model's).")
+KeepOpt = typer.Option(None, "--keep-embeddings/--drop-embeddings",
+                       help="Keep OUT/embeddings (float16 per shard) after the run (default: drop).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
+SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or json (on stdout).")
+
+
+def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed) -> dict[str, Any]:
+    return {"model": model, "dtype": dtype, "max_length": max_length, "codebook_size": codebook_size,
+            "fit_sample": fit_sample, "seed": seed}
+
+
+def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep) -> dict[str, Any]:
+    return {"text_field": text_field, "id_field": id_field, "source_field": source_field, "device": device,
+            "batch_size": batch_size, "tokenizer": tokenizer, "keep_embeddings": keep}
+
+
+def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
+    if fmt == SummaryFmt.json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    s = summary
+    if s["command"] == "fit":
+        typer.echo(f"hermes fit: substrate {s['fingerprint']} fitted on {s['fit_sample_size']:,} of "
+                   f"{s['documents']:,} documents in {s['seconds']:.1f} s")
+        typer.echo(f"  {s['codebook_rule']}")
+        typer.echo(f"  embedding: {s['embedding']['model']}, {s['embedding']['dtype']}, "
+                   f"max_length {s['embedding']['max_length']}")
+        typer.echo(f"  rejected records: {s['rejected']:,}")
+        typer.echo(f"  substrate: {s['substrate']}")
+        typer.echo(f"next:\n  hermes label CORPUS... --substrate {s['substrate']} --out DIR")
+        return
+    typer.echo(f"hermes {s['command']}: labeled {s['labeled']:,} of {s['read']:,} documents read, "
+               f"in {s['seconds']:.1f} s ({s['docs_per_s']:,} docs/s)")
+    if s["rejected"]:
+        reasons = ", ".join(f"{r}: {n:,}" for r, n in s["reject_reasons"].items())
+        typer.echo(f"  rejected: {s['rejected']:,} ({reasons})")
+    else:
+        typer.echo("  rejected: 0")
+    c = s["cells"]
+    typer.echo(f"  cells: L1 {c['l1']:,}, L12 {c['l12']:,}, L123 {c['l123']:,}")
+    e = s["embedding"]
+    typer.echo(f"  substrate {s['substrate']}: {e['model']} ({e['dtype']}, max_length {e['max_length']}), "
+               f"fitted on {s['fit_sample_size']:,} documents; {s['codebook_rule']}")
+    typer.echo("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings"].items()))
+    typer.echo("  outputs: " + ", ".join(f"{v} ({k})" for k, v in s["outputs"].items()))
+    typer.echo("next:")
+    for line in s["next"]:
+        typer.echo(f"  {line}")
+
+
+def _print_table(table, fmt: Fmt) -> None:
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(table.to_pylist(), indent=1, default=str))
+        return
+    if fmt == Fmt.csv:
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(table.column_names)
+        for row in table.to_pylist():
+            w.writerow(["" if v is None else v for v in row.values()])
+        return
+    names = table.column_names
+    rows = [[_cell_text(v) for v in r.values()] for r in table.to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    typer.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip())
+    typer.echo("  ".join("-" * w for w in widths))
+    for r in rows:
+        typer.echo("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    typer.echo(f"({len(rows):,} rows)", err=True)
+
+
+def _cell_text(v: Any) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------ commands
+
+@app.command()
+@guarded
+def run(
+    inputs: Optional[List[str]] = typer.Argument(None, metavar="[INPUT]...",
+                                                 help="Files, folders or globs; none = the bundled sample corpus."),
+    out: Path = typer.Option(Path("hermes-out"), "--out", "-o", help="Output folder."),
+    config: Optional[Path] = ConfigOpt,
+    text_field: Optional[str] = TextFieldOpt,
+    id_field: Optional[str] = IdFieldOpt,
+    source_field: Optional[str] = SourceFieldOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder "
+                                                             "(default: the packaged all-MiniLM-L6-v2)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
+    device: Optional[str] = DeviceOpt,
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the encoder reads (default: 256)."),
+    batch_size: Optional[int] = BatchOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage before the "
+                                                                               "small-corpus cap (default: 256)."),
+    fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the fit sample and k-means (default: 0)."),
+    keep_embeddings: Optional[bool] = KeepOpt,
+    quiet: bool = QuietOpt,
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """The main job: fit a substrate on a sample, label every document, build the store.
+
+    Writes OUT/labels.duckdb, OUT/substrate/, OUT/labels/ (one Parquet file per input shard) and
+    OUT/rejects/. With no INPUT it runs on the sample corpus bundled with hermes.
+
+    Example: hermes run corpus/*.jsonl.gz --out out --text-field text
+    """
+    from hermes import api
+
+    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed),
+                 **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
+                                   keep_embeddings)}
+    summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
+    _print_summary(summary, fmt)
+
+
+@app.command()
+@guarded
+def fit(
+    inputs: List[str] = typer.Argument(..., metavar="INPUT...", help="Files, folders or globs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder; the substrate goes to OUT/substrate."),
+    config: Optional[Path] = ConfigOpt,
+    text_field: Optional[str] = TextFieldOpt,
+    id_field: Optional[str] = IdFieldOpt,
+    source_field: Optional[str] = SourceFieldOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
+    device: Optional[str] = DeviceOpt,
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the encoder reads (default: 256)."),
+    batch_size: Optional[int] = BatchOpt,
+    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage (default: 256)."),
+    fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: 0)."),
+    quiet: bool = QuietOpt,
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """Fit the substrate only (embedding settings, transform, RVQ codebooks) on a sample of INPUT.
+
+    The embeddings stay in OUT/embeddings, so fitting again with other settings does not re-embed.
+
+    Example: hermes fit corpus/ --out fitted --fit-sample 100000
+    """
+    from hermes import api
+
+    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed),
+                 **_read_overrides(text_field, id_field, source_field, device, batch_size, None, True)}
+    summary = api.fit(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
+    _print_summary(summary, fmt)
+
+
+@app.command()
+@guarded
+def label(
+    inputs: List[str] = typer.Argument(..., metavar="INPUT...", help="Files, folders or globs."),
+    substrate: Path = typer.Option(..., "--substrate", "-s", help="A substrate folder from `hermes fit`/`run`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (labels.duckdb, labels/, rejects/)."),
+    config: Optional[Path] = ConfigOpt,
+    text_field: Optional[str] = TextFieldOpt,
+    id_field: Optional[str] = IdFieldOpt,
+    source_field: Optional[str] = SourceFieldOpt,
+    device: Optional[str] = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    keep_embeddings: Optional[bool] = KeepOpt,
+    quiet: bool = QuietOpt,
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """Label INPUT with an existing substrate and build the store. Resumable: rerun the same
+    command after an interruption and only unfinished shards are done again.
+
+    The embedding model, dtype and max length are the substrate's own.
+
+    Example: hermes label more/*.parquet --substrate out/substrate --out out-more
+    """
+    from hermes import api
+
+    overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings)
+    summary = api.label(inputs, substrate=substrate, out=out, config=config, overrides=overrides, quiet=quiet)
+    _print_summary(summary, fmt)
+
+
+@app.command()
+@guarded
+def sql(
+    statement: str = typer.Argument(..., metavar="SQL", help="One SELECT statement."),
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store."),
+    fmt: Fmt = typer.Option(Fmt.table, "--format", help="table | csv | json"),
+) -> None:
+    """Run one read-only query against the store; statements that write are refused (exit 1).
+
+    Tables: labels, rejects, substrates. Views: cells_l1, cells_l12, cells_l123, cells.
+
+    Example: hermes sql "SELECT cell, n_docs FROM cells_l12 ORDER BY n_docs DESC LIMIT 5" --db out/labels.duckdb
+    """
+    from hermes import api
+
+    _print_table(api.query(db, statement), fmt)
+
+
+@app.command()
+@guarded
+def cells(
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store."),
+    level: Level = typer.Option(Level.l1, "--level", help="1 = L1, 2 = L12, 3 = L123."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the N largest cells."),
+    fmt: Fmt = typer.Option(Fmt.table, "--format", help="table | csv | json"),
+) -> None:
+    """The group-by view of one granularity: one row per non-empty cell with sizes, shares,
+    quality and number of children.
+
+    Example: hermes cells --db out/labels.duckdb --level 2 --format json
+    """
+    from hermes import api
+
+    _print_table(api.cells(db, int(level.value), limit), fmt)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

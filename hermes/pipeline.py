@@ -1,0 +1,293 @@
+"""The per-shard work of labeling, and the fit in between.
+
+    embed_shard:    read -> n_chars, n_tokens -> embed     -> embeddings/<shard>.{docs.parquet,npy}
+                                                             + rejects/<shard>.parquet
+    fit_substrate:  a seeded sample of the cached embeddings -> transform + RVQ -> substrate/
+    quantize_shard: cached embeddings -> codes              -> labels/<shard>.parquet
+
+Each per-shard function is idempotent: it writes under a temporary name, renames when the shard
+is complete, and records a marker naming the settings it ran with, so a rerun skips what is done
+and redoes what changed. Embeddings are cached as float16 and the codes are always computed from
+those float16 values, so labeling straight after embedding and labeling from the cache agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hermes import __version__
+from hermes.config import Config
+from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
+from hermes.errors import HermesError
+from hermes.progress import Progress
+from hermes.read import Fields, Shard, read_shard
+from hermes.store import LABEL_FILE_SCHEMA, REJECT_FILE_SCHEMA
+from hermes.substrate import Substrate
+
+N_CODES = 3          # the store holds c1, c2, c3
+ENCODE_SLICE = 512   # documents per encoder call from embed_shard (the encoder sorts each by length)
+
+DOCS_SCHEMA = pa.schema([
+    ("doc_id", pa.string()), ("source", pa.string()), ("n_chars", pa.int32()), ("n_tokens", pa.int32()),
+    ("quality", pa.float64()), ("file", pa.string()), ("line", pa.int64()), ("seq", pa.int64()),
+])
+
+
+@dataclass
+class Layout:
+    """Where a run writes, under one output folder."""
+
+    root: Path
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / "rejects"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def substrate(self) -> Path:
+        return self.root / "substrate"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "labels.duckdb"
+
+    def docs_file(self, shard: Shard) -> Path:
+        return self.embeddings / f"{shard.key}.docs.parquet"
+
+    def emb_file(self, shard: Shard) -> Path:
+        return self.embeddings / f"{shard.key}.npy"
+
+    def emb_marker(self, shard: Shard) -> Path:
+        return self.embeddings / f"{shard.key}.done.json"
+
+    def reject_file(self, shard: Shard) -> Path:
+        return self.rejects / f"{shard.key}.parquet"
+
+    def label_file(self, shard: Shard) -> Path:
+        return self.labels / f"{shard.key}.parquet"
+
+    def label_marker(self, shard: Shard) -> Path:
+        return self.labels / "_done" / f"{shard.key}.json"
+
+
+class Stages:
+    """The models the per-shard functions use, loaded once per process on first use."""
+
+    def __init__(self, cfg: Config, embedding: dict[str, Any] | None = None):
+        self.cfg = cfg
+        emb = embedding or {}
+        self.embedder = Embedder(model=emb.get("model", cfg.model), dtype=emb.get("dtype", cfg.dtype),
+                                 device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
+                                 batch_size=cfg.batch_size)
+        self._counter: TokenCounter | None = None
+
+    @property
+    def counter(self) -> TokenCounter:
+        if self._counter is None:
+            self._counter = TokenCounter(self.cfg.tokenizer or self.embedder.tokenizer_path).setup()
+        return self._counter
+
+    def embedding_settings(self) -> dict[str, Any]:
+        """The settings that decide the embeddings (the resolved dtype, not 'auto')."""
+        device = resolve_device(self.embedder.device)
+        return {"model": self.embedder.model, "dtype": resolve_dtype(self.embedder.dtype, device),
+                "max_length": self.embedder.max_length}
+
+    def cache_key(self) -> str:
+        c = self.cfg
+        blob = json.dumps({"embedding": self.embedding_settings(), "tokenizer": c.tokenizer,
+                           "fields": [c.text_field, c.id_field, c.source_field], "hermes": __version__},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_atomic_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class ShardResult:
+    shard: Shard
+    n_docs: int
+    n_rejects: int
+    skipped: bool
+
+
+def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress | None = None) -> ShardResult:
+    """Read, count and embed one shard into the embedding cache; skip it if the cache is current."""
+    key = stages.cache_key()
+    marker_path = layout.emb_marker(shard)
+    marker = _read_marker(marker_path)
+    if marker and marker.get("cache_key") == key and marker.get("shard") == shard.stat() \
+            and layout.docs_file(shard).is_file() and layout.emb_file(shard).is_file():
+        if progress:
+            progress.advance(marker["n_docs"] + marker["n_rejects"], counted=False)
+        return ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+
+    cfg = stages.cfg
+    fields = Fields(text=cfg.text_field, id=cfg.id_field, source=cfg.source_field)
+    tables: list[pa.Table] = []
+    embeddings: list[np.ndarray] = []
+    rejects: list[dict] = []
+    seq = 0
+    for docs, bad in read_shard(shard, fields, cfg.read_batch_size):
+        rejects.extend(r.__dict__ for r in bad)
+        n = docs.num_rows
+        if progress and bad:
+            progress.advance(len(bad))
+        if n:
+            texts = docs.column("text").to_pylist()
+            n_tokens = stages.counter.count(texts)
+            # encode in slices so progress moves while a large read batch is embedded
+            for i in range(0, n, ENCODE_SLICE):
+                embeddings.append(stages.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16))
+                if progress:
+                    progress.advance(min(ENCODE_SLICE, n - i))
+            tables.append(pa.table({
+                "doc_id": docs.column("doc_id"), "source": docs.column("source"),
+                "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+                "n_tokens": pa.array(n_tokens, pa.int32()),
+                "quality": pa.nulls(n, pa.float64()),
+                "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
+                "seq": pa.array(np.arange(seq, seq + n), pa.int64()),
+            }, schema=DOCS_SCHEMA))
+            seq += n
+
+    dim = embeddings[0].shape[1] if embeddings else 0
+    emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float16)
+    layout.embeddings.mkdir(parents=True, exist_ok=True)
+    tmp = layout.emb_file(shard).with_suffix(".tmp.npy")
+    np.save(tmp, emb_all, allow_pickle=False)
+    os.replace(tmp, layout.emb_file(shard))
+    _write_atomic_parquet(pa.concat_tables(tables) if tables else DOCS_SCHEMA.empty_table(), layout.docs_file(shard))
+    _write_atomic_parquet(pa.Table.from_pylist(rejects, schema=REJECT_FILE_SCHEMA), layout.reject_file(shard))
+    _write_atomic_json({"cache_key": key, "shard": shard.stat(), "name": shard.name,
+                        "n_docs": seq, "n_rejects": len(rejects)}, marker_path)
+    if progress:
+        progress.shard_done()
+    return ShardResult(shard, seq, len(rejects), skipped=False)
+
+
+def load_cached_embeddings(shard: Shard, layout: Layout, mmap: bool = False) -> np.ndarray:
+    return np.load(layout.emb_file(shard), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout: Layout,
+                  progress_note=None) -> Substrate:
+    """Fit transform + RVQ on a seeded uniform sample of the cached embeddings of `shards`."""
+    from hermes.rvq import ResidualQuantizer
+    from hermes.transform import make_transform
+
+    cfg = stages.cfg
+    total = int(sum(counts))
+    if total < 2:
+        raise HermesError(f"only {total} document(s) could be read; a substrate needs at least 2",
+                          hint="check the input and the rejects reported above")
+    n_fit = min(total, cfg.fit_sample)
+    rng = np.random.default_rng(cfg.seed)
+    picks = np.sort(rng.choice(total, n_fit, replace=False)) if n_fit < total else np.arange(total)
+    parts, offset = [], 0
+    for shard, n in zip(shards, counts):
+        if n == 0:
+            continue
+        local = picks[(picks >= offset) & (picks < offset + n)] - offset
+        if len(local):
+            parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[local], dtype=np.float32))
+        offset += n
+    X = np.concatenate(parts)
+    transform = make_transform(cfg.transform).fit(X)
+    H = transform.transform(X)
+    quantizer = ResidualQuantizer(stages=N_CODES, codebook_size=cfg.codebook_size,
+                                  min_points_per_code=cfg.min_points_per_code, iters=cfg.kmeans_iters,
+                                  seed=cfg.seed)
+    quantizer.fit(H, progress=(lambda s: progress_note(f"fit: RVQ stage {s}/{N_CODES} done"))
+                  if progress_note else None)
+    settings = stages.embedding_settings()
+    settings["dim"] = int(X.shape[1])
+    substrate = Substrate(embedding=settings, transform=transform, quantizer=quantizer, fit_sample_size=n_fit)
+    substrate.save(layout.substrate)
+    return substrate
+
+
+def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout) -> dict | None:
+    """The shard's label marker if its labels were made by this substrate from this content, else None."""
+    marker = _read_marker(layout.label_marker(shard))
+    if marker and marker.get("substrate") == substrate.fingerprint and marker.get("cache_key") == stages.cache_key() \
+            and marker.get("shard") == shard.stat() and layout.label_file(shard).is_file() \
+            and layout.reject_file(shard).is_file():
+        return marker
+    return None
+
+
+def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout,
+                   progress: Progress | None = None) -> ShardResult:
+    """Cached embeddings of one shard -> its label file; skip it if done under this substrate."""
+    marker = label_is_current(shard, substrate, stages, layout)
+    if marker:
+        if progress:
+            progress.advance(marker["n_docs"], counted=False)
+        return ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+    emb_marker = _read_marker(layout.emb_marker(shard)) or {}
+    docs = pq.read_table(layout.docs_file(shard))
+    emb = load_cached_embeddings(shard, layout)
+    if len(emb) != docs.num_rows:
+        raise HermesError(f"{layout.emb_file(shard)}: {len(emb)} embeddings for {docs.num_rows} documents",
+                          hint=f"delete {layout.embeddings} and rerun")
+    n = docs.num_rows
+    if n and emb.shape[1] != substrate.embedding.get("dim", emb.shape[1]):
+        raise HermesError(f"{layout.emb_file(shard)}: embedding dimension {emb.shape[1]} does not match the "
+                          f"substrate's {substrate.embedding.get('dim')}", hint=f"delete {layout.embeddings} and rerun")
+    codes = substrate.encode(emb.astype(np.float32)) if n else np.zeros((0, N_CODES), np.int16)
+    cols = {name: docs.column(name) for name in ("doc_id", "source", "n_chars", "n_tokens", "quality")}
+    for i, c in enumerate(("c1", "c2", "c3")):
+        cols[c] = pa.array(codes[:, i], pa.int16())
+    cols["substrate"] = pa.array([substrate.fingerprint] * n, pa.string())
+    for name in ("file", "line", "seq"):
+        cols[name] = docs.column(name)
+    _write_atomic_parquet(pa.table(cols, schema=LABEL_FILE_SCHEMA), layout.label_file(shard))
+    _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
+                        "shard": shard.stat(), "name": shard.name, "n_docs": n,
+                        "n_rejects": emb_marker.get("n_rejects", 0)}, layout.label_marker(shard))
+    if progress:
+        progress.advance(n)
+        progress.shard_done()
+    return ShardResult(shard, n, emb_marker.get("n_rejects", 0), skipped=False)
+
+
+def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:
+    for p in (layout.emb_file(shard), layout.docs_file(shard), layout.emb_marker(shard)):
+        p.unlink(missing_ok=True)

@@ -1,0 +1,462 @@
+"""Reading corpora: discover shards, then stream each as Arrow batches of documents.
+
+Every format goes through the same record check, so a bad record is rejected the same way
+wherever it comes from. Nothing reads a whole file into memory.
+
+A shard is one unit of work: a file, a folder of .txt files, or one split of a Hugging Face
+dataset saved with `save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from hermes.errors import HermesError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSIONS = ("", ".gz", ".zst")
+SUPPORTED = ("JSONL (.jsonl/.ndjson/.json, optionally .gz or .zst)", "Parquet (.parquet)",
+             "CSV/TSV (.csv/.tsv)", "a folder of .txt files", "a Hugging Face dataset saved with save_to_disk")
+
+DOC_SCHEMA = pa.schema([
+    ("doc_id", pa.string()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("line", pa.int64()),      # 1-based line (JSONL, CSV) or row number (Parquet, HF); NULL for .txt files
+])
+REJECT_SCHEMA = pa.schema([
+    ("file", pa.string()),
+    ("line", pa.int64()),
+    ("doc_id", pa.string()),
+    ("reason", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class Fields:
+    text: str = "text"
+    id: str = "id"
+    source: str = "source"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of reading and labeling work."""
+
+    path: str       # the file, the .txt folder or the dataset folder
+    name: str       # the name used in derived doc_ids and as default source (path relative to its input)
+    fmt: str        # jsonl | parquet | csv | tsv | text | hf
+    split: str | None = None   # the split of a DatasetDict
+
+    @property
+    def key(self) -> str:
+        """A stable, file-system-safe name for this shard's outputs."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)[-60:].strip("._") or "shard"
+        digest = hashlib.sha1(f"{self.fmt}\0{os.path.abspath(self.path)}\0{self.split}".encode()).hexdigest()[:10]
+        return f"{stem}-{digest}"
+
+    def stat(self) -> dict[str, Any]:
+        """What identifies this shard's content cheaply: size and mtime of its file(s)."""
+        p = Path(self.path)
+        if p.is_file():
+            st = p.stat()
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        total, latest = 0, 0
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                total += st.st_size
+                latest = max(latest, st.st_mtime_ns)
+        return {"size": total, "mtime_ns": latest}
+
+
+@dataclass
+class Reject:
+    file: str
+    line: int | None
+    doc_id: str | None
+    reason: str
+
+
+# --------------------------------------------------------------------------- discovery
+
+def _format_of(path: Path) -> str | None:
+    name = path.name.lower()
+    for comp in COMPRESSIONS:
+        for suf in JSONL_SUFFIXES:
+            if name.endswith(suf + comp):
+                return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith(".txt"):
+        return "text"
+    return None
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
+        or (path / "state.json").is_file()
+
+
+def _shards_in_folder(root: Path, shown: str) -> list[Shard]:
+    if _is_hf_dataset(root):
+        return _hf_shards(root, shown)
+    shards: list[Shard] = []
+    text_dirs: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        d = Path(dirpath)
+        if d != root and _is_hf_dataset(d):
+            shards.extend(_hf_shards(d, os.path.join(shown, os.path.relpath(d, root))))
+            dirnames[:] = []
+            continue
+        for fn in sorted(filenames):
+            f = d / fn
+            fmt = _format_of(f)
+            if fmt == "text":
+                text_dirs.add(d)
+            elif fmt is not None:
+                shards.append(Shard(str(f), os.path.join(shown, os.path.relpath(f, root)), fmt))
+    for d in sorted(text_dirs):
+        rel = os.path.relpath(d, root)
+        shards.append(Shard(str(d), shown if rel == "." else os.path.join(shown, rel), "text"))
+    return sorted(shards, key=lambda s: s.name)
+
+
+def _hf_shards(root: Path, shown: str) -> list[Shard]:
+    dd = root / "dataset_dict.json"
+    if dd.is_file():
+        splits = json.loads(dd.read_text()).get("splits", [])
+        return [Shard(str(root), f"{shown}/{s}", "hf", split=s) for s in splits]
+    return [Shard(str(root), shown, "hf")]
+
+
+def discover(inputs: Iterable[str | os.PathLike]) -> list[Shard]:
+    """Expand files, folders and globs into an ordered list of shards."""
+    shards: list[Shard] = []
+    for raw in inputs:
+        item = str(raw)
+        p = Path(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise HermesError(f"{item}: the pattern matches no file", hint="check the glob and quote it")
+            base = Path(_glob_base(item))
+            for m in matches:
+                mp = Path(m)
+                if mp.is_dir():
+                    shards.extend(_shards_in_folder(mp, os.path.relpath(mp, base)))
+                elif _format_of(mp) is not None:
+                    shards.append(_file_shard(mp, os.path.relpath(mp, base)))
+            continue
+        if not p.exists():
+            raise HermesError(f"{item}: no such file or folder", hint="check the path")
+        if p.is_dir():
+            found = _shards_in_folder(p, p.name or str(p))
+            if not found:
+                raise HermesError(f"{item}: the folder holds no readable corpus file",
+                                  hint="supported: " + "; ".join(SUPPORTED))
+            shards.extend(found)
+        else:
+            shards.append(_file_shard(p, p.name))
+    seen: set[tuple[str, str | None]] = set()
+    unique = []
+    for s in shards:
+        if (os.path.abspath(s.path), s.split) not in seen:
+            seen.add((os.path.abspath(s.path), s.split))
+            unique.append(s)
+    names = [s.name for s in unique]
+    if len(set(names)) != len(names):   # same relative name from two inputs: fall back to full paths
+        unique = [Shard(s.path, s.path if s.split is None else f"{s.path}/{s.split}", s.fmt, s.split)
+                  for s in unique]
+    return unique
+
+
+def _glob_base(pattern: str) -> str:
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _file_shard(p: Path, name: str) -> Shard:
+    fmt = _format_of(p)
+    if fmt is None:
+        raise HermesError(f"{p}: unknown corpus format", hint="supported: " + "; ".join(SUPPORTED))
+    if fmt == "text":
+        raise HermesError(f"{p}: a single .txt file is not a corpus; pass the folder that holds the .txt files",
+                          hint="each .txt file in a folder is one document")
+    return Shard(str(p), name, fmt)
+
+
+# --------------------------------------------------------------------------- records
+
+def get_path(record: dict, dotted: str) -> tuple[bool, Any]:
+    """Follow a dotted path into nested mappings. Returns (found, value)."""
+    if dotted in record:
+        return True, record[dotted]
+    cur: Any = record
+    for part in dotted.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            return False, None
+    return True, cur
+
+
+def field_names(record: dict, prefix: str = "", depth: int = 3) -> list[str]:
+    names = []
+    for k, v in record.items():
+        name = f"{prefix}{k}"
+        names.append(name)
+        if isinstance(v, dict) and depth > 1:
+            names.extend(field_names(v, name + ".", depth - 1))
+    return names
+
+
+def _open_text_stream(path: str) -> io.BufferedIOBase:
+    low = path.lower()
+    if low.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if low.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+# Each raw item is (line, record-or-None, reject-reason-or-None).
+RawItem = tuple[int | None, Any, str | None]
+
+
+def _raw_jsonl(shard: Shard) -> Iterator[RawItem]:
+    with _open_text_stream(shard.path) as f:
+        n = 0
+        while True:
+            try:
+                raw = f.readline()
+            except (OSError, EOFError) as e:   # truncated or corrupt compressed stream
+                raise HermesError(f"{shard.path}:{n + 1}: cannot decompress ({e})",
+                                  hint="the file is truncated or corrupt; re-create it") from None
+            if not raw:
+                break
+            n += 1
+            if not raw.strip():
+                continue   # blank lines are layout, not records
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"invalid UTF-8 at byte {e.start}"
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
+                continue
+            if not isinstance(rec, dict):
+                yield n, None, f"record is a JSON {type(rec).__name__}, not an object"
+                continue
+            yield n, rec, None
+
+
+def _raw_csv(shard: Shard) -> Iterator[RawItem]:
+    delimiter = "\t" if shard.fmt == "tsv" else ","
+    csv.field_size_limit(1 << 30)
+    with open(shard.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            for rec in reader:
+                line = reader.line_num
+                if None in rec:
+                    yield line, None, f"row has {len(reader.fieldnames or []) + len(rec[None])} fields, " \
+                                      f"the header {len(reader.fieldnames or [])}"
+                    continue
+                bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
+                if bad:
+                    yield line, None, f"invalid UTF-8 in field '{bad[0]}'"
+                    continue
+                yield line, rec, None
+        except csv.Error as e:
+            raise HermesError(f"{shard.path}:{reader.line_num}: not readable as {shard.fmt.upper()} ({e})",
+                              hint="check the quoting of that line") from None
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _raw_parquet(shard: Shard, batch_size: int) -> Iterator[RawItem]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(shard.path)
+    except Exception as e:   # pyarrow raises several types for a file that is not Parquet
+        raise HermesError(f"{shard.path}: not a readable Parquet file ({e})",
+                          hint="check that the file is complete and really Parquet") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_size):
+        for rec in batch.to_pylist():
+            row += 1
+            yield row, rec, None
+
+
+def _raw_hf(shard: Shard, batch_size: int) -> Iterator[RawItem]:
+    try:
+        import datasets
+    except ImportError:
+        raise HermesError(f"{shard.path}: reading a Hugging Face dataset needs the datasets package",
+                          hint="pip install datasets") from None
+    try:
+        ds = datasets.load_from_disk(shard.path)
+    except Exception as e:
+        raise HermesError(f"{shard.path}: not a readable Hugging Face dataset ({e})",
+                          hint="the folder must come from Dataset.save_to_disk") from None
+    if shard.split is not None:
+        ds = ds[shard.split]
+    row = 0
+    for batch in ds.iter(batch_size=batch_size):
+        cols = list(batch)
+        for i in range(len(batch[cols[0]]) if cols else 0):
+            row += 1
+            yield row, {c: batch[c][i] for c in cols}, None
+
+
+def _raw_text(shard: Shard) -> Iterator[RawItem]:
+    root = Path(shard.path)
+    for f in sorted(root.glob("*.txt")):
+        data = f.read_bytes()
+        rel = os.path.join(shard.name, f.name)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield None, {"__id": rel}, f"invalid UTF-8 at byte {e.start}"
+            continue
+        yield None, {"__id": rel, "__text": text}, None
+
+
+def raw_records(shard: Shard, batch_size: int = 2048) -> Iterator[RawItem]:
+    if shard.fmt == "jsonl":
+        return _raw_jsonl(shard)
+    if shard.fmt in ("csv", "tsv"):
+        return _raw_csv(shard)
+    if shard.fmt == "parquet":
+        return _raw_parquet(shard, batch_size)
+    if shard.fmt == "hf":
+        return _raw_hf(shard, batch_size)
+    if shard.fmt == "text":
+        return _raw_text(shard)
+    raise HermesError(f"{shard.path}: unknown format {shard.fmt!r}")
+
+
+def _as_id(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (str, int)):
+        s = str(value)
+        return s if s.strip() else None
+    return None
+
+
+def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
+               ) -> Iterator[tuple[pa.Table, list[Reject]]]:
+    """Stream a shard as (documents, rejects) pairs; documents follow DOC_SCHEMA, in input order."""
+    docs: dict[str, list] = {k: [] for k in DOC_SCHEMA.names}
+    rejects: list[Reject] = []
+
+    def flush():
+        table = pa.table(docs, schema=DOC_SCHEMA)
+        out = (table, list(rejects))
+        for v in docs.values():
+            v.clear()
+        rejects.clear()
+        return out
+
+    for line, rec, problem in raw_records(shard, batch_size):
+        where = f"line {line}" if line is not None else ""
+        if rec is not None and "__id" in rec:          # a .txt file: the file is the record
+            doc_id, text, source, found = rec["__id"], rec.get("__text"), shard.name, True
+        else:
+            doc_id, source = None, shard.name
+            text, found = None, False
+            if rec is not None:
+                has_id, raw_id = get_path(rec, fields.id)
+                doc_id = _as_id(raw_id) if has_id else None
+                if has_id and raw_id is not None and doc_id is None:
+                    problem = f"id field '{fields.id}' is not a string or integer"
+                has_src, raw_src = get_path(rec, fields.source)
+                if has_src and raw_src is not None:
+                    source = str(raw_src)
+                found, text = get_path(rec, fields.text)
+            if doc_id is None and line is not None:
+                doc_id = f"{shard.name}:{line}"
+        if problem is None:
+            if not found:
+                problem = f"missing text field '{fields.text}'"
+            elif not isinstance(text, str):
+                problem = f"text field '{fields.text}' is {type(text).__name__}, not a string"
+            elif not text.strip():
+                problem = f"empty text field '{fields.text}'"
+            elif _has_surrogates(text):
+                problem = f"invalid UTF-8 in text field '{fields.text}'"
+        if problem is not None:
+            rejects.append(Reject(shard.name, line, doc_id, problem))
+        else:
+            docs["doc_id"].append(doc_id)
+            docs["text"].append(text)
+            docs["source"].append(source)
+            docs["line"].append(line)
+        if len(docs["doc_id"]) >= batch_size or len(rejects) >= batch_size:
+            yield flush()
+    if docs["doc_id"] or rejects:
+        yield flush()
+
+
+def check_fields(shards: list[Shard], fields: Fields, probe: int = 1000) -> None:
+    """Fail early, before anything is written, when the text field is in none of the first records."""
+    for shard in shards:
+        if shard.fmt == "text":
+            return
+        seen: dict[str, int] = {}       # field -> total characters of its string values
+        n = 0
+        for _, rec, _ in raw_records(shard):
+            if rec is None:
+                continue
+            n += 1
+            if get_path(rec, fields.text)[0]:
+                return
+            for name in field_names(rec):
+                value = get_path(rec, name)[1]
+                seen[name] = seen.get(name, 0) + (len(value) if isinstance(value, str) else 0)
+            if n >= probe:
+                break
+        if n:
+            longest = max(seen, key=seen.get) if seen and max(seen.values()) > 0 else None
+            raise HermesError(
+                f"{shard.path}: no record has the text field '{fields.text}' "
+                f"(fields found: {', '.join(list(seen)[:30]) or 'none'})",
+                hint="name the field holding the text with --text-field"
+                     + (f", e.g. --text-field {longest}" if longest else ""))
+    # every shard empty or fully malformed: the labeling pass reports it

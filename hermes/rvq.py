@@ -1,0 +1,150 @@
+"""Residual vector quantization with cosine assignment.
+
+Stage s holds a codebook C_s (k_s x d). Encoding is a fixed argmax per stage (beam 1):
+
+    r_0 = x;   c_s = argmax_j cos(r_{s-1}, C_s[j]);   r_s = r_{s-1} - C_s[c_s]
+
+so c1 is always the stage-1 codeword with the highest cosine to x. Each codebook is fitted by
+Lloyd iterations with the same assignment rule on the previous stage's residuals (k-means++
+seeding, codeword = mean of its members, an empty codeword is re-seeded at the worst-served
+point), so the fit optimises exactly what encoding does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from hermes.errors import NotFittedError
+
+CHUNK = 16384
+
+
+def capped_codebook_size(n_fit: int, codebook_size: int, min_points_per_code: int) -> int:
+    """Codewords per stage for a fit sample of n_fit vectors.
+
+    The cap keeps at least `min_points_per_code` fit vectors per codeword (39 by default,
+    the least that FAISS accepts without a warning), and never goes below 2.
+    """
+    return int(max(2, min(codebook_size, n_fit // min_points_per_code)))
+
+
+def _unit(c: np.ndarray) -> np.ndarray:
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def assign(R: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine argmax of each row of R over the rows of C; returns (codes, best cosine * |r|)."""
+    Cu = _unit(C).astype(np.float32)
+    codes = np.empty(len(R), dtype=np.int64)
+    score = np.empty(len(R), dtype=np.float32)
+    for i in range(0, len(R), CHUNK):
+        sims = R[i:i + CHUNK] @ Cu.T
+        codes[i:i + CHUNK] = sims.argmax(axis=1)
+        score[i:i + CHUNK] = sims[np.arange(len(sims)), codes[i:i + CHUNK]]
+    return codes, score
+
+
+def _member_sums(codes: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
+    """Sum of the rows of R per code (a sparse one-hot product; np.add.at is far slower)."""
+    from scipy.sparse import csr_matrix
+
+    onehot = csr_matrix((np.ones(len(codes), dtype=np.float32), (codes, np.arange(len(codes)))),
+                        shape=(k, len(codes)))
+    return np.asarray(onehot @ R, dtype=np.float32)
+
+
+def fit_codebook(R: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    from sklearn.cluster import kmeans_plusplus
+
+    n = len(R)
+    # k-means++ costs O(pool * k * d); Lloyd iterations over all of R refine the seeds anyway
+    pool = max(8 * k, 4096)
+    seed_pool = R if n <= pool else R[np.sort(rng.choice(n, pool, replace=False))]
+    C, _ = kmeans_plusplus(seed_pool, n_clusters=k, random_state=int(rng.integers(2**31 - 1)))
+    C = C.astype(np.float32)
+    codes = None
+    for _ in range(iters):
+        new_codes, score = assign(R, C)
+        if codes is not None and np.array_equal(new_codes, codes):
+            break
+        codes = new_codes
+        counts = np.bincount(codes, minlength=k)
+        sums = _member_sums(codes, R, k)
+        nonempty = counts > 0
+        C[nonempty] = sums[nonempty] / counts[nonempty, None]
+        empty = np.flatnonzero(~nonempty)
+        if len(empty):
+            # re-seed dead codewords at the points the current codebook serves worst
+            err = np.einsum("ij,ij->i", R, R) - score ** 2
+            worst = np.argsort(-err, kind="stable")[: len(empty)]
+            C[empty] = R[worst]
+    return C
+
+
+class ResidualQuantizer:
+    """Fit with `fit(X)`, encode with `encode(X)`; learned state ends in `_`."""
+
+    def __init__(self, stages: int = 3, codebook_size: int = 256, min_points_per_code: int = 39,
+                 iters: int = 30, seed: int = 0):
+        self.stages = stages
+        self.codebook_size = codebook_size
+        self.min_points_per_code = min_points_per_code
+        self.iters = iters
+        self.seed = seed
+
+    def params(self) -> dict:
+        return {"kind": "rvq", "stages": self.stages, "codebook_size": self.codebook_size,
+                "min_points_per_code": self.min_points_per_code, "iters": self.iters, "seed": self.seed}
+
+    def fit(self, X: np.ndarray, progress: Callable[[int], None] | None = None) -> "ResidualQuantizer":
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        rng = np.random.default_rng(self.seed)
+        k = capped_codebook_size(len(X), self.codebook_size, self.min_points_per_code)
+        R = X.copy()
+        self.codebooks_: list[np.ndarray] = []
+        for s in range(self.stages):
+            C = fit_codebook(R, min(k, len(R)), self.iters, rng)
+            codes, _ = assign(R, C)
+            R -= C[codes]
+            self.codebooks_.append(C)
+            if progress:
+                progress(s + 1)
+        self.n_fit_ = len(X)
+        return self
+
+    def _check(self) -> None:
+        if not hasattr(self, "codebooks_"):
+            raise NotFittedError("this ResidualQuantizer is not fitted yet; call fit() or load a substrate")
+
+    @property
+    def sizes_(self) -> list[int]:
+        self._check()
+        return [len(c) for c in self.codebooks_]
+
+    def encode(self, X: np.ndarray) -> np.ndarray:
+        """Codes (n, stages), int16."""
+        self._check()
+        R = np.array(X, dtype=np.float32, copy=True)
+        out = np.empty((len(R), self.stages), dtype=np.int16)
+        for s, C in enumerate(self.codebooks_):
+            codes, _ = assign(R, C)
+            R -= C[codes]
+            out[:, s] = codes
+        return out
+
+    def decode(self, codes: np.ndarray, stages: int | None = None) -> np.ndarray:
+        """Sum of the codewords of the first `stages` stages."""
+        self._check()
+        stages = self.stages if stages is None else stages
+        out = np.zeros((len(codes), self.codebooks_[0].shape[1]), dtype=np.float32)
+        for s in range(stages):
+            out += self.codebooks_[s][codes[:, s].astype(np.int64)]
+        return out
+
+    def reconstruction_errors(self, X: np.ndarray) -> list[float]:
+        """Mean squared residual norm after each stage."""
+        codes = self.encode(X)
+        return [float(np.mean(np.sum((X - self.decode(codes, s + 1)) ** 2, axis=1)))
+                for s in range(self.stages)]

@@ -1,0 +1,183 @@
+"""The DuckDB store: table `labels`, views per granularity, `substrates`, `rejects`.
+
+The store is always rebuilt from the label files (one Parquet file per shard) into a temporary
+database that is renamed into place at the end, so `labels.duckdb` is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from hermes.errors import HermesError
+
+LEVELS = {1: "l1", 2: "l12", 3: "l123"}
+CODES = ("c1", "c2", "c3")
+READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
+
+# Columns of a label file (one per shard). `seq` is the row's position in its shard, which
+# (with the shard's position in the corpus) decides which copy of a duplicate doc_id is kept.
+LABEL_FILE_SCHEMA = pa.schema([
+    ("doc_id", pa.string()), ("source", pa.string()), ("n_chars", pa.int32()), ("n_tokens", pa.int32()),
+    ("quality", pa.float64()), ("c1", pa.int16()), ("c2", pa.int16()), ("c3", pa.int16()),
+    ("substrate", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("seq", pa.int64()),
+])
+REJECT_FILE_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("doc_id", pa.string()),
+                                ("reason", pa.string())])
+
+
+def _level_view(level: int) -> str:
+    codes = CODES[:level]
+    cols = ", ".join(codes)
+    key = " || '.' || ".join(f"CAST({c} AS VARCHAR)" for c in codes)
+    parent = "CAST(NULL AS VARCHAR)" if level == 1 else " || '.' || ".join(
+        f"CAST({c} AS VARCHAR)" for c in codes[:-1])
+    children = "CAST(NULL AS BIGINT)" if level == 3 else f"count(DISTINCT {CODES[level]})"
+    return f"""
+CREATE VIEW cells_{LEVELS[level]} AS
+SELECT {cols}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
+       n_docs / sum(n_docs) OVER () AS share_docs,
+       n_tokens / sum(n_tokens) OVER () AS share_tokens,
+       quality_mean, quality_p70, n_children
+FROM (
+    SELECT {cols}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+           avg(quality) AS quality_mean, quantile_cont(quality, 0.7) AS quality_p70,
+           {children} AS n_children
+    FROM labels GROUP BY {cols}
+) ORDER BY {cols}"""
+
+
+def _stacked_view() -> str:
+    parts = []
+    for level in (1, 2, 3):
+        codes = ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
+        parts.append(f"SELECT {level} AS level, {codes}, cell, parent, n_docs, n_tokens, share_docs, "
+                     f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{LEVELS[level]}")
+    return "CREATE VIEW cells AS\n" + "\nUNION ALL\n".join(parts)
+
+
+def create_views(con) -> None:
+    for level in (1, 2, 3):
+        con.execute(_level_view(level))
+    con.execute(_stacked_view())
+
+
+def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
+                substrate_manifest: dict[str, Any]) -> dict[str, Any]:
+    """Build `db_path` from label and reject files (in corpus order); returns counts."""
+    import duckdb
+
+    db_path = Path(db_path)
+    tmp = db_path.with_name(db_path.name + ".tmp")
+    for p in (tmp, Path(str(tmp) + ".wal")):
+        if p.exists():
+            p.unlink()
+    fingerprint = substrate_manifest["fingerprint"]
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
+        con.executemany("INSERT INTO shard_order VALUES (?, ?)", [(str(f), i) for i, f in enumerate(label_files)])
+        files = [str(f) for f in label_files]
+        con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
+                    "JOIN shard_order o USING (filename)", [files])
+        found = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()]
+        foreign = sorted(set(found) - {fingerprint})
+        if foreign:
+            raise HermesError(
+                f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} (field 'substrate')",
+                hint="a store holds the labels of one substrate; relabel with --substrate or use another --out")
+        con.execute("""
+            CREATE TEMP TABLE ranked AS
+            SELECT *, row_number() OVER w AS rn,
+                   first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
+            FROM raw WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
+        con.execute("""
+            CREATE TABLE labels AS
+            SELECT doc_id, source, n_chars, n_tokens, quality,
+                   CAST(c1 AS SMALLINT) AS c1, CAST(c2 AS SMALLINT) AS c2, CAST(c3 AS SMALLINT) AS c3, substrate
+            FROM ranked WHERE rn = 1 ORDER BY ord, seq""")
+        con.execute("CREATE TABLE rejects (file VARCHAR, line BIGINT, doc_id VARCHAR, reason VARCHAR)")
+        if reject_files:
+            con.execute("INSERT INTO rejects SELECT file, line, doc_id, reason FROM read_parquet(?)",
+                        [[str(f) for f in reject_files]])
+        con.execute("""
+            INSERT INTO rejects
+            SELECT file, line, doc_id, 'duplicate doc_id (first at ' || first_at || ')'
+            FROM ranked WHERE rn > 1 ORDER BY ord, seq""")
+        m = substrate_manifest
+        con.execute("""
+            CREATE TABLE substrates (fingerprint VARCHAR, created_at TIMESTAMP, hermes_version VARCHAR,
+                embedding_model VARCHAR, embedding JSON, transform JSON, rvq JSON, fit_sample_size BIGINT)""")
+        con.execute("INSERT INTO substrates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [m["fingerprint"], m["created_at"].replace("T", " ").rstrip("Z"), m["hermes_version"],
+                     m["embedding"]["model"], json.dumps(m["embedding"]), json.dumps(m["transform"]),
+                     json.dumps(m["rvq"]), m["fit_sample_size"]])
+        create_views(con)
+        counts = summary(con)
+        con.close()
+    except BaseException:
+        con.close()
+        for p in (tmp, Path(str(tmp) + ".wal")):
+            if p.exists():
+                p.unlink()
+        raise
+    os.replace(tmp, db_path)
+    return counts
+
+
+def summary(con) -> dict[str, Any]:
+    labeled = con.execute("SELECT count(*) FROM labels").fetchall()[0][0]
+    reasons = con.execute("""
+        SELECT CASE WHEN reason LIKE 'duplicate doc_id%' THEN 'duplicate doc_id'
+                    WHEN reason LIKE 'invalid JSON%' THEN 'invalid JSON'
+                    WHEN reason LIKE 'invalid UTF-8%' THEN 'invalid UTF-8'
+                    ELSE reason END AS r, count(*)
+        FROM rejects GROUP BY r ORDER BY count(*) DESC, r""").fetchall()
+    cells = {}
+    for level, name in LEVELS.items():
+        cells[name] = con.execute(f"SELECT count(*) FROM cells_{name}").fetchall()[0][0]
+    return {"labeled": labeled, "rejected": sum(n for _, n in reasons),
+            "reject_reasons": {r: n for r, n in reasons}, "cells": cells}
+
+
+def connect(db_path: str | Path):
+    import duckdb
+
+    p = Path(db_path)
+    if not p.is_file():
+        raise HermesError(f"{p}: no such store", hint="pass the labels.duckdb that `hermes run` wrote")
+    try:
+        return duckdb.connect(str(p), read_only=True)
+    except duckdb.Error as e:
+        raise HermesError(f"{p}: cannot open as a DuckDB store ({str(e).splitlines()[0]})",
+                          hint="pass the labels.duckdb that `hermes run` wrote") from None
+
+
+def query(db_path: str | Path, sql: str, params: list | None = None) -> pa.Table:
+    """Run one read-only statement against the store and return the result as an Arrow table."""
+    import duckdb
+
+    con = connect(db_path)
+    try:
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise HermesError(f"SQL does not parse: {str(e).splitlines()[0]}") from None
+        if len(statements) != 1:
+            raise HermesError(f"expected one SQL statement, got {len(statements)}",
+                              hint="run statements one at a time")
+        kind = statements[0].type.name
+        if kind not in READ_ONLY_TYPES:
+            raise HermesError(f"refused: the store is read-only here and this is a {kind} statement",
+                              hint="hermes sql runs SELECT (and EXPLAIN) only; the store is rebuilt by `hermes run`/`label`")
+        try:
+            return con.sql(sql, params=params or None).to_arrow_table()
+        except duckdb.Error as e:
+            raise HermesError(f"query failed: {str(e).splitlines()[0]}",
+                              hint="the tables are labels, rejects, substrates; the views cells, cells_l1, cells_l12, cells_l123") from None
+    finally:
+        con.close()

@@ -1,0 +1,156 @@
+"""The substrate: everything fitted that turns an embedding into a code, saved as a folder.
+
+    substrate/
+      manifest.json        format, hermes version, embedding settings, transform and
+                           quantizer settings, fit-sample size, array checksums, fingerprint
+      codebook_1.npy ...   one array per RVQ stage
+      transform_*.npy      the transform's arrays, if it has any
+
+The fingerprint hashes every setting that changes the codes plus the arrays themselves, so two
+substrates share a fingerprint only if they encode identically. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hermes import __version__
+from hermes.errors import HermesError
+from hermes.rvq import ResidualQuantizer
+from hermes.transform import TRANSFORMS
+
+FORMAT = "hermes-substrate"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Substrate:
+    embedding: dict[str, Any]            # model, model_dim, dtype, max_length
+    transform: Any
+    quantizer: ResidualQuantizer
+    fit_sample_size: int
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    hermes_version: str = __version__
+    fingerprint: str = ""
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """Embeddings (n, d) -> codes (n, stages)."""
+        return self.quantizer.encode(self.transform.transform(embeddings))
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {f"codebook_{i + 1}": np.ascontiguousarray(c, dtype=np.float32)
+                  for i, c in enumerate(self.quantizer.codebooks_)}
+        arrays.update({f"transform_{k}": np.ascontiguousarray(v) for k, v in self.transform.state().items()})
+        return arrays
+
+    def _settings(self) -> dict[str, Any]:
+        return {"embedding": self.embedding, "transform": self.transform.params(),
+                "rvq": {**self.quantizer.params(), "sizes": self.quantizer.sizes_},
+                "fit_sample_size": self.fit_sample_size}
+
+    def compute_fingerprint(self) -> str:
+        return _fingerprint(self._settings(), {k: _sha256(v) for k, v in self._arrays().items()})
+
+    def manifest(self) -> dict[str, Any]:
+        arrays = self._arrays()
+        checksums = {k: _sha256(v) for k, v in arrays.items()}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "hermes_version": self.hermes_version,
+                "created_at": self.created_at, **self._settings(), "arrays": checksums,
+                "fingerprint": _fingerprint(self._settings(), checksums)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a temporary folder and rename it into place, so a folder is whole or absent."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, arr in self._arrays().items():
+            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+        manifest = self.manifest()
+        self.fingerprint = manifest["fingerprint"]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Substrate":
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not path.is_dir():
+            raise HermesError(f"{path}: substrate folder not found",
+                              hint="pass the substrate/ folder that `hermes fit` or `hermes run` wrote")
+        if not mpath.is_file():
+            raise HermesError(f"{mpath}: missing; {path} is not a substrate folder",
+                              hint="pass the substrate/ folder that `hermes fit` or `hermes run` wrote")
+        try:
+            m = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise HermesError(f"{mpath}:{e.lineno}: corrupt manifest ({e.msg})",
+                              hint="re-create the substrate with `hermes fit`") from None
+        if m.get("format") != FORMAT:
+            raise HermesError(f"{mpath}: not a hermes substrate manifest (field 'format')",
+                              hint="re-create the substrate with `hermes fit`")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise HermesError(
+                f"{mpath}: substrate format_version {m.get('format_version')} was written by hermes "
+                f"{m.get('hermes_version')}; this hermes {__version__} reads version {FORMAT_VERSION}",
+                hint="re-fit the substrate with this version of hermes")
+        arrays: dict[str, np.ndarray] = {}
+        for name, checksum in m.get("arrays", {}).items():
+            apath = path / f"{name}.npy"
+            try:
+                arr = np.load(apath, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise HermesError(f"{apath}: missing or unreadable ({e})",
+                                  hint="the substrate is incomplete; re-create it with `hermes fit`") from None
+            if _sha256(arr) != checksum:
+                raise HermesError(f"{apath}: checksum does not match the manifest (field 'arrays.{name}')",
+                                  hint="the substrate was modified or is corrupt; re-create it with `hermes fit`")
+            arrays[name] = arr
+        try:
+            tkind = m["transform"]["kind"]
+            if tkind not in TRANSFORMS:
+                raise HermesError(f"{mpath}: unknown transform kind {tkind!r} (field 'transform.kind')",
+                                  hint=f"this hermes knows {', '.join(TRANSFORMS)}; upgrade hermes")
+            transform = TRANSFORMS[tkind].from_state(
+                m["transform"], {k[len("transform_"):]: v for k, v in arrays.items() if k.startswith("transform_")})
+            rv = m["rvq"]
+            q = ResidualQuantizer(stages=rv["stages"], codebook_size=rv["codebook_size"],
+                                  min_points_per_code=rv["min_points_per_code"], iters=rv["iters"], seed=rv["seed"])
+            q.codebooks_ = [arrays[f"codebook_{i + 1}"].astype(np.float32) for i in range(rv["stages"])]
+            q.n_fit_ = m["fit_sample_size"]
+            sub = cls(embedding=m["embedding"], transform=transform, quantizer=q,
+                      fit_sample_size=m["fit_sample_size"], created_at=m["created_at"],
+                      hermes_version=m["hermes_version"], fingerprint=m["fingerprint"])
+        except KeyError as e:
+            raise HermesError(f"{mpath}: field {e} is missing", hint="re-create the substrate with `hermes fit`") from None
+        if sub.compute_fingerprint() != m["fingerprint"]:
+            raise HermesError(f"{mpath}: the fingerprint does not match the settings and arrays (field 'fingerprint')",
+                              hint="the manifest was edited; re-create the substrate with `hermes fit`")
+        return sub
+
+
+def _sha256(arr: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(settings: dict[str, Any], checksums: dict[str, str]) -> str:
+    blob = json.dumps({"settings": settings, "arrays": checksums, "format_version": FORMAT_VERSION},
+                      sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,158 @@
+"""The command line: the main job end to end, misuse paths, help, README."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from hermes.cli import app
+from tests.conftest import FAST, invoke, write_jsonl
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_run_summary_reports_what_it_did(e2e):
+    s = e2e["summary"]
+    assert s["labeled"] == 300 and s["rejected"] == 7
+    assert s["reject_reasons"]["duplicate doc_id"] == 1 and s["reject_reasons"]["invalid JSON"] == 1
+    assert set(s["cells"]) == {"l1", "l12", "l123"} and 0 < s["cells"]["l1"] <= s["cells"]["l12"] <= s["cells"]["l123"]
+    assert "capped from 256" in s["codebook_rule"]
+    for path in s["outputs"].values():
+        assert Path(path).exists()
+    assert not (e2e["out"] / "embeddings").exists()        # dropped unless --keep-embeddings
+
+
+def test_cells_json_prints_the_level_table(e2e):
+    r = invoke("cells", "--db", e2e["db"], "--level", "2", "--format", "json")
+    assert r.exit_code == 0
+    table = json.loads(r.stdout)
+    con = duckdb.connect(str(e2e["db"]), read_only=True)
+    assert len(table) == con.execute("SELECT count(*) FROM cells_l12").fetchall()[0][0]
+    con.close()
+    assert {"c1", "c2", "cell", "parent", "n_docs", "share_docs", "n_children"} <= set(table[0])
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_sql_formats(e2e, fmt):
+    r = invoke("sql", "SELECT level, count(*) AS n FROM cells GROUP BY level ORDER BY level", "--db", e2e["db"],
+               "--format", fmt)
+    assert r.exit_code == 0
+    assert "level" in r.stdout and len(r.stdout.strip().splitlines()) >= 3
+
+
+def test_sql_refuses_writes_with_exit_1(e2e):
+    r = invoke("sql", "DELETE FROM labels", "--db", e2e["db"])
+    assert r.exit_code == 1
+    assert r.stderr.startswith("Error: refused") and "DELETE" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_label_with_the_substrate_reproduces_the_codes_and_resumes(e2e, tmp_path):
+    out = tmp_path / "relabel"
+    corpus = e2e["corpus"] / "b.jsonl"
+    r = invoke("label", corpus, "--substrate", e2e["out"] / "substrate", "--out", out, "--format", "json", "--quiet")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["substrate"] == e2e["summary"]["substrate"]
+    con = duckdb.connect(str(out / "labels.duckdb"), read_only=True)
+    mine = dict((d, (a, b, c)) for d, a, b, c in con.execute("SELECT doc_id, c1, c2, c3 FROM labels").fetchall())
+    con.close()
+    con = duckdb.connect(str(e2e["db"]), read_only=True)
+    theirs = dict((d, (a, b, c)) for d, a, b, c in con.execute("SELECT doc_id, c1, c2, c3 FROM labels").fetchall())
+    con.close()
+    assert mine and all(theirs[d] == codes for d, codes in mine.items())
+    # a second run finds the shard done and does not redo it
+    marker = next((out / "labels" / "_done").glob("*.json"))
+    before = marker.stat().st_mtime_ns
+    r = invoke("label", corpus, "--substrate", e2e["out"] / "substrate", "--out", out, "--quiet")
+    assert r.exit_code == 0 and marker.stat().st_mtime_ns == before
+
+
+def test_label_refuses_a_damaged_substrate(e2e, tmp_path):
+    bad = tmp_path / "substrate"
+    shutil.copytree(e2e["out"] / "substrate", bad)
+    (bad / "codebook_3.npy").unlink()
+    r = invoke("label", e2e["corpus"] / "b.jsonl", "--substrate", bad, "--out", tmp_path / "o")
+    assert r.exit_code == 1
+    assert "codebook_3.npy" in r.stderr and "hermes fit" in r.stderr
+    assert not (tmp_path / "o" / "labels.duckdb").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown-format", "empty", "no-text-field", "all-rejected"])
+def test_bad_corpora_fail_with_one_line_and_write_no_store(tmp_path, case):
+    if case == "missing":
+        target, expect = tmp_path / "nope.jsonl", "nope.jsonl: no such file"
+    elif case == "unknown-format":
+        target = tmp_path / "corpus.xml"
+        target.write_text("<doc/>")
+        expect = "corpus.xml: unknown corpus format"
+    elif case == "empty":
+        target = write_jsonl(tmp_path / "empty.jsonl", [])
+        expect = "corpus is empty"
+    elif case == "no-text-field":
+        target = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "body": "some words here"}])
+        expect = "no record has the text field 'text' (fields found: id, body)"
+    else:
+        target = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": " "}, {"id": 2, "text": 3}])
+        expect = "all 2 records were rejected"
+    out = tmp_path / "out"
+    r = invoke("run", target, "--out", out, *FAST)
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert not (out / "labels.duckdb").exists()
+
+
+def test_a_failed_rebuild_keeps_the_previous_store(e2e, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(e2e["out"], out)
+    before = (out / "labels.duckdb").read_bytes()
+    r = invoke("run", tmp_path / "missing.jsonl", "--out", out, *FAST)
+    assert r.exit_code == 1
+    assert (out / "labels.duckdb").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["cells", "--db", "x.duckdb", "--level", "4"], 2, "'4' is not one of"),
+    (["sql", "SELECT 1", "--db", "missing.duckdb"], 1, "missing.duckdb: no such store"),
+    (["run", "--config", "missing.yaml"], 1, "missing.yaml: config file not found"),
+    (["run", "--dtype", "fp8"], 1, "dtype = 'fp8' is not one of"),
+    (["label", "x.jsonl"], 2, "Missing option"),
+    (["frobnicate"], 2, "No such command"),
+])
+def test_misuse_exit_codes_and_messages(tmp_path, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    r = invoke(*args)
+    assert r.exit_code == code, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from hermes.errors import HermesError
+
+    with pytest.raises(HermesError):
+        invoke("--debug", "run", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
+    from hermes import cli
+
+    cli._state["debug"] = False
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example_and_is_in_the_readme(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0
+    assert "Example: hermes " + command in r.stdout
+    assert re.search(rf"`hermes {command}\b", README.read_text()), f"hermes {command} missing from README"
+
+
+def test_top_level_help_lists_the_commands():
+    r = invoke("--help")
+    assert r.exit_code == 0 and all(c in r.stdout for c in COMMANDS)

@@ -1,0 +1,42 @@
+"""Configuration: defaults < --config file < flags; unknown keys are named."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from hermes.config import default_config_path, load_config
+from hermes.errors import HermesError
+
+
+def test_default_file_holds_every_setting():
+    cfg = load_config()
+    keys = set(yaml.safe_load(default_config_path().read_text()))
+    assert keys == set(cfg.to_dict())
+    assert cfg.codebook_size == 256 and cfg.model == "all-MiniLM-L6-v2"
+
+
+def test_flag_beats_file_beats_default(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_length: 64\nseed: 7\n")
+    cfg = load_config(f, overrides={"seed": 11, "batch_size": None})
+    assert cfg.max_length == 64        # from the file
+    assert cfg.seed == 11              # the flag wins
+    assert cfg.batch_size == load_config().batch_size   # None = flag not given
+
+
+def test_unknown_keys_are_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_lenght: 64\ncodebooks: 3\n")
+    with pytest.raises(HermesError, match=r"unknown config key\(s\): codebooks, max_lenght"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("text, message", [("dtype: fp8\n", "dtype = 'fp8' is not one of"),
+                                           ("batch_size: 0\n", "batch_size must be a positive integer"),
+                                           ("a: [\n", "not valid YAML")])
+def test_bad_values_are_errors(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(HermesError, match=message):
+        load_config(f)

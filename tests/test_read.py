@@ -1,0 +1,151 @@
+"""Readers: every format, dotted fields, deterministic ids, and every bad record."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hermes.errors import HermesError
+from hermes.read import Fields, check_fields, discover, read_shard
+from tests.conftest import BAD_LINES, INVALID_UTF8, write_jsonl
+
+RECS = [{"id": f"d{i}", "text": f"document number {i} about topic {i % 3}", "source": "web",
+         "meta": {"body": f"nested body {i}", "site": f"s{i % 2}"}} for i in range(10)]
+
+
+def read_all(paths, fields=Fields(), batch_size=4):
+    docs, rejects = [], []
+    for shard in discover([str(p) for p in paths]):
+        for table, bad in read_shard(shard, fields, batch_size):
+            docs.extend(table.to_pylist())
+            rejects.extend(bad)
+    return docs, rejects
+
+
+def test_jsonl_plain_gz_zst_read_the_same(tmp_path):
+    import zstandard
+
+    plain = write_jsonl(tmp_path / "c.jsonl", RECS)
+    data = plain.read_bytes()
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "c.jsonl.gz", "wb") as f:
+        f.write(data)
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    base, _ = read_all([plain])
+    for p in (tmp_path / "gz" / "c.jsonl.gz", tmp_path / "zst" / "c.jsonl.zst"):
+        docs, rejects = read_all([p])
+        assert [d["text"] for d in docs] == [d["text"] for d in base]
+        assert [d["doc_id"] for d in docs] == [f"d{i}" for i in range(10)]
+        assert not rejects
+
+
+def test_parquet_csv_tsv_and_dotted_fields(tmp_path):
+    pq.write_table(pa.Table.from_pylist(RECS), tmp_path / "c.parquet")
+    flat = [{"id": r["id"], "text": r["text"], "source": r["source"]} for r in RECS]
+    for name, delim in (("c.csv", ","), ("c.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "text", "source"], delimiter=delim)
+            w.writeheader()
+            w.writerows(flat)
+    for name in ("c.parquet", "c.csv", "c.tsv"):
+        docs, rejects = read_all([tmp_path / name])
+        assert [d["doc_id"] for d in docs] == [r["id"] for r in RECS], name
+        assert [d["text"] for d in docs] == [r["text"] for r in RECS], name
+        assert not rejects
+    docs, _ = read_all([tmp_path / "c.parquet"], Fields(text="meta.body", id="id", source="meta.site"))
+    assert docs[3]["text"] == "nested body 3" and docs[3]["source"] == "s1"
+
+
+def test_hf_dataset_and_txt_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(RECS[:5]).save_to_disk(str(tmp_path / "hfds"))
+    docs, _ = read_all([tmp_path / "hfds"])
+    assert [d["doc_id"] for d in docs] == ["d0", "d1", "d2", "d3", "d4"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECS[:3]),
+                          "test": datasets.Dataset.from_list(RECS[3:5])}).save_to_disk(str(tmp_path / "hfdd"))
+    docs, _ = read_all([tmp_path / "hfdd"])
+    assert sorted(d["doc_id"] for d in docs) == ["d0", "d1", "d2", "d3", "d4"]
+
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i in range(3):
+        (txt / f"{i}.txt").write_text(f"plain text file {i}")
+    (txt / "bad.txt").write_bytes(b"\xff\xfe broken")
+    docs, rejects = read_all([txt])
+    assert [d["doc_id"] for d in docs] == ["txt/0.txt", "txt/1.txt", "txt/2.txt"]
+    assert len(rejects) == 1 and "invalid UTF-8" in rejects[0].reason
+
+
+def test_doc_ids_derived_deterministically_when_records_have_none(tmp_path):
+    recs = [{"text": r["text"]} for r in RECS[:4]]
+    p = write_jsonl(tmp_path / "noid.jsonl", recs)
+    first, _ = read_all([p])
+    second, _ = read_all([p])
+    assert [d["doc_id"] for d in first] == ["noid.jsonl:1", "noid.jsonl:2", "noid.jsonl:3", "noid.jsonl:4"]
+    assert first == second
+    assert {d["source"] for d in first} == {"noid.jsonl"}   # no source field: the file's name
+
+
+def test_every_bad_record_is_rejected_with_line_and_reason(tmp_path):
+    p = write_jsonl(tmp_path / "bad.jsonl", RECS[:2], BAD_LINES)
+    with open(p, "ab") as f:
+        f.write(INVALID_UTF8)
+    docs, rejects = read_all([p])
+    assert len(docs) == 2
+    by_line = {r.line: r for r in rejects}
+    assert by_line[3].reason.startswith("invalid JSON")
+    assert by_line[4].reason == "missing text field 'text'" and by_line[4].doc_id == "no-text"
+    assert "not a string" in by_line[5].reason
+    assert by_line[6].reason.startswith("empty text")
+    assert "not an object" in by_line[7].reason
+    assert by_line[8].reason.startswith("invalid UTF-8")
+    assert all(r.file == "bad.jsonl" for r in rejects)
+    assert len(docs) + len(rejects) == 2 + len(BAD_LINES) + 1
+
+
+def test_globs_and_folders(tmp_path):
+    for name in ("a.jsonl", "b.jsonl", "skip.md"):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / name).write_text(json.dumps({"id": name, "text": "hello world"}) + "\n")
+    assert [s.name for s in discover([str(tmp_path / "corpus")])] == ["corpus/a.jsonl", "corpus/b.jsonl"]
+    assert [s.name for s in discover([str(tmp_path / "corpus" / "*.jsonl")])] == ["a.jsonl", "b.jsonl"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.jsonl", "no such file"),
+    (lambda p: (p / "x.docx").write_text("?") and p / "x.docx", "unknown corpus format"),
+    (lambda p: p / "nomatch*.jsonl", "matches no file"),
+])
+def test_bad_inputs_raise_one_clear_error(tmp_path, make, message):
+    with pytest.raises(HermesError, match=message):
+        discover([str(make(tmp_path))])
+
+
+def test_missing_text_field_names_the_fields_that_exist(tmp_path):
+    p = write_jsonl(tmp_path / "c.jsonl", RECS)
+    with pytest.raises(HermesError) as e:
+        check_fields(discover([str(p)]), Fields(text="content"))
+    msg = str(e.value)
+    assert "c.jsonl" in msg and "'content'" in msg and "meta.body" in msg and "--text-field" in msg
+
+
+def test_corrupt_parquet_is_a_clear_error(tmp_path):
+    p = tmp_path / "broken.parquet"
+    p.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(HermesError, match="broken.parquet: not a readable Parquet file"):
+        read_all([p])
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    p = tmp_path / "t.jsonl.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(("\n".join(json.dumps(r) for r in RECS * 50)).encode())
+    p.write_bytes(p.read_bytes()[:-200])
+    with pytest.raises(HermesError, match="t.jsonl.gz:.*cannot decompress"):
+        read_all([p])

@@ -1,0 +1,91 @@
+"""Store invariants on a real `hermes run` (real model, real DuckDB file)."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from hermes import api
+from hermes.errors import HermesError
+
+
+@pytest.fixture(scope="module")
+def con(e2e):
+    c = duckdb.connect(str(e2e["db"]), read_only=True)
+    yield c
+    c.close()
+
+
+def rows(con, sql):
+    return con.execute(sql).fetchall()
+
+
+def test_labels_table_has_the_contract_columns(con):
+    cols = rows(con, "SELECT column_name, data_type FROM information_schema.columns "
+                     "WHERE table_name = 'labels' ORDER BY ordinal_position")
+    assert cols == [("doc_id", "VARCHAR"), ("source", "VARCHAR"), ("n_chars", "INTEGER"),
+                    ("n_tokens", "INTEGER"), ("quality", "DOUBLE"), ("c1", "SMALLINT"),
+                    ("c2", "SMALLINT"), ("c3", "SMALLINT"), ("substrate", "VARCHAR")]
+
+
+def test_every_input_record_is_in_labels_or_rejects_exactly_once(e2e, con):
+    labeled = [r[0] for r in rows(con, "SELECT doc_id FROM labels")]
+    assert len(labeled) == len(set(labeled)) == len(e2e["records"])
+    assert set(labeled) == {r["id"] for r in e2e["records"]}
+    rejects = rows(con, "SELECT file, line, doc_id, reason FROM rejects ORDER BY file, line")
+    # 5 bad lines + invalid UTF-8 in a.jsonl, and the duplicate at the end of b.jsonl
+    assert len(rejects) == 7
+    dup = [r for r in rejects if r[3].startswith("duplicate doc_id")]
+    assert dup == [("corpus/b.jsonl", 101, e2e["records"][0]["id"], "duplicate doc_id (first at corpus/a.jsonl:1)")]
+    rejected_ids = {r[2] for r in rejects if r[2] is not None and not r[3].startswith("duplicate")}
+    assert not rejected_ids & set(labeled)
+    s = e2e["summary"]
+    assert s["read"] == len(labeled) + len(rejects) and s["labeled"] == len(labeled)
+
+
+@pytest.mark.parametrize("view", ["cells_l1", "cells_l12", "cells_l123"])
+def test_shares_sum_to_one(con, view):
+    docs, tokens = rows(con, f"SELECT sum(share_docs), sum(share_tokens) FROM {view}")[0]
+    assert docs == pytest.approx(1.0) and tokens == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("parent, child", [("cells_l1", "cells_l12"), ("cells_l12", "cells_l123")])
+def test_parents_equal_the_sum_of_their_children(con, parent, child):
+    bad = rows(con, f"""
+        SELECT p.cell, p.n_docs, sum(c.n_docs), p.n_tokens, sum(c.n_tokens), p.n_children, count(*)
+        FROM {parent} p JOIN {child} c ON c.parent = p.cell
+        GROUP BY p.cell, p.n_docs, p.n_tokens, p.n_children
+        HAVING p.n_docs != sum(c.n_docs) OR p.n_tokens != sum(c.n_tokens) OR p.n_children != count(*)""")
+    assert bad == []
+    orphans = rows(con, f"SELECT count(*) FROM {child} WHERE parent NOT IN (SELECT cell FROM {parent})")
+    assert orphans == [(0,)]
+
+
+def test_views_agree_with_labels(con):
+    n = rows(con, "SELECT count(*) FROM labels")[0][0]
+    for level, view in ((1, "cells_l1"), (2, "cells_l12"), (3, "cells_l123")):
+        assert rows(con, f"SELECT sum(n_docs) FROM {view}")[0][0] == n
+        assert rows(con, f"SELECT count(*) FROM cells WHERE level = {level}") == rows(con, f"SELECT count(*) FROM {view}")
+    assert rows(con, "SELECT count(*) FROM cells_l1 WHERE parent IS NOT NULL") == [(0,)]
+    assert rows(con, "SELECT count(*) FROM cells_l123 WHERE n_children IS NOT NULL") == [(0,)]
+    assert rows(con, "SELECT cell FROM cells_l12 LIMIT 1")[0][0].count(".") == 1
+
+
+def test_tokens_count_the_whole_text_not_the_truncated_part(con):
+    # the run embedded 128 tokens; long documents must still count all their tokens
+    assert rows(con, "SELECT max(n_tokens) FROM labels")[0][0] > 128
+
+
+def test_substrates_table_records_the_substrate(e2e, con):
+    (fp, model, n_fit), = rows(con, "SELECT fingerprint, embedding_model, fit_sample_size FROM substrates")
+    assert fp == e2e["summary"]["substrate"]
+    assert model == "all-MiniLM-L6-v2" and n_fit >= 300
+    assert rows(con, "SELECT DISTINCT substrate FROM labels") == [(fp,)]
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM labels", "DROP VIEW cells", "CREATE TABLE x (a INT)",
+                                 "COPY labels TO '/tmp/x.csv'", "SELECT 1; DELETE FROM labels"])
+def test_query_refuses_statements_that_write(e2e, sql):
+    with pytest.raises(HermesError):
+        api.query(e2e["db"], sql)
+    assert api.query(e2e["db"], "SELECT count(*) AS n FROM labels").to_pylist() == [{"n": 300}]
