@@ -13,9 +13,9 @@ import pyarrow as pa
 from hermes.config import Config, load_config
 from hermes.errors import HermesError
 from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
-                             label_is_current, quantize_shard)
+                             label_is_current, quantize_shard, reading_fields)
 from hermes.progress import Progress, say
-from hermes.read import Fields, Shard, check_fields, discover
+from hermes.read import Shard, check_fields, discover
 from hermes.rvq import capped_codebook_size
 from hermes.store import LEVELS, build_store
 from hermes.store import query as _query
@@ -41,7 +41,7 @@ def _config(config: Config | str | Path | None, overrides: dict[str, Any] | None
 def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> list[Shard]:
     inputs = [str(i) for i in (inputs or [])] or [str(sample_corpus())]
     shards = discover(inputs)
-    check_fields(shards, Fields(text=cfg.text_field, id=cfg.id_field, source=cfg.source_field))
+    check_fields(shards, reading_fields(cfg))
     return shards
 
 
@@ -107,7 +107,11 @@ def _finish(command: str, shards: list[Shard], substrate: Substrate, stages: Sta
         if stale.name not in current:
             stale.unlink()
     counts = build_store(layout.db, [layout.label_file(s) for s in shards],
-                         [layout.reject_file(s) for s in shards], substrate.manifest())
+                         [layout.reject_file(s) for s in shards], substrate.manifest(),
+                         info={"command": command, "inputs": [s.path for s in shards],
+                               "quality": cfg.quality, "quality_field": cfg.quality_field,
+                               "tokenizer": cfg.tokenizer or "the embedding model's",
+                               "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}})
     timings["store"] = time.perf_counter() - t
     if not cfg.keep_embeddings and layout.embeddings.is_dir() and not any(layout.embeddings.iterdir()):
         layout.embeddings.rmdir()

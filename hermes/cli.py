@@ -107,6 +107,9 @@ TokenizerOpt = typer.Option(None, "--tokenizer", help="Local Hugging Face tokeni
                                                      "(default: the embedding model's).")
 KeepOpt = typer.Option(None, "--keep-embeddings/--drop-embeddings",
                        help="Keep OUT/embeddings (float16 per shard) after the run (default: drop).")
+QualityOpt = typer.Option(None, "--quality", help="Quality score: none | heuristic | field (default: heuristic).")
+QualityFieldOpt = typer.Option(None, "--quality-field", help="Numeric record field (dotted path) to use as "
+                                                             "the quality score; implies --quality field.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or json (on stdout).")
 
@@ -116,9 +119,13 @@ def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed) ->
             "fit_sample": fit_sample, "seed": seed}
 
 
-def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep) -> dict[str, Any]:
+def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep,
+                    quality=None, quality_field=None) -> dict[str, Any]:
+    if quality_field is not None and quality is None:
+        quality = "field"
     return {"text_field": text_field, "id_field": id_field, "source_field": source_field, "device": device,
-            "batch_size": batch_size, "tokenizer": tokenizer, "keep_embeddings": keep}
+            "batch_size": batch_size, "tokenizer": tokenizer, "keep_embeddings": keep,
+            "quality": quality, "quality_field": quality_field}
 
 
 def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
@@ -216,6 +223,8 @@ def run(
                                                                                "small-corpus cap (default: 256)."),
     fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the fit sample and k-means (default: 0)."),
+    quality: Optional[str] = QualityOpt,
+    quality_field: Optional[str] = QualityFieldOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
@@ -231,7 +240,7 @@ def run(
 
     overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
-                                   keep_embeddings)}
+                                   keep_embeddings, quality, quality_field)}
     summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
     _print_summary(summary, fmt)
 
@@ -283,6 +292,8 @@ def label(
     device: Optional[str] = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
     tokenizer: Optional[str] = TokenizerOpt,
+    quality: Optional[str] = QualityOpt,
+    quality_field: Optional[str] = QualityFieldOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
@@ -296,7 +307,8 @@ def label(
     """
     from hermes import api
 
-    overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings)
+    overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings,
+                                quality, quality_field)
     summary = api.label(inputs, substrate=substrate, out=out, config=config, overrides=overrides, quiet=quiet)
     _print_summary(summary, fmt)
 

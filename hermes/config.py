@@ -24,6 +24,8 @@ class Config:
     max_length: int
     batch_size: int
     tokenizer: str | None
+    quality: str
+    quality_field: str | None
     transform: str
     codebook_size: int
     min_points_per_code: int
@@ -42,6 +44,7 @@ class Config:
 _CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
     "transform": ("identity",),
+    "quality": ("none", "heuristic", "field"),
 }
 _POSITIVE = ("read_batch_size", "max_length", "batch_size", "codebook_size",
              "min_points_per_code", "kmeans_iters", "fit_sample")
@@ -116,6 +119,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         given = {k: v for k, v in overrides.items() if v is not None}
         _validate(given, "command line")
         values.update(given)
+    if values.get("quality") == "field" and not values.get("quality_field"):
+        raise HermesError("quality = field needs quality_field, the record field that holds the score",
+                          hint="pass --quality-field NAME")
     missing = sorted({f.name for f in fields(Config)} - set(values))
     if missing:
         raise HermesError(f"configuration lacks key(s): {', '.join(missing)}")

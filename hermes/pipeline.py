@@ -113,9 +113,26 @@ class Stages:
     def cache_key(self) -> str:
         c = self.cfg
         blob = json.dumps({"embedding": self.embedding_settings(), "tokenizer": c.tokenizer,
-                           "fields": [c.text_field, c.id_field, c.source_field], "hermes": __version__},
+                           "fields": [c.text_field, c.id_field, c.source_field],
+                           "quality": [c.quality, c.quality_field], "hermes": __version__},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reading_fields(cfg: Config) -> Fields:
+    return Fields(text=cfg.text_field, id=cfg.id_field, source=cfg.source_field,
+                  quality=cfg.quality_field if cfg.quality == "field" else None)
+
+
+def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The quality score of each document, by the configured source."""
+    if source == "heuristic":
+        from hermes.quality import heuristic_scores
+
+        return pa.array(heuristic_scores(texts), pa.float64())
+    if source == "field":
+        return field_values
+    return pa.nulls(len(texts), pa.float64())
 
 
 def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
@@ -159,7 +176,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
         return ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
 
     cfg = stages.cfg
-    fields = Fields(text=cfg.text_field, id=cfg.id_field, source=cfg.source_field)
+    fields = reading_fields(cfg)
     tables: list[pa.Table] = []
     embeddings: list[np.ndarray] = []
     rejects: list[dict] = []
@@ -181,7 +198,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
                 "doc_id": docs.column("doc_id"), "source": docs.column("source"),
                 "n_chars": pa.array([len(t) for t in texts], pa.int32()),
                 "n_tokens": pa.array(n_tokens, pa.int32()),
-                "quality": pa.nulls(n, pa.float64()),
+                "quality": quality_column(cfg.quality, texts, docs.column("quality")),
                 "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
                 "seq": pa.array(np.arange(seq, seq + n), pa.int64()),
             }, schema=DOCS_SCHEMA))

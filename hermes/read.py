@@ -35,6 +35,7 @@ DOC_SCHEMA = pa.schema([
     ("text", pa.string()),
     ("source", pa.string()),
     ("line", pa.int64()),      # 1-based line (JSONL, CSV) or row number (Parquet, HF); NULL for .txt files
+    ("quality", pa.float64()), # the quality field's value where Fields.quality is set, else NULL
 ])
 REJECT_SCHEMA = pa.schema([
     ("file", pa.string()),
@@ -49,6 +50,7 @@ class Fields:
     text: str = "text"
     id: str = "id"
     source: str = "source"
+    quality: str | None = None     # a numeric field read as the quality score, if any
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,22 @@ def _as_id(value: Any) -> str | None:
     return None
 
 
+def _quality_value(rec: dict, name: str) -> tuple[float | None, str | None]:
+    found, value = get_path(rec, name)
+    if not found or value is None:
+        return None, f"missing quality field '{name}'"
+    if isinstance(value, str):
+        try:
+            value = float(value)          # CSV cells are strings
+        except ValueError:
+            return None, f"quality field '{name}' is not a number ({value[:20]!r})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"quality field '{name}' is {type(value).__name__}, not a number"
+    if value != value or value in (float("inf"), float("-inf")):
+        return None, f"quality field '{name}' is not a finite number"
+    return float(value), None
+
+
 def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
                ) -> Iterator[tuple[pa.Table, list[Reject]]]:
     """Stream a shard as (documents, rejects) pairs; documents follow DOC_SCHEMA, in input order."""
@@ -398,6 +416,9 @@ def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
         where = f"line {line}" if line is not None else ""
         if rec is not None and "__id" in rec:          # a .txt file: the file is the record
             doc_id, text, source, found = rec["__id"], rec.get("__text"), shard.name, True
+            quality = None
+            if fields.quality is not None and problem is None:
+                problem = f"missing quality field '{fields.quality}' (a .txt file has no fields)"
         else:
             doc_id, source = None, shard.name
             text, found = None, False
@@ -410,6 +431,9 @@ def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
                 if has_src and raw_src is not None:
                     source = str(raw_src)
                 found, text = get_path(rec, fields.text)
+            quality = None
+            if rec is not None and fields.quality is not None and problem is None:
+                quality, problem = _quality_value(rec, fields.quality)
             if doc_id is None and line is not None:
                 doc_id = f"{shard.name}:{line}"
         if problem is None:
@@ -428,6 +452,7 @@ def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
             docs["text"].append(text)
             docs["source"].append(source)
             docs["line"].append(line)
+            docs["quality"].append(quality)
         if len(docs["doc_id"]) >= batch_size or len(rejects) >= batch_size:
             yield flush()
     if docs["doc_id"] or rejects:

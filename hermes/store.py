@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from hermes import __version__
 from hermes.errors import HermesError
 
 LEVELS = {1: "l1", 2: "l12", 3: "l123"}
@@ -67,8 +69,12 @@ def create_views(con) -> None:
 
 
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
-                substrate_manifest: dict[str, Any]) -> dict[str, Any]:
-    """Build `db_path` from label and reject files (in corpus order); returns counts."""
+                substrate_manifest: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build `db_path` from label and reject files (in corpus order); returns counts.
+
+    `info` (how the labels were made: quality source, tokenizer, inputs, ...) goes to table
+    `store_info` as key/value rows.
+    """
     import duckdb
 
     db_path = Path(db_path)
@@ -116,6 +122,11 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
                     [m["fingerprint"], m["created_at"].replace("T", " ").rstrip("Z"), m["hermes_version"],
                      m["embedding"]["model"], json.dumps(m["embedding"]), json.dumps(m["transform"]),
                      json.dumps(m["rvq"]), m["fit_sample_size"]])
+        con.execute("CREATE TABLE store_info (key VARCHAR, value VARCHAR)")
+        info = {"hermes_version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(info or {})}
+        con.executemany("INSERT INTO store_info VALUES (?, ?)",
+                        [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
         create_views(con)
         counts = summary(con)
         con.close()

@@ -1,0 +1,50 @@
+"""Quality scores: the heuristic orders texts sensibly; a quality field is read or rejected."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from hermes.quality import heuristic_score
+from hermes.read import Fields, discover, read_shard
+from tests.conftest import write_jsonl
+
+PROSE = ("The committee met on Tuesday to discuss the budget for the coming year. Most of the members "
+         "agreed that the library should get more money, and that the roads could wait until spring. ") * 8
+
+
+def test_heuristic_ranks_prose_above_junk():
+    uuencoded = "\n".join("M)G(F&G*Z<G*R)G(:NB8:NAHFNAJZ<AHF<AJZ)AH:&K*R&B9R)G(F&KHF" for _ in range(30))
+    repeated = "\n".join(["click here to subscribe now"] * 40)
+    symbols = " ".join(["### ... ###"] * 50)
+    p = heuristic_score(PROSE)
+    for junk in (uuencoded, repeated, symbols, "ok"):
+        assert 0.0 <= heuristic_score(junk) < p <= 1.0
+
+
+def test_quality_field_is_read_and_bad_values_rejected(tmp_path):
+    recs = [{"id": "a", "text": "hello there", "meta": {"score": 0.7}},
+            {"id": "b", "text": "hello there", "meta": {"score": "high"}},
+            {"id": "c", "text": "hello there", "meta": {}},
+            {"id": "d", "text": "hello there", "meta": {"score": True}},
+            {"id": "e", "text": "hello there", "meta": {"score": 3}}]
+    p = write_jsonl(tmp_path / "q.jsonl", recs)
+    docs, rejects = [], []
+    for table, bad in read_shard(discover([str(p)])[0], Fields(quality="meta.score")):
+        docs += table.to_pylist()
+        rejects += bad
+    assert [(d["doc_id"], d["quality"]) for d in docs] == [("a", 0.7), ("e", 3.0)]
+    reasons = {r.doc_id: r.reason for r in rejects}
+    assert "not a number" in reasons["b"] and reasons["c"] == "missing quality field 'meta.score'"
+    assert "bool, not a number" in reasons["d"]
+
+
+def test_store_has_heuristic_quality_and_records_its_source(e2e):
+    con = duckdb.connect(str(e2e["db"]), read_only=True)
+    nulls, lo, hi = con.execute("SELECT count(*) FILTER (quality IS NULL), min(quality), max(quality) FROM labels").fetchall()[0]
+    info = dict(con.execute("SELECT key, value FROM store_info").fetchall())
+    p70_ok = con.execute("SELECT bool_and(quality_p70 BETWEEN 0 AND 1) FROM cells_l12").fetchall()[0][0]
+    con.close()
+    assert nulls == 0 and 0 <= lo < hi <= 1 and p70_ok
+    assert info["quality"] == "heuristic" and json.loads(info["inputs"])
