@@ -7,10 +7,11 @@ Python API (the CLI is a thin layer over these):
     substrate = hermes.fit(["corpus.jsonl"], out="out/")      # fit the substrate only
     hermes.label(["more.jsonl"], substrate="out/substrate", out="out2/")
     hermes.query("out/labels.duckdb", "SELECT * FROM cells_l1")
+    hermes.mix("out/labels.duckdb", out="mix/", rule="uniform", to_level=2, eligible="top:0.3")
 """
 
 __version__ = "0.1.0"
 
-from hermes.api import cells, fit, label, query, run, sample_corpus  # noqa: E402
+from hermes.api import cells, compare, fit, label, mix, query, run, sample_corpus  # noqa: E402
 
-__all__ = ["__version__", "cells", "fit", "label", "query", "run", "sample_corpus"]
+__all__ = ["__version__", "cells", "compare", "fit", "label", "mix", "query", "run", "sample_corpus"]

@@ -206,3 +206,80 @@ def cells(db: str | Path, level: int = 1, limit: int | None = None) -> pa.Table:
     if limit is not None:
         sql += f" ORDER BY n_docs DESC LIMIT {int(limit)}"
     return _query(db, sql)
+
+
+# ------------------------------------------------------------------------------ mixing
+
+def mix(db: str | Path, out: str | Path, level: int = 1, rule: str = "natural", to_level: int | None = None,
+        sampler: str = "proportional", eligible: str = "all", budget_tokens: int | None = None, seed: int = 0,
+        max_epochs: float | None = None) -> dict[str, Any]:
+    """One mixture: Stage-1 rule at `level`, Stage-2 sampler down to `to_level`, drawn with `seed`.
+    Writes the mixture folder `out` and returns its description (spec, diagnostics, warnings)."""
+    from hermes import mixture
+    from hermes.mixers import MixSpec
+
+    spec = MixSpec(level=level, rule=rule, to_level=to_level, sampler=sampler, eligible=eligible,
+                   budget_tokens=budget_tokens, seed=seed, max_epochs=max_epochs).validate()
+    result, fp = mixture.build(db, spec)
+    mixture.write(result, db, fp, out)
+    return {**mixture.describe(result, db, fp), "out": str(out)}
+
+
+def compare(db: str | Path, levels: Iterable[int] = (1, 2, 3), rules: Iterable[str] = ("natural", "uniform"),
+            samplers: Iterable[str] = ("proportional", "equal"), eligible: Iterable[str] = ("all",),
+            level: int = 1, budget_tokens: int | None = None, seed: int = 0, max_epochs: float | None = None,
+            out: str | Path | None = None) -> dict[str, Any]:
+    """A grid of mixtures (Stage-2 levels x rules x samplers x eligibility, Stage 1 at `level`):
+    one row of diagnostics per mixture, plus pairwise TV at L1 and Jaccard of selected documents.
+    With `out`, each mixture's folder is written under it, with compare.json beside them."""
+    import json
+
+    import numpy as np
+
+    from hermes import mixture
+    from hermes.mixers import MixSpec
+
+    specs = [MixSpec(level=level, rule=r, to_level=m, sampler=s, eligible=e, budget_tokens=budget_tokens,
+                     seed=seed, max_epochs=max_epochs).validate()
+             for m in levels for r in rules for s in samplers for e in eligible]
+    if not specs:
+        raise HermesError("the grid is empty", hint="give at least one of each: --levels, --rules, --samplers, --eligible")
+    loaded = mixture.load_docs(db)
+    docs = loaded[0]
+    _, l1 = np.unique(docs.keys(1), return_inverse=True)
+    tokens = docs.n_tokens.astype(np.float64)
+    rows, l1_dists, selected = [], [], []
+    for spec in specs:
+        m, fp = mixture.build(db, spec, loaded)
+        if out is not None:
+            mixture.write(m, db, fp, Path(out) / spec.name())
+        d = m.diagnostics
+        row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.m,
+               "sampler": spec.sampler, "eligible": spec.eligible, "unique_docs": d["unique_docs"],
+               "selected_tokens": d["selected_tokens"]}
+        for name, lv in d["levels"].items():
+            row[f"eff_cells_{name}"] = lv["effective_cells"]
+            row[f"tv_{name}"] = lv["tv_to_natural"]
+            row[f"kl_{name}"] = lv["kl_to_natural"]
+            row[f"covered_{name}"] = lv["cells_covered"]
+        row.update({"pool_median": d["pool"]["median_eligible_docs"], "pool_p10": d["pool"]["p10_eligible_docs"],
+                    "pool_share_under_30": d["pool"]["share_cells_under_30"], "max_epochs": d["epochs"]["max"],
+                    "share_tokens_repeated": d["epochs"]["share_tokens_repeated"], "mean_quality": d["mean_quality"],
+                    "warnings": len(m.warnings)})
+        rows.append(row)
+        dist = np.bincount(l1, weights=tokens * m.repeats)
+        l1_dists.append(dist / dist.sum())
+        selected.append(m.repeats > 0)
+    pairs = []
+    for i in range(len(specs)):
+        for j in range(i + 1, len(specs)):
+            inter = int(np.sum(selected[i] & selected[j]))
+            union = int(np.sum(selected[i] | selected[j]))
+            pairs.append({"a": rows[i]["mixture"], "b": rows[j]["mixture"],
+                          "tv_L1": round(0.5 * float(np.abs(l1_dists[i] - l1_dists[j]).sum()), 4),
+                          "jaccard_docs": round(inter / union, 4) if union else 1.0})
+    result = {"store": str(db), "substrate": loaded[1], "mixtures": rows, "pairs": pairs}
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

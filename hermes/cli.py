@@ -349,6 +349,112 @@ def cells(
     _print_table(api.cells(db, int(level.value), limit), fmt)
 
 
+def _print_mixture(d: dict[str, Any]) -> None:
+    s, g = d["spec"], d["diagnostics"]
+    typer.echo(f"hermes mix: L{'123'[:s['level']]} {s['rule']} -> L{'123'[:s['to_level']]} {s['sampler']}, "
+               f"eligible {s['eligible']}, seed {s['seed']}")
+    typer.echo(f"  tokens: {g['selected_tokens']:,} selected for a budget of {g['budget_tokens']:,}; "
+               f"{g['unique_docs']:,} of {g['docs_in_store']:,} documents")
+    typer.echo(f"  stage 1: {g['stage1']['cells']:,} cells, effective {g['stage1']['effective_cells']:,}, "
+               f"max weight {g['stage1']['max_weight']:.4f}")
+    typer.echo("  level  cells  covered  effective  natural eff.  TV      KL")
+    for name, lv in g["levels"].items():
+        typer.echo(f"  {name:<5}  {lv['cells']:>5,}  {lv['cells_covered']:>7,}  {lv['effective_cells']:>9,.1f}  "
+                   f"{lv['natural_effective_cells']:>12,.1f}  {lv['tv_to_natural']:.4f}  {lv['kl_to_natural']:.4f}")
+    p = g["pool"]
+    typer.echo(f"  candidate pools (level-{p['level']} cells): median {p['median_eligible_docs']:g} eligible docs, "
+               f"p10 {p['p10_eligible_docs']:g}, {p['share_cells_under_30']:.0%} of cells under 30")
+    q = "n/a" if g["mean_quality"] is None else f"{g['mean_quality']:.4f}"
+    typer.echo(f"  epochs: max {g['epochs']['max']}, {g['epochs']['share_tokens_repeated']:.1%} of tokens repeated; "
+               f"mean quality {q}")
+    for w in d["warnings"]:
+        typer.echo(f"  warning: {w}")
+    typer.echo(f"  wrote {d['out']} (weights.parquet, manifest.parquet, mixture.json)")
+
+
+def _csv_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        _fail(f"{what} is empty", code=2)
+    return items
+
+
+@app.command()
+@guarded
+def mix(
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store."),
+    out: Path = typer.Option(..., "--out", "-o", help="The mixture folder to write."),
+    level: int = typer.Option(1, "--level", help="Stage-1 level L: 1, 2 or 3."),
+    rule: str = typer.Option("natural", "--rule", help="natural | uniform | temperature:T | unimax:E | weights:FILE"),
+    to_level: Optional[int] = typer.Option(None, "--to-level", help="Stage-2 level M >= L (default: L)."),
+    sampler: str = typer.Option("proportional", "--sampler", help="proportional | equal (child mass in Stage 2)."),
+    eligible: str = typer.Option("all", "--eligible", help="all | top:P (quality top fraction P of each level-M cell)."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token budget (default: all tokens "
+                                                                              "of the store)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the document draw."),
+    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Cap on repeats per cell; the rest "
+                                                                          "goes to the other cells."),
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """One mixture: a Stage-1 rule over level-L cells, a Stage-2 sampler inside each of them down to
+    level M, a token budget and a seed. Writes weights.parquet, manifest.parquet (doc_id, repeats)
+    and mixture.json (spec, substrate, diagnostics) to OUT.
+
+    Example: hermes mix --db out/labels.duckdb --rule uniform --to-level 2 --eligible top:0.3 --out mix-u-l12
+    """
+    from hermes import api
+
+    d = api.mix(db, out, level=level, rule=rule, to_level=to_level, sampler=sampler, eligible=eligible,
+                budget_tokens=budget_tokens, seed=seed, max_epochs=max_epochs)
+    if fmt == SummaryFmt.json:
+        typer.echo(json.dumps(d, indent=2))
+    else:
+        _print_mixture(d)
+
+
+@app.command()
+@guarded
+def compare(
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store."),
+    levels: str = typer.Option("1,2,3", "--levels", help="Stage-2 levels M to compare, e.g. 1,2,3."),
+    rules: str = typer.Option("natural,uniform", "--rules", help="Stage-1 rules, comma-separated."),
+    samplers: str = typer.Option("proportional,equal", "--samplers", help="Stage-2 samplers, comma-separated."),
+    eligible: str = typer.Option("all", "--eligible", help="Eligibilities, e.g. all,top:0.3."),
+    level: int = typer.Option(1, "--level", help="Stage-1 level L (levels below it are skipped)."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token budget (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the document draws."),
+    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Cap on repeats per cell."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write each mixture folder and "
+                                                                 "compare.json under this folder."),
+    fmt: Fmt = typer.Option(Fmt.table, "--format", help="table | csv | json"),
+) -> None:
+    """A grid of mixtures (levels x rules x samplers x eligibility): one row of diagnostics per
+    mixture (effective cells, TV/KL to natural, candidate pools, epochs, quality), then pairwise
+    distances (TV at L1, Jaccard of selected documents).
+
+    Example: hermes compare --db out/labels.duckdb --levels 1,2,3 --rules natural,uniform --samplers proportional,equal --eligible all,top:0.3
+    """
+    import pyarrow as pa
+
+    from hermes import api
+
+    try:
+        lv = [int(x) for x in _csv_list(levels, "--levels")]
+    except ValueError:
+        _fail(f"--levels {levels!r}: levels are 1, 2, 3, comma-separated", code=2)
+    lv = [m for m in lv if m >= level] if all(m in (1, 2, 3) for m in lv) else lv
+    result = api.compare(db, levels=lv, rules=_csv_list(rules, "--rules"), samplers=_csv_list(samplers, "--samplers"),
+                         eligible=_csv_list(eligible, "--eligible"), level=level, budget_tokens=budget_tokens,
+                         seed=seed, max_epochs=max_epochs, out=out)
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    _print_table(pa.Table.from_pylist(result["mixtures"]), fmt)
+    if fmt == Fmt.table:
+        typer.echo("")
+        _print_table(pa.Table.from_pylist(result["pairs"]), fmt)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,439 @@
+"""Mixers: rules and samplers as pure functions of arrays (no database in here).
+
+A mixture is made in two stages, as in HERMES:
+
+1. Stage 1, a *rule* over the cells of level L sets their weights:
+   `natural` (w ~ tokens), `uniform`, `temperature:T` (w ~ tokens^(1/T)), `unimax:E` (as uniform
+   as the budget allows with at most E epochs per cell, the leftover spread over the rest), or
+   `weights:FILE` (external weights by cell key).
+2. Stage 2, a *sampler*, splits each level-L cell's weight over its level-M descendants (M >= L)
+   without changing it: child mass `proportional` to the child's eligible tokens, or `equal` per
+   child with any eligible document. Eligibility is `all`, or `top:P`: the documents whose quality
+   is at least the (1 - P) quantile of their own level-M cell.
+
+Then every level-M cell's target (weight x budget) is met by drawing its eligible documents in a
+seeded random order, whole passes first when the target exceeds what the cell has (repeats), up to
+an optional epoch cap, after which the remainder is spread over the cells below their cap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hermes.errors import HermesError
+
+RULES = ("natural", "uniform", "temperature:T", "unimax:E", "weights:FILE")
+SAMPLERS = ("proportional", "equal")
+ELIGIBLE = ("all", "top:P")
+CODE_BITS = 15          # codes are SMALLINT (< 2^15); a level-M key packs the code prefix into an int64
+SMALL_POOL = 30          # a level-M cell with fewer eligible documents than this is a small pool
+
+
+# --------------------------------------------------------------------------- specs
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    param: float | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind in ("temperature", "unimax"):
+            return f"{self.kind}:{self.param:g}"
+        if self.kind == "weights":
+            return f"weights:{self.path}"
+        return self.kind
+
+
+def parse_rule(text: str) -> Rule:
+    kind, _, arg = text.partition(":")
+    if kind in ("natural", "uniform") and not arg:
+        return Rule(kind)
+    if kind in ("temperature", "unimax"):
+        try:
+            value = float(arg)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or math.isinf(value):
+            what = "T" if kind == "temperature" else "E (max epochs)"
+            raise HermesError(f"rule '{text}': {what} must be a positive number, e.g. {kind}:2")
+        return Rule(kind, value)
+    if kind == "weights" and arg:
+        return Rule(kind, path=arg)
+    raise HermesError(f"unknown rule '{text}'", hint=f"valid rules: {', '.join(RULES)}")
+
+
+def parse_sampler(text: str) -> str:
+    if text not in SAMPLERS:
+        raise HermesError(f"unknown sampler '{text}'", hint=f"valid samplers: {', '.join(SAMPLERS)}")
+    return text
+
+
+def parse_eligible(text: str) -> float | None:
+    """None for `all`, else the top fraction P of `top:P`."""
+    if text == "all":
+        return None
+    kind, _, arg = text.partition(":")
+    if kind == "top":
+        try:
+            p = float(arg)
+        except ValueError:
+            p = float("nan")
+        if not 0 < p <= 1:
+            raise HermesError(f"eligibility '{text}': P must be in (0, 1], e.g. top:0.3")
+        return p
+    raise HermesError(f"unknown eligibility '{text}'", hint=f"valid: {', '.join(ELIGIBLE)}")
+
+
+def check_levels(level: int, to_level: int) -> None:
+    for name, v in (("--level", level), ("--to-level", to_level)):
+        if v not in (1, 2, 3):
+            raise HermesError(f"{name} {v} is not a level; levels are 1 (L1), 2 (L12), 3 (L123)")
+    if to_level < level:
+        raise HermesError(f"--to-level {to_level} is below --level {level}",
+                          hint="Stage 2 splits a level-L cell into its sub-cells, so M >= L")
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    level: int = 1
+    rule: str = "natural"
+    to_level: int | None = None          # None = level
+    sampler: str = "proportional"
+    eligible: str = "all"
+    budget_tokens: int | None = None     # None = all tokens of the store
+    seed: int = 0
+    max_epochs: float | None = None      # None = no cap
+
+    @property
+    def m(self) -> int:
+        return self.level if self.to_level is None else self.to_level
+
+    def validate(self) -> "MixSpec":
+        check_levels(self.level, self.m)
+        parse_rule(self.rule)
+        parse_sampler(self.sampler)
+        parse_eligible(self.eligible)
+        if self.budget_tokens is not None and self.budget_tokens <= 0:
+            raise HermesError(f"--budget-tokens {self.budget_tokens} must be positive")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise HermesError(f"--max-epochs {self.max_epochs} must be positive")
+        return self
+
+    def name(self) -> str:
+        return (f"L{self.level}-{self.rule}-to-L{self.m}-{self.sampler}-{self.eligible}").replace(":", "")
+
+
+# --------------------------------------------------------------------------- Stage 1
+
+def unimax(tokens: np.ndarray, budget: float, max_epochs: float) -> np.ndarray:
+    """UniMax: walk the cells from smallest up, give each the uniform share of what is left,
+    but at most max_epochs passes over it; larger cells absorb the leftover."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    alloc = np.zeros_like(tokens)
+    remaining = float(budget)
+    order = np.argsort(tokens, kind="stable")
+    for i, c in enumerate(order):
+        share = remaining / (len(order) - i)
+        alloc[c] = min(share, max_epochs * tokens[c])
+        remaining -= alloc[c]
+    total = alloc.sum()
+    return alloc / total if total > 0 else np.full(len(tokens), 1 / len(tokens))
+
+
+def stage1_weights(tokens: np.ndarray, rule: Rule, budget: float | None = None,
+                   external: np.ndarray | None = None) -> np.ndarray:
+    """Weights over level-L cells from their token counts. Non-negative, sum to 1."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if len(tokens) == 0:
+        raise HermesError("there are no cells to weight")
+    if rule.kind == "natural":
+        w = tokens.copy()
+    elif rule.kind == "uniform":
+        w = np.ones_like(tokens)
+    elif rule.kind == "temperature":
+        w = np.power(tokens, 1.0 / rule.param)
+    elif rule.kind == "unimax":
+        if budget is None:
+            raise HermesError("unimax needs a token budget")
+        return unimax(tokens, budget, rule.param)
+    elif rule.kind == "weights":
+        if external is None:
+            raise HermesError("weights:FILE rule without weights")
+        w = np.asarray(external, dtype=np.float64)
+    else:
+        raise HermesError(f"unknown rule '{rule}'", hint=f"valid rules: {', '.join(RULES)}")
+    total = w.sum()
+    if not total > 0:
+        raise HermesError(f"rule '{rule}' gives every cell weight 0")
+    return w / total
+
+
+# --------------------------------------------------------------------------- Stage 2
+
+def stage2_weights(parent: np.ndarray, w_parent: np.ndarray, mass: np.ndarray, sampler: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Split each parent's weight over its children.
+
+    parent[i] is the index (into w_parent) of child i's parent; mass[i] is child i's eligible
+    tokens. Returns (child weights, the weight of parents with no eligible child, per parent).
+    A parent's children always sum to the parent's weight, unless it has no eligible child.
+    """
+    parent = np.asarray(parent, dtype=np.int64)
+    mass = np.asarray(mass, dtype=np.float64)
+    n_par = len(w_parent)
+    if sampler == "proportional":
+        share = mass
+    elif sampler == "equal":
+        share = (mass > 0).astype(np.float64)
+    else:
+        raise HermesError(f"unknown sampler '{sampler}'", hint=f"valid samplers: {', '.join(SAMPLERS)}")
+    per_parent = np.bincount(parent, weights=share, minlength=n_par)
+    denom = per_parent[parent]
+    w = np.where(denom > 0, np.asarray(w_parent)[parent] * share / np.where(denom > 0, denom, 1), 0.0)
+    stranded = np.where(per_parent > 0, 0.0, w_parent)
+    return w, stranded
+
+
+def cap_epochs(weights: np.ndarray, available: np.ndarray, budget: float, max_epochs: float | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Token targets per cell: weight x budget, but at most max_epochs x available; what a capped
+    cell cannot take is spread over the uncapped cells in proportion to their weights.
+    Returns (targets, capped mask)."""
+    w = np.asarray(weights, dtype=np.float64)
+    avail = np.asarray(available, dtype=np.float64)
+    targets = w * budget
+    capped = np.zeros(len(w), dtype=bool)
+    if max_epochs is None:
+        return targets, capped
+    limit = max_epochs * avail
+    for _ in range(len(w) + 1):
+        over = (targets > limit * (1 + 1e-12)) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        leftover = float(np.sum(targets[capped] - limit[capped]))
+        targets[capped] = limit[capped]
+        free = ~capped & (w > 0)
+        if not free.any() or leftover <= 0:
+            break
+        targets[free] += leftover * w[free] / w[free].sum()
+    return targets, capped
+
+
+# --------------------------------------------------------------------------- documents
+
+@dataclass
+class Docs:
+    """The label table as arrays, in store order."""
+
+    c: np.ndarray            # (n, 3) int codes
+    n_tokens: np.ndarray     # (n,) int64
+    quality: np.ndarray      # (n,) float64, NaN where NULL
+    doc_hash: np.ndarray     # (n,) uint64, a hash of doc_id (seeded priorities derive from it)
+
+    def __len__(self) -> int:
+        return len(self.n_tokens)
+
+    def keys(self, level: int) -> np.ndarray:
+        """An int64 key per document for its level-`level` cell."""
+        k = self.c[:, 0].astype(np.int64)
+        for s in range(1, level):
+            k = (k << CODE_BITS) | self.c[:, s].astype(np.int64)
+        return k
+
+
+def key_text(keys: np.ndarray, level: int) -> list[str]:
+    mask = (1 << CODE_BITS) - 1
+    parts = [(keys >> (CODE_BITS * (level - 1 - s))) & mask for s in range(level)]
+    return [".".join(str(int(p[i])) for p in parts) for i in range(len(keys))]
+
+
+def priorities(doc_hash: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random order key per document (splitmix64 of hash ^ seed)."""
+    with np.errstate(over="ignore"):
+        z = doc_hash.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def within_cell_threshold(cell: np.ndarray, quality: np.ndarray, n_cells: int, q: float) -> np.ndarray:
+    """Per cell, the q-quantile of its documents' quality (linear interpolation, NULLs ignored,
+    as DuckDB's quantile_cont). NaN for a cell with no quality at all."""
+    ok = ~np.isnan(quality)
+    cc, qq = cell[ok], quality[ok]
+    order = np.lexsort((qq, cc))
+    cc, qq = cc[order], qq[order]
+    counts = np.bincount(cc, minlength=n_cells)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    thr = np.full(n_cells, np.nan)
+    has = counts > 0
+    h = q * (counts[has] - 1)
+    lo = np.floor(h).astype(np.int64)
+    hi = np.ceil(h).astype(np.int64)
+    s = starts[has]
+    thr[has] = qq[s + lo] + (h - lo) * (qq[s + hi] - qq[s + lo])
+    return thr
+
+
+def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
+         targets: np.ndarray) -> np.ndarray:
+    """Repeats per document so that each cell's selected tokens meet its target within one
+    document: whole passes over the cell's eligible documents, then a prefix of them in priority
+    order."""
+    n_cells = len(targets)
+    idx = np.flatnonzero(eligible)
+    cc, tt = cell[idx], tokens[idx].astype(np.float64)
+    order = np.lexsort((prio[idx], cc))
+    idx, cc, tt = idx[order], cc[order], tt[order]
+    avail = np.bincount(cc, weights=tt, minlength=n_cells)
+    full = np.zeros(n_cells)
+    pos = avail > 0
+    full[pos] = np.floor(targets[pos] / avail[pos])
+    rest = targets - full * avail
+    csum = np.cumsum(tt)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(cc, minlength=n_cells))[:-1]])
+    before = csum - tt - np.concatenate([[0.0], csum])[starts][cc]
+    # a document of the partial pass is taken when it brings the cell closer to its target
+    # (the first half of it still fits), so each cell lands within half a document of its target
+    reps = full[cc] + (before + tt / 2 < rest[cc])
+    out = np.zeros(len(cell), dtype=np.int64)
+    out[idx] = reps.astype(np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- the mixture
+
+@dataclass
+class Mixture:
+    spec: MixSpec
+    cells: dict[str, np.ndarray]           # one entry per level-M cell (see make_mixture)
+    repeats: np.ndarray                    # per document, in store order
+    diagnostics: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = None,
+                 external_source: str = "weights file") -> Mixture:
+    """Stage 1 + Stage 2 + draw, all from arrays. `external` maps level-L cell keys to weights."""
+    spec.validate()
+    L, M = spec.level, spec.m
+    rule = parse_rule(spec.rule)
+    top = parse_eligible(spec.eligible)
+    warnings: list[str] = []
+    tokens = docs.n_tokens.astype(np.int64)
+    total_tokens = float(tokens.sum())
+    budget = float(spec.budget_tokens) if spec.budget_tokens else total_tokens
+
+    keys_L, keys_M = docs.keys(L), docs.keys(M)
+    uL, cell_L = np.unique(keys_L, return_inverse=True)
+    uM, cell_M = np.unique(keys_M, return_inverse=True)
+    tok_L = np.bincount(cell_L, weights=tokens, minlength=len(uL))
+    parent = np.searchsorted(uL, uM >> (CODE_BITS * (M - L)))
+
+    if top is None:
+        eligible = np.ones(len(docs), dtype=bool)
+        thr = np.full(len(uM), np.nan)
+    else:
+        if np.isnan(docs.quality).all():
+            raise HermesError(f"eligibility '{spec.eligible}' needs quality scores, and this store has none",
+                              hint="label with --quality heuristic or --quality-field NAME, or use --eligible all")
+        thr = within_cell_threshold(cell_M, docs.quality, len(uM), 1 - top)
+        eligible = ~np.isnan(docs.quality) & (docs.quality >= thr[cell_M] - 1e-12)
+    elig_tok = np.bincount(cell_M, weights=tokens * eligible, minlength=len(uM))
+    elig_docs = np.bincount(cell_M, weights=eligible, minlength=len(uM)).astype(np.int64)
+
+    ext = None
+    if rule.kind == "weights":
+        names = key_text(uL, L)
+        ext = np.array([external.get(n, 0.0) for n in names]) if external else None
+        missing = [n for n in names if n not in (external or {})]
+        if missing:
+            warnings.append(f"{len(missing)} of {len(names)} L{L} cells are not in the {external_source} "
+                            f"and get weight 0 (e.g. {', '.join(missing[:5])})")
+    w_L = stage1_weights(tok_L, rule, budget, ext)
+    w_M, stranded = stage2_weights(parent, w_L, elig_tok, spec.sampler)
+    if stranded.sum() > 0:
+        warnings.append(f"{int((stranded > 0).sum())} L{L} cells with {stranded.sum():.1%} of the weight have no "
+                        f"eligible document; their weight is spread over the others")
+        w_M = w_M / w_M.sum()
+    targets, capped = cap_epochs(w_M, elig_tok, budget, spec.max_epochs)
+    if capped.any():
+        warnings.append(f"{int(capped.sum())} cells hit the cap of {spec.max_epochs:g} epochs; "
+                        f"their remainder went to the other cells")
+    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets)
+
+    sel_tok = np.bincount(cell_M, weights=tokens * repeats, minlength=len(uM))
+    cells = {"key": uM, "parent": parent, "stage1_weight": w_L[parent], "weight": w_M,
+             "target_tokens": targets, "available_tokens": elig_tok, "eligible_docs": elig_docs,
+             "selected_tokens": sel_tok, "quality_threshold": thr,
+             "epochs": np.divide(targets, elig_tok, out=np.zeros(len(uM)), where=elig_tok > 0)}
+    diag = diagnostics(docs, spec, repeats, cells, budget, w_L)
+    warnings += diag.pop("_warnings")
+    return Mixture(spec=spec, cells=cells, repeats=repeats, diagnostics=diag, warnings=warnings)
+
+
+def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str, np.ndarray], budget: float,
+                w_L: np.ndarray) -> dict[str, Any]:
+    tokens = docs.n_tokens.astype(np.float64)
+    sel = tokens * repeats
+    selected = float(sel.sum())
+    levels = {}
+    for level in (1, 2, 3):
+        _, inv = np.unique(docs.keys(level), return_inverse=True)
+        nat = np.bincount(inv, weights=tokens)
+        mix = np.bincount(inv, weights=sel, minlength=len(nat))
+        p = nat / nat.sum()
+        q = mix / selected if selected > 0 else np.zeros_like(mix)
+        nz = q > 0
+        h = _entropy(q)
+        levels[f"L{'123'[:level]}"] = {
+            "cells": int(len(nat)), "cells_covered": int(nz.sum()),
+            "entropy": round(h, 4), "effective_cells": round(math.exp(h), 2),
+            "natural_effective_cells": round(math.exp(_entropy(p)), 2),
+            "tv_to_natural": round(0.5 * float(np.abs(q - p).sum()), 4),
+            "kl_to_natural": round(float((q[nz] * np.log(q[nz] / p[nz])).sum()), 4),
+        }
+    active = cells["target_tokens"] > 0
+    pool = cells["eligible_docs"][active]
+    ok_q = ~np.isnan(docs.quality) & (repeats > 0)
+    mean_q = float((docs.quality[ok_q] * sel[ok_q]).sum() / sel[ok_q].sum()) if sel[ok_q].sum() > 0 else None
+    repeated = float((tokens * np.maximum(repeats - 1, 0)).sum())
+    h_L = _entropy(w_L)
+    d = {
+        "budget_tokens": int(budget), "selected_tokens": int(selected),
+        "unique_docs": int((repeats > 0).sum()), "docs_in_store": int(len(repeats)),
+        "stage1": {"cells": int(len(w_L)), "entropy": round(h_L, 4), "effective_cells": round(math.exp(h_L), 2),
+                   "max_weight": round(float(w_L.max()), 4)},
+        "levels": levels,
+        "pool": {"level": spec.m, "cells_with_target": int(active.sum()),
+                 "median_eligible_docs": float(np.median(pool)) if len(pool) else 0.0,
+                 "p10_eligible_docs": float(np.percentile(pool, 10)) if len(pool) else 0.0,
+                 "share_cells_under_30": round(float((pool < SMALL_POOL).mean()), 4) if len(pool) else 0.0},
+        "epochs": {"max": int(repeats.max()) if len(repeats) else 0,
+                   "share_tokens_repeated": round(repeated / selected, 4) if selected else 0.0},
+        "mean_quality": None if mean_q is None else round(mean_q, 4),
+    }
+    warn = []
+    if d["pool"]["median_eligible_docs"] < SMALL_POOL:
+        warn.append(f"small candidate pools: the median level-{spec.m} cell has "
+                    f"{d['pool']['median_eligible_docs']:g} eligible documents (under {SMALL_POOL})")
+    if len(w_L) >= 4 and (w_L.max() > 0.5 or math.exp(h_L) < 0.1 * len(w_L)):
+        warn.append(f"weights collapse: the largest L{spec.level} cell has {w_L.max():.0%} of the weight and the "
+                    f"effective number of cells is {math.exp(h_L):.1f} of {len(w_L)}")
+    if d["epochs"]["share_tokens_repeated"] > 0.25:
+        warn.append(f"heavy repetition: {d['epochs']['share_tokens_repeated']:.0%} of the selected tokens are repeats "
+                    f"(max {d['epochs']['max']} epochs)")
+    d["_warnings"] = warn
+    return d

@@ -1,0 +1,157 @@
+"""Mixers as pure functions: property tests (hypothesis) and slow references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hermes.errors import HermesError
+from hermes.mixers import (Docs, MixSpec, Rule, cap_epochs, make_mixture, parse_eligible, parse_rule,
+                           stage1_weights, stage2_weights, unimax, within_cell_threshold)
+
+RULE_TEXTS = ["natural", "uniform", "temperature:2", "temperature:0.5", "unimax:1", "unimax:4"]
+
+
+def random_docs(seed: int, n: int = 400, k: int = 4, with_nulls: bool = False) -> Docs:
+    rng = np.random.default_rng(seed)
+    c = np.stack([rng.integers(0, k, n), rng.integers(0, k, n), rng.integers(0, k, n)], axis=1)
+    quality = rng.random(n)
+    if with_nulls:
+        quality[rng.random(n) < 0.1] = np.nan
+    return Docs(c=c, n_tokens=rng.integers(1, 2000, n), quality=quality,
+                doc_hash=rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(1, 10**7), min_size=1, max_size=40),
+       rule=st.sampled_from(RULE_TEXTS), budget=st.integers(1, 10**8))
+def test_stage1_weights_are_a_distribution(tokens, rule, budget):
+    w = stage1_weights(np.array(tokens), parse_rule(rule), budget)
+    assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(1, 10**6), min_size=2, max_size=30), epochs=st.floats(0.5, 5),
+       frac=st.floats(0.01, 0.99))
+def test_unimax_respects_the_epoch_cap_when_the_budget_allows(tokens, epochs, frac):
+    t = np.array(tokens, dtype=float)
+    budget = frac * epochs * t.sum()            # feasible: below E x everything
+    w = unimax(t, budget, epochs)
+    assert np.all(w * budget <= epochs * t * (1 + 1e-9))
+    # as uniform as allowed: a cell below its cap gets at least as much as any other cell
+    alloc = w * budget
+    free = alloc < epochs * t * (1 - 1e-9)
+    if free.any():
+        assert alloc[free].min() >= alloc.max() * (1 - 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_stage2_children_sum_to_their_parent(data):
+    n_par = data.draw(st.integers(1, 10))
+    parent = np.array(data.draw(st.lists(st.integers(0, n_par - 1), min_size=n_par, max_size=60)) + list(range(n_par)))
+    mass = np.array(data.draw(st.lists(st.integers(1, 1000), min_size=len(parent), max_size=len(parent))), float)
+    w_par = stage1_weights(np.ones(n_par), Rule("uniform"))
+    for sampler in ("proportional", "equal"):
+        w, stranded = stage2_weights(parent, w_par, mass, sampler)
+        assert np.all(w >= 0) and not stranded.any()
+        assert np.allclose(np.bincount(parent, weights=w, minlength=n_par), w_par)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), rule=st.sampled_from(RULE_TEXTS), level=st.integers(1, 3),
+       down=st.integers(0, 2), sampler=st.sampled_from(["proportional", "equal"]),
+       eligible=st.sampled_from(["all", "top:0.3", "top:1"]), budget=st.integers(10**4, 2 * 10**6))
+def test_mixture_properties(seed, rule, level, down, sampler, eligible, budget):
+    docs = random_docs(seed, with_nulls=eligible != "all")
+    m = min(3, level + down)
+    spec = MixSpec(level=level, rule=rule, to_level=m, sampler=sampler, eligible=eligible,
+                   budget_tokens=budget, seed=seed)
+    mix = make_mixture(docs, spec)
+    c = mix.cells
+    # weights: a distribution whose level-M weights sum back to the Stage-1 weights
+    assert np.all(c["weight"] >= 0) and c["weight"].sum() == pytest.approx(1.0)
+    per_parent = np.bincount(c["parent"], weights=c["weight"])
+    stage1 = np.zeros_like(per_parent)
+    stage1[c["parent"]] = c["stage1_weight"]
+    assert np.allclose(per_parent, stage1)
+    # tokens meet the budget within one document per cell
+    keys = docs.keys(m)
+    sel = docs.n_tokens * mix.repeats
+    for i, key in enumerate(c["key"]):
+        in_cell = keys == key
+        assert abs(sel[in_cell].sum() - c["target_tokens"][i]) <= docs.n_tokens[in_cell].max()
+    # top:P: every selected document is at least its own cell's quantile
+    top = parse_eligible(eligible)
+    if top is not None:
+        for i, key in enumerate(c["key"]):
+            chosen = (keys == key) & (mix.repeats > 0)
+            if chosen.any():
+                q = docs.quality[keys == key]
+                ref = np.quantile(q[~np.isnan(q)], 1 - top)      # slow reference, same interpolation
+                assert np.all(docs.quality[chosen] >= ref - 1e-12)
+    # same seed, same manifest
+    again = make_mixture(docs, spec)
+    assert np.array_equal(again.repeats, mix.repeats)
+
+
+def test_a_different_seed_draws_other_documents():
+    docs = random_docs(0, n=2000)
+    spec = MixSpec(rule="uniform", budget_tokens=200_000, seed=1)
+    a = make_mixture(docs, spec).repeats
+    b = make_mixture(docs, MixSpec(rule="uniform", budget_tokens=200_000, seed=2)).repeats
+    assert not np.array_equal(a, b)
+
+
+def test_quantile_matches_numpy_per_cell():
+    rng = np.random.default_rng(5)
+    cell = rng.integers(0, 7, 500)
+    q = rng.random(500)
+    q[::17] = np.nan
+    thr = within_cell_threshold(cell, q, 7, 0.7)
+    for k in range(7):
+        v = q[cell == k]
+        assert thr[k] == pytest.approx(np.quantile(v[~np.isnan(v)], 0.7))
+
+
+def test_epoch_cap_moves_the_remainder_to_other_cells():
+    targets, capped = cap_epochs(np.array([0.5, 0.25, 0.25]), np.array([10.0, 1000, 1000]), 1000, 2.0)
+    assert capped.tolist() == [True, False, False]
+    assert targets[0] == 20 and targets.sum() == pytest.approx(1000)
+    assert targets[1] == pytest.approx(targets[2])
+
+
+def test_stage2_never_changes_stage1_weights_on_real_hierarchy():
+    docs = random_docs(3, n=3000, k=6)
+    for m in (1, 2, 3):
+        mix = make_mixture(docs, MixSpec(rule="temperature:3", to_level=m, sampler="equal", budget_tokens=10**6))
+        parents_w = {}
+        for p, w in zip(mix.cells["parent"], mix.cells["weight"]):
+            parents_w[p] = parents_w.get(p, 0) + w
+        base = make_mixture(docs, MixSpec(rule="temperature:3", to_level=1, budget_tokens=10**6)).cells["weight"]
+        assert np.allclose([parents_w[i] for i in range(len(base))], base)
+
+
+@pytest.mark.parametrize("text", ["natural:1", "temperature:0", "temperature:x", "unimax:-1", "weights:", "zipf"])
+def test_bad_rules_are_refused(text):
+    with pytest.raises(HermesError):
+        parse_rule(text)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"level": 4}, "--level 4 is not a level"), ({"level": 2, "to_level": 1}, "--to-level 1 is below --level 2"),
+    ({"sampler": "greedy"}, "unknown sampler 'greedy'"), ({"eligible": "top:0"}, "P must be in (0, 1]"),
+    ({"eligible": "top:1.5"}, "P must be in (0, 1]"), ({"eligible": "best"}, "unknown eligibility"),
+    ({"budget_tokens": 0}, "must be positive")])
+def test_bad_specs_are_refused(kwargs, message):
+    with pytest.raises(HermesError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MixSpec(**kwargs).validate()
+
+
+def test_top_p_without_quality_is_refused():
+    docs = random_docs(1)
+    docs.quality[:] = np.nan
+    with pytest.raises(HermesError, match="needs quality scores"):
+        make_mixture(docs, MixSpec(eligible="top:0.3"))
