@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from importlib import resources
@@ -38,11 +39,12 @@ def _config(config: Config | str | Path | None, overrides: dict[str, Any] | None
     return load_config(config, overrides)
 
 
-def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> list[Shard]:
+def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> tuple[list[str], list[Shard]]:
+    """The inputs as absolute paths (recorded in the store, so export can read them again) and shards."""
     inputs = [str(i) for i in (inputs or [])] or [str(sample_corpus())]
     shards = discover(inputs)
     check_fields(shards, reading_fields(cfg))
-    return shards
+    return [os.path.abspath(i) for i in inputs], shards
 
 
 def codebook_rule(n_fit: int, cfg: Config) -> str:
@@ -74,7 +76,7 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
     """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept)."""
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
-    shards = _plan(inputs, cfg)
+    inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
     results = _embed_all(shards, stages, layout, quiet)
@@ -90,7 +92,7 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
             "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _finish(command: str, shards: list[Shard], substrate: Substrate, stages: Stages, layout: Layout,
+def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Substrate, stages: Stages, layout: Layout,
             results, cfg: Config, t0: float, timings: dict[str, float], quiet: bool) -> dict[str, Any]:
     t = time.perf_counter()
     progress = Progress("label", total_shards=len(shards), quiet=quiet)
@@ -108,7 +110,7 @@ def _finish(command: str, shards: list[Shard], substrate: Substrate, stages: Sta
             stale.unlink()
     counts = build_store(layout.db, [layout.label_file(s) for s in shards],
                          [layout.reject_file(s) for s in shards], substrate.manifest(),
-                         info={"command": command, "inputs": [s.path for s in shards],
+                         info={"command": command, "inputs": inputs,
                                "quality": cfg.quality, "quality_field": cfg.quality_field,
                                "tokenizer": cfg.tokenizer or "the embedding model's",
                                "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}})
@@ -141,7 +143,7 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     """The main job: embed every document once, fit a substrate on a sample, label all, build the store."""
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
-    shards = _plan(inputs, cfg)
+    inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
     timings: dict[str, float] = {}
@@ -154,7 +156,7 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     say(f"fit: {codebook_rule(min(sum(counts), cfg.fit_sample), cfg)}", quiet)
     substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
     timings["fit"] = time.perf_counter() - t
-    return _finish("run", shards, substrate, stages, layout, results, cfg, t0, timings, quiet)
+    return _finish("run", inputs, shards, substrate, stages, layout, results, cfg, t0, timings, quiet)
 
 
 def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
@@ -164,7 +166,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
     sub = Substrate.load(substrate)
-    shards = _plan(inputs, cfg)
+    inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     if Path(substrate).resolve() != layout.substrate.resolve():
         layout.root.mkdir(parents=True, exist_ok=True)
@@ -190,7 +192,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     timings = {"embed": time.perf_counter() - t0}
     if results and len(results) == len(shards) and sum(r.n_docs for r in results) == 0:
         raise _no_documents(results)
-    return _finish("label", shards, sub, stages, layout, results, cfg, t0, timings, quiet)
+    return _finish("label", inputs, shards, sub, stages, layout, results, cfg, t0, timings, quiet)
 
 
 def query(db: str | Path, sql: str) -> pa.Table:
@@ -283,3 +285,11 @@ def compare(db: str | Path, levels: Iterable[int] = (1, 2, 3), rules: Iterable[s
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def export(mixture: str | Path, fmt: str, out: str | Path, corpus: Iterable[str | Path] | None = None,
+           docs_per_shard: int = 50_000, seed: int | None = None) -> dict[str, Any]:
+    """A mixture folder in a trainer's input format: jsonl | parquet | hf | megatron."""
+    from hermes.export import export as _export
+
+    return _export(mixture, fmt, out, [str(c) for c in corpus] if corpus else None, docs_per_shard, seed)

@@ -455,6 +455,44 @@ def compare(
         _print_table(pa.Table.from_pylist(result["pairs"]), fmt)
 
 
+class ExportFmt(str, Enum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+    hf = "hf"
+    megatron = "megatron"
+
+
+@app.command()
+@guarded
+def export(
+    mixture: Path = typer.Argument(..., metavar="MIXTURE", help="A mixture folder from `hermes mix`."),
+    fmt: ExportFmt = typer.Option(..., "--format", help="jsonl | parquet | hf | megatron"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="Where the corpus is now, if it moved "
+                                                                       "(default: the inputs the store records)."),
+    docs_per_shard: int = typer.Option(50_000, "--docs-per-shard", help="Records per output shard (jsonl, parquet)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Shuffle seed (default: the mixture's seed)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """A mixture in a trainer's input format, with the text joined back from the corpus by doc_id.
+
+    jsonl/parquet: shuffled shards of the selected documents, repeats honoured; hf: the same as a
+    Hugging Face dataset on disk; megatron: one JSONL file per cell plus blend.txt with the
+    `weight prefix` pairs of Megatron-style --data-path blending.
+
+    Example: hermes export mix-u-l12 --format jsonl --out mix-u-l12-jsonl
+    """
+    from hermes import api
+
+    r = api.export(mixture, fmt.value, out, corpus, docs_per_shard, seed)
+    if json_out:
+        typer.echo(json.dumps(r, indent=2))
+    else:
+        what = f"{r['records']:,} records of {r['documents']:,} documents" if "records" in r else \
+            f"{r['documents']:,} documents in {r['cells']:,} cells"
+        typer.echo(f"hermes export: {what} as {r['format']} in {r['out']}")
+
+
 def main() -> None:
     app()
 

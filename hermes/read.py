@@ -170,7 +170,7 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[Shard]:
         if not p.exists():
             raise HermesError(f"{item}: no such file or folder", hint="check the path")
         if p.is_dir():
-            found = _shards_in_folder(p, p.name or str(p))
+            found = _shards_in_folder(p, p.resolve().name or str(p.resolve()))
             if not found:
                 raise HermesError(f"{item}: the folder holds no readable corpus file",
                                   hint="supported: " + "; ".join(SUPPORTED))

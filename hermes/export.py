@@ -1,0 +1,184 @@
+"""Export a mixture in the input formats of trainers.
+
+Formats:
+- `jsonl`, `parquet`: shards `part-00000.jsonl` (or `.parquet`) of the selected documents, one
+  record per copy (`repeats` copies of each), shuffled with the seed; fields doc_id, text, source,
+  cell.
+- `hf`: the same records as a Hugging Face dataset saved with `save_to_disk` (`datasets.load_from_disk`).
+- `megatron`: one JSONL file of documents per cell (`cells/<cell>.jsonl`, each selected document
+  once) and `blend.txt`, the `weight prefix` pairs that Megatron-style `--data-path` blending
+  expects, weights = each cell's share of the mixture's tokens; prefixes name the files that
+  Megatron's `tools/preprocess_data.py --output-prefix cells/<cell>` writes (`<prefix>_text_document`).
+  The blend repeats a cell by sampling it more often, so its file holds each document once.
+
+The text is joined back from the corpus by doc_id: the store records its inputs and fields, and
+export reads them again (or `corpus` when the corpus has moved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hermes.errors import HermesError
+from hermes.read import Fields, discover, read_shard
+from hermes.store import connect
+
+FORMATS = ("jsonl", "parquet", "hf", "megatron")
+FLUSH_EVERY = 20_000      # documents buffered before the per-cell files are appended to
+RECORD_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("source", pa.string()),
+                           ("cell", pa.string())])
+
+
+def _mixture(path: Path) -> tuple[dict[str, Any], pa.Table, pa.Table]:
+    for name in ("mixture.json", "manifest.parquet", "weights.parquet"):
+        if not (path / name).is_file():
+            raise HermesError(f"{path / name}: missing; {path} is not a mixture folder",
+                              hint="pass a folder written by `hermes mix`")
+    return (json.loads((path / "mixture.json").read_text()), pq.read_table(path / "manifest.parquet"),
+            pq.read_table(path / "weights.parquet"))
+
+
+def _store_info(db: str) -> dict[str, Any]:
+    con = connect(db)
+    try:
+        info = dict(con.execute("SELECT key, value FROM store_info").fetchall())
+    finally:
+        con.close()
+    return {k: json.loads(v) if k in ("inputs", "fields") else v for k, v in info.items()}
+
+
+def _texts(manifest: pa.Table, corpus: list[str], fields: Fields):
+    """Yield (doc_id, text, source) for the manifest's documents, streaming the corpus once."""
+    wanted = set(manifest.column("doc_id").to_pylist())
+    found: set[str] = set()
+    for shard in discover(corpus):
+        for docs, _ in read_shard(shard, fields):
+            ids = docs.column("doc_id").to_pylist()
+            if not any(d in wanted for d in ids):
+                continue
+            texts, sources = docs.column("text").to_pylist(), docs.column("source").to_pylist()
+            for i, d in enumerate(ids):
+                if d in wanted and d not in found:     # the first record of a doc_id, as in the store
+                    found.add(d)
+                    yield d, texts[i], sources[i]
+    missing = len(wanted) - len(found)
+    if missing:
+        raise HermesError(f"{missing:,} of the mixture's {len(wanted):,} documents were not found in the corpus "
+                          f"({', '.join(corpus[:3])})", hint="pass the corpus the store was built from with --corpus")
+
+
+def export(mixture_dir: str | Path, fmt: str, out: str | Path, corpus: list[str] | None = None,
+           docs_per_shard: int = 50_000, seed: int | None = None) -> dict[str, Any]:
+    mixture_dir, out = Path(mixture_dir), Path(out)
+    if fmt not in FORMATS:
+        raise HermesError(f"unknown export format '{fmt}'", hint=f"valid formats: {', '.join(FORMATS)}")
+    if docs_per_shard <= 0:
+        raise HermesError(f"--docs-per-shard {docs_per_shard} must be positive")
+    spec, manifest, weights = _mixture(mixture_dir)
+    info = _store_info(spec["store"])
+    corpus = corpus or info.get("inputs") or []
+    f = info.get("fields", {})
+    fields = Fields(text=f.get("text", "text"), id=f.get("id", "id"), source=f.get("source", "source"))
+    seed = spec["spec"]["seed"] if seed is None else seed
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if fmt == "megatron":
+            result = _megatron(manifest, weights, corpus, fields, tmp)
+        else:
+            result = _shuffled(manifest, corpus, fields, tmp, fmt, docs_per_shard, seed)
+        (tmp / "export.json").write_text(json.dumps({"mixture": str(mixture_dir), "format": fmt, "seed": seed,
+                                                     **result}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"out": str(out), "format": fmt, **result}
+
+
+def _shuffled(manifest: pa.Table, corpus: list[str], fields: Fields, out: Path, fmt: str,
+              docs_per_shard: int, seed: int) -> dict[str, Any]:
+    """Two-pass shuffle in bounded memory: scatter copies to random buckets, then shuffle each."""
+    repeats = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("repeats").to_pylist()))
+    cells = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("cell").to_pylist()))
+    copies = int(sum(repeats.values()))
+    n_shards = max(1, -(-copies // docs_per_shard))
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        buckets = [open(Path(scratch) / f"{i}.jsonl", "w", encoding="utf-8") for i in range(n_shards)]
+        try:
+            for doc_id, text, source in _texts(manifest, corpus, fields):
+                line = json.dumps({"doc_id": doc_id, "text": text, "source": source, "cell": cells[doc_id]},
+                                  ensure_ascii=False) + "\n"
+                for b in rng.integers(0, n_shards, repeats[doc_id]):
+                    buckets[b].write(line)
+        finally:
+            for b in buckets:
+                b.close()
+        files = []
+        data_dir = out / "data" if fmt == "hf" else out
+        data_dir.mkdir(exist_ok=True)
+        for i in range(n_shards):
+            with open(Path(scratch) / f"{i}.jsonl", encoding="utf-8") as fh:
+                lines = fh.readlines()
+            order = rng.permutation(len(lines))
+            if fmt == "jsonl":
+                path = data_dir / f"part-{i:05d}.jsonl"
+                with open(path, "w", encoding="utf-8") as w:
+                    w.writelines(lines[j] for j in order)
+            else:
+                path = data_dir / f"part-{i:05d}.parquet"
+                pq.write_table(pa.Table.from_pylist([json.loads(lines[j]) for j in order], schema=RECORD_SCHEMA), path)
+            files.append(path)
+    if fmt == "hf":
+        try:
+            import datasets
+        except ImportError:
+            raise HermesError("--format hf needs the datasets package", hint="pip install datasets") from None
+        datasets.disable_progress_bars()
+        ds = datasets.Dataset.from_parquet([str(p) for p in files], cache_dir=str(out / ".cache"))
+        ds.save_to_disk(str(out / "dataset"))
+        shutil.rmtree(out / "data")
+        shutil.rmtree(out / ".cache", ignore_errors=True)
+        files = [out / "dataset"]
+    return {"records": copies, "documents": len(repeats), "files": [str(p.relative_to(out)) for p in files]}
+
+
+def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: Fields, out: Path) -> dict[str, Any]:
+    cells = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("cell").to_pylist()))
+    (out / "cells").mkdir()
+    buffered: dict[str, list[str]] = {}
+    pending = 0
+
+    def flush() -> None:      # append per cell, so 100k cells never means 100k open files
+        for cell, lines in buffered.items():
+            with open(out / "cells" / f"{cell}.jsonl", "a", encoding="utf-8") as h:
+                h.writelines(lines)
+        buffered.clear()
+
+    for doc_id, text, source in _texts(manifest, corpus, fields):
+        buffered.setdefault(cells[doc_id], []).append(
+            json.dumps({"doc_id": doc_id, "text": text, "source": source}, ensure_ascii=False) + "\n")
+        pending += 1
+        if pending >= FLUSH_EVERY:
+            flush()
+            pending = 0
+    flush()
+    w = {c: t for c, t in zip(weights.column("cell").to_pylist(), weights.column("selected_tokens").to_pylist()) if t > 0}
+    total = sum(w.values())
+    lines = [f"{w[c] / total:.10f} cells/{c}_text_document" for c in sorted(w, key=lambda k: [int(x) for x in k.split(".")])]
+    (out / "blend.txt").write_text(" ".join(lines) + "\n")
+    (out / "blend.json").write_text(json.dumps({c: w[c] / total for c in sorted(w)}, indent=1) + "\n")
+    return {"cells": len(w), "documents": len(cells), "files": ["blend.txt", "blend.json", "cells/"]}
