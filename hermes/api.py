@@ -293,3 +293,30 @@ def export(mixture: str | Path, fmt: str, out: str | Path, corpus: Iterable[str 
     from hermes.export import export as _export
 
     return _export(mixture, fmt, out, [str(c) for c in corpus] if corpus else None, docs_per_shard, seed)
+
+
+def propose(db: str | Path, out: str | Path, n: int = 32, level: int = 1, seed: int = 0) -> dict[str, Any]:
+    """N candidate weightings of the level-L cells for proxy runs (weights files under OUT/candidates)."""
+    from hermes import mixture, proxy
+    from hermes.mixers import check_levels
+
+    check_levels(level, level)
+    con_cells = cells(db, level)
+    from hermes.store import connect
+
+    con = connect(db)
+    try:
+        fp = mixture.store_substrate(con)
+    finally:
+        con.close()
+    return proxy.propose(con_cells.column("cell").to_pylist(),
+                         con_cells.column("n_tokens").to_numpy().astype(float), n, Path(out), level, seed,
+                         store=str(db), substrate=fp)
+
+
+def optimize(candidates: str | Path, losses: str | Path, out: str | Path, model: str = "ridge",
+             n_search: int = 100_000, seed: int = 0) -> dict[str, Any]:
+    """Fit loss ~ weights on the proxy runs, search the simplex, write the predicted-best weights file."""
+    from hermes import proxy
+
+    return proxy.optimize(Path(candidates), Path(losses), Path(out), model=model, n_search=n_search, seed=seed)

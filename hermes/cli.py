@@ -493,6 +493,67 @@ def export(
         typer.echo(f"hermes export: {what} as {r['format']} in {r['out']}")
 
 
+@app.command()
+@guarded
+def propose(
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for candidates/, candidates.json, losses.csv."),
+    n: int = typer.Option(32, "--n", help="Number of candidate mixtures."),
+    level: int = typer.Option(1, "--level", help="Level whose cells are weighted: 1, 2 or 3."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the Dirichlet draws."),
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """Propose N candidate mixtures for proxy runs: Dirichlet draws around the natural distribution,
+    the N most spread out kept (candidate 0 is natural). Each is a weights file for
+    `hermes mix --rule weights:FILE`; fill OUT/losses.csv with the proxy losses, then run `hermes optimize`.
+
+    Example: hermes propose --db out/labels.duckdb --n 32 --out proxy
+    """
+    from hermes import api
+
+    r = api.propose(db, out, n=n, level=level, seed=seed)
+    if fmt == SummaryFmt.json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    tv = [c["tv_to_natural"] for c in r["candidates"]]
+    typer.echo(f"hermes propose: {r['n']} candidates over {r['cells']:,} L{'123'[:level]} cells in {r['out']}/candidates "
+               f"(TV to natural {min(tv):.3f} to {max(tv):.3f})")
+    typer.echo(f"next: build each with hermes mix --db {db} --rule weights:{r['out']}/candidates/cand-000.csv "
+               f"--out ..., train proxies, fill {r['losses_template']}, then hermes optimize --candidates {r['out']} "
+               f"--losses {r['losses_template']} --out best.csv")
+
+
+@app.command()
+@guarded
+def optimize(
+    candidates: Path = typer.Option(..., "--candidates", help="The folder `hermes propose` wrote."),
+    losses: Path = typer.Option(..., "--losses", help="CSV with columns candidate, loss."),
+    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write (CSV: cell, weight)."),
+    model: str = typer.Option("ridge", "--model", help="ridge | gbm (scikit-learn regressors)."),
+    n_search: int = typer.Option(100_000, "--n-search", help="Dirichlet draws searched on the simplex."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the search and cross-validation."),
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """Fit a regression from candidate weights to proxy loss, report its cross-validated held-out
+    error, search the simplex and write the predicted-best mixture as a weights file.
+
+    Example: hermes optimize --candidates proxy --losses proxy/losses.csv --out best.csv
+    """
+    from hermes import api
+
+    r = api.optimize(candidates, losses, out, model=model, n_search=n_search, seed=seed)
+    if fmt == SummaryFmt.json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    h = r["held_out"]
+    sp = "n/a" if h["spearman"] is None else f"{h['spearman']:.3f}"
+    typer.echo(f"hermes optimize: {r['model']} on {r['n_losses']} proxy losses; held-out ({h['folds']}-fold) "
+               f"MAE {h['mae']:.4g}, RMSE {h['rmse']:.4g} (loss std {h['loss_std']:.4g}), Spearman {sp}")
+    typer.echo(f"  predicted loss of the best mixture {r['predicted_loss']:.4g} (best measured: "
+               f"{r['best_measured']['candidate']} {r['best_measured']['loss']:.4g}); TV to natural {r['tv_to_natural']}")
+    typer.echo(f"  wrote {r['weights']}; use it with: hermes mix --rule weights:{r['weights']} --level {r['level']} ...")
+
+
 def main() -> None:
     app()
 

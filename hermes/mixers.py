@@ -283,7 +283,7 @@ def within_cell_threshold(cell: np.ndarray, quality: np.ndarray, n_cells: int, q
 
 
 def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
-         targets: np.ndarray) -> np.ndarray:
+         targets: np.ndarray, coin: np.ndarray) -> np.ndarray:
     """Repeats per document so that each cell's selected tokens meet its target within one
     document: whole passes over the cell's eligible documents, then a prefix of them in priority
     order."""
@@ -300,9 +300,16 @@ def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.nd
     csum = np.cumsum(tt)
     starts = np.concatenate([[0], np.cumsum(np.bincount(cc, minlength=n_cells))[:-1]])
     before = csum - tt - np.concatenate([[0.0], csum])[starts][cc]
-    # a document of the partial pass is taken when it brings the cell closer to its target
-    # (the first half of it still fits), so each cell lands within half a document of its target
-    reps = full[cc] + (before + tt / 2 < rest[cc])
+    # the partial pass takes every document that fits whole; the one that straddles the target is
+    # taken with probability (what is left of the target) / (its tokens), so each cell lands
+    # within one document of its target and, summed over many small cells, the budget is met
+    # without bias
+    r = rest[cc]
+    fits = before + tt <= r + 1e-9
+    straddles = ~fits & (before < r)
+    frac = np.divide(r - before, tt, out=np.zeros_like(tt), where=tt > 0)
+    take = fits | (straddles & (coin[idx] < frac))
+    reps = full[cc] + take
     out = np.zeros(len(cell), dtype=np.int64)
     out[idx] = reps.astype(np.int64)
     return out
@@ -372,7 +379,8 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
     if capped.any():
         warnings.append(f"{int(capped.sum())} cells hit the cap of {spec.max_epochs:g} epochs; "
                         f"their remainder went to the other cells")
-    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets)
+    coin = priorities(docs.doc_hash, spec.seed + 0x5BD1E995).astype(np.float64) / 2.0 ** 64
+    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets, coin)
 
     sel_tok = np.bincount(cell_M, weights=tokens * repeats, minlength=len(uM))
     cells = {"key": uM, "parent": parent, "stage1_weight": w_L[parent], "weight": w_M,
