@@ -105,15 +105,17 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
 
     t = time.perf_counter()
     current = {layout.label_file(s).name for s in shards}
-    for stale in layout.labels.glob("*.parquet"):      # label files of shards no longer in the input
-        if stale.name not in current:
-            stale.unlink()
+    for folder in (layout.labels, layout.root / "terms"):   # files of shards no longer in the input
+        for stale in folder.glob("*.parquet"):
+            if stale.name not in current:
+                stale.unlink()
     counts = build_store(layout.db, [layout.label_file(s) for s in shards],
                          [layout.reject_file(s) for s in shards], substrate.manifest(),
                          info={"command": command, "inputs": inputs,
                                "quality": cfg.quality, "quality_field": cfg.quality_field,
                                "tokenizer": cfg.tokenizer or "the embedding model's",
-                               "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}})
+                               "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}},
+                         term_files=[layout.terms_file(s) for s in shards])
     timings["store"] = time.perf_counter() - t
     if not cfg.keep_embeddings and layout.embeddings.is_dir() and not any(layout.embeddings.iterdir()):
         layout.embeddings.rmdir()
@@ -201,12 +203,13 @@ def query(db: str | Path, sql: str) -> pa.Table:
 
 
 def cells(db: str | Path, level: int = 1, limit: int | None = None) -> pa.Table:
-    """The group-by view of one granularity (1 = L1, 2 = L12, 3 = L123)."""
+    """The group-by view of one granularity (1 = L1, 2 = L12, 3 = L123), with each cell's terms."""
     if level not in LEVELS:
         raise HermesError(f"level {level} is not 1, 2 or 3")
-    sql = f"SELECT * FROM cells_{LEVELS[level]}"
-    if limit is not None:
-        sql += f" ORDER BY n_docs DESC LIMIT {int(limit)}"
+    sql = (f"SELECT v.*, t.terms FROM cells_{LEVELS[level]} v "
+           f"LEFT JOIN cell_terms t ON t.level = {level} AND t.cell = v.cell")
+    sql += f" ORDER BY n_docs DESC LIMIT {int(limit)}" if limit is not None else " ORDER BY " + \
+        ", ".join(f"v.c{i + 1}" for i in range(level))
     return _query(db, sql)
 
 
@@ -320,3 +323,14 @@ def optimize(candidates: str | Path, losses: str | Path, out: str | Path, model:
     from hermes import proxy
 
     return proxy.optimize(Path(candidates), Path(losses), Path(out), model=model, n_search=n_search, seed=seed)
+
+
+def evaluate(db: str | Path, gold: Iterable[str] | None = None, sample: int = 20_000, seed: int = 0,
+             corpus: Iterable[str | Path] | None = None, substrate: str | Path | None = None,
+             quiet: bool = True) -> dict[str, Any]:
+    """Clustering metrics per level for the store's code, plain RVQ and flat k-means on the same
+    embeddings; with gold fields, NMI/ARI/homogeneity/completeness/purity against each."""
+    from hermes.evaluate import evaluate as _evaluate
+
+    return _evaluate(db, list(gold or []), sample, seed, [str(c) for c in corpus] if corpus else None, substrate,
+                     progress=None if quiet else say)

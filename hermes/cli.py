@@ -68,7 +68,7 @@ def guarded(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("Interrupted; finished shards are kept, rerun the same command to resume.", err=True)
             raise typer.Exit(130)
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort, SystemExit, BrokenPipeError):
             raise
         except Exception as e:  # an error hermes did not anticipate: still one line unless --debug
             if _state["debug"]:
@@ -554,8 +554,56 @@ def optimize(
     typer.echo(f"  wrote {r['weights']}; use it with: hermes mix --rule weights:{r['weights']} --level {r['level']} ...")
 
 
+@app.command(name="eval")
+@guarded
+def eval_(
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store (its substrate/ beside it)."),
+    gold: Optional[str] = typer.Option(None, "--gold", help="Gold label fields of the corpus, comma-separated "
+                                                            "dotted paths, e.g. labels.l1,labels.l2."),
+    sample: int = typer.Option(20_000, "--sample", help="Documents evaluated (a seeded sample)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample and the baselines."),
+    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="The corpus, if it moved."),
+    substrate: Optional[Path] = typer.Option(None, "--substrate", help="Substrate folder (default: beside the store)."),
+    quiet: bool = QuietOpt,
+    fmt: Fmt = typer.Option(Fmt.table, "--format", help="table | csv | json"),
+) -> None:
+    """Clustering metrics per level (effective cells, entropy, Gini, mean cosine to centroid,
+    Recall@10, reconstruction error per stage) for the store's code, a k-means-only RVQ and flat
+    k-means with as many cells, on the same embeddings; with --gold, NMI, ARI, homogeneity,
+    completeness and purity against each gold field.
+
+    Example: hermes eval --db out/labels.duckdb --gold labels.l1,leaf
+    """
+    import pyarrow as pa
+
+    from hermes import api
+
+    r = api.evaluate(db, _csv_list(gold, "--gold") if gold else None, sample, seed, corpus, substrate, quiet)
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    rows = [{"level": lv, "method": m, **v} for lv, d in r["levels"].items() for m, v in d.items()]
+    _print_table(pa.Table.from_pylist(rows), fmt)
+    rec = [{"method": m, **{f"stage_{i + 1}": x for i, x in enumerate(v)}} for m, v in r["reconstruction"].items()]
+    if fmt == Fmt.table:
+        typer.echo("\nreconstruction error (mean squared residual) after each stage")
+    _print_table(pa.Table.from_pylist(rec), fmt)
+    grows = [{"gold": g, "level": lv, "method": m, **(v or {})} for g, d in r["gold"].items()
+             for lv, x in d.items() for m, v in x.items()]
+    if grows:
+        if fmt == Fmt.table:
+            typer.echo("")
+        _print_table(pa.Table.from_pylist(grows), fmt)
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:          # `hermes ... | head`: the reader left; not an error of ours
+        import os as _os
+
+        _os.dup2(_os.open(_os.devnull, _os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ class Config:
     codebook_size: int
     min_points_per_code: int
     kmeans_iters: int
+    lst_epochs: int
+    lst_batch_size: int
+    lst_lr: float
+    lst_max_steps: int
+    lst_weights: dict
     fit_sample: int
     seed: int
     keep_embeddings: bool
@@ -43,11 +48,12 @@ class Config:
 
 _CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
-    "transform": ("identity",),
+    "transform": ("lst", "identity"),
     "quality": ("none", "heuristic", "field"),
 }
 _POSITIVE = ("read_batch_size", "max_length", "batch_size", "codebook_size",
-             "min_points_per_code", "kmeans_iters", "fit_sample")
+             "min_points_per_code", "kmeans_iters", "fit_sample", "lst_epochs", "lst_batch_size", "lst_max_steps")
+LST_WEIGHTS = ("structure", "reconstruction", "orthogonality", "commitment")
 
 
 def default_config_path() -> Path:
@@ -91,6 +97,14 @@ def _validate(values: dict[str, Any], origin: str) -> None:
     for key, choices in _CHOICES.items():
         if key in values and values[key] not in choices:
             raise HermesError(f"{origin}: {key} = {values[key]!r} is not one of {', '.join(choices)}")
+    if "lst_weights" in values:
+        w = values["lst_weights"]
+        if not isinstance(w, dict) or set(w) - set(LST_WEIGHTS) or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in w.values()):
+            raise HermesError(f"{origin}: lst_weights must map {', '.join(LST_WEIGHTS)} to numbers >= 0, got {w!r}")
+    if "lst_lr" in values and (isinstance(values["lst_lr"], bool) or not isinstance(values["lst_lr"], (int, float))
+                               or values["lst_lr"] <= 0):
+        raise HermesError(f"{origin}: lst_lr must be a positive number, got {values['lst_lr']!r}")
     if "keep_embeddings" in values and not isinstance(values["keep_embeddings"], bool):
         raise HermesError(f"{origin}: keep_embeddings must be true or false, got {values['keep_embeddings']!r}")
     for key in _POSITIVE:
@@ -114,6 +128,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise HermesError(f"{p}: config file not found", hint="pass an existing YAML file to --config")
         file_values = _read_yaml(p.read_text(encoding="utf-8"), str(p))
         _validate(file_values, str(p))
+        if isinstance(file_values.get("lst_weights"), dict):    # a partial mapping overrides only its keys
+            file_values["lst_weights"] = {**values.get("lst_weights", {}), **file_values["lst_weights"]}
         values.update(file_values)
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -83,6 +83,9 @@ class Layout:
     def label_file(self, shard: Shard) -> Path:
         return self.labels / f"{shard.key}.parquet"
 
+    def terms_file(self, shard: Shard) -> Path:
+        return self.root / "terms" / f"{shard.key}.parquet"
+
     def label_marker(self, shard: Shard) -> Path:
         return self.labels / "_done" / f"{shard.key}.json"
 
@@ -227,7 +230,7 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
                   progress_note=None) -> Substrate:
     """Fit transform + RVQ on a seeded uniform sample of the cached embeddings of `shards`."""
     from hermes.rvq import ResidualQuantizer
-    from hermes.transform import make_transform
+    from hermes.transform import IdentityTransform
 
     cfg = stages.cfg
     total = int(sum(counts))
@@ -246,16 +249,28 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
             parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[local], dtype=np.float32))
         offset += n
     X = np.concatenate(parts)
-    transform = make_transform(cfg.transform).fit(X)
-    H = transform.transform(X)
     quantizer = ResidualQuantizer(stages=N_CODES, codebook_size=cfg.codebook_size,
                                   min_points_per_code=cfg.min_points_per_code, iters=cfg.kmeans_iters,
                                   seed=cfg.seed)
-    quantizer.fit(H, progress=(lambda s: progress_note(f"fit: RVQ stage {s}/{N_CODES} done"))
-                  if progress_note else None)
+    training: dict = {}
+    if cfg.transform == "lst":
+        from hermes.lst import LSTSettings, fit_lst_rvq
+
+        w = cfg.lst_weights
+        lst_settings = LSTSettings(epochs=cfg.lst_epochs, max_steps=cfg.lst_max_steps, batch_size=cfg.lst_batch_size,
+                                   lr=float(cfg.lst_lr), w_structure=float(w["structure"]),
+                                   w_reconstruction=float(w["reconstruction"]),
+                                   w_orthogonality=float(w["orthogonality"]), w_commitment=float(w["commitment"]))
+        transform, quantizer, history = fit_lst_rvq(X, quantizer, lst_settings, seed=cfg.seed, progress=progress_note)
+        training = {"history": history, "orthogonality_error": transform.orthogonality_error()}
+    else:
+        transform = IdentityTransform()
+        quantizer.fit(transform.transform(X), progress=(lambda s: progress_note(f"fit: RVQ stage {s}/{N_CODES} done"))
+                      if progress_note else None)
     settings = stages.embedding_settings()
     settings["dim"] = int(X.shape[1])
-    substrate = Substrate(embedding=settings, transform=transform, quantizer=quantizer, fit_sample_size=n_fit)
+    substrate = Substrate(embedding=settings, transform=transform, quantizer=quantizer, fit_sample_size=n_fit,
+                          training=training)
     substrate.save(layout.substrate)
     return substrate
 
@@ -265,7 +280,7 @@ def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout:
     marker = _read_marker(layout.label_marker(shard))
     if marker and marker.get("substrate") == substrate.fingerprint and marker.get("cache_key") == stages.cache_key() \
             and marker.get("shard") == shard.stat() and layout.label_file(shard).is_file() \
-            and layout.reject_file(shard).is_file():
+            and layout.reject_file(shard).is_file() and layout.terms_file(shard).is_file():
         return marker
     return None
 
@@ -296,6 +311,7 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
     for name in ("file", "line", "seq"):
         cols[name] = docs.column(name)
     _write_atomic_parquet(pa.table(cols, schema=LABEL_FILE_SCHEMA), layout.label_file(shard))
+    _write_atomic_parquet(_term_counts(shard, stages, docs, codes), layout.terms_file(shard))
     _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
                         "shard": shard.stat(), "name": shard.name, "n_docs": n,
                         "n_rejects": emb_marker.get("n_rejects", 0)}, layout.label_marker(shard))
@@ -303,6 +319,22 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
         progress.advance(n)
         progress.shard_done()
     return ShardResult(shard, n, emb_marker.get("n_rejects", 0), skipped=False)
+
+
+def _term_counts(shard: Shard, stages: Stages, docs: pa.Table, codes: np.ndarray) -> pa.Table:
+    """Word counts per L123 cell: the shard is read again (reading is cheap next to embedding)."""
+    from hermes.terms import TERM_SCHEMA, shard_term_counts
+
+    if docs.num_rows == 0:
+        return TERM_SCHEMA.empty_table()
+    texts: list[str] = []
+    for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
+        texts.extend(batch.column("text").to_pylist())
+    # the docs table holds the shard's accepted records in order, so the i-th text is seq i
+    if len(texts) != docs.num_rows:
+        raise HermesError(f"{shard.path}: the file changed while it was being labeled "
+                          f"({len(texts)} documents now, {docs.num_rows} before)", hint="rerun the command")
+    return shard_term_counts(texts, codes)
 
 
 def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:

@@ -382,6 +382,28 @@ def _as_id(value: Any) -> str | None:
     return None
 
 
+def derived_doc_id(shard: Shard, line: int) -> str:
+    """The doc_id of a record that has none: its shard's name and line (or row)."""
+    return f"{shard.name}:{line}"
+
+
+def iter_records(shard: Shard, fields: Fields = Fields()) -> Iterator[tuple[str, dict]]:
+    """(doc_id, record) for every well-formed record of a shard, with read_shard's doc_ids.
+    For reading fields that labeling does not keep (gold labels, metadata)."""
+    for line, rec, problem in raw_records(shard):
+        if rec is None or problem is not None:
+            continue
+        if "__id" in rec:
+            yield rec["__id"], {"text": rec.get("__text")}
+            continue
+        has_id, raw_id = get_path(rec, fields.id)
+        doc_id = _as_id(raw_id) if has_id else None
+        if doc_id is None and line is not None:
+            doc_id = derived_doc_id(shard, line)
+        if doc_id is not None:
+            yield doc_id, rec
+
+
 def _quality_value(rec: dict, name: str) -> tuple[float | None, str | None]:
     found, value = get_path(rec, name)
     if not found or value is None:
@@ -413,7 +435,6 @@ def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
         return out
 
     for line, rec, problem in raw_records(shard, batch_size):
-        where = f"line {line}" if line is not None else ""
         if rec is not None and "__id" in rec:          # a .txt file: the file is the record
             doc_id, text, source, found = rec["__id"], rec.get("__text"), shard.name, True
             quality = None
@@ -435,7 +456,7 @@ def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
             if rec is not None and fields.quality is not None and problem is None:
                 quality, problem = _quality_value(rec, fields.quality)
             if doc_id is None and line is not None:
-                doc_id = f"{shard.name}:{line}"
+                doc_id = derived_doc_id(shard, line)
         if problem is None:
             if not found:
                 problem = f"missing text field '{fields.text}'"

@@ -7,7 +7,8 @@ Stage s holds a codebook C_s (k_s x d). Encoding is a fixed argmax per stage (be
 so c1 is always the stage-1 codeword with the highest cosine to x. Each codebook is fitted by
 Lloyd iterations with the same assignment rule on the previous stage's residuals (k-means++
 seeding, codeword = mean of its members, an empty codeword is re-seeded at the worst-served
-point), so the fit optimises exactly what encoding does.
+point), so the fit optimises exactly what encoding does. As FAISS does, Lloyd runs on at most
+`max_points_per_code` (256) fit vectors per codeword, a seeded subsample of larger fit sets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from hermes.errors import NotFittedError
 
 CHUNK = 16384
+KMEANSPP_MAX_K = 1024
 
 
 def capped_codebook_size(n_fit: int, codebook_size: int, min_points_per_code: int) -> int:
@@ -60,10 +62,13 @@ def fit_codebook(R: np.ndarray, k: int, iters: int, rng: np.random.Generator) ->
 
     n = len(R)
     # k-means++ costs O(pool * k * d); Lloyd iterations over all of R refine the seeds anyway
-    pool = max(8 * k, 4096)
-    seed_pool = R if n <= pool else R[np.sort(rng.choice(n, pool, replace=False))]
-    C, _ = kmeans_plusplus(seed_pool, n_clusters=k, random_state=int(rng.integers(2**31 - 1)))
-    C = C.astype(np.float32)
+    if k > KMEANSPP_MAX_K:     # k-means++ is O(n k d) per seed: for very many codewords, distinct random points
+        C = R[np.sort(rng.choice(n, k, replace=False))].astype(np.float32).copy()
+    else:
+        pool = max(8 * k, 4096)
+        seed_pool = R if n <= pool else R[np.sort(rng.choice(n, pool, replace=False))]
+        C, _ = kmeans_plusplus(seed_pool, n_clusters=k, random_state=int(rng.integers(2**31 - 1)))
+        C = C.astype(np.float32)
     codes = None
     for _ in range(iters):
         new_codes, score = assign(R, C)
@@ -87,7 +92,8 @@ class ResidualQuantizer:
     """Fit with `fit(X)`, encode with `encode(X)`; learned state ends in `_`."""
 
     def __init__(self, stages: int = 3, codebook_size: int = 256, min_points_per_code: int = 39,
-                 iters: int = 30, seed: int = 0):
+                 iters: int = 30, seed: int = 0, max_points_per_code: int = 256):
+        self.max_points_per_code = max_points_per_code
         self.stages = stages
         self.codebook_size = codebook_size
         self.min_points_per_code = min_points_per_code
@@ -96,12 +102,17 @@ class ResidualQuantizer:
 
     def params(self) -> dict:
         return {"kind": "rvq", "stages": self.stages, "codebook_size": self.codebook_size,
-                "min_points_per_code": self.min_points_per_code, "iters": self.iters, "seed": self.seed}
+                "min_points_per_code": self.min_points_per_code, "max_points_per_code": self.max_points_per_code,
+                "iters": self.iters, "seed": self.seed}
 
     def fit(self, X: np.ndarray, progress: Callable[[int], None] | None = None) -> "ResidualQuantizer":
         X = np.ascontiguousarray(X, dtype=np.float32)
         rng = np.random.default_rng(self.seed)
         k = capped_codebook_size(len(X), self.codebook_size, self.min_points_per_code)
+        n_fit = len(X)
+        limit = self.max_points_per_code * k
+        if len(X) > limit:     # as FAISS: Lloyd on at most max_points_per_code points per codeword
+            X = X[np.sort(rng.choice(len(X), limit, replace=False))]
         R = X.copy()
         self.codebooks_: list[np.ndarray] = []
         for s in range(self.stages):
@@ -111,7 +122,7 @@ class ResidualQuantizer:
             self.codebooks_.append(C)
             if progress:
                 progress(s + 1)
-        self.n_fit_ = len(X)
+        self.n_fit_ = n_fit
         return self
 
     def _check(self) -> None:

@@ -69,7 +69,8 @@ def create_views(con) -> None:
 
 
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
-                substrate_manifest: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any]:
+                substrate_manifest: dict[str, Any], info: dict[str, Any] | None = None,
+                term_files: list[Path] | None = None) -> dict[str, Any]:
     """Build `db_path` from label and reject files (in corpus order); returns counts.
 
     `info` (how the labels were made: quality source, tokenizer, inputs, ...) goes to table
@@ -128,6 +129,9 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
         con.executemany("INSERT INTO store_info VALUES (?, ?)",
                         [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
         create_views(con)
+        from hermes.terms import create_cell_terms
+
+        create_cell_terms(con, [str(f) for f in (term_files or [])])
         counts = summary(con)
         con.close()
     except BaseException:

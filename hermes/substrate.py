@@ -26,10 +26,10 @@ import numpy as np
 from hermes import __version__
 from hermes.errors import HermesError
 from hermes.rvq import ResidualQuantizer
-from hermes.transform import TRANSFORMS
+from hermes.transform import TRANSFORMS, transform_class
 
 FORMAT = "hermes-substrate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Substrate:
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     hermes_version: str = __version__
     fingerprint: str = ""
+    training: dict[str, Any] = field(default_factory=dict)   # how the fit went (losses); not fingerprinted
 
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
         """Embeddings (n, d) -> codes (n, stages)."""
@@ -66,7 +67,7 @@ class Substrate:
         arrays = self._arrays()
         checksums = {k: _sha256(v) for k, v in arrays.items()}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "hermes_version": self.hermes_version,
-                "created_at": self.created_at, **self._settings(), "arrays": checksums,
+                "created_at": self.created_at, **self._settings(), "training": self.training, "arrays": checksums,
                 "fingerprint": _fingerprint(self._settings(), checksums)}
 
     def save(self, path: str | Path) -> Path:
@@ -125,16 +126,18 @@ class Substrate:
             if tkind not in TRANSFORMS:
                 raise HermesError(f"{mpath}: unknown transform kind {tkind!r} (field 'transform.kind')",
                                   hint=f"this hermes knows {', '.join(TRANSFORMS)}; upgrade hermes")
-            transform = TRANSFORMS[tkind].from_state(
+            transform = transform_class(tkind).from_state(
                 m["transform"], {k[len("transform_"):]: v for k, v in arrays.items() if k.startswith("transform_")})
             rv = m["rvq"]
             q = ResidualQuantizer(stages=rv["stages"], codebook_size=rv["codebook_size"],
-                                  min_points_per_code=rv["min_points_per_code"], iters=rv["iters"], seed=rv["seed"])
+                                  min_points_per_code=rv["min_points_per_code"], iters=rv["iters"], seed=rv["seed"],
+                                  max_points_per_code=rv.get("max_points_per_code", 256))
             q.codebooks_ = [arrays[f"codebook_{i + 1}"].astype(np.float32) for i in range(rv["stages"])]
             q.n_fit_ = m["fit_sample_size"]
             sub = cls(embedding=m["embedding"], transform=transform, quantizer=q,
                       fit_sample_size=m["fit_sample_size"], created_at=m["created_at"],
-                      hermes_version=m["hermes_version"], fingerprint=m["fingerprint"])
+                      hermes_version=m["hermes_version"], fingerprint=m["fingerprint"],
+                      training=m.get("training", {}))
         except KeyError as e:
             raise HermesError(f"{mpath}: field {e} is missing", hint="re-create the substrate with `hermes fit`") from None
         if sub.compute_fingerprint() != m["fingerprint"]:

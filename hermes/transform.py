@@ -1,9 +1,11 @@
 """The transform between the embedding and the quantizer.
 
-`identity` passes unit-norm embeddings through. The Learned Semantic Transform of the HERMES
-method (a square linear map initialised at the identity, then normalisation, trained jointly
-with the codebooks) takes this place: a transform has `fit(X)`, `transform(X)`, `state()` for
-the arrays it saves and `from_state()` to load them.
+- `lst` (default): the Learned Semantic Transform of HERMES, trained jointly with the codebooks
+  (hermes.lst);
+- `identity`: unit-norm embeddings as they are, quantized by the k-means-only RVQ ("plain-rvq").
+
+A transform has `transform(X)`, `params()`, `state()` for the arrays it saves and `from_state()`
+to load them.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ class IdentityTransform:
         return cls()
 
 
-TRANSFORMS = {"identity": IdentityTransform}
+TRANSFORMS = ("lst", "identity")
 
 
-def make_transform(kind: str):
-    try:
-        return TRANSFORMS[kind]()
-    except KeyError:
-        from hermes.errors import HermesError
+def transform_class(kind: str):
+    """The class of a transform kind, as named in a substrate manifest."""
+    if kind == "identity":
+        return IdentityTransform
+    if kind == "lst":
+        from hermes.lst import LearnedSemanticTransform
 
-        raise HermesError(f"unknown transform {kind!r}", hint=f"valid: {', '.join(TRANSFORMS)}") from None
+        return LearnedSemanticTransform
+    from hermes.errors import HermesError
+
+    raise HermesError(f"unknown transform {kind!r}", hint=f"valid: {', '.join(TRANSFORMS)}")

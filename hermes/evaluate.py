@@ -1,0 +1,214 @@
+"""`hermes eval`: how good the code is, next to the obvious alternatives, on the same embeddings.
+
+For a seeded sample of the store's documents (embeddings from the run's kept `embeddings/`, or
+embedded again from the corpus with the substrate's settings), per level:
+
+- effective number of cells exp(H), entropy H, Gini of cell sizes;
+- mean cosine of a document to its cell's centroid, in the embedding space;
+- Recall@10: the share of a document's 10 nearest neighbours (cosine, in the sample) in its cell;
+- reconstruction error after each stage (mean squared residual norm, in the quantized space);
+
+for the substrate ("hermes"), for a k-means-only RVQ fitted on the same sample with the same
+codebook sizes ("plain_rvq"), and for flat k-means with as many cells as the level has
+("kmeans"). With gold fields (read from the corpus by doc_id), NMI, ARI, homogeneity,
+completeness and purity of each level's cells against each field (documents whose gold value is
+missing or null are left out of that field's figures).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from hermes.errors import HermesError
+from hermes.store import connect
+
+LEVEL_NAMES = {1: "L1", 2: "L12", 3: "L123"}
+
+
+# --------------------------------------------------------------------------- metrics
+
+def cell_ids(codes: np.ndarray, level: int) -> np.ndarray:
+    _, inv = np.unique(codes[:, :level], axis=0, return_inverse=True)
+    return inv.ravel()
+
+
+def gini(sizes: np.ndarray) -> float:
+    x = np.sort(np.asarray(sizes, dtype=np.float64))
+    n = len(x)
+    if n == 0 or x.sum() == 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * x.sum()))
+
+
+def knn(E: np.ndarray, k: int = 10, chunk: int = 2048) -> np.ndarray:
+    """Indices of each row's k nearest other rows by cosine (E unit-norm), brute force."""
+    out = np.empty((len(E), k), dtype=np.int64)
+    for i in range(0, len(E), chunk):
+        sims = E[i:i + chunk] @ E.T
+        sims[np.arange(len(sims)), np.arange(i, i + len(sims))] = -np.inf
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        out[i:i + chunk] = part
+    return out
+
+
+def structure_metrics(cells: np.ndarray, E: np.ndarray, neighbours: np.ndarray) -> dict[str, float]:
+    sizes = np.bincount(cells)
+    sizes = sizes[sizes > 0]
+    p = sizes / sizes.sum()
+    h = float(-(p * np.log(p)).sum())
+    n_cells = int(cells.max()) + 1
+    centroids = np.zeros((n_cells, E.shape[1]))
+    np.add.at(centroids, cells, E)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return {"cells": int(len(sizes)), "effective_cells": round(math.exp(h), 2), "entropy": round(h, 4),
+            "gini": round(gini(sizes), 4),
+            "mean_cos_to_centroid": round(float(np.einsum("ij,ij->i", E, centroids[cells]).mean()), 4),
+            "recall_at_10": round(float((cells[neighbours] == cells[:, None]).mean()), 4)}
+
+
+def gold_metrics(cells: np.ndarray, gold: list) -> dict[str, float] | None:
+    from sklearn import metrics
+
+    keep = np.array([g is not None for g in gold])
+    if keep.sum() < 2:
+        return None
+    y = np.unique(np.array([str(g) for g, k in zip(gold, keep) if k]), return_inverse=True)[1]
+    c = cells[keep]
+    h, comp, _ = metrics.homogeneity_completeness_v_measure(y, c)
+    cont = metrics.cluster.contingency_matrix(y, c)
+    return {"docs": int(keep.sum()), "nmi": round(float(metrics.normalized_mutual_info_score(y, c)), 4),
+            "ari": round(float(metrics.adjusted_rand_score(y, c)), 4),
+            "homogeneity": round(float(h), 4), "completeness": round(float(comp), 4),
+            "purity": round(float(cont.max(axis=0).sum() / cont.sum()), 4)}
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _sample_rows(db: Path, n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    con = connect(db)
+    try:
+        t = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
+    finally:
+        con.close()
+    total = t.num_rows
+    rows = np.arange(total) if total <= n else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    ids = t.column("doc_id").take(rows).to_pylist()
+    codes = np.stack([t.column(c).take(rows).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
+    return ids, codes
+
+
+def _cached_embeddings(folder: Path, wanted: list[str]) -> np.ndarray | None:
+    if not folder.is_dir():
+        return None
+    index = {d: i for i, d in enumerate(wanted)}
+    out: np.ndarray | None = None
+    found = 0
+    for docs_file in sorted(folder.glob("*.docs.parquet")):
+        ids = pq.read_table(docs_file, columns=["doc_id"]).column("doc_id").to_pylist()
+        hits = [(i, index[d]) for i, d in enumerate(ids) if d in index]
+        if not hits:
+            continue
+        emb = np.load(str(docs_file).replace(".docs.parquet", ".npy"), mmap_mode="r")
+        if out is None:
+            out = np.zeros((len(wanted), emb.shape[1]), dtype=np.float32)
+        src, dst = zip(*hits)
+        out[list(dst)] = emb[list(src)]
+        found += len(hits)
+    return out if out is not None and found >= len(wanted) else None
+
+
+def _read_from_corpus(info: dict, wanted: list[str], fields_needed: list[str], corpus: list[str] | None
+                      ) -> dict[str, dict[str, Any]]:
+    """For each wanted doc_id, its text and the values of `fields_needed`, read from the corpus."""
+    from hermes.read import Fields, discover, get_path, iter_records
+
+    f = info.get("fields", {})
+    fields = Fields(text=f.get("text", "text"), id=f.get("id", "id"), source=f.get("source", "source"))
+    want = set(wanted)
+    out: dict[str, dict[str, Any]] = {}
+    for shard in discover(corpus or info.get("inputs", [])):
+        for doc_id, rec in iter_records(shard, fields):
+            if doc_id in want and doc_id not in out:
+                out[doc_id] = {"text": get_path(rec, fields.text)[1],
+                               **{g: get_path(rec, g)[1] if get_path(rec, g)[0] else None for g in fields_needed}}
+    return out
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000, seed: int = 0,
+             corpus: list[str] | None = None, substrate: str | Path | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    import json
+
+    from hermes.rvq import ResidualQuantizer, fit_codebook, assign
+    from hermes.substrate import Substrate
+
+    db = Path(db)
+    say = progress or (lambda m: None)
+    sub = Substrate.load(substrate or db.parent / "substrate")
+    con = connect(db)
+    try:
+        fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
+        info = {k: (json.loads(v) if k in ("inputs", "fields") else v)
+                for k, v in con.execute("SELECT key, value FROM store_info").fetchall()}
+    finally:
+        con.close()
+    if fps != [sub.fingerprint]:
+        raise HermesError(f"{db}: labels were made by substrate {', '.join(fps)}, not {sub.fingerprint} "
+                          f"(field 'substrate')", hint="pass the substrate that made the store with --substrate")
+    ids, codes = _sample_rows(db, sample, seed)
+    gold = gold or []
+    E = _cached_embeddings(db.parent / "embeddings", ids)
+    records = _read_from_corpus(info, ids, gold, corpus) if (E is None or gold) else {}
+    if E is None:
+        missing = [d for d in ids if d not in records]
+        if missing:
+            raise HermesError(f"{len(missing):,} sampled documents are not in the corpus ({missing[0]}, ...)",
+                              hint="pass the corpus with --corpus, or label with --keep-embeddings")
+        say(f"eval: embedding {len(ids):,} documents (no kept embeddings found)")
+        from hermes.embed import Embedder
+
+        e = sub.embedding
+        E = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).encode(
+            [records[d]["text"] for d in ids])
+    E = E.astype(np.float32)
+    H = sub.transform.transform(E)               # as labeling does, from the embeddings as cached
+    if not np.array_equal(sub.quantizer.encode(H), codes):
+        say("eval: note: re-encoding the sample does not give the stored codes exactly")
+    E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+
+    say(f"eval: {len(ids):,} documents; neighbours, baselines")
+    neighbours = knn(E)
+    sizes = sub.quantizer.sizes_
+    plain = ResidualQuantizer(stages=3, codebook_size=max(sizes), min_points_per_code=1, seed=seed).fit(E)
+    plain_codes = plain.encode(E)
+    rng = np.random.default_rng(seed)
+    methods: dict[str, dict[int, np.ndarray]] = {"hermes": {}, "plain_rvq": {}, "kmeans": {}}
+    for level in (1, 2, 3):
+        methods["hermes"][level] = cell_ids(codes, level)
+        methods["plain_rvq"][level] = cell_ids(plain_codes, level)
+        k = int(methods["hermes"][level].max()) + 1
+        if progress:
+            say(f"eval: flat k-means with {k:,} cells ({LEVEL_NAMES[level]})")
+        C = fit_codebook(E, min(k, len(E)), 20, rng)
+        methods["kmeans"][level] = assign(E, C)[0]
+    result: dict[str, Any] = {"store": str(db), "substrate": sub.fingerprint, "sample": len(ids), "seed": seed,
+                              "levels": {}, "reconstruction": {}, "gold": {}}
+    for level in (1, 2, 3):
+        result["levels"][LEVEL_NAMES[level]] = {m: structure_metrics(methods[m][level], E, neighbours)
+                                                for m in methods}
+    result["reconstruction"] = {"hermes": [round(x, 5) for x in sub.quantizer.reconstruction_errors(H)],
+                                "plain_rvq": [round(x, 5) for x in plain.reconstruction_errors(E)]}
+    for g in gold:
+        values = [records.get(d, {}).get(g) for d in ids]
+        if all(v is None for v in values):
+            raise HermesError(f"gold field '{g}' is in none of the sampled records", hint="check --gold")
+        result["gold"][g] = {LEVEL_NAMES[level]: {m: gold_metrics(methods[m][level], values) for m in methods}
+                             for level in (1, 2, 3)}
+    return result

@@ -1,0 +1,85 @@
+"""hermes eval (schema, orderings) and cell_terms (every non-empty cell, readable)."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from tests.conftest import invoke
+
+METHODS = {"hermes", "plain_rvq", "kmeans"}
+STRUCTURE = {"cells", "effective_cells", "entropy", "gini", "mean_cos_to_centroid", "recall_at_10"}
+GOLD = {"docs", "nmi", "ari", "homogeneity", "completeness", "purity"}
+
+
+def test_eval_json_schema_and_orderings(e2e):
+    r = invoke("eval", "--db", e2e["db"], "--gold", "labels.l1,leaf", "--format", "json", "--quiet")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["sample"] == 300 and res["substrate"] == e2e["summary"]["substrate"]
+    assert set(res["levels"]) == {"L1", "L12", "L123"}
+    for level in res["levels"].values():
+        assert set(level) == METHODS and all(set(v) == STRUCTURE for v in level.values())
+    h = res["levels"]
+    assert h["L1"]["hermes"]["cells"] <= h["L12"]["hermes"]["cells"] <= h["L123"]["hermes"]["cells"]
+    assert h["L1"]["kmeans"]["cells"] == h["L1"]["hermes"]["cells"]
+    for method in ("hermes", "plain_rvq"):
+        errs = res["reconstruction"][method]
+        assert len(errs) == 3 and errs[0] > errs[1] > errs[2]
+    purity = [res["gold"]["leaf"][lv]["hermes"]["purity"] for lv in ("L1", "L12", "L123")]
+    assert purity[0] <= purity[1] <= purity[2]
+    assert all(set(v) == GOLD for lv in res["gold"]["labels.l1"].values() for v in lv.values())
+
+
+def test_eval_table_and_bad_gold_field(e2e):
+    r = invoke("eval", "--db", e2e["db"], "--quiet")
+    assert r.exit_code == 0 and "recall_at_10" in r.stdout and "plain_rvq" in r.stdout
+    r = invoke("eval", "--db", e2e["db"], "--gold", "labels.nope", "--quiet")
+    assert r.exit_code == 1 and "gold field 'labels.nope' is in none" in r.stderr
+
+
+def test_cell_terms_for_every_non_empty_cell(e2e):
+    con = duckdb.connect(str(e2e["db"]), read_only=True)
+    missing = con.execute("""SELECT count(*) FROM cells c LEFT JOIN cell_terms t USING (level, cell)
+                             WHERE t.terms IS NULL OR t.terms = ''""").fetchall()[0][0]
+    extra = con.execute("SELECT count(*) FROM cell_terms t ANTI JOIN cells c USING (level, cell)").fetchall()[0][0]
+    sample = con.execute("SELECT terms FROM cell_terms WHERE level = 1").fetchall()
+    con.close()
+    assert missing == 0 and extra == 0
+    assert all(len(t.split(", ")) >= 3 for (t,) in sample)
+
+
+def test_cells_command_shows_terms(e2e):
+    r = invoke("cells", "--db", e2e["db"], "--level", "1", "--format", "json")
+    rows = json.loads(r.stdout)
+    assert rows and all(row["terms"] for row in rows)
+
+
+def test_short_and_wordless_cells_are_flagged():
+    from hermes.terms import shard_term_counts, words
+
+    assert words("The the THE keyboard 1234 ###") == ["keyboard"]
+    t = shard_term_counts(["hello hello world", "12345"], __import__("numpy").array([[0, 0, 0], [1, 0, 0]]))
+    assert {(r["c1"], r["term"]) for r in t.to_pylist()} == {(0, "hello"), (0, "world")}
+
+
+def test_flags_in_a_store(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hermes.store import create_views
+    from hermes.terms import create_cell_terms, shard_term_counts
+
+    con = duckdb.connect(str(tmp_path / "s.duckdb"))
+    docs = ["ok", "## 42", "a long enough document about gardens and roses and soil " * 5]
+    codes = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    con.execute("CREATE TABLE labels AS SELECT * FROM (VALUES ('a', 2, 1, 0.1, 0, 0, 0), ('b', 5, 1, 0.1, 1, 0, 0), "
+                "('c', 270, 60, 0.9, 2, 0, 0)) t(doc_id, n_chars, n_tokens, quality, c1, c2, c3)")
+    create_views(con)
+    pq.write_table(shard_term_counts(docs, codes), tmp_path / "t.parquet")
+    create_cell_terms(con, [str(tmp_path / "t.parquet")])
+    terms = dict(con.execute("SELECT cell, terms FROM cell_terms WHERE level = 1").fetchall())
+    assert terms["0"].startswith("[short texts]") and "[no words]" in terms["1"]
+    assert terms["2"].split(", ")[0] in {"gardens", "roses", "soil", "document", "long", "enough"}
