@@ -184,6 +184,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     results = []
     for shard in shards:
         if label_is_current(shard, sub, stages, layout):
+            quantize_shard(shard, sub, stages, layout)      # finds it done: only logs the skip
             progress.shard_done()
             continue
         results.append(embed_shard(shard, stages, layout, progress))

@@ -113,7 +113,9 @@ def _cached_embeddings(folder: Path, wanted: list[str]) -> np.ndarray | None:
         hits = [(i, index[d]) for i, d in enumerate(ids) if d in index]
         if not hits:
             continue
-        emb = np.load(str(docs_file).replace(".docs.parquet", ".npy"), mmap_mode="r")
+        from hermes.pipeline import open_embeddings
+
+        emb = open_embeddings(Path(str(docs_file).replace(".docs.parquet", ".emb.f16")))
         if out is None:
             out = np.zeros((len(wanted), emb.shape[1]), dtype=np.float32)
         src, dst = zip(*hits)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from hermes.store import LABEL_FILE_SCHEMA, REJECT_FILE_SCHEMA
 from hermes.substrate import Substrate
 
 N_CODES = 3          # the store holds c1, c2, c3
+QUANTIZE_BATCH = 16384   # documents per quantizer call from the embedding cache
 ENCODE_SLICE = 512   # documents per encoder call from embed_shard (the encoder sorts each by length)
 
 DOCS_SCHEMA = pa.schema([
@@ -72,7 +74,7 @@ class Layout:
         return self.embeddings / f"{shard.key}.docs.parquet"
 
     def emb_file(self, shard: Shard) -> Path:
-        return self.embeddings / f"{shard.key}.npy"
+        return self.embeddings / f"{shard.key}.emb.f16"     # raw float16 (n, dim); shape in the marker
 
     def emb_marker(self, shard: Shard) -> Path:
         return self.embeddings / f"{shard.key}.done.json"
@@ -85,6 +87,18 @@ class Layout:
 
     def terms_file(self, shard: Shard) -> Path:
         return self.root / "terms" / f"{shard.key}.parquet"
+
+    @property
+    def run_log(self) -> Path:
+        return self.root / "run.log"
+
+    def log(self, step: str, result: "ShardResult", seconds: float) -> None:
+        """One JSON line per shard and step in OUT/run.log (appended, so relaunches show too)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.run_log, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step,
+                                "shard": result.shard.name, "docs": result.n_docs, "rejects": result.n_rejects,
+                                "skipped": result.skipped, "seconds": round(seconds, 3)}) + "\n")
 
     def label_marker(self, shard: Shard) -> Path:
         return self.labels / "_done" / f"{shard.key}.json"
@@ -168,7 +182,11 @@ class ShardResult:
 
 
 def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress | None = None) -> ShardResult:
-    """Read, count and embed one shard into the embedding cache; skip it if the cache is current."""
+    """Read, count and embed one shard into the embedding cache; skip it if the cache is current.
+
+    Streams: documents and embeddings are appended batch by batch to files under temporary names,
+    so memory is set by the batch sizes, not by the size of the shard."""
+    t0 = time.perf_counter()
     key = stages.cache_key()
     marker_path = layout.emb_marker(shard)
     marker = _read_marker(marker_path)
@@ -176,28 +194,37 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
             and layout.docs_file(shard).is_file() and layout.emb_file(shard).is_file():
         if progress:
             progress.advance(marker["n_docs"] + marker["n_rejects"], counted=False)
-        return ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+        result = ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+        layout.log("embed", result, time.perf_counter() - t0)
+        return result
 
     cfg = stages.cfg
-    fields = reading_fields(cfg)
-    tables: list[pa.Table] = []
-    embeddings: list[np.ndarray] = []
-    rejects: list[dict] = []
-    seq = 0
-    for docs, bad in read_shard(shard, fields, cfg.read_batch_size):
-        rejects.extend(r.__dict__ for r in bad)
-        n = docs.num_rows
-        if progress and bad:
-            progress.advance(len(bad))
-        if n:
+    layout.embeddings.mkdir(parents=True, exist_ok=True)
+    layout.rejects.mkdir(parents=True, exist_ok=True)
+    tmp = {name: path.with_name(path.name + ".tmp") for name, path in
+           (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)), ("rejects", layout.reject_file(shard)))}
+    seq, n_rejects, dim = 0, 0, 0
+    with pq.ParquetWriter(tmp["docs"], DOCS_SCHEMA) as docs_out, \
+            pq.ParquetWriter(tmp["rejects"], REJECT_FILE_SCHEMA) as rejects_out, open(tmp["emb"], "wb") as emb_out:
+        for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+            if bad:
+                rejects_out.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
+                n_rejects += len(bad)
+                if progress:
+                    progress.advance(len(bad))
+            n = docs.num_rows
+            if not n:
+                continue
             texts = docs.column("text").to_pylist()
             n_tokens = stages.counter.count(texts)
             # encode in slices so progress moves while a large read batch is embedded
             for i in range(0, n, ENCODE_SLICE):
-                embeddings.append(stages.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16))
+                emb = stages.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16)
+                dim = emb.shape[1]
+                emb_out.write(np.ascontiguousarray(emb).tobytes())
                 if progress:
                     progress.advance(min(ENCODE_SLICE, n - i))
-            tables.append(pa.table({
+            docs_out.write_table(pa.table({
                 "doc_id": docs.column("doc_id"), "source": docs.column("source"),
                 "n_chars": pa.array([len(t) for t in texts], pa.int32()),
                 "n_tokens": pa.array(n_tokens, pa.int32()),
@@ -206,24 +233,32 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
                 "seq": pa.array(np.arange(seq, seq + n), pa.int64()),
             }, schema=DOCS_SCHEMA))
             seq += n
-
-    dim = embeddings[0].shape[1] if embeddings else 0
-    emb_all = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float16)
-    layout.embeddings.mkdir(parents=True, exist_ok=True)
-    tmp = layout.emb_file(shard).with_suffix(".tmp.npy")
-    np.save(tmp, emb_all, allow_pickle=False)
-    os.replace(tmp, layout.emb_file(shard))
-    _write_atomic_parquet(pa.concat_tables(tables) if tables else DOCS_SCHEMA.empty_table(), layout.docs_file(shard))
-    _write_atomic_parquet(pa.Table.from_pylist(rejects, schema=REJECT_FILE_SCHEMA), layout.reject_file(shard))
+    for name, path in (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)),
+                       ("rejects", layout.reject_file(shard))):
+        os.replace(tmp[name], path)
     _write_atomic_json({"cache_key": key, "shard": shard.stat(), "name": shard.name,
-                        "n_docs": seq, "n_rejects": len(rejects)}, marker_path)
+                        "n_docs": seq, "n_rejects": n_rejects, "dim": dim, "dtype": "float16"}, marker_path)
     if progress:
         progress.shard_done()
-    return ShardResult(shard, seq, len(rejects), skipped=False)
+    result = ShardResult(shard, seq, n_rejects, skipped=False)
+    layout.log("embed", result, time.perf_counter() - t0)
+    return result
+
+
+def open_embeddings(emb_file: Path) -> np.ndarray:
+    """A cached embedding file as a read-only (n, dim) float16 memory map; shape from its marker."""
+    marker = _read_marker(emb_file.with_name(emb_file.name.replace(".emb.f16", ".done.json")))
+    if not marker or "dim" not in marker:
+        raise HermesError(f"{emb_file}: no marker with its shape beside it", hint="delete the embeddings folder and rerun")
+    n, dim = marker["n_docs"], marker["dim"]
+    if n == 0:
+        return np.zeros((0, dim), np.float16)
+    return np.memmap(emb_file, dtype=np.float16, mode="r", shape=(n, dim))
 
 
 def load_cached_embeddings(shard: Shard, layout: Layout, mmap: bool = False) -> np.ndarray:
-    return np.load(layout.emb_file(shard), mmap_mode="r" if mmap else None, allow_pickle=False)
+    emb = open_embeddings(layout.emb_file(shard))
+    return emb if mmap else np.array(emb)
 
 
 def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout: Layout,
@@ -288,53 +323,72 @@ def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout:
 def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout,
                    progress: Progress | None = None) -> ShardResult:
     """Cached embeddings of one shard -> its label file; skip it if done under this substrate."""
+    t0 = time.perf_counter()
     marker = label_is_current(shard, substrate, stages, layout)
     if marker:
         if progress:
             progress.advance(marker["n_docs"], counted=False)
-        return ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+        result = ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+        layout.log("label", result, time.perf_counter() - t0)
+        return result
     emb_marker = _read_marker(layout.emb_marker(shard)) or {}
-    docs = pq.read_table(layout.docs_file(shard))
-    emb = load_cached_embeddings(shard, layout)
-    if len(emb) != docs.num_rows:
-        raise HermesError(f"{layout.emb_file(shard)}: {len(emb)} embeddings for {docs.num_rows} documents",
+    docs_file = pq.ParquetFile(layout.docs_file(shard))
+    emb = load_cached_embeddings(shard, layout, mmap=True)
+    n = docs_file.metadata.num_rows
+    if len(emb) != n:
+        raise HermesError(f"{layout.emb_file(shard)}: {len(emb)} embeddings for {n} documents",
                           hint=f"delete {layout.embeddings} and rerun")
-    n = docs.num_rows
     if n and emb.shape[1] != substrate.embedding.get("dim", emb.shape[1]):
         raise HermesError(f"{layout.emb_file(shard)}: embedding dimension {emb.shape[1]} does not match the "
                           f"substrate's {substrate.embedding.get('dim')}", hint=f"delete {layout.embeddings} and rerun")
-    codes = substrate.encode(emb.astype(np.float32)) if n else np.zeros((0, N_CODES), np.int16)
-    cols = {name: docs.column(name) for name in ("doc_id", "source", "n_chars", "n_tokens", "quality")}
-    for i, c in enumerate(("c1", "c2", "c3")):
-        cols[c] = pa.array(codes[:, i], pa.int16())
-    cols["substrate"] = pa.array([substrate.fingerprint] * n, pa.string())
-    for name in ("file", "line", "seq"):
-        cols[name] = docs.column(name)
-    _write_atomic_parquet(pa.table(cols, schema=LABEL_FILE_SCHEMA), layout.label_file(shard))
-    _write_atomic_parquet(_term_counts(shard, stages, docs, codes), layout.terms_file(shard))
+    codes = np.zeros((n, N_CODES), np.int16)      # 6 bytes a document, kept for the term counts
+    label_tmp = layout.label_file(shard).with_name(layout.label_file(shard).name + ".tmp")
+    layout.labels.mkdir(parents=True, exist_ok=True)
+    start = 0
+    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out:
+        for batch in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
+            stop = start + batch.num_rows
+            codes[start:stop] = substrate.encode(np.asarray(emb[start:stop], dtype=np.float32))
+            cols = {name: batch.column(name) for name in ("doc_id", "source", "n_chars", "n_tokens", "quality")}
+            for i, c in enumerate(("c1", "c2", "c3")):
+                cols[c] = pa.array(codes[start:stop, i], pa.int16())
+            cols["substrate"] = pa.array([substrate.fingerprint] * batch.num_rows, pa.string())
+            for name in ("file", "line", "seq"):
+                cols[name] = batch.column(name)
+            out.write_table(pa.table(cols, schema=LABEL_FILE_SCHEMA))
+            start = stop
+    _write_atomic_parquet(_term_counts(shard, stages, codes), layout.terms_file(shard))
+    os.replace(label_tmp, layout.label_file(shard))
     _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
                         "shard": shard.stat(), "name": shard.name, "n_docs": n,
                         "n_rejects": emb_marker.get("n_rejects", 0)}, layout.label_marker(shard))
     if progress:
         progress.advance(n)
         progress.shard_done()
-    return ShardResult(shard, n, emb_marker.get("n_rejects", 0), skipped=False)
+    result = ShardResult(shard, n, emb_marker.get("n_rejects", 0), skipped=False)
+    layout.log("label", result, time.perf_counter() - t0)
+    return result
 
 
-def _term_counts(shard: Shard, stages: Stages, docs: pa.Table, codes: np.ndarray) -> pa.Table:
-    """Word counts per L123 cell: the shard is read again (reading is cheap next to embedding)."""
-    from hermes.terms import TERM_SCHEMA, shard_term_counts
+def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray) -> pa.Table:
+    """Word counts per L123 cell, streaming: the shard is read again (cheap next to embedding) and
+    its i-th accepted document has codes[i]."""
+    from hermes.terms import TERM_SCHEMA, TermCounter
 
-    if docs.num_rows == 0:
+    if len(codes) == 0:
         return TERM_SCHEMA.empty_table()
-    texts: list[str] = []
+    counter = TermCounter()
+    seen = 0
     for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
-        texts.extend(batch.column("text").to_pylist())
-    # the docs table holds the shard's accepted records in order, so the i-th text is seq i
-    if len(texts) != docs.num_rows:
+        texts = batch.column("text").to_pylist()
+        if seen + len(texts) > len(codes):
+            break
+        counter.add(texts, codes[seen:seen + len(texts)])
+        seen += len(texts)
+    if seen != len(codes):
         raise HermesError(f"{shard.path}: the file changed while it was being labeled "
-                          f"({len(texts)} documents now, {docs.num_rows} before)", hint="rerun the command")
-    return shard_term_counts(texts, codes)
+                          f"({seen} documents read now, {len(codes)} before)", hint="rerun the command")
+    return counter.table()
 
 
 def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:

@@ -40,21 +40,44 @@ def words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in STOP]
 
 
+class TermCounter:
+    """Word counts per L123 cell, fed batch by batch; keeps each cell's top words bounded."""
+
+    PRUNE_EVERY = 50_000      # documents between prunings
+    KEEP = 10 * TOP_PER_CELL  # words kept per cell when pruning
+
+    def __init__(self):
+        self.per_cell: dict[tuple[int, int, int], Counter] = {}
+        self._since_prune = 0
+
+    def add(self, texts: list[str], codes: np.ndarray) -> None:
+        for text, code in zip(texts, codes):
+            key = (int(code[0]), int(code[1]), int(code[2]))
+            self.per_cell.setdefault(key, Counter()).update(words(text))
+        self._since_prune += len(texts)
+        if self._since_prune >= self.PRUNE_EVERY:
+            for key, counts in self.per_cell.items():
+                if len(counts) > self.KEEP:
+                    self.per_cell[key] = Counter(dict(counts.most_common(self.KEEP)))
+            self._since_prune = 0
+
+    def table(self) -> pa.Table:
+        rows: dict[str, list] = {"c1": [], "c2": [], "c3": [], "term": [], "count": []}
+        for (a, b, c), counts in self.per_cell.items():
+            for term, n in counts.most_common(TOP_PER_CELL):
+                rows["c1"].append(a)
+                rows["c2"].append(b)
+                rows["c3"].append(c)
+                rows["term"].append(term)
+                rows["count"].append(n)
+        return pa.table(rows, schema=TERM_SCHEMA)
+
+
 def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
     """Word counts per L123 cell for one shard's documents (its top words per cell)."""
-    per_cell: dict[tuple[int, int, int], Counter] = {}
-    for text, code in zip(texts, codes):
-        key = (int(code[0]), int(code[1]), int(code[2]))
-        per_cell.setdefault(key, Counter()).update(words(text))
-    rows: dict[str, list] = {"c1": [], "c2": [], "c3": [], "term": [], "count": []}
-    for (a, b, c), counts in per_cell.items():
-        for term, n in counts.most_common(TOP_PER_CELL):
-            rows["c1"].append(a)
-            rows["c2"].append(b)
-            rows["c3"].append(c)
-            rows["term"].append(term)
-            rows["count"].append(n)
-    return pa.table(rows, schema=TERM_SCHEMA)
+    counter = TermCounter()
+    counter.add(texts, codes)
+    return counter.table()
 
 
 def _level_sql(level: int) -> str:
