@@ -14,7 +14,7 @@ import pyarrow as pa
 from hermes.config import Config, load_config
 from hermes.errors import HermesError
 from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
-                             label_is_current, quantize_shard, reading_fields)
+                             label_one_shard, quantize_shard, reading_fields)
 from hermes.progress import Progress, say
 from hermes.read import Shard, check_fields, discover
 from hermes.rvq import capped_codebook_size
@@ -163,8 +163,9 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
 
 def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
           config: Config | str | Path | None = None, overrides: dict[str, Any] | None = None,
-          quiet: bool = False) -> dict[str, Any]:
-    """Label a corpus with an existing substrate. Resumable: shards already labeled are skipped."""
+          quiet: bool = False, engine: str = "local", address: str | None = None) -> dict[str, Any]:
+    """Label a corpus with an existing substrate. Resumable: shards already labeled are skipped.
+    `engine="ray"` runs the same per-shard function on Ray Data (`address` of a cluster, or local)."""
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
     sub = Substrate.load(substrate)
@@ -178,23 +179,22 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
     stages = Stages(cfg, embedding=sub.embedding)
-    # one shard at a time: embed, quantize, drop its cached embeddings (unless kept), so the
-    # disk holds at most one shard's embeddings and a relaunch redoes only unfinished shards
-    progress = Progress("embed+label", total_shards=len(shards), quiet=quiet)
-    results = []
-    for shard in shards:
-        if label_is_current(shard, sub, stages, layout):
-            quantize_shard(shard, sub, stages, layout)      # finds it done: only logs the skip
-            progress.shard_done()
-            continue
-        results.append(embed_shard(shard, stages, layout, progress))
-        quantize_shard(shard, sub, stages, layout)
-        if not cfg.keep_embeddings:
-            drop_cached_embeddings(shard, layout)
-    progress.close()
+    if engine == "ray":
+        from hermes.engines import run_on_ray
+
+        results = run_on_ray(shards, cfg, layout, address=address, quiet=quiet)
+    elif engine == "local":
+        # one shard at a time: embed, quantize, drop its cached embeddings (unless kept), so the
+        # disk holds at most one shard's embeddings and a relaunch redoes only unfinished shards
+        progress = Progress("embed+label", total_shards=len(shards), quiet=quiet)
+        results = [label_one_shard(shard, sub, stages, layout, progress) for shard in shards]
+        progress.close()
+    else:
+        raise HermesError(f"unknown engine '{engine}'", hint="valid engines: local, ray")
     timings = {"embed": time.perf_counter() - t0}
-    if results and len(results) == len(shards) and sum(r.n_docs for r in results) == 0:
-        raise _no_documents(results)
+    done = [r for r in results if not r.skipped]
+    if done and len(done) == len(shards) and sum(r.n_docs for r in done) == 0:
+        raise _no_documents(done)
     return _finish("label", inputs, shards, sub, stages, layout, results, cfg, t0, timings, quiet)
 
 

@@ -43,6 +43,11 @@ class SummaryFmt(str, Enum):
     json = "json"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Level(str, Enum):
     l1 = "1"
     l2 = "2"
@@ -295,13 +300,16 @@ def label(
     quality: Optional[str] = QualityOpt,
     quality_field: Optional[str] = QualityFieldOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
+    engine: Engine = typer.Option(Engine.local, "--engine", help="local | ray (Ray Data, one task per shard)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start Ray here)."),
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
     """Label INPUT with an existing substrate and build the store. Resumable: rerun the same
     command after an interruption and only unfinished shards are done again.
 
-    The embedding model, dtype and max length are the substrate's own.
+    The embedding model, dtype and max length are the substrate's own. --engine ray runs the same
+    per-shard function on Ray Data (on a cluster with --address); the store is built here.
 
     Example: hermes label more/*.parquet --substrate out/substrate --out out-more
     """
@@ -309,7 +317,8 @@ def label(
 
     overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings,
                                 quality, quality_field)
-    summary = api.label(inputs, substrate=substrate, out=out, config=config, overrides=overrides, quiet=quiet)
+    summary = api.label(inputs, substrate=substrate, out=out, config=config, overrides=overrides, quiet=quiet,
+                        engine=engine.value, address=address)
     _print_summary(summary, fmt)
 
 

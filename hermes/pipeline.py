@@ -391,6 +391,23 @@ def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray) -> pa.Table:
     return counter.table()
 
 
+def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout,
+                    progress: Progress | None = None) -> ShardResult:
+    """The per-shard function of `hermes label`, the same on every engine: embed, quantize, drop the
+    shard's cached embeddings unless kept. Idempotent: a shard done under this substrate is skipped."""
+    if label_is_current(shard, substrate, stages, layout):
+        result = quantize_shard(shard, substrate, stages, layout)     # finds it done: logs the skip
+        if progress:
+            progress.advance(result.n_docs + result.n_rejects, counted=False)
+            progress.shard_done()
+        return result
+    embedded = embed_shard(shard, stages, layout, progress)
+    quantize_shard(shard, substrate, stages, layout)
+    if not stages.cfg.keep_embeddings:
+        drop_cached_embeddings(shard, layout)
+    return embedded
+
+
 def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:
     for p in (layout.emb_file(shard), layout.docs_file(shard), layout.emb_marker(shard)):
         p.unlink(missing_ok=True)
