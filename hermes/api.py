@@ -335,3 +335,11 @@ def evaluate(db: str | Path, gold: Iterable[str] | None = None, sample: int = 20
 
     return _evaluate(db, list(gold or []), sample, seed, [str(c) for c in corpus] if corpus else None, substrate,
                      progress=None if quiet else say)
+
+
+def report(db: str | Path, out: str | Path, mixtures: Iterable[str | Path] = (),
+           corpus: Iterable[str | Path] | None = None) -> dict[str, Any]:
+    """A self-contained HTML report of the store (and of the given mixture folders)."""
+    from hermes.report import report as _report
+
+    return _report(db, out, list(mixtures), [str(c) for c in corpus] if corpus else None)

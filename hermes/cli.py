@@ -605,6 +605,27 @@ def eval_(
         _print_table(pa.Table.from_pylist(grows), fmt)
 
 
+@app.command()
+@guarded
+def report(
+    db: Path = typer.Option(..., "--db", help="A labels.duckdb store."),
+    out: Path = typer.Option(..., "--out", "-o", help="The HTML file to write."),
+    mixture: Optional[List[Path]] = typer.Option(None, "--mixture", "-m", help="A mixture folder (repeatable)."),
+    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="The corpus for snippets, if it moved."),
+) -> None:
+    """A self-contained HTML page (no network): corpus summary, the hierarchy as a zoomable treemap
+    (sized by tokens, coloured by quality, named by top terms), cell sizes and top:0.3 pools per
+    level, each mixture's L1 weights beside natural with its diagnostics, and example snippets.
+
+    Example: hermes report --db out/labels.duckdb --mixture mix-u-l12 --out report.html
+    """
+    from hermes import api
+
+    r = api.report(db, out, mixture or [], corpus)
+    typer.echo(f"hermes report: {r['out']} ({r['bytes'] / 1e6:.2f} MB, {r['l1_cells']} L1 cells, "
+               f"{r['mixtures']} mixtures)")
+
+
 def main() -> None:
     try:
         app()

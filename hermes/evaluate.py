@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hermes.errors import HermesError
-from hermes.store import connect
+from hermes.read import lookup
+from hermes.store import connect, info_fields, store_info
 
 LEVEL_NAMES = {1: "L1", 2: "L12", 3: "L123"}
 
@@ -124,30 +125,11 @@ def _cached_embeddings(folder: Path, wanted: list[str]) -> np.ndarray | None:
     return out if out is not None and found >= len(wanted) else None
 
 
-def _read_from_corpus(info: dict, wanted: list[str], fields_needed: list[str], corpus: list[str] | None
-                      ) -> dict[str, dict[str, Any]]:
-    """For each wanted doc_id, its text and the values of `fields_needed`, read from the corpus."""
-    from hermes.read import Fields, discover, get_path, iter_records
-
-    f = info.get("fields", {})
-    fields = Fields(text=f.get("text", "text"), id=f.get("id", "id"), source=f.get("source", "source"))
-    want = set(wanted)
-    out: dict[str, dict[str, Any]] = {}
-    for shard in discover(corpus or info.get("inputs", [])):
-        for doc_id, rec in iter_records(shard, fields):
-            if doc_id in want and doc_id not in out:
-                out[doc_id] = {"text": get_path(rec, fields.text)[1],
-                               **{g: get_path(rec, g)[1] if get_path(rec, g)[0] else None for g in fields_needed}}
-    return out
-
-
 # --------------------------------------------------------------------------- the evaluation
 
 def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000, seed: int = 0,
              corpus: list[str] | None = None, substrate: str | Path | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    import json
-
     from hermes.rvq import ResidualQuantizer, fit_codebook, assign
     from hermes.substrate import Substrate
 
@@ -157,17 +139,17 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
     con = connect(db)
     try:
         fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
-        info = {k: (json.loads(v) if k in ("inputs", "fields") else v)
-                for k, v in con.execute("SELECT key, value FROM store_info").fetchall()}
     finally:
         con.close()
+    info = store_info(db)
     if fps != [sub.fingerprint]:
         raise HermesError(f"{db}: labels were made by substrate {', '.join(fps)}, not {sub.fingerprint} "
                           f"(field 'substrate')", hint="pass the substrate that made the store with --substrate")
     ids, codes = _sample_rows(db, sample, seed)
     gold = gold or []
     E = _cached_embeddings(db.parent / "embeddings", ids)
-    records = _read_from_corpus(info, ids, gold, corpus) if (E is None or gold) else {}
+    records = lookup(corpus or info.get("inputs", []), info_fields(info), set(ids), gold) \
+        if (E is None or gold) else {}
     if E is None:
         missing = [d for d in ids if d not in records]
         if missing:

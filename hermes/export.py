@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from hermes.errors import HermesError
 from hermes.read import Fields, discover, read_shard
-from hermes.store import connect
+from hermes.store import info_fields, store_info
 
 FORMATS = ("jsonl", "parquet", "hf", "megatron")
 FLUSH_EVERY = 20_000      # documents buffered before the per-cell files are appended to
@@ -45,15 +45,6 @@ def _mixture(path: Path) -> tuple[dict[str, Any], pa.Table, pa.Table]:
                               hint="pass a folder written by `hermes mix`")
     return (json.loads((path / "mixture.json").read_text()), pq.read_table(path / "manifest.parquet"),
             pq.read_table(path / "weights.parquet"))
-
-
-def _store_info(db: str) -> dict[str, Any]:
-    con = connect(db)
-    try:
-        info = dict(con.execute("SELECT key, value FROM store_info").fetchall())
-    finally:
-        con.close()
-    return {k: json.loads(v) if k in ("inputs", "fields") else v for k, v in info.items()}
 
 
 def _texts(manifest: pa.Table, corpus: list[str], fields: Fields):
@@ -84,10 +75,9 @@ def export(mixture_dir: str | Path, fmt: str, out: str | Path, corpus: list[str]
     if docs_per_shard <= 0:
         raise HermesError(f"--docs-per-shard {docs_per_shard} must be positive")
     spec, manifest, weights = _mixture(mixture_dir)
-    info = _store_info(spec["store"])
+    info = store_info(spec["store"])
     corpus = corpus or info.get("inputs") or []
-    f = info.get("fields", {})
-    fields = Fields(text=f.get("text", "text"), id=f.get("id", "id"), source=f.get("source", "source"))
+    fields = info_fields(info)
     seed = spec["spec"]["seed"] if seed is None else seed
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -506,3 +506,20 @@ def check_fields(shards: list[Shard], fields: Fields, probe: int = 1000) -> None
                 hint="name the field holding the text with --text-field"
                      + (f", e.g. --text-field {longest}" if longest else ""))
     # every shard empty or fully malformed: the labeling pass reports it
+
+
+def lookup(inputs: list[str], fields: Fields, wanted: set[str], extra: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """For each wanted doc_id found in the corpus, its text and the values of the `extra` dotted
+    fields (None where a record lacks one); the first record of a doc_id wins, as in the store."""
+    out: dict[str, dict[str, Any]] = {}
+    for shard in discover(inputs):
+        for doc_id, rec in iter_records(shard, fields):
+            if doc_id in wanted and doc_id not in out:
+                values = {"text": get_path(rec, fields.text)[1]}
+                for name in extra:
+                    found, value = get_path(rec, name)
+                    values[name] = value if found else None
+                out[doc_id] = values
+                if len(out) == len(wanted):
+                    return out
+    return out

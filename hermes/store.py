@@ -196,3 +196,21 @@ def query(db_path: str | Path, sql: str, params: list | None = None) -> pa.Table
                               hint="the tables are labels, rejects, substrates; the views cells, cells_l1, cells_l12, cells_l123") from None
     finally:
         con.close()
+
+
+def store_info(db: str | Path) -> dict[str, Any]:
+    """Table store_info as a dict (inputs and fields parsed from JSON)."""
+    con = connect(db)
+    try:
+        rows = con.execute("SELECT key, value FROM store_info").fetchall()
+    finally:
+        con.close()
+    return {k: json.loads(v) if k in ("inputs", "fields") else v for k, v in rows}
+
+
+def info_fields(info: dict[str, Any]):
+    """The reading fields a store was built with."""
+    from hermes.read import Fields
+
+    f = info.get("fields", {})
+    return Fields(text=f.get("text", "text"), id=f.get("id", "id"), source=f.get("source", "source"))
