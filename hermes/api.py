@@ -79,6 +79,7 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
+    stages.quality_scorer          # a bad quality model fails here, before anything is written
     results = _embed_all(shards, stages, layout, quiet)
     counts = [r.n_docs for r in results]
     if sum(counts) == 0:
@@ -113,6 +114,8 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
                          [layout.reject_file(s) for s in shards], substrate.manifest(),
                          info={"command": command, "inputs": inputs,
                                "quality": cfg.quality, "quality_field": cfg.quality_field,
+                               "quality_model": cfg.quality_model if cfg.quality == "fasttext" else None,
+                               "quality_label": cfg.quality_label if cfg.quality == "fasttext" else None,
                                "tokenizer": cfg.tokenizer or "the embedding model's",
                                "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}},
                          term_files=[layout.terms_file(s) for s in shards])
@@ -148,6 +151,7 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
+    stages.quality_scorer          # a bad quality model fails here, before anything is written
     timings: dict[str, float] = {}
     results = _embed_all(shards, stages, layout, quiet)
     timings["embed"] = time.perf_counter() - t0
@@ -179,6 +183,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
     stages = Stages(cfg, embedding=sub.embedding)
+    stages.quality_scorer
     if engine == "ray":
         from hermes.engines import run_on_ray
 
@@ -343,3 +348,12 @@ def report(db: str | Path, out: str | Path, mixtures: Iterable[str | Path] = (),
     from hermes.report import report as _report
 
     return _report(db, out, list(mixtures), [str(c) for c in corpus] if corpus else None)
+
+
+def train_quality(positive: Iterable[str | Path], negative: Iterable[str | Path], out: str | Path,
+                  **settings: Any) -> dict[str, Any]:
+    """Train a fastText quality classifier (positive vs negative corpora); writes OUT/model.bin and
+    OUT/card.json with held-out precision, recall and AUC."""
+    from hermes.fasttext_quality import train_quality as _train
+
+    return _train([str(p) for p in positive], [str(n) for n in negative], out, **settings)

@@ -113,6 +113,9 @@ TokenizerOpt = typer.Option(None, "--tokenizer", help="Local Hugging Face tokeni
 KeepOpt = typer.Option(None, "--keep-embeddings/--drop-embeddings",
                        help="Keep OUT/embeddings (float16 per shard) after the run (default: drop).")
 QualityOpt = typer.Option(None, "--quality", help="Quality score: none | heuristic | field (default: heuristic).")
+QualityModelOpt = typer.Option(None, "--quality-model", help="fastText classifier (.bin) whose label "
+                                                             "probability is the score; implies --quality fasttext.")
+QualityLabelOpt = typer.Option(None, "--quality-label", help="The fastText label scored (default: __label__hq).")
 QualityFieldOpt = typer.Option(None, "--quality-field", help="Numeric record field (dotted path) to use as "
                                                              "the quality score; implies --quality field.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
@@ -125,12 +128,15 @@ def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed) ->
 
 
 def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep,
-                    quality=None, quality_field=None) -> dict[str, Any]:
+                    quality=None, quality_field=None, quality_model=None, quality_label=None) -> dict[str, Any]:
     if quality_field is not None and quality is None:
         quality = "field"
+    if quality_model is not None and quality is None:
+        quality = "fasttext"
     return {"text_field": text_field, "id_field": id_field, "source_field": source_field, "device": device,
             "batch_size": batch_size, "tokenizer": tokenizer, "keep_embeddings": keep,
-            "quality": quality, "quality_field": quality_field}
+            "quality": quality, "quality_field": quality_field, "quality_model": quality_model,
+            "quality_label": quality_label}
 
 
 def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
@@ -230,6 +236,8 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the fit sample and k-means (default: 0)."),
     quality: Optional[str] = QualityOpt,
     quality_field: Optional[str] = QualityFieldOpt,
+    quality_model: Optional[str] = QualityModelOpt,
+    quality_label: Optional[str] = QualityLabelOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
@@ -245,7 +253,7 @@ def run(
 
     overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
-                                   keep_embeddings, quality, quality_field)}
+                                   keep_embeddings, quality, quality_field, quality_model, quality_label)}
     summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
     _print_summary(summary, fmt)
 
@@ -299,6 +307,8 @@ def label(
     tokenizer: Optional[str] = TokenizerOpt,
     quality: Optional[str] = QualityOpt,
     quality_field: Optional[str] = QualityFieldOpt,
+    quality_model: Optional[str] = QualityModelOpt,
+    quality_label: Optional[str] = QualityLabelOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
     engine: Engine = typer.Option(Engine.local, "--engine", help="local | ray (Ray Data, one task per shard)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start Ray here)."),
@@ -316,7 +326,7 @@ def label(
     from hermes import api
 
     overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings,
-                                quality, quality_field)
+                                quality, quality_field, quality_model, quality_label)
     summary = api.label(inputs, substrate=substrate, out=out, config=config, overrides=overrides, quiet=quiet,
                         engine=engine.value, address=address)
     _print_summary(summary, fmt)
@@ -624,6 +634,43 @@ def report(
     r = api.report(db, out, mixture or [], corpus)
     typer.echo(f"hermes report: {r['out']} ({r['bytes'] / 1e6:.2f} MB, {r['l1_cells']} L1 cells, "
                f"{r['mixtures']} mixtures)")
+
+
+@app.command(name="train-quality")
+@guarded
+def train_quality(
+    positive: List[str] = typer.Option(..., "--positive", help="High-quality corpus (files, folders, globs; repeatable)."),
+    negative: List[str] = typer.Option(..., "--negative", help="Low-quality corpus (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.bin and card.json."),
+    text_field: str = typer.Option("text", "--text-field", help="Dotted path of the text field."),
+    holdout: float = typer.Option(0.1, "--holdout", help="Share of documents held out for the metrics."),
+    epochs: int = typer.Option(5, "--epochs", help="fastText epochs."),
+    lr: float = typer.Option(0.1, "--lr", help="fastText learning rate."),
+    word_ngrams: int = typer.Option(2, "--word-ngrams", help="fastText word n-grams."),
+    dim: int = typer.Option(64, "--dim", help="fastText vector size."),
+    bucket: int = typer.Option(200_000, "--bucket", help="fastText hash buckets (model size)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N documents per side."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split and of fastText."),
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """Train a fastText quality classifier from positive and negative corpora, with the same text
+    normaliser used at prediction; report held-out precision, recall and AUC; write the model and
+    a card (data, settings, metrics).
+
+    Example: hermes train-quality --positive good/ --negative junk/ --out quality-model
+    """
+    from hermes import api
+
+    r = api.train_quality(positive, negative, out, text_field=text_field, holdout=holdout, epochs=epochs, lr=lr,
+                          word_ngrams=word_ngrams, dim=dim, bucket=bucket, seed=seed, limit=limit)
+    if fmt == SummaryFmt.json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    m, d = r["metrics"], r["data"]
+    auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+    typer.echo(f"hermes train-quality: {d['positive_docs']:,} positive, {d['negative_docs']:,} negative documents; "
+               f"held out {m['holdout_docs']:,}: precision {m['precision']:.4f}, recall {m['recall']:.4f}, AUC {auc}")
+    typer.echo(f"  wrote {r['out']}/model.bin and card.json; use: {r['use']}")
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ class Config:
     tokenizer: str | None
     quality: str
     quality_field: str | None
+    quality_model: str | None
+    quality_label: str
     transform: str
     codebook_size: int
     min_points_per_code: int
@@ -49,7 +51,7 @@ class Config:
 _CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
     "transform": ("lst", "identity"),
-    "quality": ("none", "heuristic", "field"),
+    "quality": ("none", "heuristic", "field", "fasttext"),
 }
 _POSITIVE = ("read_batch_size", "max_length", "batch_size", "codebook_size",
              "min_points_per_code", "kmeans_iters", "fit_sample", "lst_epochs", "lst_batch_size", "lst_max_steps")
@@ -138,6 +140,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if values.get("quality") == "field" and not values.get("quality_field"):
         raise HermesError("quality = field needs quality_field, the record field that holds the score",
                           hint="pass --quality-field NAME")
+    if values.get("quality") == "fasttext" and not values.get("quality_model"):
+        raise HermesError("quality = fasttext needs quality_model, a fastText .bin file",
+                          hint="pass --quality-model FILE (and --quality-label, default __label__hq)")
     missing = sorted({f.name for f in fields(Config)} - set(values))
     if missing:
         raise HermesError(f"configuration lacks key(s): {', '.join(missing)}")

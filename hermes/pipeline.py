@@ -114,6 +114,16 @@ class Stages:
                                  device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
                                  batch_size=cfg.batch_size)
         self._counter: TokenCounter | None = None
+        self._scorer = None
+
+    @property
+    def quality_scorer(self):
+        """The fastText scorer when quality = fasttext (loaded once), else None."""
+        if self.cfg.quality == "fasttext" and self._scorer is None:
+            from hermes.fasttext_quality import FastTextScorer
+
+            self._scorer = FastTextScorer(self.cfg.quality_model, self.cfg.quality_label).setup()
+        return self._scorer
 
     @property
     def counter(self) -> TokenCounter:
@@ -131,9 +141,19 @@ class Stages:
         c = self.cfg
         blob = json.dumps({"embedding": self.embedding_settings(), "tokenizer": c.tokenizer,
                            "fields": [c.text_field, c.id_field, c.source_field],
-                           "quality": [c.quality, c.quality_field], "hermes": __version__},
+                           "quality": [c.quality, c.quality_field] + (
+                               [c.quality_model, _file_id(c.quality_model), c.quality_label]
+                               if c.quality == "fasttext" else []), "hermes": __version__},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _file_id(path: str | None) -> list | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if st else None
 
 
 def reading_fields(cfg: Config) -> Fields:
@@ -141,8 +161,11 @@ def reading_fields(cfg: Config) -> Fields:
                   quality=cfg.quality_field if cfg.quality == "field" else None)
 
 
-def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray | pa.Array) -> pa.Array:
+def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray | pa.Array,
+                   scorer=None) -> pa.Array:
     """The quality score of each document, by the configured source."""
+    if source == "fasttext":
+        return pa.array(scorer.scores(texts), pa.float64())
     if source == "heuristic":
         from hermes.quality import heuristic_scores
 
@@ -228,7 +251,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
                 "doc_id": docs.column("doc_id"), "source": docs.column("source"),
                 "n_chars": pa.array([len(t) for t in texts], pa.int32()),
                 "n_tokens": pa.array(n_tokens, pa.int32()),
-                "quality": quality_column(cfg.quality, texts, docs.column("quality")),
+                "quality": quality_column(cfg.quality, texts, docs.column("quality"), stages.quality_scorer),
                 "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
                 "seq": pa.array(np.arange(seq, seq + n), pa.int64()),
             }, schema=DOCS_SCHEMA))
