@@ -42,7 +42,7 @@ def _config(config: Config | str | Path | None, overrides: dict[str, Any] | None
 def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> tuple[list[str], list[Shard]]:
     """The inputs as absolute paths (recorded in the store, so export can read them again) and shards."""
     inputs = [str(i) for i in (inputs or [])] or [str(sample_corpus())]
-    shards = discover(inputs)
+    shards = discover(inputs, max_bytes=cfg.shard_bytes, max_rows=cfg.shard_rows)
     check_fields(shards, reading_fields(cfg))
     return [os.path.abspath(i) for i in inputs], shards
 

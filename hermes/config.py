@@ -18,6 +18,8 @@ class Config:
     id_field: str
     source_field: str
     read_batch_size: int
+    shard_bytes: int
+    shard_rows: int
     model: str
     dtype: str
     device: str
@@ -53,7 +55,7 @@ _CHOICES = {
     "transform": ("lst", "identity"),
     "quality": ("none", "heuristic", "field", "fasttext"),
 }
-_POSITIVE = ("read_batch_size", "max_length", "batch_size", "codebook_size",
+_POSITIVE = ("read_batch_size", "shard_bytes", "shard_rows", "max_length", "batch_size", "codebook_size",
              "min_points_per_code", "kmeans_iters", "fit_sample", "lst_epochs", "lst_batch_size", "lst_max_steps")
 LST_WEIGHTS = ("structure", "reconstruction", "orthogonality", "commitment")
 

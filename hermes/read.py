@@ -61,13 +61,20 @@ class Shard:
     name: str       # the name used in derived doc_ids and as default source (path relative to its input)
     fmt: str        # jsonl | parquet | csv | tsv | text | hf
     split: str | None = None   # the split of a DatasetDict
+    # A part of a large file: byte range [start, end) of a plain JSONL file, whose first line is
+    # line `first` of the file; or row groups [start, end) of a Parquet file, whose first row is
+    # row `first`. None: the whole file.
+    start: int | None = None
+    end: int | None = None
+    first: int = 1
 
     @property
     def key(self) -> str:
         """A stable, file-system-safe name for this shard's outputs."""
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)[-60:].strip("._") or "shard"
-        digest = hashlib.sha1(f"{self.fmt}\0{os.path.abspath(self.path)}\0{self.split}".encode()).hexdigest()[:10]
-        return f"{stem}-{digest}"
+        part = "" if self.start is None else f"\0{self.start}-{self.end}"
+        digest = hashlib.sha1(f"{self.fmt}\0{os.path.abspath(self.path)}\0{self.split}{part}".encode()).hexdigest()[:10]
+        return f"{stem}-{digest}" if self.start is None else f"{stem}.part{self.start}-{digest}"
 
     def stat(self) -> dict[str, Any]:
         """What identifies this shard's content cheaply: size and mtime of its file(s)."""
@@ -149,8 +156,54 @@ def _hf_shards(root: Path, shown: str) -> list[Shard]:
     return [Shard(str(root), shown, "hf")]
 
 
-def discover(inputs: Iterable[str | os.PathLike]) -> list[Shard]:
-    """Expand files, folders and globs into an ordered list of shards."""
+def split_large(shard: Shard, max_bytes: int, max_rows: int) -> list[Shard]:
+    """Row ranges of a large file as shards of their own: byte ranges at line ends of a plain
+    (uncompressed) JSONL file over `max_bytes`, row-group ranges of a Parquet file over `max_rows`
+    rows. Other files stay whole (a compressed stream cannot be entered in the middle)."""
+    if shard.fmt == "jsonl" and not shard.path.lower().endswith((".gz", ".zst")):
+        size = os.path.getsize(shard.path)
+        if size <= max_bytes:
+            return [shard]
+        parts, start, line = [], 0, 1
+        with open(shard.path, "rb") as f:
+            while start < size:
+                f.seek(min(start + max_bytes, size))
+                if f.tell() < size:
+                    f.readline()                       # move the cut to the end of a line
+                end = f.tell()
+                parts.append(Shard(shard.path, shard.name, shard.fmt, None, start, end, line))
+                f.seek(start)                          # count the lines of this part for the next one
+                remaining = end - start
+                while remaining > 0:
+                    block = f.read(min(1 << 24, remaining))
+                    line += block.count(b"\n")
+                    remaining -= len(block)
+                start = end
+        return parts
+    if shard.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(shard.path).metadata
+        except Exception:
+            return [shard]                             # the reader reports it properly
+        if meta.num_rows <= max_rows or meta.num_row_groups < 2:
+            return [shard]
+        parts, first, group_start, rows = [], 1, 0, 0
+        for g in range(meta.num_row_groups):
+            rows += meta.row_group(g).num_rows
+            if rows >= max_rows or g == meta.num_row_groups - 1:
+                parts.append(Shard(shard.path, shard.name, shard.fmt, None, group_start, g + 1, first))
+                first += rows
+                group_start, rows = g + 1, 0
+        return parts
+    return [shard]
+
+
+def discover(inputs: Iterable[str | os.PathLike], max_bytes: int | None = None,
+             max_rows: int | None = None) -> list[Shard]:
+    """Expand files, folders and globs into an ordered list of shards; with max_bytes/max_rows,
+    large files are cut into row ranges (see split_large)."""
     shards: list[Shard] = []
     for raw in inputs:
         item = str(raw)
@@ -187,6 +240,8 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[Shard]:
     if len(set(names)) != len(names):   # same relative name from two inputs: fall back to full paths
         unique = [Shard(s.path, s.path if s.split is None else f"{s.path}/{s.split}", s.fmt, s.split)
                   for s in unique]
+    if max_bytes or max_rows:
+        unique = [part for s in unique for part in split_large(s, max_bytes or 1 << 62, max_rows or 1 << 62)]
     return unique
 
 
@@ -252,8 +307,12 @@ RawItem = tuple[int | None, Any, str | None]
 
 def _raw_jsonl(shard: Shard) -> Iterator[RawItem]:
     with _open_text_stream(shard.path) as f:
-        n = 0
+        n = shard.first - 1
+        if shard.start is not None:
+            f.seek(shard.start)
         while True:
+            if shard.end is not None and f.tell() >= shard.end:
+                break
             try:
                 raw = f.readline()
             except (OSError, EOFError) as e:   # truncated or corrupt compressed stream
@@ -318,8 +377,9 @@ def _raw_parquet(shard: Shard, batch_size: int) -> Iterator[RawItem]:
     except Exception as e:   # pyarrow raises several types for a file that is not Parquet
         raise HermesError(f"{shard.path}: not a readable Parquet file ({e})",
                           hint="check that the file is complete and really Parquet") from None
-    row = 0
-    for batch in pf.iter_batches(batch_size=batch_size):
+    row = shard.first - 1
+    groups = None if shard.start is None else list(range(shard.start, shard.end))
+    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups):
         for rec in batch.to_pylist():
             row += 1
             yield row, rec, None

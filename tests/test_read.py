@@ -149,3 +149,23 @@ def test_truncated_gzip_is_a_clear_error(tmp_path):
     p.write_bytes(p.read_bytes()[:-200])
     with pytest.raises(HermesError, match="t.jsonl.gz:.*cannot decompress"):
         read_all([p])
+
+
+def test_large_files_are_cut_into_row_ranges_that_read_the_same(tmp_path):
+    recs = [{"text": f"line {i} " + "x" * (i % 37)} for i in range(200)]     # no ids: derived from lines
+    p = write_jsonl(tmp_path / "big.jsonl", recs, ["{broken"])
+    whole, whole_rej = read_all([p])
+    shards = discover([str(p)], max_bytes=700)
+    assert len(shards) > 5 and len({s.key for s in shards}) == len(shards)
+    docs, rejects = [], []
+    for shard in shards:
+        for table, bad in read_shard(shard, Fields(), 16):
+            docs.extend(table.to_pylist())
+            rejects.extend(bad)
+    assert docs == whole and [r.line for r in rejects] == [r.line for r in whole_rej] == [201]
+
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "big.parquet", row_group_size=30)
+    parts = discover([str(tmp_path / "big.parquet")], max_rows=50)
+    assert len(parts) == 4
+    docs = [d for s in parts for t, _ in read_shard(s, Fields(), 16) for d in t.to_pylist()]
+    assert [d["doc_id"] for d in docs] == [f"big.parquet:{i + 1}" for i in range(200)]
