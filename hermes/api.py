@@ -88,7 +88,9 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
     substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
     return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
             "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
-            "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+            "codebook_sizes": substrate.sizes,
+        "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg) if substrate.kind == "embedding" else
+        f"distilled fastText labeler of substrate {substrate.m['teacher']} ({'/'.join(map(str, substrate.sizes))} classes)",
             "embedding": substrate.embedding, "documents": sum(counts),
             "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -129,9 +131,12 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         "command": command, "out": str(layout.root), "shards": len(shards),
         "read": read, "labeled": counts["labeled"], "rejected": counts["rejected"],
         "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
-        "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+        "codebook_sizes": substrate.sizes,
+        "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg) if substrate.kind == "embedding" else
+        f"distilled fastText labeler of substrate {substrate.m['teacher']} ({'/'.join(map(str, substrate.sizes))} classes)",
         "fit_sample_size": substrate.fit_sample_size, "substrate": substrate.fingerprint,
-        "embedding": substrate.embedding, "seconds": round(seconds, 2),
+        "embedding": substrate.embedding or {"model": "none (distilled)", "dtype": "-", "max_length": "-"},
+        "seconds": round(seconds, 2),
         "docs_per_s": round(read / seconds, 1) if seconds else None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "outputs": {"store": db, "substrate": str(layout.substrate), "labels": str(layout.labels),
@@ -182,7 +187,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.copytree(substrate, tmp)
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
-    stages = Stages(cfg, embedding=sub.embedding)
+    stages = Stages(cfg, embedding=sub.embedding)      # a distilled substrate has no embedding: unused
     stages.quality_scorer
     if engine == "ray":
         from hermes.engines import run_on_ray
@@ -357,3 +362,13 @@ def train_quality(positive: Iterable[str | Path], negative: Iterable[str | Path]
     from hermes.fasttext_quality import train_quality as _train
 
     return _train([str(p) for p in positive], [str(n) for n in negative], out, **settings)
+
+
+def distill(db: str | Path, out: str | Path, corpus: Iterable[str | Path] | None = None, sample: int = 200_000,
+            holdout: float = 0.1, epochs: int = 25, seed: int = 0, quiet: bool = True) -> dict[str, Any]:
+    """Train fastText classifiers that predict the store's c1, L12 and L123 cells from text; saved as a
+    substrate of kind `distilled` for `hermes label`, with held-out agreement per level."""
+    from hermes.distill import distill as _distill
+
+    return _distill(db, out, [str(c) for c in corpus] if corpus else None, sample=sample, holdout=holdout,
+                    epochs=epochs, seed=seed, progress=None if quiet else say)

@@ -673,6 +673,39 @@ def train_quality(
     typer.echo(f"  wrote {r['out']}/model.bin and card.json; use: {r['use']}")
 
 
+@app.command()
+@guarded
+def distill(
+    db: Path = typer.Option(..., "--db", help="A labeled store (the teacher)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The distilled substrate folder to write."),
+    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="The corpus, if it moved."),
+    sample: int = typer.Option(200_000, "--sample", help="Documents to train on at most."),
+    holdout: float = typer.Option(0.1, "--holdout", help="Share held out to measure agreement."),
+    epochs: int = typer.Option(25, "--epochs", help="fastText epochs."),
+    seed: int = typer.Option(0, "--seed", help="Seed."),
+    quiet: bool = QuietOpt,
+    fmt: SummaryFmt = SummaryOpt,
+) -> None:
+    """Train a distilled fast labeler: fastText classifiers predicting c1, the L12 and the L123 cell
+    from text, saved as a substrate that `hermes label` accepts (no embedding model needed).
+    Reports held-out agreement with the store's substrate per level.
+
+    Example: hermes distill --db out/labels.duckdb --out fast-substrate
+    """
+    from hermes import api
+
+    r = api.distill(db, out, corpus, sample=sample, holdout=holdout, epochs=epochs, seed=seed, quiet=quiet)
+    if fmt == SummaryFmt.json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    a = r["agreement"]
+    typer.echo(f"hermes distill: {r['out']} (substrate {r['fingerprint']}, teacher {r['teacher']}), trained on "
+               f"{r['train_docs']:,} documents in {r['train_seconds']} s")
+    typer.echo(f"  held-out agreement ({r['holdout_docs']:,} docs): L1 {a['L1']:.3f}, L12 {a['L12']:.3f}, "
+               f"L123 {a['L123']:.3f}; {r['holdout_docs_per_s']:,} docs/s")
+    typer.echo(f"next: hermes label CORPUS --substrate {r['out']} --out DIR")
+
+
 def main() -> None:
     try:
         app()

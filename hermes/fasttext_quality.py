@@ -34,6 +34,36 @@ def _fasttext():
     return fasttext
 
 
+def _train_in_child(train_file: str, model_file: str, kwargs: dict) -> str | None:
+    """Runs in a fresh process: a second train_supervised in one process can diverge (NaN) in this
+    fastText build, whatever its settings, so every training gets a process of its own."""
+    import fasttext
+
+    try:
+        fasttext.train_supervised(input=train_file, verbose=0, **kwargs).save_model(model_file)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def train_supervised(train_file: str, model_file: str | Path, **kwargs):
+    """fastText supervised training, isolated in a child process, retried with the next seed on NaN.
+    Returns the loaded model and the seed used."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    seed = int(kwargs.pop("seed", 0))
+    error = None
+    for attempt in range(4):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            error = pool.submit(_train_in_child, train_file, str(model_file), {**kwargs, "seed": seed + attempt}).result()
+        if error is None:
+            return load_model(model_file), seed + attempt
+        if "NaN" not in error:
+            break
+    raise HermesError(f"fastText training failed: {error}", hint="try other --epochs or --lr")
+
+
 def load_model(path: str | Path):
     p = Path(path)
     if not p.is_file():
@@ -116,11 +146,10 @@ def train_quality(positive: Iterable[str], negative: Iterable[str], out: str | P
     try:
         settings = {"epoch": epochs, "lr": lr, "wordNgrams": word_ngrams, "dim": dim, "bucket": bucket,
                     "minCount": min_count, "seed": seed, "thread": 1, "loss": "softmax"}
-        model = _fasttext().train_supervised(input=train_file, verbose=0, **settings)
+        model, settings["seed"] = train_supervised(train_file, out / "model.bin", **settings)
     finally:
         os.unlink(train_file)
     seconds = time.perf_counter() - t0
-    model.save_model(str(out / "model.bin"))
     scorer = FastTextScorer(out / "model.bin", POSITIVE)
     scorer._model = model
     y = np.array([1 if lab == POSITIVE else 0 for lab, _ in test])

@@ -417,7 +417,10 @@ def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray) -> pa.Table:
 def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout,
                     progress: Progress | None = None) -> ShardResult:
     """The per-shard function of `hermes label`, the same on every engine: embed, quantize, drop the
-    shard's cached embeddings unless kept. Idempotent: a shard done under this substrate is skipped."""
+    shard's cached embeddings unless kept (or, with a distilled substrate, codes straight from the
+    text). Idempotent: a shard done under this substrate is skipped."""
+    if getattr(substrate, "kind", "embedding") == "distilled":
+        return label_shard_from_text(shard, substrate, stages, layout, progress)
     if label_is_current(shard, substrate, stages, layout):
         result = quantize_shard(shard, substrate, stages, layout)     # finds it done: logs the skip
         if progress:
@@ -429,6 +432,62 @@ def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: 
     if not stages.cfg.keep_embeddings:
         drop_cached_embeddings(shard, layout)
     return embedded
+
+
+def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layout,
+                          progress: Progress | None = None) -> ShardResult:
+    """One pass over a shard with a distilled substrate: counts, quality and codes from the text."""
+    from hermes.terms import TermCounter
+
+    t0 = time.perf_counter()
+    if label_is_current(shard, substrate, stages, layout):
+        m = _read_marker(layout.label_marker(shard))
+        result = ShardResult(shard, m["n_docs"], m["n_rejects"], skipped=True)
+        if progress:
+            progress.advance(m["n_docs"] + m["n_rejects"], counted=False)
+            progress.shard_done()
+        layout.log("label", result, time.perf_counter() - t0)
+        return result
+    cfg = stages.cfg
+    for folder in (layout.labels, layout.rejects, layout.terms_file(shard).parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    label_tmp = layout.label_file(shard).with_name(layout.label_file(shard).name + ".tmp")
+    reject_tmp = layout.reject_file(shard).with_name(layout.reject_file(shard).name + ".tmp")
+    terms = TermCounter()
+    seq, n_rejects = 0, 0
+    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(reject_tmp, REJECT_FILE_SCHEMA) as rej:
+        for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+            if bad:
+                rej.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
+                n_rejects += len(bad)
+            n = docs.num_rows
+            if n:
+                texts = docs.column("text").to_pylist()
+                codes = substrate.encode_texts(texts)
+                terms.add(texts, codes)
+                out.write_table(pa.table({
+                    "doc_id": docs.column("doc_id"), "source": docs.column("source"),
+                    "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+                    "n_tokens": pa.array(stages.counter.count(texts), pa.int32()),
+                    "quality": quality_column(cfg.quality, texts, docs.column("quality"), stages.quality_scorer),
+                    "c1": pa.array(codes[:, 0], pa.int16()), "c2": pa.array(codes[:, 1], pa.int16()),
+                    "c3": pa.array(codes[:, 2], pa.int16()),
+                    "substrate": pa.array([substrate.fingerprint] * n, pa.string()),
+                    "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
+                    "seq": pa.array(np.arange(seq, seq + n), pa.int64())}, schema=LABEL_FILE_SCHEMA))
+                seq += n
+            if progress:
+                progress.advance(n + len(bad))
+    _write_atomic_parquet(terms.table(), layout.terms_file(shard))
+    os.replace(reject_tmp, layout.reject_file(shard))
+    os.replace(label_tmp, layout.label_file(shard))
+    _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": stages.cache_key(), "shard": shard.stat(),
+                        "name": shard.name, "n_docs": seq, "n_rejects": n_rejects}, layout.label_marker(shard))
+    if progress:
+        progress.shard_done()
+    result = ShardResult(shard, seq, n_rejects, skipped=False)
+    layout.log("label", result, time.perf_counter() - t0)
+    return result
 
 
 def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:

@@ -43,6 +43,12 @@ class Substrate:
     fingerprint: str = ""
     training: dict[str, Any] = field(default_factory=dict)   # how the fit went (losses); not fingerprinted
 
+    kind = "embedding"
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.quantizer.sizes_
+
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
         """Embeddings (n, d) -> codes (n, stages)."""
         return self.quantizer.encode(self.transform.transform(embeddings))
@@ -104,6 +110,10 @@ class Substrate:
         if m.get("format") != FORMAT:
             raise HermesError(f"{mpath}: not a hermes substrate manifest (field 'format')",
                               hint="re-create the substrate with `hermes fit`")
+        if m.get("kind") == "distilled" and m.get("format_version") == FORMAT_VERSION:
+            from hermes.distill import load as load_distilled
+
+            return load_distilled(path, m)
         if m.get("format_version") != FORMAT_VERSION:
             raise HermesError(
                 f"{mpath}: substrate format_version {m.get('format_version')} was written by hermes "
