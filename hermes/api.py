@@ -71,27 +71,36 @@ def _no_documents(results) -> HermesError:
                        ", ".join(r.shard.path for r in results[:3]), hint="check the input paths")
 
 
-def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | str | Path | None = None,
-        overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept)."""
+def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
+    """Embed every shard (into the cache), then fit the substrate on a sample: the first half of
+    `run`, and all of `fit`."""
     t0 = time.perf_counter()
-    cfg = _config(config, overrides)
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
     stages.quality_scorer          # a bad quality model fails here, before anything is written
     results = _embed_all(shards, stages, layout, quiet)
+    timings = {"embed": time.perf_counter() - t0}
     counts = [r.n_docs for r in results]
     if sum(counts) == 0:
         raise _no_documents(results)
+    t = time.perf_counter()
     say(f"fit: {codebook_rule(min(sum(counts), cfg.fit_sample), cfg)}", quiet)
     substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
+    timings["fit"] = time.perf_counter() - t
+    return inputs, shards, layout, stages, results, substrate, timings
+
+
+def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | str | Path | None = None,
+        overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept)."""
+    t0 = time.perf_counter()
+    cfg = _config(config, overrides)
+    _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
     return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
             "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
-            "codebook_sizes": substrate.sizes,
-        "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg) if substrate.kind == "embedding" else
-        f"distilled fastText labeler of substrate {substrate.m['teacher']} ({'/'.join(map(str, substrate.sizes))} classes)",
-            "embedding": substrate.embedding, "documents": sum(counts),
+            "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+            "embedding": substrate.embedding, "documents": sum(r.n_docs for r in results),
             "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -153,20 +162,7 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     """The main job: embed every document once, fit a substrate on a sample, label all, build the store."""
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
-    inputs, shards = _plan(inputs, cfg)
-    layout = Layout(Path(out))
-    stages = Stages(cfg)
-    stages.quality_scorer          # a bad quality model fails here, before anything is written
-    timings: dict[str, float] = {}
-    results = _embed_all(shards, stages, layout, quiet)
-    timings["embed"] = time.perf_counter() - t0
-    counts = [r.n_docs for r in results]
-    if sum(counts) == 0:
-        raise _no_documents(results)
-    t = time.perf_counter()
-    say(f"fit: {codebook_rule(min(sum(counts), cfg.fit_sample), cfg)}", quiet)
-    substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
-    timings["fit"] = time.perf_counter() - t
+    inputs, shards, layout, stages, results, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet)
     return _finish("run", inputs, shards, substrate, stages, layout, results, cfg, t0, timings, quiet)
 
 

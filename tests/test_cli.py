@@ -156,3 +156,11 @@ def test_every_command_has_help_with_an_example_and_is_in_the_readme(command):
 def test_top_level_help_lists_the_commands():
     r = invoke("--help")
     assert r.exit_code == 0 and all(c in r.stdout for c in COMMANDS)
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    blocks = re.findall(r"```bash\n(.*?)\n```", README.read_text(), re.S)
+    main_job, tests = blocks[0].strip(), blocks[1].strip()
+    assert "hermes run" in main_job and "pytest" in tests
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()

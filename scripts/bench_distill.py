@@ -1,0 +1,70 @@
+"""Benchmark the distilled fast labeler against the embedding path it was distilled from.
+
+Given a labeled store (its substrate beside it) and a distilled substrate (`hermes distill`), on
+the same N documents of the store's corpus, in one run:
+- `embedding_path`: the encoder (model, dtype, max length of the substrate) + transform + RVQ;
+- `distilled`: the fastText classifiers with hierarchical decoding;
+docs/s of each (labeling compute only, the texts already in memory; model loads excluded), the
+speed-up, and the agreement of the distilled codes with the substrate's at L1, L12, L123 (on
+these documents, and the held-out agreement recorded at distillation). Prints JSON.
+
+    python scripts/bench_distill.py --db out/labels.duckdb --distilled fast --docs 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", type=Path, required=True)
+    ap.add_argument("--distilled", type=Path, required=True)
+    ap.add_argument("--docs", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    from hermes.embed import Embedder
+    from hermes.read import lookup
+    from hermes.store import connect, info_fields, store_info
+    from hermes.substrate import Substrate
+
+    teacher = Substrate.load(args.db.parent / "substrate")
+    fast = Substrate.load(args.distilled).setup()
+    con = connect(args.db)
+    ids = [r[0] for r in con.execute("SELECT doc_id FROM labels ORDER BY hash(doc_id || ?) LIMIT ?",
+                                     [str(args.seed), args.docs]).fetchall()]
+    con.close()
+    info = store_info(args.db)
+    found = lookup(info["inputs"], info_fields(info), set(ids))
+    texts = [found[d]["text"] for d in ids if d in found]
+    e = teacher.embedding
+    enc = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).setup()
+    enc.encode(texts[:16])
+    t = time.perf_counter()
+    emb = enc.encode(texts).astype(np.float16).astype(np.float32)
+    codes_teacher = teacher.encode(emb)
+    emb_s = time.perf_counter() - t
+    fast.encode_texts(texts[:16])
+    t = time.perf_counter()
+    codes_fast = fast.encode_texts(texts)
+    fast_s = time.perf_counter() - t
+    n = len(texts)
+    print(json.dumps({
+        "docs": n, "teacher": teacher.fingerprint, "distilled": fast.fingerprint,
+        "embedding_path_docs_per_s": round(n / emb_s, 1), "distilled_docs_per_s": round(n / fast_s, 1),
+        "speedup": round(emb_s / fast_s, 1), "speedup_target_50x_met": emb_s / fast_s >= 50,
+        "agreement_on_these_docs": {name: round(float((codes_fast[:, :lv] == codes_teacher[:, :lv]).all(1).mean()), 4)
+                                    for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))},
+        "agreement_held_out": fast.m["agreement"],
+        "note": "the documents come from the store's corpus, so some were in the distillation training data; "
+                "agreement_held_out is on documents held out from it",
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
