@@ -32,7 +32,9 @@ REJECT_FILE_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("d
                                 ("reason", pa.string())])
 
 
-def _level_view(level: int) -> str:
+def _level_table(level: int) -> str:
+    """The aggregate of one level, materialized when the store is built (the store is immutable
+    afterwards), so that the views answer at once even over hundreds of millions of labels."""
     codes = CODES[:level]
     cols = ", ".join(codes)
     key = " || '.' || ".join(f"CAST({c} AS VARCHAR)" for c in codes)
@@ -40,7 +42,7 @@ def _level_view(level: int) -> str:
         f"CAST({c} AS VARCHAR)" for c in codes[:-1])
     children = "CAST(NULL AS BIGINT)" if level == 3 else f"count(DISTINCT {CODES[level]})"
     return f"""
-CREATE VIEW cells_{LEVELS[level]} AS
+CREATE TABLE cells_{LEVELS[level]}_data AS
 SELECT {cols}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
        n_docs / sum(n_docs) OVER () AS share_docs,
        n_tokens / sum(n_tokens) OVER () AS share_tokens,
@@ -63,8 +65,11 @@ def _stacked_view() -> str:
 
 
 def create_views(con) -> None:
+    """Tables cells_l*_data (the per-level aggregates, computed once) and the views of the contract
+    over them: cells_l1, cells_l12, cells_l123 and cells."""
     for level in (1, 2, 3):
-        con.execute(_level_view(level))
+        con.execute(_level_table(level))
+        con.execute(f"CREATE VIEW cells_{LEVELS[level]} AS SELECT * FROM cells_{LEVELS[level]}_data")
     con.execute(_stacked_view())
 
 
