@@ -258,7 +258,9 @@ def compare(db: str | Path, levels: Iterable[int] = (1, 2, 3), rules: Iterable[s
         raise HermesError("the grid is empty", hint="give at least one of each: --levels, --rules, --samplers, --eligible")
     loaded = mixture.load_docs(db)
     docs = loaded[0]
-    _, l1 = np.unique(docs.keys(1), return_inverse=True)
+    from hermes.mixers import factorize
+
+    _, l1 = factorize(docs.keys(1))
     tokens = docs.n_tokens.astype(np.float64)
     rows, l1_dists, selected = [], [], []
     for spec in specs:

@@ -247,6 +247,15 @@ class Docs:
         return k
 
 
+def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique keys, index of each key among them), as np.unique(return_inverse=True) but
+    hash-based: O(n + u log u) instead of a sort of all n keys (seconds saved on 10M labels)."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(keys, sort=True)
+    return np.asarray(uniques), codes.astype(np.int64)
+
+
 def key_text(keys: np.ndarray, level: int) -> list[str]:
     mask = (1 << CODE_BITS) - 1
     parts = [(keys >> (CODE_BITS * (level - 1 - s))) & mask for s in range(level)]
@@ -344,8 +353,8 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
     budget = float(spec.budget_tokens) if spec.budget_tokens else total_tokens
 
     keys_L, keys_M = docs.keys(L), docs.keys(M)
-    uL, cell_L = np.unique(keys_L, return_inverse=True)
-    uM, cell_M = np.unique(keys_M, return_inverse=True)
+    uL, cell_L = factorize(keys_L)
+    uM, cell_M = factorize(keys_M)
     tok_L = np.bincount(cell_L, weights=tokens, minlength=len(uL))
     parent = np.searchsorted(uL, uM >> (CODE_BITS * (M - L)))
 
@@ -399,7 +408,7 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
     selected = float(sel.sum())
     levels = {}
     for level in (1, 2, 3):
-        _, inv = np.unique(docs.keys(level), return_inverse=True)
+        _, inv = factorize(docs.keys(level))
         nat = np.bincount(inv, weights=tokens)
         mix = np.bincount(inv, weights=sel, minlength=len(nat))
         p = nat / nat.sum()

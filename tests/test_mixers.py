@@ -76,6 +76,13 @@ def test_mixture_properties(seed, rule, level, down, sampler, eligible, budget):
     per_parent = np.bincount(c["parent"], weights=c["weight"])
     stage1 = np.zeros_like(per_parent)
     stage1[c["parent"]] = c["stage1_weight"]
+    # a level-L cell with no eligible document (all its quality NULL) cannot keep its weight: it
+    # goes to the others in proportion (and a warning says so); every other cell keeps its share
+    eligible_mass = np.bincount(c["parent"], weights=c["available_tokens"], minlength=len(stage1))
+    stranded = eligible_mass == 0
+    if stranded.any():
+        assert any("no eligible document" in w for w in mix.warnings)
+        stage1 = np.where(stranded, 0.0, stage1) / stage1[~stranded].sum()
     assert np.allclose(per_parent, stage1)
     # tokens meet the budget within one document per cell
     keys = docs.keys(m)
