@@ -104,17 +104,9 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
             "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Substrate, stages: Stages, layout: Layout,
-            results, cfg: Config, t0: float, timings: dict[str, float], quiet: bool) -> dict[str, Any]:
-    t = time.perf_counter()
-    progress = Progress("label", total_shards=len(shards), quiet=quiet)
-    for shard in shards:
-        quantize_shard(shard, substrate, stages, layout, progress)
-        if not cfg.keep_embeddings:
-            drop_cached_embeddings(shard, layout)
-    progress.close()
-    timings["quantize"] = time.perf_counter() - t
-
+def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Substrate, layout: Layout,
+            cfg: Config, t0: float, timings: dict[str, float]) -> dict[str, Any]:
+    """Build the store from the shards' label files (all labeled by now) and summarise the run."""
     t = time.perf_counter()
     current = {layout.label_file(s).name for s in shards}
     for folder in (layout.labels, layout.root / "terms"):   # files of shards no longer in the input
@@ -162,8 +154,16 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     """The main job: embed every document once, fit a substrate on a sample, label all, build the store."""
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
-    inputs, shards, layout, stages, results, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet)
-    return _finish("run", inputs, shards, substrate, stages, layout, results, cfg, t0, timings, quiet)
+    inputs, shards, layout, stages, _, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet)
+    t = time.perf_counter()
+    progress = Progress("label", total_shards=len(shards), quiet=quiet)
+    for shard in shards:
+        quantize_shard(shard, substrate, stages, layout, progress)
+        if not cfg.keep_embeddings:
+            drop_cached_embeddings(shard, layout)
+    progress.close()
+    timings["quantize"] = time.perf_counter() - t
+    return _finish("run", inputs, shards, substrate, layout, cfg, t0, timings)
 
 
 def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
@@ -201,7 +201,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     done = [r for r in results if not r.skipped]
     if done and len(done) == len(shards) and sum(r.n_docs for r in done) == 0:
         raise _no_documents(done)
-    return _finish("label", inputs, shards, sub, stages, layout, results, cfg, t0, timings, quiet)
+    return _finish("label", inputs, shards, sub, layout, cfg, t0, timings)
 
 
 def query(db: str | Path, sql: str) -> pa.Table:

@@ -352,9 +352,9 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
     total_tokens = float(tokens.sum())
     budget = float(spec.budget_tokens) if spec.budget_tokens else total_tokens
 
-    keys_L, keys_M = docs.keys(L), docs.keys(M)
-    uL, cell_L = factorize(keys_L)
-    uM, cell_M = factorize(keys_M)
+    cells_at = {level: factorize(docs.keys(level)) for level in (1, 2, 3)}   # once, for Stage 1/2 and diagnostics
+    uL, cell_L = cells_at[L]
+    uM, cell_M = cells_at[M]
     tok_L = np.bincount(cell_L, weights=tokens, minlength=len(uL))
     parent = np.searchsorted(uL, uM >> (CODE_BITS * (M - L)))
 
@@ -396,19 +396,20 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
              "target_tokens": targets, "available_tokens": elig_tok, "eligible_docs": elig_docs,
              "selected_tokens": sel_tok, "quality_threshold": thr,
              "epochs": np.divide(targets, elig_tok, out=np.zeros(len(uM)), where=elig_tok > 0)}
-    diag = diagnostics(docs, spec, repeats, cells, budget, w_L)
+    diag = diagnostics(docs, spec, repeats, cells, budget, w_L, {lv: inv for lv, (_, inv) in cells_at.items()})
     warnings += diag.pop("_warnings")
     return Mixture(spec=spec, cells=cells, repeats=repeats, diagnostics=diag, warnings=warnings)
 
 
 def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str, np.ndarray], budget: float,
-                w_L: np.ndarray) -> dict[str, Any]:
+                w_L: np.ndarray, cell_index: dict[int, np.ndarray]) -> dict[str, Any]:
+    """`cell_index[level]`: each document's cell index at that level (from factorize)."""
     tokens = docs.n_tokens.astype(np.float64)
     sel = tokens * repeats
     selected = float(sel.sum())
     levels = {}
     for level in (1, 2, 3):
-        _, inv = factorize(docs.keys(level))
+        inv = cell_index[level]
         nat = np.bincount(inv, weights=tokens)
         mix = np.bincount(inv, weights=sel, minlength=len(nat))
         p = nat / nat.sum()

@@ -175,6 +175,37 @@ def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray 
     return pa.nulls(len(texts), pa.float64())
 
 
+def document_columns(shard: Shard, docs: pa.Table, texts: list[str], stages: Stages, seq: int) -> dict[str, Any]:
+    """The per-document columns of one read batch: counts, quality, where it came from, its seq."""
+    cfg, n = stages.cfg, len(texts)
+    return {"doc_id": docs.column("doc_id"), "source": docs.column("source"),
+            "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+            "n_tokens": pa.array(stages.counter.count(texts), pa.int32()),
+            "quality": quality_column(cfg.quality, texts, docs.column("quality"), stages.quality_scorer),
+            "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
+            "seq": pa.array(np.arange(seq, seq + n), pa.int64())}
+
+
+def label_table(columns: Any, codes: np.ndarray, fingerprint: str) -> pa.Table:
+    """A label-file batch: the document columns (anything indexable by name) plus the codes."""
+    names = ("doc_id", "source", "n_chars", "n_tokens", "quality")
+    return pa.table({**{k: columns[k] for k in names},
+                     **{c: pa.array(codes[:, i], pa.int16()) for i, c in enumerate(("c1", "c2", "c3"))},
+                     "substrate": pa.array([fingerprint] * len(codes), pa.string()),
+                     **{k: columns[k] for k in ("file", "line", "seq")}}, schema=LABEL_FILE_SCHEMA)
+
+
+def _skipped(step: str, shard: Shard, marker: dict, layout: Layout, progress: Progress | None,
+             t0: float) -> "ShardResult":
+    """A shard found done: count it in the progress display and the run log, change nothing."""
+    result = ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
+    if progress:
+        progress.advance(result.n_docs + result.n_rejects, counted=False)
+        progress.shard_done()
+    layout.log(step, result, time.perf_counter() - t0)
+    return result
+
+
 def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -215,11 +246,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
     marker = _read_marker(marker_path)
     if marker and marker.get("cache_key") == key and marker.get("shard") == shard.stat() \
             and layout.docs_file(shard).is_file() and layout.emb_file(shard).is_file():
-        if progress:
-            progress.advance(marker["n_docs"] + marker["n_rejects"], counted=False)
-        result = ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
-        layout.log("embed", result, time.perf_counter() - t0)
-        return result
+        return _skipped("embed", shard, marker, layout, progress, t0)
 
     cfg = stages.cfg
     layout.embeddings.mkdir(parents=True, exist_ok=True)
@@ -239,7 +266,6 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
             if not n:
                 continue
             texts = docs.column("text").to_pylist()
-            n_tokens = stages.counter.count(texts)
             # encode in slices so progress moves while a large read batch is embedded
             for i in range(0, n, ENCODE_SLICE):
                 emb = stages.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16)
@@ -247,14 +273,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
                 emb_out.write(np.ascontiguousarray(emb).tobytes())
                 if progress:
                     progress.advance(min(ENCODE_SLICE, n - i))
-            docs_out.write_table(pa.table({
-                "doc_id": docs.column("doc_id"), "source": docs.column("source"),
-                "n_chars": pa.array([len(t) for t in texts], pa.int32()),
-                "n_tokens": pa.array(n_tokens, pa.int32()),
-                "quality": quality_column(cfg.quality, texts, docs.column("quality"), stages.quality_scorer),
-                "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
-                "seq": pa.array(np.arange(seq, seq + n), pa.int64()),
-            }, schema=DOCS_SCHEMA))
+            docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq), schema=DOCS_SCHEMA))
             seq += n
     for name, path in (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)),
                        ("rejects", layout.reject_file(shard))):
@@ -349,11 +368,7 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
     t0 = time.perf_counter()
     marker = label_is_current(shard, substrate, stages, layout)
     if marker:
-        if progress:
-            progress.advance(marker["n_docs"], counted=False)
-        result = ShardResult(shard, marker["n_docs"], marker["n_rejects"], skipped=True)
-        layout.log("label", result, time.perf_counter() - t0)
-        return result
+        return _skipped("label", shard, marker, layout, progress, t0)
     emb_marker = _read_marker(layout.emb_marker(shard)) or {}
     docs_file = pq.ParquetFile(layout.docs_file(shard))
     emb = load_cached_embeddings(shard, layout, mmap=True)
@@ -372,23 +387,18 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
         for batch in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
             stop = start + batch.num_rows
             codes[start:stop] = substrate.encode(np.asarray(emb[start:stop], dtype=np.float32))
-            cols = {name: batch.column(name) for name in ("doc_id", "source", "n_chars", "n_tokens", "quality")}
-            for i, c in enumerate(("c1", "c2", "c3")):
-                cols[c] = pa.array(codes[start:stop, i], pa.int16())
-            cols["substrate"] = pa.array([substrate.fingerprint] * batch.num_rows, pa.string())
-            for name in ("file", "line", "seq"):
-                cols[name] = batch.column(name)
-            out.write_table(pa.table(cols, schema=LABEL_FILE_SCHEMA))
+            out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[start:stop],
+                                        substrate.fingerprint))
             start = stop
     _write_atomic_parquet(_term_counts(shard, stages, codes), layout.terms_file(shard))
     os.replace(label_tmp, layout.label_file(shard))
     _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
                         "shard": shard.stat(), "name": shard.name, "n_docs": n,
                         "n_rejects": emb_marker.get("n_rejects", 0)}, layout.label_marker(shard))
-    if progress:
-        progress.advance(n)
-        progress.shard_done()
     result = ShardResult(shard, n, emb_marker.get("n_rejects", 0), skipped=False)
+    if progress:
+        progress.advance(result.n_docs + result.n_rejects)
+        progress.shard_done()
     layout.log("label", result, time.perf_counter() - t0)
     return result
 
@@ -421,12 +431,9 @@ def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: 
     text). Idempotent: a shard done under this substrate is skipped."""
     if getattr(substrate, "kind", "embedding") == "distilled":
         return label_shard_from_text(shard, substrate, stages, layout, progress)
-    if label_is_current(shard, substrate, stages, layout):
-        result = quantize_shard(shard, substrate, stages, layout)     # finds it done: logs the skip
-        if progress:
-            progress.advance(result.n_docs + result.n_rejects, counted=False)
-            progress.shard_done()
-        return result
+    marker = label_is_current(shard, substrate, stages, layout)
+    if marker:
+        return _skipped("label", shard, marker, layout, progress, time.perf_counter())
     embedded = embed_shard(shard, stages, layout, progress)
     quantize_shard(shard, substrate, stages, layout)
     if not stages.cfg.keep_embeddings:
@@ -440,14 +447,9 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
     from hermes.terms import TermCounter
 
     t0 = time.perf_counter()
-    if label_is_current(shard, substrate, stages, layout):
-        m = _read_marker(layout.label_marker(shard))
-        result = ShardResult(shard, m["n_docs"], m["n_rejects"], skipped=True)
-        if progress:
-            progress.advance(m["n_docs"] + m["n_rejects"], counted=False)
-            progress.shard_done()
-        layout.log("label", result, time.perf_counter() - t0)
-        return result
+    marker = label_is_current(shard, substrate, stages, layout)
+    if marker:
+        return _skipped("label", shard, marker, layout, progress, t0)
     cfg = stages.cfg
     for folder in (layout.labels, layout.rejects, layout.terms_file(shard).parent):
         folder.mkdir(parents=True, exist_ok=True)
@@ -465,16 +467,8 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
                 texts = docs.column("text").to_pylist()
                 codes = substrate.encode_texts(texts)
                 terms.add(texts, codes)
-                out.write_table(pa.table({
-                    "doc_id": docs.column("doc_id"), "source": docs.column("source"),
-                    "n_chars": pa.array([len(t) for t in texts], pa.int32()),
-                    "n_tokens": pa.array(stages.counter.count(texts), pa.int32()),
-                    "quality": quality_column(cfg.quality, texts, docs.column("quality"), stages.quality_scorer),
-                    "c1": pa.array(codes[:, 0], pa.int16()), "c2": pa.array(codes[:, 1], pa.int16()),
-                    "c3": pa.array(codes[:, 2], pa.int16()),
-                    "substrate": pa.array([substrate.fingerprint] * n, pa.string()),
-                    "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
-                    "seq": pa.array(np.arange(seq, seq + n), pa.int64())}, schema=LABEL_FILE_SCHEMA))
+                out.write_table(label_table(document_columns(shard, docs, texts, stages, seq), codes,
+                                            substrate.fingerprint))
                 seq += n
             if progress:
                 progress.advance(n + len(bad))

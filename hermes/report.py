@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hermes.errors import HermesError
+from hermes.read import lookup
 from hermes.store import connect, info_fields, store_info
 
 SNIPPETS_PER_CELL = 3
@@ -98,8 +99,7 @@ def gather(db: str | Path, mixtures: list[str | Path] = (), corpus: list[str] | 
     snippets: dict[str, list[str]] = {}
     note = None
     try:
-        found = __import__("hermes.read", fromlist=["lookup"]).lookup(
-            corpus or info.get("inputs", []), info_fields(info), {p["doc_id"] for p in picks})
+        found = lookup(corpus or info.get("inputs", []), info_fields(info), {p["doc_id"] for p in picks})
         for p in picks:
             text = (found.get(p["doc_id"]) or {}).get("text")
             if isinstance(text, str):

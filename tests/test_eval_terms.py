@@ -66,7 +66,6 @@ def test_short_and_wordless_cells_are_flagged():
 
 def test_flags_in_a_store(tmp_path):
     import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from hermes.store import create_views
