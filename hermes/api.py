@@ -14,7 +14,7 @@ import pyarrow as pa
 from hermes.config import Config, load_config
 from hermes.errors import HermesError
 from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
-                             label_one_shard, quantize_shard, reading_fields)
+                             label_one_shard, quantize_shard, reading_fields, stages_for)
 from hermes.progress import Progress, say
 from hermes.read import Shard, check_fields, discover
 from hermes.rvq import capped_codebook_size
@@ -78,7 +78,8 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
-    stages.quality_scorer          # a bad quality model fails here, before anything is written
+    stages.quality_scorer          # a bad quality or taxonomy model fails here, before anything is written
+    stages.fixed.setup()
     results = _embed_all(shards, stages, layout, quiet)
     timings = {"embed": time.perf_counter() - t0}
     counts = [r.n_docs for r in results]
@@ -100,6 +101,7 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
     return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
             "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
             "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+            "stages": _stack_text(substrate),
             "embedding": substrate.embedding, "documents": sum(r.n_docs for r in results),
             "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -113,13 +115,15 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         for stale in folder.glob("*.parquet"):
             if stale.name not in current:
                 stale.unlink()
-    counts = build_store(layout.db, [layout.label_file(s) for s in shards],
-                         [layout.reject_file(s) for s in shards], substrate.manifest(),
+    rejects = [layout.reject_file(s) for s in shards] + \
+        [layout.unknown_file(s) for s in shards if layout.unknown_file(s).is_file()]
+    counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
                          info={"command": command, "inputs": inputs,
                                "quality": cfg.quality, "quality_field": cfg.quality_field,
                                "quality_model": cfg.quality_model if cfg.quality == "fasttext" else None,
                                "quality_label": cfg.quality_label if cfg.quality == "fasttext" else None,
                                "tokenizer": cfg.tokenizer or "the embedding model's",
+                               "stages": _stack_text(substrate),
                                "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}},
                          term_files=[layout.terms_file(s) for s in shards])
     timings["store"] = time.perf_counter() - t
@@ -132,7 +136,7 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         "command": command, "out": str(layout.root), "shards": len(shards),
         "read": read, "labeled": counts["labeled"], "rejected": counts["rejected"],
         "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
-        "codebook_sizes": substrate.sizes,
+        "codebook_sizes": substrate.sizes, "stages": _stack_text(substrate),
         "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg) if substrate.kind == "embedding" else
         f"distilled fastText labeler of substrate {substrate.m['teacher']} ({'/'.join(map(str, substrate.sizes))} classes)",
         "fit_sample_size": substrate.fit_sample_size, "substrate": substrate.fingerprint,
@@ -146,6 +150,36 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
                  f"hermes sql \"SELECT cell, n_docs, share_tokens FROM cells_l12 ORDER BY n_docs DESC LIMIT 10\" --db {db}",
                  f"hermes sql \"SELECT reason, count(*) FROM rejects GROUP BY reason\" --db {db}"],
     }
+
+
+def _stack_text(substrate) -> str:
+    """`source (7 classes), learned (76), learned (76)`: each stage and its codewords."""
+    from hermes.stages import stage_text
+
+    stack = getattr(substrate, "stages", None) or substrate.manifest().get("stages") \
+        or [{"kind": "learned"}] * len(substrate.sizes)
+    return ", ".join(f"{stage_text(st)} ({k}{' classes' if 'classes' in st else ''})"
+                     for st, k in zip(stack, substrate.sizes))
+
+
+def _check_stack(sub: Substrate, cfg: Config) -> None:
+    """A substrate's fixed stages must label this corpus as they labeled the one it was fitted on."""
+    from hermes.stages import file_sha256
+
+    for i in sub.fixed:
+        stage = sub.stages[i]
+        if stage["kind"] == "source" and stage["source_field"] != cfg.source_field:
+            raise HermesError(f"stage {i + 1} of the substrate labels by source field '{stage['source_field']}', "
+                              f"but this run reads the source from '{cfg.source_field}' (field 'source_field')",
+                              hint=f"pass --source-field {stage['source_field']}")
+        if stage["kind"] == "fasttext":
+            model = Path(stage["model"])
+            if not model.is_file():
+                raise HermesError(f"{model}: the taxonomy model of stage {i + 1} of the substrate is missing",
+                                  hint="put the model back where it was fitted, or refit the substrate")
+            if file_sha256(model) != stage["model_sha256"]:
+                raise HermesError(f"{model}: the taxonomy model of stage {i + 1} changed since the substrate was "
+                                  f"fitted (sha256 differs)", hint="restore that model, or refit the substrate")
 
 
 def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-out",
@@ -183,8 +217,11 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.copytree(substrate, tmp)
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
-    stages = Stages(cfg, embedding=sub.embedding)      # a distilled substrate has no embedding: unused
+    if sub.kind == "embedding":
+        _check_stack(sub, cfg)
+    stages = stages_for(cfg, sub)
     stages.quality_scorer
+    stages.fixed.setup()
     if engine == "ray":
         from hermes.engines import run_on_ray
 
@@ -266,7 +303,7 @@ def compare(db: str | Path, levels: Iterable[int] = (1, 2, 3), rules: Iterable[s
     for spec in specs:
         m, fp = mixture.build(db, spec, loaded)
         if out is not None:
-            mixture.write(m, db, fp, Path(out) / spec.name())
+            mixture.write(m, db, fp, Path(out) / spec.name(), names=docs.names)
         d = m.diagnostics
         row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.m,
                "sampler": spec.sampler, "eligible": spec.eligible, "unique_docs": d["unique_docs"],

@@ -102,7 +102,10 @@ def _main(
 
 # ------------------------------------------------------------------------------ options
 
-ConfigOpt = typer.Option(None, "--config", help="YAML file overriding configs/default.yaml.")
+ConfigOpt = typer.Option(None, "--config", help="YAML file overriding configs/default.yaml, or the name of a "
+                                                "packaged config (source-first, three-learned).")
+StagesOpt = typer.Option(None, "--stages", help="The stage stack for c1,c2,c3: learned | source | fasttext:FILE "
+                                                "each (default: learned,learned,learned). e.g. source,learned,learned")
 TextFieldOpt = typer.Option(None, "--text-field", help="Dotted path of the text field (default: text).")
 IdFieldOpt = typer.Option(None, "--id-field", help="Dotted path of the id field (default: id).")
 SourceFieldOpt = typer.Option(None, "--source-field", help="Dotted path of the source field (default: source).")
@@ -122,9 +125,9 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or json (on stdout).")
 
 
-def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed) -> dict[str, Any]:
+def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages=None) -> dict[str, Any]:
     return {"model": model, "dtype": dtype, "max_length": max_length, "codebook_size": codebook_size,
-            "fit_sample": fit_sample, "seed": seed}
+            "fit_sample": fit_sample, "seed": seed, "stages": stages}
 
 
 def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep,
@@ -148,6 +151,7 @@ def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
         typer.echo(f"hermes fit: substrate {s['fingerprint']} fitted on {s['fit_sample_size']:,} of "
                    f"{s['documents']:,} documents in {s['seconds']:.1f} s")
         typer.echo(f"  {s['codebook_rule']}")
+        typer.echo(f"  stages: {s['stages']}")
         typer.echo(f"  embedding: {s['embedding']['model']}, {s['embedding']['dtype']}, "
                    f"max_length {s['embedding']['max_length']}")
         typer.echo(f"  rejected records: {s['rejected']:,}")
@@ -166,6 +170,7 @@ def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
     e = s["embedding"]
     typer.echo(f"  substrate {s['substrate']}: {e['model']} ({e['dtype']}, max_length {e['max_length']}), "
                f"fitted on {s['fit_sample_size']:,} documents; {s['codebook_rule']}")
+    typer.echo(f"  stages: {s['stages']}")
     typer.echo("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings"].items()))
     typer.echo("  outputs: " + ", ".join(f"{v} ({k})" for k, v in s["outputs"].items()))
     typer.echo("next:")
@@ -234,6 +239,7 @@ def run(
                                                                                "small-corpus cap (default: 256)."),
     fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the fit sample and k-means (default: 0)."),
+    stages: Optional[str] = StagesOpt,
     quality: Optional[str] = QualityOpt,
     quality_field: Optional[str] = QualityFieldOpt,
     quality_model: Optional[str] = QualityModelOpt,
@@ -247,11 +253,14 @@ def run(
     Writes OUT/labels.duckdb, OUT/substrate/, OUT/labels/ (one Parquet file per input shard) and
     OUT/rejects/. With no INPUT it runs on the sample corpus bundled with hermes.
 
+    A source first stage (one L1 cell per source, named by it, learned stages below):
+    hermes run corpus/ --out out --stages source,learned,learned
+
     Example: hermes run corpus/*.jsonl.gz --out out --text-field text
     """
     from hermes import api
 
-    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed),
+    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
                                    keep_embeddings, quality, quality_field, quality_model, quality_label)}
     summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
@@ -275,6 +284,7 @@ def fit(
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage (default: 256)."),
     fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: 0)."),
+    stages: Optional[str] = StagesOpt,
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
@@ -286,7 +296,7 @@ def fit(
     """
     from hermes import api
 
-    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed),
+    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, None, True)}
     summary = api.fit(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
     _print_summary(summary, fmt)

@@ -31,6 +31,7 @@ class Config:
     quality_model: str | None
     quality_label: str
     transform: str
+    stages: list
     codebook_size: int
     min_points_per_code: int
     kmeans_iters: int
@@ -72,6 +73,23 @@ def default_config_path() -> Path:
         raise HermesError("configs/default.yaml is missing from this installation", hint="reinstall hermes") from None
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The example configs shipped beside default.yaml, by name (file name without .yaml)."""
+    return {p.stem: p for p in sorted(default_config_path().parent.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file, or the name of a packaged one (`--config source-first`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    named = packaged_configs()
+    if str(path) in named:
+        return named[str(path)]
+    raise HermesError(f"{p}: config file not found",
+                      hint=f"pass a YAML file, or a packaged config: {', '.join(named)}")
+
+
 def default_yaml_text() -> str:
     return default_config_path().read_text(encoding="utf-8")
 
@@ -101,6 +119,10 @@ def _validate(values: dict[str, Any], origin: str) -> None:
     for key, choices in _CHOICES.items():
         if key in values and values[key] not in choices:
             raise HermesError(f"{origin}: {key} = {values[key]!r} is not one of {', '.join(choices)}")
+    if "stages" in values:
+        from hermes.stages import parse_stages
+
+        values["stages"] = parse_stages(values["stages"], origin)
     if "lst_weights" in values:
         w = values["lst_weights"]
         if not isinstance(w, dict) or set(w) - set(LST_WEIGHTS) or \
@@ -127,9 +149,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     else:
         values = base.to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise HermesError(f"{p}: config file not found", hint="pass an existing YAML file to --config")
+        p = resolve_config_path(path)
         file_values = _read_yaml(p.read_text(encoding="utf-8"), str(p))
         _validate(file_values, str(p))
         if isinstance(file_values.get("lst_weights"), dict):    # a partial mapping overrides only its keys

@@ -99,6 +99,21 @@ def load(path: Path, manifest: dict[str, Any]) -> DistilledSubstrate:
     return DistilledSubstrate(path, manifest)
 
 
+def _teacher_stack(con) -> list[dict[str, Any]] | None:
+    """The teacher's stage stack with its fixed stages' class names, so that a store labeled by the
+    distilled labeler names its cells as the teacher's store does."""
+    from hermes.store import stage_names
+
+    names = stage_names(con)
+    if not names:
+        return None
+    cols = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'substrates'").fetchall()]
+    stored = json.loads(con.execute("SELECT stages FROM substrates").fetchall()[0][0] or "null") \
+        if "stages" in cols else None
+    stack = stored or [{"kind": "learned"} for _ in range(3)]
+    return [{**st, "classes": names[i]} if i in names else st for i, st in enumerate(stack)]
+
+
 def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sample: int = 200_000,
             holdout: float = 0.1, epochs: int = 25, dim: int = 100, bucket: int = 200_000, seed: int = 0,
             progress=None) -> dict[str, Any]:
@@ -112,6 +127,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     try:
         fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
         t = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
+        stack = _teacher_stack(con)
     finally:
         con.close()
     if len(fps) != 1:
@@ -167,7 +183,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
                 "hermes_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "settings": {**settings, "seed_used": used_seed}, "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
                 "classes": [len(set(_key(c, lv) for _, c in train)) for lv in (1, 2, 3)],
-                "fallback": fallback, "agreement": {},
+                "fallback": fallback, "agreement": {}, "stages": stack,
                 "files": {f"{k}.bin": _sha_file(tmp / f"{k}.bin") for k in LEVEL_KEYS}}
     manifest["fingerprint"] = hashlib.sha256(json.dumps(
         {"teacher": fps[0], "settings": settings, "files": manifest["files"]}, sort_keys=True).encode()).hexdigest()[:16]

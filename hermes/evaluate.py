@@ -163,7 +163,8 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
             [records[d]["text"] for d in ids])
     E = E.astype(np.float32)
     H = sub.transform.transform(E)               # as labeling does, from the embeddings as cached
-    if not np.array_equal(sub.quantizer.encode(H), codes):
+    fixed = {i: codes[:, i].astype(np.int64) for i in sub.fixed}      # a fixed stage's codes are given
+    if not np.array_equal(sub.quantizer.encode(H, fixed=fixed or None), codes):
         say("eval: note: re-encoding the sample does not give the stored codes exactly")
     E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
@@ -187,7 +188,7 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
     for level in (1, 2, 3):
         result["levels"][LEVEL_NAMES[level]] = {m: structure_metrics(methods[m][level], E, neighbours)
                                                 for m in methods}
-    result["reconstruction"] = {"hermes": [round(x, 5) for x in sub.quantizer.reconstruction_errors(H)],
+    result["reconstruction"] = {"hermes": [round(x, 5) for x in sub.quantizer.reconstruction_errors(H, codes)],
                                 "plain_rvq": [round(x, 5) for x in plain.reconstruction_errors(E)]}
     for g in gold:
         values = [records.get(d, {}).get(g) for d in ids]

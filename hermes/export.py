@@ -17,6 +17,7 @@ export reads them again (or `corpus` when the corpus has moved).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -146,6 +147,21 @@ def _shuffled(manifest: pa.Table, corpus: list[str], fields: Fields, out: Path, 
     return {"records": copies, "documents": len(repeats), "files": [str(p.relative_to(out)) for p in files]}
 
 
+def _cell_file(cell: str) -> str:
+    """A file-name-safe stem for a cell key (class names of fixed stages may hold any character)."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", cell)
+    if safe == cell and not cell.startswith("."):
+        return cell
+    return f"{safe.lstrip('.')}-{hashlib.sha1(cell.encode()).hexdigest()[:8]}"
+
+
+def _cell_order(cell: str) -> list:
+    """Sort key: codes by number, class names by text."""
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in cell.split(".")]
+
+
 def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: Fields, out: Path) -> dict[str, Any]:
     cells = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("cell").to_pylist()))
     (out / "cells").mkdir()
@@ -154,7 +170,7 @@ def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: 
 
     def flush() -> None:      # append per cell, so 100k cells never means 100k open files
         for cell, lines in buffered.items():
-            with open(out / "cells" / f"{cell}.jsonl", "a", encoding="utf-8") as h:
+            with open(out / "cells" / f"{_cell_file(cell)}.jsonl", "a", encoding="utf-8") as h:
                 h.writelines(lines)
         buffered.clear()
 
@@ -168,7 +184,7 @@ def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: 
     flush()
     w = {c: t for c, t in zip(weights.column("cell").to_pylist(), weights.column("selected_tokens").to_pylist()) if t > 0}
     total = sum(w.values())
-    lines = [f"{w[c] / total:.10f} cells/{c}_text_document" for c in sorted(w, key=lambda k: [int(x) for x in k.split(".")])]
+    lines = [f"{w[c] / total:.10f} cells/{_cell_file(c)}_text_document" for c in sorted(w, key=_cell_order)]
     (out / "blend.txt").write_text(" ".join(lines) + "\n")
     (out / "blend.json").write_text(json.dumps({c: w[c] / total for c in sorted(w)}, indent=1) + "\n")
     return {"cells": len(w), "documents": len(cells), "files": ["blend.txt", "blend.json", "cells/"]}

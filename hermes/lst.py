@@ -80,11 +80,19 @@ class LearnedSemanticTransform:
 
 
 def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettings = LSTSettings(),
-                seed: int = 0, progress: Callable[[str], None] | None = None
+                seed: int = 0, progress: Callable[[str], None] | None = None,
+                fixed: dict[int, np.ndarray] | None = None
                 ) -> tuple[LearnedSemanticTransform, ResidualQuantizer, list[dict]]:
     """Train W, b and the codebooks together on X (unit-norm embeddings). Returns the fitted
-    transform, the quantizer holding the trained codebooks, and the per-epoch loss history."""
+    transform, the quantizer holding the trained codebooks, and the per-epoch loss history.
+
+    `fixed` gives the class index per row of X for each fixed stage of the quantizer: such a stage
+    takes those codes instead of the argmax, its codewords follow the EMA of its classes' residuals
+    like any other (never reset), and at the end they are set to the exact class means of the
+    residuals in the final transformed space."""
     import torch
+
+    from hermes.rvq import assign, class_means
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -92,7 +100,9 @@ def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettin
     n, d = X.shape
     s = settings
 
-    quantizer.fit(X)                      # k-means initialisation on the initial h = e
+    fixed = {s_: np.asarray(c, dtype=np.int64) for s_, c in (fixed or {}).items()}
+    quantizer.fit(X, fixed=fixed)         # k-means initialisation on the initial h = e
+    fixed_t = {s_: torch.from_numpy(c) for s_, c in fixed.items()}
     books = [torch.from_numpy(c.copy()) for c in quantizer.codebooks_]
     sizes = [len(c) for c in books]
     ema_count = [torch.full((k,), max(1.0, min(s.batch_size, n) / k)) for k in sizes]
@@ -114,7 +124,8 @@ def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettin
         totals = {"structure": 0.0, "reconstruction": 0.0, "orthogonality": 0.0, "commitment": 0.0, "loss": 0.0}
         steps = 0
         for start in range(0, n - batch + 1 if n >= batch else 1, batch):
-            e = Xt[perm[start:start + batch]]
+            rows = perm[start:start + batch]
+            e = Xt[rows]
             h = torch.nn.functional.normalize(e @ W.T + b, dim=1)
             # structure: random pairs within the batch
             j = torch.from_numpy(rng.permutation(len(e)))
@@ -126,7 +137,8 @@ def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettin
             assigned = []
             for si, C in enumerate(books):
                 with torch.no_grad():
-                    codes = (r @ torch.nn.functional.normalize(C, dim=1).T).argmax(1)
+                    codes = fixed_t[si][rows] if si in fixed_t else \
+                        (r @ torch.nn.functional.normalize(C, dim=1).T).argmax(1)
                 cw = C[codes]
                 commit = commit + ((r - cw) ** 2).sum(1).mean()
                 assigned.append((codes, r.detach()))
@@ -151,7 +163,7 @@ def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettin
                     ema_sum[si].mul_(s.ema_decay).add_(sm, alpha=1 - s.ema_decay)
                     books[si] = ema_sum[si] / ema_count[si].clamp_min(1e-6)[:, None]
                     dead = torch.nonzero(ema_count[si] < s.dead_threshold).flatten()
-                    if len(dead):
+                    if len(dead) and si not in fixed_t:     # a fixed stage's classes are what they are
                         pick = torch.from_numpy(rng.choice(len(res), len(dead), replace=len(dead) > len(res)))
                         books[si][dead] = res[pick]
                         ema_sum[si][dead] = res[pick]
@@ -179,5 +191,13 @@ def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettin
     lst.W_ = W.detach().numpy().astype(np.float32)
     lst.b_ = b.detach().numpy().astype(np.float32)
     quantizer.codebooks_ = [c.numpy().astype(np.float32) for c in books]
+    if fixed:
+        R = lst.transform(X)
+        for si, C in enumerate(quantizer.codebooks_):
+            if si in fixed:
+                C = quantizer.codebooks_[si] = class_means(R, fixed[si], len(C))
+                R -= C[fixed[si]]
+            else:
+                R -= C[assign(R, C)[0]]
     quantizer.n_fit_ = n
     return lst, quantizer, history

@@ -235,6 +235,7 @@ class Docs:
     n_tokens: np.ndarray     # (n,) int64
     quality: np.ndarray      # (n,) float64, NaN where NULL
     doc_hash: np.ndarray     # (n,) uint64, a hash of doc_id (seeded priorities derive from it)
+    names: dict[int, list[str]] = field(default_factory=dict)   # a fixed stage's class names by code
 
     def __len__(self) -> int:
         return len(self.n_tokens)
@@ -256,10 +257,13 @@ def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(uniques), codes.astype(np.int64)
 
 
-def key_text(keys: np.ndarray, level: int) -> list[str]:
+def key_text(keys: np.ndarray, level: int, names: dict[int, list[str]] | None = None) -> list[str]:
+    """The text key of each packed level-`level` key (`17.203`; a named stage shows its class name)."""
     mask = (1 << CODE_BITS) - 1
+    names = names or {}
     parts = [(keys >> (CODE_BITS * (level - 1 - s))) & mask for s in range(level)]
-    return [".".join(str(int(p[i])) for p in parts) for i in range(len(keys))]
+    text = [[names[s][int(v)] for v in p] if s in names else [str(int(v)) for v in p] for s, p in enumerate(parts)]
+    return [".".join(t[i] for t in text) for i in range(len(keys))]
 
 
 def priorities(doc_hash: np.ndarray, seed: int) -> np.ndarray:
@@ -372,7 +376,7 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
 
     ext = None
     if rule.kind == "weights":
-        names = key_text(uL, L)
+        names = key_text(uL, L, docs.names)
         ext = np.array([external.get(n, 0.0) for n in names]) if external else None
         missing = [n for n in names if n not in (external or {})]
         if missing:

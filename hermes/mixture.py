@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from hermes import __version__
 from hermes.errors import HermesError
-from hermes.mixers import Docs, Mixture, MixSpec, key_text, make_mixture, parse_rule
-from hermes.store import LEVELS, connect
+from hermes.mixers import CODE_BITS, Docs, Mixture, MixSpec, key_text, make_mixture, parse_rule
+from hermes.store import LEVELS, connect, key_sql, named_stages, stage_names
 
 
 def store_substrate(con) -> str:
@@ -40,13 +40,15 @@ def load_docs(db: str | Path) -> tuple[Docs, str]:
     con = connect(db)
     try:
         fp = store_substrate(con)
+        names = stage_names(con)
         t = con.sql("SELECT c1, c2, c3, n_tokens, quality, hash(doc_id) AS h FROM labels ORDER BY rowid").to_arrow_table()
     finally:
         con.close()
     c = np.stack([t.column(n).to_numpy(zero_copy_only=False).astype(np.int64) for n in ("c1", "c2", "c3")], axis=1)
     quality = t.column("quality").cast(pa.float64()).to_numpy(zero_copy_only=False)   # NULL -> NaN
     return Docs(c=c, n_tokens=t.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64),
-                quality=quality, doc_hash=t.column("h").to_numpy(zero_copy_only=False).astype(np.uint64)), fp
+                quality=quality, doc_hash=t.column("h").to_numpy(zero_copy_only=False).astype(np.uint64),
+                names=names), fp
 
 
 def read_weights_file(path: str | Path, level: int, known: set[str]) -> dict[str, float]:
@@ -105,12 +107,13 @@ def build(db: str | Path, spec: MixSpec, loaded: tuple[Docs, str] | None = None)
     rule = parse_rule(spec.rule)
     external = None
     if rule.kind == "weights":
-        known = set(key_text(np.unique(docs.keys(spec.level)), spec.level))
+        known = set(key_text(np.unique(docs.keys(spec.level)), spec.level, docs.names))
         external = read_weights_file(rule.path, spec.level, known)
     return make_mixture(docs, spec, external, external_source=str(rule.path)), fp
 
 
-def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Path:
+def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path,
+          names: dict[int, list[str]] | None = None) -> Path:
     """Write the mixture folder (to a temporary name, renamed when complete)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -118,8 +121,14 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Pa
     tmp.mkdir(parents=True)
     spec = mix.spec
     c = mix.cells
-    cell_keys = key_text(c["key"], spec.m)
-    parent_keys = [k.rsplit(".", spec.m - spec.level)[0] if spec.m > spec.level else k for k in cell_keys]
+    con = connect(db)
+    try:
+        names = stage_names(con) if names is None else names
+        named = named_stages(con)
+    finally:
+        con.close()
+    cell_keys = key_text(c["key"], spec.m, names)
+    parent_keys = key_text(c["key"] >> (CODE_BITS * (spec.m - spec.level)), spec.level, names)
     pq.write_table(pa.table({
         "cell": cell_keys, "level": pa.array([spec.m] * len(cell_keys), pa.int8()), "parent": parent_keys,
         "stage1_weight": c["stage1_weight"], "weight": c["weight"],
@@ -132,9 +141,9 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Pa
     try:
         sel = pa.table({"row": rows.astype(np.int64), "repeats": mix.repeats[rows].astype(np.int32)})
         con.register("selected", sel)
-        key_expr = " || '.' || ".join(f"CAST(l.c{i + 1} AS VARCHAR)" for i in range(spec.m))
+        key_expr, joins = key_sql(spec.m, named, "l")
         manifest = con.sql(f"SELECT l.doc_id, s.repeats, l.n_tokens, {key_expr} AS cell FROM selected s "
-                           f"JOIN labels l ON l.rowid = s.row ORDER BY s.row").to_arrow_table()
+                           f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
     finally:
         con.close()
     pq.write_table(manifest, tmp / "manifest.parquet")

@@ -85,6 +85,12 @@ class Layout:
     def label_file(self, shard: Shard) -> Path:
         return self.labels / f"{shard.key}.parquet"
 
+    def classes_file(self, shard: Shard) -> Path:
+        return self.embeddings / f"{shard.key}.classes.parquet"   # taxonomy stages' labels, per document
+
+    def unknown_file(self, shard: Shard) -> Path:
+        return self.rejects / f"{shard.key}.unknown.parquet"      # documents of a class the substrate lacks
+
     def terms_file(self, shard: Shard) -> Path:
         return self.root / "terms" / f"{shard.key}.parquet"
 
@@ -107,8 +113,13 @@ class Layout:
 class Stages:
     """The models the per-shard functions use, loaded once per process on first use."""
 
-    def __init__(self, cfg: Config, embedding: dict[str, Any] | None = None):
+    def __init__(self, cfg: Config, embedding: dict[str, Any] | None = None,
+                 stack: list[dict[str, Any]] | None = None):
+        from hermes.stages import FixedLabelers
+
         self.cfg = cfg
+        self.stack = stack or cfg.stages               # a substrate's own stack when labeling with it
+        self.fixed = FixedLabelers(self.stack)
         emb = embedding or {}
         self.embedder = Embedder(model=emb.get("model", cfg.model), dtype=emb.get("dtype", cfg.dtype),
                                  device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
@@ -146,6 +157,19 @@ class Stages:
                                if c.quality == "fasttext" else []), "hermes": __version__},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+    def classes_key(self) -> str:
+        """What decides the taxonomy stages' labels of a shard: its documents and the models."""
+        blob = json.dumps({"cache": self.cache_key(), "fixed": self.fixed.key()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stages_for(cfg: Config, substrate) -> Stages:
+    """The stages that label with `substrate`: its embedding settings and its own stage stack."""
+    if getattr(substrate, "kind", "") != "embedding":      # a distilled substrate reads text only
+        return Stages(cfg)
+    return Stages(cfg, embedding=substrate.embedding, stack=substrate.stages)
 
 
 def _file_id(path: str | None) -> list | None:
@@ -303,9 +327,110 @@ def load_cached_embeddings(shard: Shard, layout: Layout, mmap: bool = False) -> 
     return emb if mmap else np.array(emb)
 
 
+CLASSES_KEY = b"hermes_classes_key"
+
+
+def _taxonomy_labels(shard: Shard, stages: Stages, layout: Layout) -> pa.Table:
+    """The taxonomy stages' labels of a shard's cached documents (columns stage_<i>), computed from
+    the text once and cached beside the embeddings, so changing the stage stack never re-embeds."""
+    path = layout.classes_file(shard)
+    key = stages.classes_key().encode()
+    if path.is_file():
+        try:
+            if (pq.read_schema(path).metadata or {}).get(CLASSES_KEY) == key:
+                return pq.read_table(path)
+        except (OSError, pa.ArrowException):
+            pass
+    taxonomy = [i for i in stages.fixed.fixed if stages.stack[i]["kind"] == "fasttext"]
+    columns: dict[str, list[str]] = {f"stage_{i}": [] for i in taxonomy}
+    n = pq.ParquetFile(layout.docs_file(shard)).metadata.num_rows
+    seen = 0
+    for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
+        texts = batch.column("text").to_pylist()
+        for i, names in stages.fixed.labels([""] * len(texts), texts).items():
+            if f"stage_{i}" in columns:
+                columns[f"stage_{i}"].extend(names)
+        seen += len(texts)
+    if seen != n:
+        raise HermesError(f"{shard.path}: the file changed since it was embedded ({seen} documents now, {n} before)",
+                          hint=f"delete {layout.embeddings} and rerun")
+    table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}).replace_schema_metadata({CLASSES_KEY: key})
+    _write_atomic_parquet(table, path)
+    return table
+
+
+def shard_classes(shard: Shard, stages: Stages, layout: Layout) -> dict[int, pa.Array]:
+    """Each fixed stage's class name for every cached document of the shard, in cache order."""
+    out: dict[int, pa.Array] = {}
+    kinds = {i: stages.stack[i]["kind"] for i in stages.fixed.fixed}
+    if "source" in kinds.values():
+        source = pq.read_table(layout.docs_file(shard), columns=["source"]).column("source").combine_chunks()
+        out.update({i: source for i, k in kinds.items() if k == "source"})
+    if "fasttext" in kinds.values():
+        taxonomy = _taxonomy_labels(shard, stages, layout)
+        out.update({i: taxonomy.column(f"stage_{i}").combine_chunks() for i, k in kinds.items() if k == "fasttext"})
+    return out
+
+
+def class_indices(names: pa.Array, classes: list[str]) -> np.ndarray:
+    """Each name's position among `classes`, -1 where it is not one of them."""
+    import pyarrow.compute as pc
+
+    idx = pc.index_in(names, value_set=pa.array(classes, pa.string()))
+    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _stage_classes(shards: list[Shard], counts: list[int], stages: Stages, layout: Layout
+                   ) -> tuple[dict[int, list[str]], dict[int, np.ndarray]]:
+    """For each fixed stage: its sorted class names (a taxonomy model's labels, or every source in
+    the corpus) and each document's class index over the whole corpus (int32, corpus order)."""
+    from hermes.stages import check_class_count
+
+    per_shard = [shard_classes(s, stages, layout) if n else {} for s, n in zip(shards, counts)]
+    classes, codes = {}, {}
+    for i in stages.fixed.fixed:
+        known = stages.fixed.known_classes(i)
+        if known is None:
+            import pyarrow.compute as pc
+
+            names: set[str] = set()
+            for p in per_shard:
+                if i in p:
+                    names.update(v for v in pc.unique(p[i]).to_pylist() if v is not None)
+            known = sorted(names)
+        check_class_count(i, stages.stack[i]["kind"], len(known))
+        classes[i] = known
+        codes[i] = np.concatenate([class_indices(p[i], known) for p in per_shard if i in p]).astype(np.int32)
+    return classes, codes
+
+
+def _top_up(picks: np.ndarray, codes: dict[int, np.ndarray], n_classes: dict[int, int], minimum: int,
+            rng: np.random.Generator) -> np.ndarray:
+    """The sample plus, for each class of a fixed stage with fewer than `minimum` sampled documents,
+    more of its documents (all it has, if fewer), so every class gets a codeword from data."""
+    extra = []
+    for i, c in codes.items():
+        have = np.bincount(c[picks], minlength=n_classes[i])
+        short = np.flatnonzero(have < minimum)
+        if not len(short):
+            continue
+        order = np.argsort(c, kind="stable")
+        bounds = np.searchsorted(c[order], np.arange(n_classes[i] + 1))
+        chosen = np.zeros(len(c), bool)
+        chosen[picks] = True
+        for k in short:
+            members = order[bounds[k]:bounds[k + 1]]
+            free = members[~chosen[members]]
+            take = min(len(free), minimum - int(have[k]))
+            if take > 0:
+                extra.append(np.sort(rng.choice(free, take, replace=False)))
+    return np.unique(np.concatenate([picks, *extra])) if extra else picks
+
+
 def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout: Layout,
                   progress_note=None) -> Substrate:
-    """Fit transform + RVQ on a seeded uniform sample of the cached embeddings of `shards`."""
+    """Fit transform + RVQ on a seeded uniform sample of the cached embeddings of `shards`
+    (topped up so that every class of a fixed stage has data; see _top_up)."""
     from hermes.rvq import ResidualQuantizer
     from hermes.transform import IdentityTransform
 
@@ -317,6 +442,13 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
     n_fit = min(total, cfg.fit_sample)
     rng = np.random.default_rng(cfg.seed)
     picks = np.sort(rng.choice(total, n_fit, replace=False)) if n_fit < total else np.arange(total)
+    classes, class_codes = _stage_classes(shards, counts, stages, layout) if stages.fixed.fixed else ({}, {})
+    for i, c in class_codes.items():
+        if (c < 0).any():      # cannot happen for sources; a taxonomy model gives only its labels
+            raise HermesError(f"stage {i + 1}: {int((c < 0).sum())} documents have no class")
+    if class_codes:
+        picks = _top_up(picks, class_codes, {i: len(v) for i, v in classes.items()}, cfg.min_points_per_code, rng)
+        n_fit = len(picks)
     parts, offset = [], 0
     for shard, n in zip(shards, counts):
         if n == 0:
@@ -326,9 +458,10 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
             parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[local], dtype=np.float32))
         offset += n
     X = np.concatenate(parts)
+    fixed = {i: c[picks].astype(np.int64) for i, c in class_codes.items()}
     quantizer = ResidualQuantizer(stages=N_CODES, codebook_size=cfg.codebook_size,
                                   min_points_per_code=cfg.min_points_per_code, iters=cfg.kmeans_iters,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, fixed={i: len(v) for i, v in classes.items()})
     training: dict = {}
     if cfg.transform == "lst":
         from hermes.lst import LSTSettings, fit_lst_rvq
@@ -338,18 +471,38 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
                                    lr=float(cfg.lst_lr), w_structure=float(w["structure"]),
                                    w_reconstruction=float(w["reconstruction"]),
                                    w_orthogonality=float(w["orthogonality"]), w_commitment=float(w["commitment"]))
-        transform, quantizer, history = fit_lst_rvq(X, quantizer, lst_settings, seed=cfg.seed, progress=progress_note)
+        transform, quantizer, history = fit_lst_rvq(X, quantizer, lst_settings, seed=cfg.seed, progress=progress_note,
+                                                    fixed=fixed)
         training = {"history": history, "orthogonality_error": transform.orthogonality_error()}
     else:
         transform = IdentityTransform()
         quantizer.fit(transform.transform(X), progress=(lambda s: progress_note(f"fit: RVQ stage {s}/{N_CODES} done"))
-                      if progress_note else None)
+                      if progress_note else None, fixed=fixed)
+    if fixed:
+        training["fit_docs_per_class"] = {str(i + 1): np.bincount(c, minlength=len(classes[i])).tolist()
+                                          for i, c in fixed.items()}
     settings = stages.embedding_settings()
     settings["dim"] = int(X.shape[1])
     substrate = Substrate(embedding=settings, transform=transform, quantizer=quantizer, fit_sample_size=n_fit,
-                          training=training)
+                          training=training, stages=substrate_stack(stages, classes))
     substrate.save(layout.substrate)
     return substrate
+
+
+def substrate_stack(stages: Stages, classes: dict[int, list[str]]) -> list[dict[str, Any]]:
+    """The stage stack as a substrate records it: what each fixed stage labels by, and its classes."""
+    from hermes.stages import file_sha256
+
+    out = []
+    for i, stage in enumerate(stages.stack):
+        if stage["kind"] == "source":
+            out.append({"kind": "source", "source_field": stages.cfg.source_field, "classes": classes[i]})
+        elif stage["kind"] == "fasttext":
+            out.append({"kind": "fasttext", "model": stage["model"], "model_sha256": file_sha256(stage["model"]),
+                        "classes": classes[i]})
+        else:
+            out.append({"kind": stage["kind"]})
+    return out
 
 
 def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout) -> dict | None:
@@ -357,7 +510,8 @@ def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout:
     marker = _read_marker(layout.label_marker(shard))
     if marker and marker.get("substrate") == substrate.fingerprint and marker.get("cache_key") == stages.cache_key() \
             and marker.get("shard") == shard.stat() and layout.label_file(shard).is_file() \
-            and layout.reject_file(shard).is_file() and layout.terms_file(shard).is_file():
+            and layout.reject_file(shard).is_file() and layout.terms_file(shard).is_file() \
+            and (getattr(substrate, "kind", "") == "distilled" or layout.unknown_file(shard).is_file()):
         return marker
     return None
 
@@ -379,23 +533,36 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
     if n and emb.shape[1] != substrate.embedding.get("dim", emb.shape[1]):
         raise HermesError(f"{layout.emb_file(shard)}: embedding dimension {emb.shape[1]} does not match the "
                           f"substrate's {substrate.embedding.get('dim')}", hint=f"delete {layout.embeddings} and rerun")
+    fixed, known = _fixed_codes(shard, substrate, stages, layout, n)
     codes = np.zeros((n, N_CODES), np.int16)      # 6 bytes a document, kept for the term counts
     label_tmp = layout.label_file(shard).with_name(layout.label_file(shard).name + ".tmp")
+    unknown_tmp = layout.unknown_file(shard).with_name(layout.unknown_file(shard).name + ".tmp")
     layout.labels.mkdir(parents=True, exist_ok=True)
-    start = 0
-    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out:
+    layout.rejects.mkdir(parents=True, exist_ok=True)
+    start, n_unknown = 0, 0
+    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, \
+            pq.ParquetWriter(unknown_tmp, REJECT_FILE_SCHEMA) as unknown_out:
         for batch in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
             stop = start + batch.num_rows
-            codes[start:stop] = substrate.encode(np.asarray(emb[start:stop], dtype=np.float32))
-            out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[start:stop],
+            keep = known[start:stop]
+            if not keep.all():
+                unknown_out.write_table(_unknown_rejects(batch, ~keep, fixed, start, substrate))
+                n_unknown += int((~keep).sum())
+                batch = batch.filter(pa.array(keep))
+            rows = slice(start, stop) if keep.all() else np.flatnonzero(keep) + start
+            codes[rows] = substrate.encode(np.asarray(emb[rows], dtype=np.float32),
+                                           fixed={i: c[rows] for i, c in fixed.items()} or None)
+            out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[rows],
                                         substrate.fingerprint))
             start = stop
-    _write_atomic_parquet(_term_counts(shard, stages, codes), layout.terms_file(shard))
+    _write_atomic_parquet(_term_counts(shard, stages, codes, known), layout.terms_file(shard))
+    os.replace(unknown_tmp, layout.unknown_file(shard))
     os.replace(label_tmp, layout.label_file(shard))
+    n_rejects = emb_marker.get("n_rejects", 0) + n_unknown
     _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
-                        "shard": shard.stat(), "name": shard.name, "n_docs": n,
-                        "n_rejects": emb_marker.get("n_rejects", 0)}, layout.label_marker(shard))
-    result = ShardResult(shard, n, emb_marker.get("n_rejects", 0), skipped=False)
+                        "shard": shard.stat(), "name": shard.name, "n_docs": n - n_unknown,
+                        "n_rejects": n_rejects}, layout.label_marker(shard))
+    result = ShardResult(shard, n - n_unknown, n_rejects, skipped=False)
     if progress:
         progress.advance(result.n_docs + result.n_rejects)
         progress.shard_done()
@@ -403,9 +570,38 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
     return result
 
 
-def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray) -> pa.Table:
+def _fixed_codes(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout, n: int
+                 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """The substrate's fixed stages' class index per cached document of the shard, and which
+    documents have a class the substrate knows (the others are rejected, not guessed)."""
+    known = np.ones(n, bool)
+    if not substrate.fixed or not n:
+        return {}, known
+    names = shard_classes(shard, stages, layout)
+    fixed = {i: class_indices(names[i], substrate.stages[i]["classes"]) for i in substrate.fixed}
+    for c in fixed.values():
+        known &= c >= 0
+    return fixed, known
+
+
+def _unknown_rejects(batch: pa.RecordBatch, bad: np.ndarray, fixed: dict[int, np.ndarray], start: int,
+                     substrate: Substrate) -> pa.Table:
+    rows = np.flatnonzero(bad)
+    reasons = []
+    for r in rows:
+        i = next(i for i, c in fixed.items() if c[start + r] < 0)
+        stage = substrate.stages[i]
+        what = f"source (field '{stage['source_field']}')" if stage["kind"] == "source" else "taxonomy label"
+        reasons.append(f"{what} is not a class of stage {i + 1} of substrate {substrate.fingerprint} "
+                       f"(it has {len(stage['classes'])}); refit with this corpus to include it")
+    return pa.table({"file": batch.column("file").take(rows), "line": batch.column("line").take(rows),
+                     "doc_id": batch.column("doc_id").take(rows), "reason": pa.array(reasons, pa.string())},
+                    schema=REJECT_FILE_SCHEMA)
+
+
+def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarray | None = None) -> pa.Table:
     """Word counts per L123 cell, streaming: the shard is read again (cheap next to embedding) and
-    its i-th accepted document has codes[i]."""
+    its i-th accepted document has codes[i] (counted where `keep`)."""
     from hermes.terms import TERM_SCHEMA, TermCounter
 
     if len(codes) == 0:
@@ -416,7 +612,11 @@ def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray) -> pa.Table:
         texts = batch.column("text").to_pylist()
         if seen + len(texts) > len(codes):
             break
-        counter.add(texts, codes[seen:seen + len(texts)])
+        if keep is None or keep[seen:seen + len(texts)].all():
+            counter.add(texts, codes[seen:seen + len(texts)])
+        else:
+            mask = keep[seen:seen + len(texts)]
+            counter.add([t for t, k in zip(texts, mask) if k], codes[seen:seen + len(texts)][mask])
         seen += len(texts)
     if seen != len(codes):
         raise HermesError(f"{shard.path}: the file changed while it was being labeled "
@@ -485,5 +685,5 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
 
 
 def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:
-    for p in (layout.emb_file(shard), layout.docs_file(shard), layout.emb_marker(shard)):
+    for p in (layout.emb_file(shard), layout.docs_file(shard), layout.emb_marker(shard), layout.classes_file(shard)):
         p.unlink(missing_ok=True)

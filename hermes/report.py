@@ -70,11 +70,12 @@ def gather(db: str | Path, mixtures: list[str | Path] = (), corpus: list[str] | 
         sub = _rows(con, "SELECT * FROM substrates")[0]
         l1 = _rows(con, """SELECT v.c1, v.cell, v.n_docs, v.n_tokens, v.quality_mean AS q, t.terms
                            FROM cells_l1 v LEFT JOIN cell_terms t ON t.level = 1 AND t.cell = v.cell ORDER BY v.c1""")
-        l2 = _rows(con, """SELECT v.c1, v.c2, v.n_docs, v.n_tokens, v.quality_mean AS q,
+        l2 = _rows(con, """SELECT v.c1, v.c2, v.cell, v.n_docs, v.n_tokens, v.quality_mean AS q,
                                   array_to_string(list_slice(string_split(t.terms, ', '), 1, 3), ', ') AS terms
                            FROM cells_l12 v LEFT JOIN cell_terms t ON t.level = 2 AND t.cell = v.cell
                            ORDER BY v.c1, v.c2""")
-        l3 = _rows(con, "SELECT c1, c2, c3, n_docs, n_tokens, quality_mean AS q FROM cells_l123 ORDER BY c1, c2, c3")
+        l3 = _rows(con, "SELECT c1, c2, c3, cell, parent, n_docs, n_tokens, quality_mean AS q FROM cells_l123 "
+                        "ORDER BY c1, c2, c3")
         levels = {name: {**_level_stats(con, f"cells_{key}"), "pools_top_0.3": _pools(con, lv)}
                   for lv, (name, key) in enumerate((("L1", "l1"), ("L12", "l12"), ("L123", "l123")), start=1)}
         picks = _rows(con, f"""SELECT c1, doc_id FROM (SELECT c1, doc_id, row_number() OVER
@@ -86,14 +87,18 @@ def gather(db: str | Path, mixtures: list[str | Path] = (), corpus: list[str] | 
         return None if v is None else round(float(v), 3)
 
     tree: dict[int, dict] = {}
+    l1_key = {r["c1"]: r["cell"] for r in l1}
+    root = {r["cell"]: l1_key[r["c1"]] for r in l1 + l2 + l3}     # any cell -> its L1 cell
     for r in l1:
         tree[r["c1"]] = {"k": r["cell"], "t": int(r["n_tokens"]), "d": int(r["n_docs"]), "q": q(r["q"]),
                          "w": r["terms"] or "", "c": {}}
     for r in l2:
-        tree[r["c1"]]["c"][r["c2"]] = {"k": f"{r['c1']}.{r['c2']}", "t": int(r["n_tokens"]), "d": int(r["n_docs"]),
+        tree[r["c1"]]["c"][r["c2"]] = {"k": r["cell"], "t": int(r["n_tokens"]), "d": int(r["n_docs"]),
                                        "q": q(r["q"]), "w": r["terms"] or "", "c": []}
-    for r in l3:     # compact: [c3, tokens, docs, quality]
-        tree[r["c1"]]["c"][r["c2"]]["c"].append([r["c3"], int(r["n_tokens"]), int(r["n_docs"]), q(r["q"])])
+    for r in l3:     # compact: [last key segment (c3, or its class name), tokens, docs, quality]
+        last = r["cell"][len(r["parent"]) + 1:]
+        tree[r["c1"]]["c"][r["c2"]]["c"].append([int(last) if last.isdigit() else last, int(r["n_tokens"]),
+                                                 int(r["n_docs"]), q(r["q"])])
     hierarchy = [{**v, "c": list(v["c"].values())} for v in tree.values()]
 
     snippets: dict[str, list[str]] = {}
@@ -103,21 +108,21 @@ def gather(db: str | Path, mixtures: list[str | Path] = (), corpus: list[str] | 
         for p in picks:
             text = (found.get(p["doc_id"]) or {}).get("text")
             if isinstance(text, str):
-                snippets.setdefault(str(p["c1"]), []).append(" ".join(text.split())[:SNIPPET_CHARS])
+                snippets.setdefault(l1_key[p["c1"]], []).append(" ".join(text.split())[:SNIPPET_CHARS])
     except HermesError as e:
         note = f"snippets unavailable: {e.message}"
 
     mixes = []
     for m in mixtures:
-        mixes.append(_mixture(Path(m), {r["cell"]: r["n_tokens"] / totals["tokens"] for r in l1}))
+        mixes.append(_mixture(Path(m), {r["cell"]: r["n_tokens"] / totals["tokens"] for r in l1}, root))
     return {"store": str(db), "totals": totals, "rejects": rejects, "n_rejects": n_rejects,
-            "substrate": {k: (json.loads(v) if k in ("embedding", "transform", "rvq") else str(v))
+            "substrate": {k: (json.loads(v) if k in ("embedding", "transform", "rvq", "stages") else str(v))
                           for k, v in sub.items()},
             "info": {k: v for k, v in info.items()}, "hierarchy": hierarchy, "levels": levels,
             "snippets": snippets, "snippet_note": note, "mixtures": mixes}
 
 
-def _mixture(path: Path, natural: dict[str, float]) -> dict[str, Any]:
+def _mixture(path: Path, natural: dict[str, float], root: dict[str, str]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     if not (path / "mixture.json").is_file() or not (path / "weights.parquet").is_file():
@@ -128,7 +133,7 @@ def _mixture(path: Path, natural: dict[str, float]) -> dict[str, Any]:
     total = sum(r["selected_tokens"] for r in w) or 1
     l1: dict[str, float] = {}
     for r in w:
-        key = r["cell"].split(".")[0]
+        key = root.get(r["cell"], r["cell"])
         l1[key] = l1.get(key, 0.0) + r["selected_tokens"] / total
     return {"name": path.name, "spec": spec["spec"], "diagnostics": spec["diagnostics"],
             "warnings": spec.get("warnings", []),

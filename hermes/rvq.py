@@ -4,7 +4,9 @@ Stage s holds a codebook C_s (k_s x d). Encoding is a fixed argmax per stage (be
 
     r_0 = x;   c_s = argmax_j cos(r_{s-1}, C_s[j]);   r_s = r_{s-1} - C_s[c_s]
 
-so c1 is always the stage-1 codeword with the highest cosine to x. Each codebook is fitted by
+so c1 is always the stage-1 codeword with the highest cosine to x. A fixed stage (hermes.stages)
+takes its codes from outside (a source, a taxonomy class) instead of the argmax, and its codeword
+for a class is the mean of that class's residuals. Each learned codebook is fitted by
 Lloyd iterations with the same assignment rule on the previous stage's residuals (k-means++
 seeding, codeword = mean of its members, an empty codeword is re-seeded at the worst-served
 point), so the fit optimises exactly what encoding does. As FAISS does, Lloyd runs on at most
@@ -57,6 +59,12 @@ def _member_sums(codes: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(onehot @ R, dtype=np.float32)
 
 
+def class_means(R: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """The mean of the rows of R per class (a zero codeword for a class with no member)."""
+    counts = np.bincount(codes, minlength=k).astype(np.float32)
+    return _member_sums(codes, R, k) / np.maximum(counts, 1)[:, None]
+
+
 def fit_codebook(R: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
     from sklearn.cluster import kmeans_plusplus
 
@@ -92,8 +100,10 @@ class ResidualQuantizer:
     """Fit with `fit(X)`, encode with `encode(X)`; learned state ends in `_`."""
 
     def __init__(self, stages: int = 3, codebook_size: int = 256, min_points_per_code: int = 39,
-                 iters: int = 30, seed: int = 0, max_points_per_code: int = 256):
+                 iters: int = 30, seed: int = 0, max_points_per_code: int = 256,
+                 fixed: dict[int, int] | None = None):
         self.max_points_per_code = max_points_per_code
+        self.fixed = {int(s): int(k) for s, k in (fixed or {}).items()}   # fixed stage -> its number of classes
         self.stages = stages
         self.codebook_size = codebook_size
         self.min_points_per_code = min_points_per_code
@@ -103,21 +113,43 @@ class ResidualQuantizer:
     def params(self) -> dict:
         return {"kind": "rvq", "stages": self.stages, "codebook_size": self.codebook_size,
                 "min_points_per_code": self.min_points_per_code, "max_points_per_code": self.max_points_per_code,
-                "iters": self.iters, "seed": self.seed}
+                "iters": self.iters, "seed": self.seed,
+                **({"fixed": {str(s): k for s, k in sorted(self.fixed.items())}} if self.fixed else {})}
 
-    def fit(self, X: np.ndarray, progress: Callable[[int], None] | None = None) -> "ResidualQuantizer":
+    def _check_fixed(self, fixed: dict[int, np.ndarray] | None, n: int) -> dict[int, np.ndarray]:
+        fixed = fixed or {}
+        if set(fixed) != set(self.fixed):
+            raise ValueError(f"codes for the fixed stages {sorted(self.fixed)} are needed, got {sorted(fixed)}")
+        out = {}
+        for s, codes in fixed.items():
+            codes = np.asarray(codes, dtype=np.int64)
+            if len(codes) != n or (n and (codes.min() < 0 or codes.max() >= self.fixed[s])):
+                raise ValueError(f"stage {s + 1}: {n} codes in [0, {self.fixed[s]}) expected")
+            out[s] = codes
+        return out
+
+    def fit(self, X: np.ndarray, progress: Callable[[int], None] | None = None,
+            fixed: dict[int, np.ndarray] | None = None) -> "ResidualQuantizer":
+        """Fit on X; `fixed` gives each fixed stage's class index per row of X."""
         X = np.ascontiguousarray(X, dtype=np.float32)
+        fixed = self._check_fixed(fixed, len(X))
         rng = np.random.default_rng(self.seed)
         k = capped_codebook_size(len(X), self.codebook_size, self.min_points_per_code)
         n_fit = len(X)
         limit = self.max_points_per_code * k
         if len(X) > limit:     # as FAISS: Lloyd on at most max_points_per_code points per codeword
-            X = X[np.sort(rng.choice(len(X), limit, replace=False))]
+            keep = np.sort(rng.choice(len(X), limit, replace=False))
+            X = X[keep]
+            fixed = {s: c[keep] for s, c in fixed.items()}
         R = X.copy()
         self.codebooks_: list[np.ndarray] = []
         for s in range(self.stages):
-            C = fit_codebook(R, min(k, len(R)), self.iters, rng)
-            codes, _ = assign(R, C)
+            if s in self.fixed:
+                codes = fixed[s]
+                C = class_means(R, codes, self.fixed[s])
+            else:
+                C = fit_codebook(R, min(k, len(R)), self.iters, rng)
+                codes, _ = assign(R, C)
             R -= C[codes]
             self.codebooks_.append(C)
             if progress:
@@ -134,13 +166,14 @@ class ResidualQuantizer:
         self._check()
         return [len(c) for c in self.codebooks_]
 
-    def encode(self, X: np.ndarray) -> np.ndarray:
-        """Codes (n, stages), int16."""
+    def encode(self, X: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """Codes (n, stages), int16; `fixed` gives each fixed stage's class index per row."""
         self._check()
         R = np.array(X, dtype=np.float32, copy=True)
+        fixed = self._check_fixed(fixed, len(R))
         out = np.empty((len(R), self.stages), dtype=np.int16)
         for s, C in enumerate(self.codebooks_):
-            codes, _ = assign(R, C)
+            codes = fixed[s] if s in fixed else assign(R, C)[0]
             R -= C[codes]
             out[:, s] = codes
         return out
@@ -154,8 +187,8 @@ class ResidualQuantizer:
             out += self.codebooks_[s][codes[:, s].astype(np.int64)]
         return out
 
-    def reconstruction_errors(self, X: np.ndarray) -> list[float]:
-        """Mean squared residual norm after each stage."""
-        codes = self.encode(X)
+    def reconstruction_errors(self, X: np.ndarray, codes: np.ndarray | None = None) -> list[float]:
+        """Mean squared residual norm after each stage (of X's own codes, or of `codes` given)."""
+        codes = self.encode(X) if codes is None else codes
         return [float(np.mean(np.sum((X - self.decode(codes, s + 1)) ** 2, axis=1)))
                 for s in range(self.stages)]

@@ -1,4 +1,4 @@
-"""The DuckDB store: table `labels`, views per granularity, `substrates`, `rejects`.
+"""The DuckDB store: table `labels`, views per granularity, `substrates`, `rejects`, `stage_classes`.
 
 The store is always rebuilt from the label files (one Parquet file per shard) into a temporary
 database that is renamed into place at the end, so `labels.duckdb` is complete or absent.
@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 
@@ -32,18 +32,53 @@ REJECT_FILE_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("d
                                 ("reason", pa.string())])
 
 
-def _level_table(level: int) -> str:
+def key_sql(level: int, named: Iterable[int] = (), alias: str = "") -> tuple[str, str]:
+    """SQL for the text key of a level's cell (`17.203.5`; a fixed stage's class name in place of
+    its code, `comp.203.5`) over the code columns of table alias `alias`, and the joins it needs
+    (on table stage_classes). `named` holds the 0-based indices of the stages with names."""
+    named = set(named)
+    parts, joins = [], []
+    for i in range(level):
+        col = f"{alias}.c{i + 1}" if alias else f"c{i + 1}"
+        if i in named:
+            parts.append(f"k{i + 1}.name")
+            joins.append(f"LEFT JOIN stage_classes k{i + 1} ON k{i + 1}.stage = {i + 1} AND k{i + 1}.code = {col}")
+        else:
+            parts.append(f"CAST({col} AS VARCHAR)")
+    return " || '.' || ".join(parts), " ".join(joins)
+
+
+def named_stages(con) -> list[int]:
+    """0-based indices of the stages whose codes have names in this store (its fixed stages)."""
+    has = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'stage_classes'").fetchall()[0][0]
+    if not has:
+        return []
+    return [r[0] - 1 for r in con.execute("SELECT DISTINCT stage FROM stage_classes ORDER BY stage").fetchall()]
+
+
+def stage_names(con) -> dict[int, list[str]]:
+    """Each named stage's class names by code (0-based stage index -> names)."""
+    out: dict[int, list[str]] = {}
+    for i in named_stages(con):
+        rows = con.execute("SELECT code, name FROM stage_classes WHERE stage = ? ORDER BY code", [i + 1]).fetchall()
+        names = [""] * (rows[-1][0] + 1 if rows else 0)
+        for code, name in rows:
+            names[code] = name
+        out[i] = names
+    return out
+
+
+def _level_table(level: int, named: list[int]) -> str:
     """The aggregate of one level, materialized when the store is built (the store is immutable
     afterwards), so that the views answer at once even over hundreds of millions of labels."""
     codes = CODES[:level]
     cols = ", ".join(codes)
-    key = " || '.' || ".join(f"CAST({c} AS VARCHAR)" for c in codes)
-    parent = "CAST(NULL AS VARCHAR)" if level == 1 else " || '.' || ".join(
-        f"CAST({c} AS VARCHAR)" for c in codes[:-1])
+    key, joins = key_sql(level, named, "a")
+    parent, _ = key_sql(level - 1, named, "a") if level > 1 else ("CAST(NULL AS VARCHAR)", "")
     children = "CAST(NULL AS BIGINT)" if level == 3 else f"count(DISTINCT {CODES[level]})"
     return f"""
 CREATE TABLE cells_{LEVELS[level]}_data AS
-SELECT {cols}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
+SELECT {", ".join(f"a.{c}" for c in codes)}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
        n_docs / sum(n_docs) OVER () AS share_docs,
        n_tokens / sum(n_tokens) OVER () AS share_tokens,
        quality_mean, quality_p70, n_children
@@ -52,7 +87,7 @@ FROM (
            avg(quality) AS quality_mean, quantile_cont(quality, 0.7) AS quality_p70,
            {children} AS n_children
     FROM labels GROUP BY {cols}
-) ORDER BY {cols}"""
+) a {joins} ORDER BY {", ".join(f"a.{c}" for c in codes)}"""
 
 
 def _stacked_view() -> str:
@@ -67,8 +102,16 @@ def _stacked_view() -> str:
 def create_views(con) -> None:
     """Tables cells_l*_data (the per-level aggregates, computed once) and the views of the contract
     over them: cells_l1, cells_l12, cells_l123 and cells."""
+    named = named_stages(con)
     for level in (1, 2, 3):
-        con.execute(_level_table(level))
+        con.execute(_level_table(level, named))
+        if named:      # names must keep cells apart: 'a.b' + 'c' and 'a' + 'b.c' would not
+            dup = con.execute(f"SELECT cell FROM cells_{LEVELS[level]}_data GROUP BY cell HAVING count(*) > 1 "
+                              "LIMIT 1").fetchall()
+            if dup:
+                raise HermesError(f"two L{'123'[:level]} cells share the key '{dup[0][0]}' (field 'stages')",
+                                  hint="class names of fixed stages must not make the same dotted key; "
+                                       "rename the classes or make one stage learned")
         con.execute(f"CREATE VIEW cells_{LEVELS[level]} AS SELECT * FROM cells_{LEVELS[level]}_data")
     con.execute(_stacked_view())
 
@@ -123,11 +166,14 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
         m = substrate_manifest
         con.execute("""
             CREATE TABLE substrates (fingerprint VARCHAR, created_at TIMESTAMP, hermes_version VARCHAR,
-                embedding_model VARCHAR, embedding JSON, transform JSON, rvq JSON, fit_sample_size BIGINT)""")
-        con.execute("INSERT INTO substrates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                embedding_model VARCHAR, embedding JSON, transform JSON, rvq JSON, fit_sample_size BIGINT,
+                stages JSON)""")
+        stack = [{k: v for k, v in st.items() if k != "classes"} for st in m.get("stages") or []]
+        con.execute("INSERT INTO substrates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [m["fingerprint"], m["created_at"].replace("T", " ").rstrip("Z"), m["hermes_version"],
                      m["embedding"]["model"], json.dumps(m["embedding"]), json.dumps(m["transform"]),
-                     json.dumps(m["rvq"]), m["fit_sample_size"]])
+                     json.dumps(m["rvq"]), m["fit_sample_size"], json.dumps(stack or None)])
+        _stage_classes_table(con, m.get("stages") or [])
         con.execute("CREATE TABLE store_info (key VARCHAR, value VARCHAR)")
         info = {"hermes_version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **(info or {})}
@@ -147,6 +193,16 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
         raise
     os.replace(tmp, db_path)
     return counts
+
+
+def _stage_classes_table(con, stack: list[dict[str, Any]]) -> None:
+    """Table stage_classes (stage, code, name, kind): the class names of the fixed stages, which the
+    cell keys show in place of their codes. Empty when every stage is learned."""
+    con.execute("CREATE TABLE stage_classes (stage SMALLINT, code SMALLINT, name VARCHAR, kind VARCHAR)")
+    rows = [(i + 1, code, name, st["kind"]) for i, st in enumerate(stack) if "classes" in st
+            for code, name in enumerate(st["classes"])]
+    if rows:
+        con.executemany("INSERT INTO stage_classes VALUES (?, ?, ?, ?)", rows)
 
 
 def summary(con) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     substrate/
       manifest.json        format, hermes version, embedding settings, transform and
-                           quantizer settings, fit-sample size, array checksums, fingerprint
+                           quantizer settings, the stage stack (with a fixed stage's class
+                           names), fit-sample size, array checksums, fingerprint
       codebook_1.npy ...   one array per RVQ stage
       transform_*.npy      the transform's arrays, if it has any
 
@@ -26,6 +27,7 @@ import numpy as np
 from hermes import __version__
 from hermes.errors import HermesError
 from hermes.rvq import ResidualQuantizer
+from hermes.stages import LEARNED, N_STAGES, fixed_indices
 from hermes.transform import TRANSFORMS, transform_class
 
 FORMAT = "hermes-substrate"
@@ -42,6 +44,9 @@ class Substrate:
     hermes_version: str = __version__
     fingerprint: str = ""
     training: dict[str, Any] = field(default_factory=dict)   # how the fit went (losses); not fingerprinted
+    # the stage stack (hermes.stages); a fixed stage also records its sorted class names, and
+    # a fasttext stage its model's path and sha256
+    stages: list[dict[str, Any]] = field(default_factory=lambda: [dict(LEARNED) for _ in range(N_STAGES)])
 
     kind = "embedding"
 
@@ -49,9 +54,17 @@ class Substrate:
     def sizes(self) -> list[int]:
         return self.quantizer.sizes_
 
-    def encode(self, embeddings: np.ndarray) -> np.ndarray:
-        """Embeddings (n, d) -> codes (n, stages)."""
-        return self.quantizer.encode(self.transform.transform(embeddings))
+    @property
+    def fixed(self) -> list[int]:
+        return fixed_indices(self.stages)
+
+    def class_names(self) -> dict[int, list[str]]:
+        """Each fixed stage's class names (stage index -> names; code = position)."""
+        return {i: self.stages[i]["classes"] for i in self.fixed}
+
+    def encode(self, embeddings: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """Embeddings (n, d) -> codes (n, stages); `fixed` gives each fixed stage's class index per row."""
+        return self.quantizer.encode(self.transform.transform(embeddings), fixed=fixed)
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -62,9 +75,12 @@ class Substrate:
         return arrays
 
     def _settings(self) -> dict[str, Any]:
-        return {"embedding": self.embedding, "transform": self.transform.params(),
-                "rvq": {**self.quantizer.params(), "sizes": self.quantizer.sizes_},
-                "fit_sample_size": self.fit_sample_size}
+        settings = {"embedding": self.embedding, "transform": self.transform.params(),
+                    "rvq": {**self.quantizer.params(), "sizes": self.quantizer.sizes_},
+                    "fit_sample_size": self.fit_sample_size}
+        if self.fixed:            # an all-learned stack keeps the fingerprint it always had
+            settings["stages"] = self.stages
+        return settings
 
     def compute_fingerprint(self) -> str:
         return _fingerprint(self._settings(), {k: _sha256(v) for k, v in self._arrays().items()})
@@ -73,7 +89,8 @@ class Substrate:
         arrays = self._arrays()
         checksums = {k: _sha256(v) for k, v in arrays.items()}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "hermes_version": self.hermes_version,
-                "created_at": self.created_at, **self._settings(), "training": self.training, "arrays": checksums,
+                "created_at": self.created_at, **self._settings(), "stages": self.stages,
+                "training": self.training, "arrays": checksums,
                 "fingerprint": _fingerprint(self._settings(), checksums)}
 
     def save(self, path: str | Path) -> Path:
@@ -141,13 +158,15 @@ class Substrate:
             rv = m["rvq"]
             q = ResidualQuantizer(stages=rv["stages"], codebook_size=rv["codebook_size"],
                                   min_points_per_code=rv["min_points_per_code"], iters=rv["iters"], seed=rv["seed"],
-                                  max_points_per_code=rv.get("max_points_per_code", 256))
+                                  max_points_per_code=rv.get("max_points_per_code", 256),
+                                  fixed={int(k): v for k, v in rv.get("fixed", {}).items()})
             q.codebooks_ = [arrays[f"codebook_{i + 1}"].astype(np.float32) for i in range(rv["stages"])]
             q.n_fit_ = m["fit_sample_size"]
             sub = cls(embedding=m["embedding"], transform=transform, quantizer=q,
                       fit_sample_size=m["fit_sample_size"], created_at=m["created_at"],
                       hermes_version=m["hermes_version"], fingerprint=m["fingerprint"],
-                      training=m.get("training", {}))
+                      training=m.get("training", {}),
+                      stages=m.get("stages") or [dict(LEARNED) for _ in range(N_STAGES)])
         except KeyError as e:
             raise HermesError(f"{mpath}: field {e} is missing", hint="re-create the substrate with `hermes fit`") from None
         if sub.compute_fingerprint() != m["fingerprint"]:

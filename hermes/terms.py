@@ -80,13 +80,15 @@ def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
     return counter.table()
 
 
-def _level_sql(level: int) -> str:
-    codes = ["c1", "c2", "c3"][:level]
-    key = " || '.' || ".join(f"CAST({c} AS VARCHAR)" for c in codes)
-    parent = "''" if level == 1 else " || '.' || ".join(f"CAST({c} AS VARCHAR)" for c in codes[:-1])
+def _level_sql(level: int, named: list[int]) -> str:
+    from hermes.store import key_sql
+
+    key, joins = key_sql(level, named, "t")
+    parent = "''" if level == 1 else key_sql(level - 1, named, "t")[0]
+    lkey, ljoins = key_sql(level, named, "l")
     return f"""
     WITH c AS (SELECT {key} AS cell, {parent} AS grp, term, sum(count) AS n
-               FROM term_counts GROUP BY ALL),
+               FROM term_counts t {joins} GROUP BY ALL),
     tot AS (SELECT cell, grp, sum(n) AS words, max(n) AS top_n FROM c GROUP BY cell, grp),
     sib AS (SELECT grp, avg(words) AS avg_words FROM tot GROUP BY grp),
     ft AS (SELECT grp, term, sum(n) AS f FROM c GROUP BY grp, term),
@@ -96,7 +98,7 @@ def _level_sql(level: int) -> str:
                FROM scored),
     top AS (SELECT cell, string_agg(term, ', ' ORDER BY rk) AS words FROM ranked
             WHERE rk <= {TERMS_PER_CELL} GROUP BY cell),
-    docs AS (SELECT {key} AS cell, median(n_chars) AS median_chars FROM labels GROUP BY ALL)
+    docs AS (SELECT {lkey} AS cell, median(n_chars) AS median_chars FROM labels l {ljoins} GROUP BY ALL)
     SELECT {level} AS level, v.cell,
            concat_ws(' ',
                CASE WHEN d.median_chars < {SHORT_CHARS} THEN '[short texts]' END,
@@ -112,7 +114,10 @@ def create_cell_terms(con, term_files: list[str]) -> None:
         con.execute("CREATE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
     else:
         con.execute("CREATE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, count BIGINT)")
+    from hermes.store import named_stages
+
+    named = named_stages(con)
     con.execute("CREATE TABLE cell_terms (level INTEGER, cell VARCHAR, terms VARCHAR)")
     for level in (1, 2, 3):
-        con.execute(f"INSERT INTO cell_terms {_level_sql(level)} ORDER BY cell")
+        con.execute(f"INSERT INTO cell_terms {_level_sql(level, named)} ORDER BY cell")
     con.execute("DROP TABLE term_counts")
