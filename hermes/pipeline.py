@@ -159,6 +159,14 @@ class Stages:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+    def embed_key(self) -> str:
+        """What decides the embeddings alone: the encoder settings and the text and id fields. The
+        other columns of the cache (source, counts, quality) can be redone without re-embedding."""
+        c = self.cfg
+        blob = json.dumps({"embedding": self.embedding_settings(), "fields": [c.text_field, c.id_field],
+                           "hermes": __version__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def classes_key(self) -> str:
         """What decides the taxonomy stages' labels of a shard: its documents and the models."""
         blob = json.dumps({"cache": self.cache_key(), "fixed": self.fixed.key()}, sort_keys=True)
@@ -268,9 +276,14 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
     key = stages.cache_key()
     marker_path = layout.emb_marker(shard)
     marker = _read_marker(marker_path)
-    if marker and marker.get("cache_key") == key and marker.get("shard") == shard.stat() \
-            and layout.docs_file(shard).is_file() and layout.emb_file(shard).is_file():
+    cached = bool(marker and marker.get("shard") == shard.stat() and layout.docs_file(shard).is_file()
+                  and layout.emb_file(shard).is_file())
+    if cached and marker.get("cache_key") == key:
         return _skipped("embed", shard, marker, layout, progress, t0)
+    if cached and marker.get("embed_key") == stages.embed_key():
+        result = _refresh_documents(shard, stages, layout, marker, progress, t0)
+        if result is not None:
+            return result
 
     cfg = stages.cfg
     layout.embeddings.mkdir(parents=True, exist_ok=True)
@@ -302,11 +315,48 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
     for name, path in (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)),
                        ("rejects", layout.reject_file(shard))):
         os.replace(tmp[name], path)
-    _write_atomic_json({"cache_key": key, "shard": shard.stat(), "name": shard.name,
+    _write_atomic_json({"cache_key": key, "embed_key": stages.embed_key(), "shard": shard.stat(), "name": shard.name,
                         "n_docs": seq, "n_rejects": n_rejects, "dim": dim, "dtype": "float16"}, marker_path)
     if progress:
         progress.shard_done()
     result = ShardResult(shard, seq, n_rejects, skipped=False)
+    layout.log("embed", result, time.perf_counter() - t0)
+    return result
+
+
+def _refresh_documents(shard: Shard, stages: Stages, layout: Layout, marker: dict, progress: Progress | None,
+                       t0: float) -> ShardResult | None:
+    """Embeddings cached under other document settings (source field, quality source, tokenizer):
+    read the shard again and rewrite only its document columns and rejects, keeping the embeddings,
+    if the same documents are accepted in the same order. None if they are not (embed again)."""
+    cached_ids = pq.read_table(layout.docs_file(shard), columns=["doc_id"]).column("doc_id")
+    tmp_docs = layout.docs_file(shard).with_name(layout.docs_file(shard).name + ".tmp")
+    tmp_rejects = layout.reject_file(shard).with_name(layout.reject_file(shard).name + ".tmp")
+    layout.rejects.mkdir(parents=True, exist_ok=True)
+    seq, n_rejects, same = 0, 0, True
+    with pq.ParquetWriter(tmp_docs, DOCS_SCHEMA) as docs_out, pq.ParquetWriter(tmp_rejects, REJECT_FILE_SCHEMA) as rej:
+        for docs, bad in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
+            if bad:
+                rej.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
+                n_rejects += len(bad)
+            n = docs.num_rows
+            if seq + n > len(cached_ids) or not docs.column("doc_id").equals(cached_ids.slice(seq, n)):
+                same = False
+                break
+            texts = docs.column("text").to_pylist()
+            docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq), schema=DOCS_SCHEMA))
+            seq += n
+    if not same or seq != len(cached_ids):
+        tmp_docs.unlink(missing_ok=True)
+        tmp_rejects.unlink(missing_ok=True)
+        return None
+    os.replace(tmp_docs, layout.docs_file(shard))
+    os.replace(tmp_rejects, layout.reject_file(shard))
+    _write_atomic_json({**marker, "cache_key": stages.cache_key(), "n_rejects": n_rejects}, layout.emb_marker(shard))
+    if progress:
+        progress.advance(seq + n_rejects, counted=False)
+        progress.shard_done()
+    result = ShardResult(shard, seq, n_rejects, skipped=True)
     layout.log("embed", result, time.perf_counter() - t0)
     return result
 

@@ -245,3 +245,20 @@ def test_a_taxonomy_model_that_changed_is_refused(source_run, taxonomy_model, tm
     r = invoke("run", corpus, "--out", tmp_path / "o2", "--stages", f"fasttext:{tmp_path / 'none.bin'},learned,learned",
                *FAST)
     assert r.exit_code == 1 and "none.bin: fastText taxonomy model not found" in r.stderr
+
+
+def test_changing_the_source_field_or_quality_keeps_the_embeddings(source_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(source_run["out"], out)
+    emb = next((out / "embeddings").glob("*.emb.f16"))
+    before = emb.read_bytes()
+    (out / "run.log").unlink()
+    r = invoke("run", source_run["corpus"], "--out", out, "--source-field", "source", "--quality", "none",
+               "--keep-embeddings", "--format", "json", *FAST)
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in (out / "run.log").read_text().splitlines()]
+    assert [e["skipped"] for e in log if e["step"] == "embed"] == [True]       # not embedded again
+    assert emb.read_bytes() == before
+    rows = _rows(out / "labels.duckdb", "SELECT DISTINCT source, quality FROM labels")
+    assert rows == [("20news-bydate", None)]
+    assert [c for (c,) in _rows(out / "labels.duckdb", "SELECT count(*) FROM stage_classes")] == [0]
