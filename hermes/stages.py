@@ -34,8 +34,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hermes.errors import HermesError
 
 N_STAGES = 3
@@ -183,12 +181,6 @@ def _file_id(path: str) -> list | None:
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]
-
-
-def class_codes(names: list[str], classes: list[str]) -> np.ndarray:
-    """Each name's index among `classes` (sorted), -1 where it is not one of them."""
-    index = {c: i for i, c in enumerate(classes)}
-    return np.fromiter((index.get(n, -1) for n in names), dtype=np.int64, count=len(names))
 
 
 def check_class_count(stage: int, kind: str, n: int) -> None:

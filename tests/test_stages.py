@@ -262,3 +262,15 @@ def test_changing_the_source_field_or_quality_keeps_the_embeddings(source_run, t
     rows = _rows(out / "labels.duckdb", "SELECT DISTINCT source, quality FROM labels")
     assert rows == [("20news-bydate", None)]
     assert [c for (c,) in _rows(out / "labels.duckdb", "SELECT count(*) FROM stage_classes")] == [0]
+
+
+def test_a_distilled_labeler_keeps_the_teachers_class_names(source_run, sample_records, tmp_path):
+    r = invoke("distill", "--db", source_run["db"], "--out", tmp_path / "fast", "--holdout", "0.2",
+               "--format", "json", "--quiet")
+    assert r.exit_code == 0, r.output
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:50])
+    r = invoke("label", corpus, "--substrate", tmp_path / "fast", "--out", tmp_path / "out", "--quiet")
+    assert r.exit_code == 0, r.output
+    teacher = {n for (n,) in _rows(source_run["db"], "SELECT name FROM stage_classes WHERE stage = 1")}
+    cells = {c for (c,) in _rows(tmp_path / "out" / "labels.duckdb", "SELECT cell FROM cells_l1")}
+    assert cells and cells <= teacher                        # named as the teacher's store names them
