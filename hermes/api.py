@@ -138,7 +138,8 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
         "codebook_sizes": substrate.sizes, "stages": _stack_text(substrate),
         "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg) if substrate.kind == "embedding" else
-        f"distilled fastText labeler of substrate {substrate.m['teacher']} ({'/'.join(map(str, substrate.sizes))} classes)",
+        f"distilled {substrate.student} labeler of substrate {substrate.m['teacher']} "
+        f"({'/'.join(map(str, substrate.sizes))} classes)",
         "fit_sample_size": substrate.fit_sample_size, "substrate": substrate.fingerprint,
         "embedding": substrate.embedding or {"model": "none (distilled)", "dtype": "-", "max_length": "-"},
         "seconds": round(seconds, 2),
@@ -400,10 +401,13 @@ def train_quality(positive: Iterable[str | Path], negative: Iterable[str | Path]
 
 
 def distill(db: str | Path, out: str | Path, corpus: Iterable[str | Path] | None = None, sample: int = 200_000,
-            holdout: float = 0.1, epochs: int = 25, seed: int = 0, quiet: bool = True) -> dict[str, Any]:
-    """Train fastText classifiers that predict the store's c1, L12 and L123 cells from text; saved as a
-    substrate of kind `distilled` for `hermes label`, with held-out agreement per level."""
+            holdout: float = 0.1, epochs: int | None = None, student: str = "linear", seed: int = 0,
+            substrate: str | Path | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Train a student that predicts the store's code from text (`linear`: a bag-of-words encoder
+    into the teacher's transformed space, quantized by the teacher's codebooks; `fasttext`:
+    classifiers for c1, L12 and L123), saved as a substrate of kind `distilled` for `hermes label`,
+    with held-out agreement per level."""
     from hermes.distill import distill as _distill
 
     return _distill(db, out, [str(c) for c in corpus] if corpus else None, sample=sample, holdout=holdout,
-                    epochs=epochs, seed=seed, progress=None if quiet else say)
+                    epochs=epochs, student=student, seed=seed, substrate=substrate, progress=None if quiet else say)

@@ -691,25 +691,34 @@ def distill(
     corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="The corpus, if it moved."),
     sample: int = typer.Option(200_000, "--sample", help="Documents to train on at most."),
     holdout: float = typer.Option(0.1, "--holdout", help="Share held out to measure agreement."),
-    epochs: int = typer.Option(25, "--epochs", help="fastText epochs."),
+    student: str = typer.Option("linear", "--student", help="linear (a bag-of-words encoder into the teacher's "
+                                                             "space, quantized by its codebooks) | fasttext "
+                                                             "(classifiers for c1, L12, L123)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: 3 linear, 25 fasttext)."),
+    substrate: Optional[Path] = typer.Option(None, "--substrate", help="The store's substrate, if not beside it "
+                                                                       "(the linear student uses its codebooks)."),
     seed: int = typer.Option(0, "--seed", help="Seed."),
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
-    """Train a distilled fast labeler: fastText classifiers predicting c1, the L12 and the L123 cell
-    from text, saved as a substrate that `hermes label` accepts (no embedding model needed).
-    Reports held-out agreement with the store's substrate per level.
+    """Train a distilled fast labeler that predicts the store's code from text, saved as a substrate
+    that `hermes label` accepts (no embedding model needed). The linear student (default) predicts
+    each document's point in the teacher's transformed space from its TF-IDF and quantizes it with
+    the teacher's codebooks; the fasttext student classifies c1, the L12 and the L123 cell. Reports
+    held-out agreement with the store's substrate per level.
 
     Example: hermes distill --db out/labels.duckdb --out fast-substrate
     """
     from hermes import api
 
-    r = api.distill(db, out, corpus, sample=sample, holdout=holdout, epochs=epochs, seed=seed, quiet=quiet)
+    r = api.distill(db, out, corpus, sample=sample, holdout=holdout, epochs=epochs, student=student, seed=seed,
+                    substrate=substrate, quiet=quiet)
     if fmt == SummaryFmt.json:
         typer.echo(json.dumps(r, indent=2))
         return
     a = r["agreement"]
-    typer.echo(f"hermes distill: {r['out']} (substrate {r['fingerprint']}, teacher {r['teacher']}), trained on "
+    typer.echo(f"hermes distill: {r['out']} ({r['student']} student, substrate {r['fingerprint']}, "
+               f"teacher {r['teacher']}), trained on "
                f"{r['train_docs']:,} documents in {r['train_seconds']} s")
     typer.echo(f"  held-out agreement ({r['holdout_docs']:,} docs): L1 {a['L1']:.3f}, L12 {a['L12']:.3f}, "
                f"L123 {a['L123']:.3f}; {r['holdout_docs_per_s']:,} docs/s")

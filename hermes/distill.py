@@ -1,12 +1,23 @@
-"""A distilled fast labeler: fastText classifiers that predict a store's code from text alone.
+"""A distilled fast labeler: a store's code predicted from text alone, without the transformer.
 
-`distill` trains three fastText classifiers on (text, code) pairs of a labeled store and its
-corpus: one for c1 (the L1 cell), one for the L12 cell, one for the L123 cell, and saves them as a
-substrate of kind `distilled` that `hermes label` accepts; labeling with it needs no embedding
-model. Decoding is hierarchical, so codes always form a valid path: c1 is the L1 model's top
-label; (c1, c2) the L12 model's best label under c1 (among its top 20; else c1's most common
-child in the training data); c3 likewise under (c1, c2). Held-out agreement with the teacher
-substrate is measured at each level and kept in the manifest.
+`distill` trains a student on (text, teacher) pairs of a labeled store and its corpus and saves it
+as a substrate of kind `distilled` that `hermes label` accepts; labeling with it needs no
+embedding model. Two students:
+
+- `linear` (the default): a linear bag-of-words encoder. TF-IDF over the training vocabulary
+  (sublinear tf) times a matrix W, trained by Adam with a cosine loss to predict each document's
+  point h in the teacher's transformed space (the LST output of its embedding); the teacher's own
+  codebooks then quantize the prediction, so codes are the teacher's RVQ of an approximate h and
+  every level comes from one prediction. It needs the teacher's embeddings of the training
+  documents: the kept ones (`--keep-embeddings`), else they are computed with the teacher's
+  encoder.
+- `fasttext`: three fastText classifiers, for c1, the L12 cell and the L123 cell. Decoding is
+  hierarchical, so codes always form a path seen in training: c1 is the L1 model's top label;
+  (c1, c2) the L12 model's best label under c1 (among its top 20; else c1's most common child in
+  the training data); c3 likewise under (c1, c2).
+
+Held-out agreement with the teacher substrate is measured at each level and kept in the manifest,
+with the held-out doc_ids (holdout.json) so a benchmark can time the same documents.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ from hermes.fasttext_quality import _fasttext, normalise, train_supervised
 
 LEVEL_KEYS = ("l1", "l12", "l123")
 TOP_K = 20
+STUDENTS = ("linear", "fasttext")
+LINEAR_FILES = ("vocabulary.json", "idf.npy", "W.npy", "b.npy")
 
 
 def _key(codes, level: int) -> str:
@@ -41,6 +54,7 @@ class DistilledSubstrate:
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
         self.m = manifest
+        self.student = manifest.get("student", "fasttext")
         self.fingerprint = manifest["fingerprint"]
         self.fit_sample_size = manifest["data"]["train_docs"]
         self.embedding = None
@@ -52,13 +66,31 @@ class DistilledSubstrate:
         return self.m["classes"]
 
     def setup(self) -> "DistilledSubstrate":
-        if not self._models:
+        if self._models:
+            return self
+        if self.student == "linear":
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            from hermes.rvq import ResidualQuantizer
+
+            vec = TfidfVectorizer(vocabulary=json.loads((self.path / "vocabulary.json").read_text()),
+                                  **self.m["settings"]["tfidf"], dtype=np.float32)
+            vec.idf_ = np.load(self.path / "idf.npy", allow_pickle=False)
+            q = ResidualQuantizer(stages=len(LEVEL_KEYS))
+            q.codebooks_ = [np.load(self.path / f"codebook_{i + 1}.npy", allow_pickle=False)
+                            for i in range(len(LEVEL_KEYS))]
+            self._models = {"vectorizer": vec, "quantizer": q,
+                            "W": np.load(self.path / "W.npy", allow_pickle=False).astype(np.float32),
+                            "b": np.load(self.path / "b.npy", allow_pickle=False).astype(np.float32)}
+        else:
             ft = _fasttext()
             self._models = {k: ft.load_model(str(self.path / f"{k}.bin")) for k in LEVEL_KEYS}
         return self
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         self.setup()
+        if self.student == "linear":
+            return self._encode_linear(texts)
         clean = [normalise(t) for t in texts]
         fb = self.m["fallback"]
         l1, _ = self._models["l1"].predict(clean, k=1)
@@ -72,13 +104,20 @@ class DistilledSubstrate:
             out[i] = [int(x) for x in k123.split(".")]
         return out
 
+    def _encode_linear(self, texts: list[str]) -> np.ndarray:
+        from hermes.transform import normalize
+
+        m = self._models
+        h = np.asarray(m["vectorizer"].transform(texts) @ m["W"]) + m["b"]
+        return m["quantizer"].encode(normalize(h.astype(np.float32)))
+
     def manifest(self) -> dict[str, Any]:
         """In the shape the store's substrates table reads."""
         m = self.m
-        return {**m, "embedding": {"model": f"distilled fastText (teacher {m['teacher']})", "dtype": None,
+        return {**m, "embedding": {"model": f"distilled {self.student} (teacher {m['teacher']})", "dtype": None,
                                    "max_length": None},
-                "transform": {"kind": "distilled"}, "rvq": {"sizes": m["classes"], "kind": "fasttext"},
-                "fit_sample_size": self.fit_sample_size}
+                "transform": {"kind": "distilled", "student": self.student},
+                "rvq": {"sizes": m["classes"], "kind": self.student}, "fit_sample_size": self.fit_sample_size}
 
 
 def _sha_file(path: Path) -> str:
@@ -90,11 +129,11 @@ def _sha_file(path: Path) -> str:
 
 
 def load(path: Path, manifest: dict[str, Any]) -> DistilledSubstrate:
-    for k in LEVEL_KEYS:
-        f = path / f"{k}.bin"
+    for name, checksum in manifest["files"].items():
+        f = path / name
         if not f.is_file():
             raise HermesError(f"{f}: missing", hint="the distilled substrate is incomplete; run `hermes distill` again")
-        if _sha_file(f) != manifest["files"][f"{k}.bin"]:
+        if _sha_file(f) != checksum:
             raise HermesError(f"{f}: checksum does not match the manifest", hint="run `hermes distill` again")
     return DistilledSubstrate(path, manifest)
 
@@ -115,12 +154,14 @@ def _teacher_stack(con) -> list[dict[str, Any]] | None:
 
 
 def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sample: int = 200_000,
-            holdout: float = 0.1, epochs: int = 25, dim: int = 100, bucket: int = 200_000, seed: int = 0,
-            progress=None) -> dict[str, Any]:
+            holdout: float = 0.1, epochs: int | None = None, student: str = "linear", seed: int = 0,
+            substrate: str | Path | None = None, progress=None) -> dict[str, Any]:
     from hermes.read import lookup
     from hermes.store import connect, info_fields, store_info
     from hermes.substrate import FORMAT, FORMAT_VERSION
 
+    if student not in STUDENTS:
+        raise HermesError(f"unknown student '{student}'", hint=f"valid: {', '.join(STUDENTS)}")
     say = progress or (lambda m: None)
     db, out = Path(db), Path(out)
     con = connect(db)
@@ -132,6 +173,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
         con.close()
     if len(fps) != 1:
         raise HermesError(f"{db}: the store holds labels of {len(fps)} substrates", hint="distill one substrate's store")
+    teacher = _teacher(db, substrate, fps[0]) if student == "linear" else None
     rng = random.Random(seed)
     rows = list(range(t.num_rows))
     if len(rows) > sample:
@@ -140,67 +182,170 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     codes = np.stack([t.column(c).take(rows).to_numpy() for c in ("c1", "c2", "c3")], axis=1)
     info = store_info(db)
     say(f"distill: reading the text of {len(ids):,} documents")
-    texts = lookup(corpus or info.get("inputs", []), info_fields(info), set(ids))
-    pairs = [(normalise(texts[d]["text"]), c) for d, c in zip(ids, codes) if d in texts]
-    if len(pairs) < 20:
-        raise HermesError(f"only {len(pairs)} documents of the store were found in the corpus",
+    found = lookup(corpus or info.get("inputs", []), info_fields(info), set(ids))
+    docs = [(d, found[d]["text"], c) for d, c in zip(ids, codes) if d in found]
+    if len(docs) < 20:
+        raise HermesError(f"only {len(docs)} documents of the store were found in the corpus",
                           hint="pass the corpus the store was built from with --corpus")
-    rng.shuffle(pairs)
-    n_test = max(1, int(len(pairs) * holdout))
-    test, train = pairs[:n_test], pairs[n_test:]
+    rng.shuffle(docs)
+    n_test = max(1, int(len(docs) * holdout))
+    test, train = docs[:n_test], docs[n_test:]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
+    if student == "linear":
+        settings, extra = _train_linear(train, teacher, db, tmp, epochs or LINEAR_EPOCHS, seed, say)
+        classes = list(teacher.sizes)
+    else:
+        settings, extra = _train_fasttext(train, tmp, epochs or 25, seed, say)
+        classes = [len(set(_key(c, lv) for _, _, c in train)) for lv in (1, 2, 3)]
+    train_seconds = time.perf_counter() - t0
+    files = sorted(p.name for p in tmp.iterdir())
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distilled", "student": student,
+                "teacher": fps[0], "hermes_version": __version__,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
+                "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
+                "classes": classes, **extra, "agreement": {}, "stages": stack,
+                "files": {name: _sha_file(tmp / name) for name in files}}
+    manifest["fingerprint"] = hashlib.sha256(json.dumps(
+        {"teacher": fps[0], "student": student, "settings": settings, "files": manifest["files"]},
+        sort_keys=True).encode()).hexdigest()[:16]
+    sub = DistilledSubstrate(tmp, manifest)
+    sub.encode_texts([text for _, text, _ in test[:16]])          # loads the student before the clock starts
+    t0 = time.perf_counter()
+    pred = sub.encode_texts([text for _, text, _ in test])
+    predict_s = time.perf_counter() - t0
+    truth = np.stack([c for _, _, c in test])
+    manifest["agreement"] = {name: round(float((pred[:, :lv] == truth[:, :lv]).all(axis=1).mean()), 4)
+                             for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))}
+    manifest["train_seconds"] = round(train_seconds, 1)
+    manifest["holdout_docs_per_s"] = round(len(test) / max(predict_s, 1e-9), 1)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (tmp / "holdout.json").write_text(json.dumps([d for d, _, _ in test]) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"out": str(out), "student": student, "fingerprint": manifest["fingerprint"], "teacher": fps[0],
+            "agreement": manifest["agreement"], "classes": manifest["classes"], "train_docs": len(train),
+            "holdout_docs": len(test), "train_seconds": manifest["train_seconds"],
+            "holdout_docs_per_s": manifest["holdout_docs_per_s"]}
+
+
+# --------------------------------------------------------------------------- the fastText student
+
+def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tuple[dict, dict]:
     # unigrams and 25 epochs: on the dev corpus (256 L1 cells) bigrams or 10 epochs underfit badly
-    settings = {"epoch": epochs, "dim": dim, "bucket": bucket, "wordNgrams": 1, "minCount": 2, "lr": 0.5,
+    settings = {"epoch": epochs, "dim": 100, "bucket": 200_000, "wordNgrams": 1, "minCount": 2, "lr": 0.5,
                 "seed": seed, "thread": 1}
     used_seed: dict[str, int] = {}
     for level, key in enumerate(LEVEL_KEYS, start=1):
         say(f"distill: training the {key.upper()} classifier on {len(train):,} documents")
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
-            for text, c in train:
-                f.write(f"__label__{_key(c, level)} {text}\n")
+            for _, text, c in train:
+                f.write(f"__label__{_key(c, level)} {normalise(text)}\n")
             name = f.name
         try:
             _, used_seed[key] = train_supervised(name, tmp / f"{key}.bin", loss="softmax" if level == 1 else "hs",
                                                  **settings)
         finally:
             os.unlink(name)
-    train_seconds = time.perf_counter() - t0
     counts12: dict[str, dict[str, int]] = {}
     counts123: dict[str, dict[str, int]] = {}
-    for _, c in train:
+    for _, _, c in train:
         k1, k12, k123 = _key(c, 1), _key(c, 2), _key(c, 3)
         counts12.setdefault(k1, {}).setdefault(k12, 0)
         counts12[k1][k12] += 1
         counts123.setdefault(k12, {}).setdefault(k123, 0)
         counts123[k12][k123] += 1
+    # every label a model can emit came from the training data, so each has a fallback child
     fallback = {"l12": {k: max(v, key=v.get) for k, v in counts12.items()},
                 "l123": {k: max(v, key=v.get) for k, v in counts123.items()}}
-    # every label a model can emit came from the training data, so each has a fallback child
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distilled", "teacher": fps[0],
-                "hermes_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "settings": {**settings, "seed_used": used_seed}, "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
-                "classes": [len(set(_key(c, lv) for _, c in train)) for lv in (1, 2, 3)],
-                "fallback": fallback, "agreement": {}, "stages": stack,
-                "files": {f"{k}.bin": _sha_file(tmp / f"{k}.bin") for k in LEVEL_KEYS}}
-    manifest["fingerprint"] = hashlib.sha256(json.dumps(
-        {"teacher": fps[0], "settings": settings, "files": manifest["files"]}, sort_keys=True).encode()).hexdigest()[:16]
-    sub = DistilledSubstrate(tmp, manifest)
-    t0 = time.perf_counter()
-    pred = sub.encode_texts([text for text, _ in test])
-    predict_s = time.perf_counter() - t0
-    truth = np.stack([c for _, c in test])
-    manifest["agreement"] = {name: round(float((pred[:, :lv] == truth[:, :lv]).all(axis=1).mean()), 4)
-                             for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))}
-    manifest["train_seconds"] = round(train_seconds, 1)
-    manifest["holdout_docs_per_s"] = round(len(test) / max(predict_s, 1e-9), 1)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return {"out": str(out), "fingerprint": manifest["fingerprint"], "teacher": fps[0],
-            "agreement": manifest["agreement"], "classes": manifest["classes"], "train_docs": len(train),
-            "holdout_docs": len(test), "train_seconds": manifest["train_seconds"],
-            "holdout_docs_per_s": manifest["holdout_docs_per_s"]}
+    return {**settings, "seed_used": used_seed}, {"fallback": fallback}
+
+
+# --------------------------------------------------------------------------- the linear student
+
+LINEAR_EPOCHS = 3          # on the dev corpus held-out agreement peaks at 2-3 epochs, then overfits
+LINEAR_SETTINGS = {"max_features": 100_000, "min_df": 2, "batch_size": 256, "lr": 0.01}
+TFIDF = {"sublinear_tf": True, "lowercase": True}
+
+
+def _teacher(db: Path, substrate: str | Path | None, fingerprint: str):
+    from hermes.substrate import Substrate
+
+    sub = Substrate.load(substrate or db.parent / "substrate")
+    if sub.kind != "embedding" or sub.fingerprint != fingerprint:
+        raise HermesError(f"{db}: labels were made by substrate {fingerprint}, not {sub.fingerprint}",
+                          hint="pass the substrate that made the store with --substrate")
+    if sub.fixed:
+        raise HermesError(f"the linear student predicts learned stages only; this substrate has fixed stage(s) "
+                          f"{', '.join(str(i + 1) for i in sub.fixed)} (field 'stages')",
+                          hint="use --student fasttext for this store")
+    return sub
+
+
+def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
+    """The teacher's transformed point h of every training document: from the kept embeddings,
+    else embedded again with the teacher's encoder settings."""
+    from hermes.evaluate import _cached_embeddings
+
+    E = _cached_embeddings(db.parent / "embeddings", [d for d, _, _ in train])
+    if E is None:
+        from hermes.embed import Embedder
+
+        e = teacher.embedding
+        say(f"distill: embedding {len(train):,} documents with the teacher's encoder (no kept embeddings)")
+        E = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).encode(
+            [text for _, text, _ in train]).astype(np.float16)
+    return teacher.transform.transform(np.asarray(E, dtype=np.float32))
+
+
+def _train_linear(train: list, teacher, db: Path, tmp: Path, epochs: int, seed: int, say) -> tuple[dict, dict]:
+    import torch
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    H = _teacher_points(teacher, db, train, say)
+    s = LINEAR_SETTINGS
+    vec = TfidfVectorizer(max_features=s["max_features"], min_df=s["min_df"], dtype=np.float32, **TFIDF)
+    X = vec.fit_transform([text for _, text, _ in train]).tocsr()
+    n, V = X.shape
+    say(f"distill: linear student over {V:,} terms, {len(train):,} documents, {epochs} epochs")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    W = torch.nn.Parameter(torch.zeros(V, H.shape[1]))
+    b = torch.nn.Parameter(torch.from_numpy(H.mean(0)))
+    opt = torch.optim.Adam([W, b], lr=s["lr"])
+    Ht = torch.from_numpy(H)
+    history = []
+    for epoch in range(epochs):
+        total = 0.0
+        perm = rng.permutation(n)
+        for start in range(0, n, s["batch_size"]):
+            rows = perm[start:start + s["batch_size"]]
+            pred = torch.sparse.mm(_sparse(X[rows]), W) + b
+            loss = (1 - (torch.nn.functional.normalize(pred, dim=1) * Ht[rows]).sum(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(rows)
+        history.append({"epoch": epoch + 1, "cosine_loss": round(total / n, 5)})
+        say(f"distill: epoch {epoch + 1}: cosine loss {total / n:.4f}")
+    vocabulary = [""] * V
+    for term, i in vec.vocabulary_.items():
+        vocabulary[i] = term
+    (tmp / "vocabulary.json").write_text(json.dumps(vocabulary, ensure_ascii=False) + "\n", encoding="utf-8")
+    np.save(tmp / "idf.npy", vec.idf_.astype(np.float32), allow_pickle=False)
+    np.save(tmp / "W.npy", W.detach().numpy().astype(np.float16), allow_pickle=False)
+    np.save(tmp / "b.npy", b.detach().numpy().astype(np.float32), allow_pickle=False)
+    for i, C in enumerate(teacher.quantizer.codebooks_):
+        np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C, dtype=np.float32), allow_pickle=False)
+    return {**s, "epochs": epochs, "seed": seed, "tfidf": TFIDF, "terms": V}, {"history": history}
+
+
+def _sparse(X):
+    import torch
+
+    coo = X.tocoo()          # rows of a CSR matrix: sorted, no duplicates, so already coalesced
+    return torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data, coo.shape, check_invariants=False,
+                                   is_coalesced=True)

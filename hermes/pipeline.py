@@ -278,7 +278,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
     marker = _read_marker(marker_path)
     cached = bool(marker and marker.get("shard") == shard.stat() and layout.docs_file(shard).is_file()
                   and layout.emb_file(shard).is_file())
-    if cached and marker.get("cache_key") == key:
+    if cached and marker.get("cache_key") == key and layout.reject_file(shard).is_file():
         return _skipped("embed", shard, marker, layout, progress, t0)
     if cached and marker.get("embed_key") == stages.embed_key():
         result = _refresh_documents(shard, stages, layout, marker, progress, t0)

@@ -265,8 +265,10 @@ def test_changing_the_source_field_or_quality_keeps_the_embeddings(source_run, t
 
 
 def test_a_distilled_labeler_keeps_the_teachers_class_names(source_run, sample_records, tmp_path):
+    r = invoke("distill", "--db", source_run["db"], "--out", tmp_path / "lin", "--quiet")
+    assert r.exit_code == 1 and "fixed stage(s) 1" in r.stderr and "--student fasttext" in r.stderr
     r = invoke("distill", "--db", source_run["db"], "--out", tmp_path / "fast", "--holdout", "0.2",
-               "--format", "json", "--quiet")
+               "--student", "fasttext", "--format", "json", "--quiet")
     assert r.exit_code == 0, r.output
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:50])
     r = invoke("label", corpus, "--substrate", tmp_path / "fast", "--out", tmp_path / "out", "--quiet")
@@ -274,3 +276,14 @@ def test_a_distilled_labeler_keeps_the_teachers_class_names(source_run, sample_r
     teacher = {n for (n,) in _rows(source_run["db"], "SELECT name FROM stage_classes WHERE stage = 1")}
     cells = {c for (c,) in _rows(tmp_path / "out" / "labels.duckdb", "SELECT cell FROM cells_l1")}
     assert cells and cells <= teacher                        # named as the teacher's store names them
+
+
+def test_kept_embeddings_alone_are_enough_to_rerun(source_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(source_run["out"] / "embeddings", out / "embeddings")      # no rejects/ beside them
+    r = invoke("run", source_run["corpus"], "--out", out, "--config", "source-first", "--source-field", "labels.l1",
+               "--keep-embeddings", "--format", "json", *FAST)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["labeled"] == 300
+    log = [json.loads(line) for line in (out / "run.log").read_text().splitlines()]
+    assert [e["skipped"] for e in log if e["step"] == "embed"] == [True]
