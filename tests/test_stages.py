@@ -287,3 +287,31 @@ def test_kept_embeddings_alone_are_enough_to_rerun(source_run, tmp_path):
     assert json.loads(r.stdout)["labeled"] == 300
     log = [json.loads(line) for line in (out / "run.log").read_text().splitlines()]
     assert [e["skipped"] for e in log if e["step"] == "embed"] == [True]
+
+
+def test_report_of_a_source_first_store(source_run, tmp_path):
+    import re
+    import subprocess
+
+    from hermes import api
+    from hermes.report import gather
+    from tests.test_report import CHROMIUM, FLAGS
+
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({"comp": 1, "talk": 1}))
+    api.mix(source_run["db"], tmp_path / "m", rule=f"weights:{weights}", to_level=2, eligible="top:0.3")
+    data = gather(source_run["db"], [tmp_path / "m"])
+    assert sorted(n["k"] for n in data["hierarchy"]) == ["alt", "comp", "misc", "rec", "sci", "soc", "talk"]
+    assert all(c["k"].startswith(n["k"] + ".") for n in data["hierarchy"] for c in n["c"])
+    assert set(data["snippets"]) <= {n["k"] for n in data["hierarchy"]} and data["snippets"]
+    bars = {k: mixed for k, _, mixed in data["mixtures"][0]["l1"]}
+    assert bars["comp"] > 0 and bars["talk"] > 0 and abs(bars["comp"] + bars["talk"] - 1) < 1e-3
+    api.report(source_run["db"], tmp_path / "r.html", [tmp_path / "m"])
+    if CHROMIUM is None:
+        pytest.skip("needs Chromium (Debian package chromium; .ci/run installs it)")
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          (tmp_path / "r.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'id="render-ok"' in dom
+    errors = re.search(r'<div id="errors">(.*?)</div>', dom, re.S)
+    assert errors is not None and errors.group(1).strip() == ""
+    assert dom.count('class="tile') >= 7
