@@ -50,9 +50,9 @@ def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> tuple[list[str], 
 def codebook_rule(n_fit: int, cfg: Config) -> str:
     k = capped_codebook_size(n_fit, cfg.codebook_size, cfg.min_points_per_code)
     if k < cfg.codebook_size:
-        return (f"{k} codewords per stage: capped from {cfg.codebook_size} to keep at least "
+        return (f"{k} codewords per learned stage: capped from {cfg.codebook_size} to keep at least "
                 f"{cfg.min_points_per_code} fit documents per codeword ({n_fit:,} // {cfg.min_points_per_code})")
-    return f"{k} codewords per stage"
+    return f"{k} codewords per learned stage"
 
 
 def _embed_all(shards: list[Shard], stages: Stages, layout: Layout, quiet: bool):
