@@ -218,7 +218,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.copytree(substrate, tmp)
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
-    if sub.kind == "embedding":
+    if getattr(sub, "fixed", None):
         _check_stack(sub, cfg)
     stages = stages_for(cfg, sub)
     stages.quality_scorer

@@ -8,9 +8,10 @@ embedding model. Two students:
   (sublinear tf) times a matrix W, trained by Adam with a cosine loss to predict each document's
   point h in the teacher's transformed space (the LST output of its embedding); the teacher's own
   codebooks then quantize the prediction, so codes are the teacher's RVQ of an approximate h and
-  every level comes from one prediction. It needs the teacher's embeddings of the training
-  documents: the kept ones (`--keep-embeddings`), else they are computed with the teacher's
-  encoder.
+  every level comes from one prediction. A fixed stage of the teacher (a source, a taxonomy)
+  keeps its code from the document, as the teacher did. It needs the teacher's embeddings of the
+  training documents: the kept ones (`--keep-embeddings`), else they are computed with the
+  teacher's encoder.
 - `fasttext`: three fastText classifiers, for c1, the L12 cell and the L123 cell. Decoding is
   hierarchical, so codes always form a path seen in training: c1 is the L1 model's top label;
   (c1, c2) the L12 model's best label under c1 (among its top 20; else c1's most common child in
@@ -65,6 +66,19 @@ class DistilledSubstrate:
     def sizes(self) -> list[int]:
         return self.m["classes"]
 
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """The teacher's stage stack (with a fixed stage's class names)."""
+        return self.m.get("stages") or [{"kind": "learned"} for _ in LEVEL_KEYS]
+
+    @property
+    def fixed(self) -> list[int]:
+        """The fixed stages whose codes labeling must supply (the linear student takes them from the
+        document, as the teacher did; the fastText student predicts every code)."""
+        from hermes.stages import fixed_indices
+
+        return fixed_indices(self.stages) if self.student == "linear" else []
+
     def setup(self) -> "DistilledSubstrate":
         if self._models:
             return self
@@ -76,7 +90,8 @@ class DistilledSubstrate:
             vec = TfidfVectorizer(vocabulary=json.loads((self.path / "vocabulary.json").read_text()),
                                   **self.m["settings"]["tfidf"], dtype=np.float32)
             vec.idf_ = np.load(self.path / "idf.npy", allow_pickle=False)
-            q = ResidualQuantizer(stages=len(LEVEL_KEYS))
+            q = ResidualQuantizer(stages=len(LEVEL_KEYS),
+                                  fixed={i: len(self.stages[i]["classes"]) for i in self.fixed})
             q.codebooks_ = [np.load(self.path / f"codebook_{i + 1}.npy", allow_pickle=False)
                             for i in range(len(LEVEL_KEYS))]
             self._models = {"vectorizer": vec, "quantizer": q,
@@ -87,10 +102,12 @@ class DistilledSubstrate:
             self._models = {k: ft.load_model(str(self.path / f"{k}.bin")) for k in LEVEL_KEYS}
         return self
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
+    def encode_texts(self, texts: list[str], fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """Codes (n, 3) from the texts; `fixed` gives the class index of each fixed stage per text
+        (the linear student of a teacher with fixed stages)."""
         self.setup()
         if self.student == "linear":
-            return self._encode_linear(texts)
+            return self._encode_linear(texts, fixed)
         clean = [normalise(t) for t in texts]
         fb = self.m["fallback"]
         l1, _ = self._models["l1"].predict(clean, k=1)
@@ -104,12 +121,12 @@ class DistilledSubstrate:
             out[i] = [int(x) for x in k123.split(".")]
         return out
 
-    def _encode_linear(self, texts: list[str]) -> np.ndarray:
+    def _encode_linear(self, texts: list[str], fixed: dict[int, np.ndarray] | None) -> np.ndarray:
         from hermes.transform import normalize
 
         m = self._models
         h = np.asarray(m["vectorizer"].transform(texts) @ m["W"]) + m["b"]
-        return m["quantizer"].encode(normalize(h.astype(np.float32)))
+        return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed or None)
 
     def manifest(self) -> dict[str, Any]:
         """In the shape the store's substrates table reads."""
@@ -212,11 +229,12 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
         {"teacher": fps[0], "student": student, "settings": settings, "files": manifest["files"]},
         sort_keys=True).encode()).hexdigest()[:16]
     sub = DistilledSubstrate(tmp, manifest)
-    sub.encode_texts([text for _, text, _ in test[:16]])          # loads the student before the clock starts
-    t0 = time.perf_counter()
-    pred = sub.encode_texts([text for _, text, _ in test])
-    predict_s = time.perf_counter() - t0
     truth = np.stack([c for _, _, c in test])
+    fixed = {i: truth[:, i].astype(np.int64) for i in sub.fixed}   # read from each document, not predicted
+    sub.encode_texts([text for _, text, _ in test[:16]], {i: c[:16] for i, c in fixed.items()})   # loads it
+    t0 = time.perf_counter()
+    pred = sub.encode_texts([text for _, text, _ in test], fixed)
+    predict_s = time.perf_counter() - t0
     manifest["agreement"] = {name: round(float((pred[:, :lv] == truth[:, :lv]).all(axis=1).mean()), 4)
                              for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))}
     manifest["train_seconds"] = round(train_seconds, 1)
@@ -278,10 +296,6 @@ def _teacher(db: Path, substrate: str | Path | None, fingerprint: str):
     if sub.kind != "embedding" or sub.fingerprint != fingerprint:
         raise HermesError(f"{db}: labels were made by substrate {fingerprint}, not {sub.fingerprint}",
                           hint="pass the substrate that made the store with --substrate")
-    if sub.fixed:
-        raise HermesError(f"the linear student predicts learned stages only; this substrate has fixed stage(s) "
-                          f"{', '.join(str(i + 1) for i in sub.fixed)} (field 'stages')",
-                          hint="use --student fasttext for this store")
     return sub
 
 
@@ -338,7 +352,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, epochs: int, seed: 
     np.save(tmp / "idf.npy", vec.idf_.astype(np.float32), allow_pickle=False)
     np.save(tmp / "W.npy", W.detach().numpy().astype(np.float16), allow_pickle=False)
     np.save(tmp / "b.npy", b.detach().numpy().astype(np.float32), allow_pickle=False)
-    for i, C in enumerate(teacher.quantizer.codebooks_):
+    for i, C in enumerate(teacher.quantizer.codebooks_):     # a fixed stage's: its class means
         np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C, dtype=np.float32), allow_pickle=False)
     return {**s, "epochs": epochs, "seed": seed, "tfidf": TFIDF, "terms": V}, {"history": history}
 

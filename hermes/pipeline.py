@@ -176,7 +176,7 @@ class Stages:
 def stages_for(cfg: Config, substrate) -> Stages:
     """The stages that label with `substrate`: its embedding settings and its own stage stack."""
     if getattr(substrate, "kind", "") != "embedding":      # a distilled substrate reads text only
-        return Stages(cfg)
+        return Stages(cfg, stack=substrate.stages if substrate.fixed else None)
     return Stages(cfg, embedding=substrate.embedding, stack=substrate.stages)
 
 
@@ -634,7 +634,7 @@ def _fixed_codes(shard: Shard, substrate: Substrate, stages: Stages, layout: Lay
     return fixed, known
 
 
-def _unknown_rejects(batch: pa.RecordBatch, bad: np.ndarray, fixed: dict[int, np.ndarray], start: int,
+def _unknown_rejects(batch: pa.RecordBatch | pa.Table, bad: np.ndarray, fixed: dict[int, np.ndarray], start: int,
                      substrate: Substrate) -> pa.Table:
     rows = np.flatnonzero(bad)
     reasons = []
@@ -713,13 +713,26 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
                 rej.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
                 n_rejects += len(bad)
             n = docs.num_rows
-            if n:
+            if n and substrate.fixed:          # a fixed stage's class comes from the document
+                names = stages.fixed.labels(docs.column("source").to_pylist(), docs.column("text").to_pylist())
+                fixed = {i: class_indices(pa.array(names[i], pa.string()), substrate.stages[i]["classes"])
+                         for i in substrate.fixed}
+                known = np.logical_and.reduce([c >= 0 for c in fixed.values()])
+                if not known.all():
+                    where = docs.select(["doc_id", "line"]).append_column("file", pa.array([shard.name] * n, pa.string()))
+                    rej.write_table(_unknown_rejects(where, ~known, fixed, 0, substrate))
+                    n_rejects += int((~known).sum())
+                    docs = docs.filter(pa.array(known))
+                    fixed = {i: c[known] for i, c in fixed.items()}
+            else:
+                fixed = None
+            if docs.num_rows:
                 texts = docs.column("text").to_pylist()
-                codes = substrate.encode_texts(texts)
+                codes = substrate.encode_texts(texts, fixed) if fixed else substrate.encode_texts(texts)
                 terms.add(texts, codes)
                 out.write_table(label_table(document_columns(shard, docs, texts, stages, seq), codes,
                                             substrate.fingerprint))
-                seq += n
+                seq += docs.num_rows
             if progress:
                 progress.advance(n + len(bad))
     _write_atomic_parquet(terms.table(), layout.terms_file(shard))

@@ -47,17 +47,26 @@ def main() -> None:
         con.close()
     info = store_info(args.db)
     found = lookup(info["inputs"], info_fields(info), set(ids))
-    texts = [found[d]["text"] for d in ids if d in found]
+    ids = [d for d in ids if d in found]
+    texts = [found[d]["text"] for d in ids]
+    # a fixed stage (source, taxonomy) takes its code from the document on both paths (as stored)
+    con = connect(args.db)
+    stored = dict((r[0], r[1:]) for r in con.execute("SELECT doc_id, c1, c2, c3 FROM labels WHERE doc_id IN "
+                                                     "(SELECT unnest(?))", [ids]).fetchall())
+    con.close()
+    codes_stored = np.array([stored[d] for d in ids], dtype=np.int64)
+    fixed = {i: codes_stored[:, i] for i in teacher.fixed}
     e = teacher.embedding
     enc = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).setup()
     enc.encode(texts[:16])
     t = time.perf_counter()
     emb = enc.encode(texts).astype(np.float16).astype(np.float32)
-    codes_teacher = teacher.encode(emb)
+    codes_teacher = teacher.encode(emb, fixed=fixed or None)
     emb_s = time.perf_counter() - t
-    fast.encode_texts(texts[:16])
+    fast_fixed = {i: fixed[i] for i in fast.fixed}
+    fast.encode_texts(texts[:16], {i: c[:16] for i, c in fast_fixed.items()} or None)
     t = time.perf_counter()
-    codes_fast = fast.encode_texts(texts)
+    codes_fast = fast.encode_texts(texts, fast_fixed or None)
     fast_s = time.perf_counter() - t
     n = len(texts)
     print(json.dumps({

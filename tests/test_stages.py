@@ -264,18 +264,29 @@ def test_changing_the_source_field_or_quality_keeps_the_embeddings(source_run, t
     assert [c for (c,) in _rows(out / "labels.duckdb", "SELECT count(*) FROM stage_classes")] == [0]
 
 
-def test_a_distilled_labeler_keeps_the_teachers_class_names(source_run, sample_records, tmp_path):
-    r = invoke("distill", "--db", source_run["db"], "--out", tmp_path / "lin", "--quiet")
-    assert r.exit_code == 1 and "fixed stage(s) 1" in r.stderr and "--student fasttext" in r.stderr
+@pytest.mark.parametrize("student", ["linear", "fasttext"])
+def test_a_distilled_labeler_of_a_source_first_store(source_run, sample_records, tmp_path, student):
     r = invoke("distill", "--db", source_run["db"], "--out", tmp_path / "fast", "--holdout", "0.2",
-               "--student", "fasttext", "--format", "json", "--quiet")
+               "--student", student, "--format", "json", "--quiet")
     assert r.exit_code == 0, r.output
-    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:50])
-    r = invoke("label", corpus, "--substrate", tmp_path / "fast", "--out", tmp_path / "out", "--quiet")
+    if student == "linear":      # the source is read from each document, so L1 agrees exactly
+        assert json.loads(r.stdout)["agreement"]["L1"] == 1.0
+    new = [dict(r, id=f"new-{i}") for i, r in enumerate(sample_records[:50])]
+    new[0]["labels"] = dict(new[0]["labels"], l1="newsource")
+    corpus = write_jsonl(tmp_path / "c.jsonl", new)
+    r = invoke("label", corpus, "--substrate", tmp_path / "fast", "--out", tmp_path / "out",
+               "--source-field", "labels.l1", "--format", "json", "--quiet")
     assert r.exit_code == 0, r.output
     teacher = {n for (n,) in _rows(source_run["db"], "SELECT name FROM stage_classes WHERE stage = 1")}
-    cells = {c for (c,) in _rows(tmp_path / "out" / "labels.duckdb", "SELECT cell FROM cells_l1")}
+    db = tmp_path / "out" / "labels.duckdb"
+    cells = {c for (c,) in _rows(db, "SELECT cell FROM cells_l1")}
     assert cells and cells <= teacher                        # named as the teacher's store names them
+    if student == "linear":
+        got = dict(_rows(db, "SELECT l.doc_id, s.name FROM labels l JOIN stage_classes s ON s.stage = 1 AND s.code = l.c1"))
+        assert got == {r["id"]: r["labels"]["l1"] for r in new[1:]}
+        assert [d for (d,) in _rows(db, "SELECT doc_id FROM rejects")] == ["new-0"]
+        r = invoke("label", corpus, "--substrate", tmp_path / "fast", "--out", tmp_path / "o2", "--quiet")
+        assert r.exit_code == 1 and "--source-field labels.l1" in r.stderr
 
 
 def test_kept_embeddings_alone_are_enough_to_rerun(source_run, tmp_path):
