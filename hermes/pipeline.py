@@ -434,24 +434,28 @@ def _stage_classes(shards: list[Shard], counts: list[int], stages: Stages, layou
                    ) -> tuple[dict[int, list[str]], dict[int, np.ndarray]]:
     """For each fixed stage: its sorted class names (a taxonomy model's labels, or every source in
     the corpus) and each document's class index over the whole corpus (int32, corpus order)."""
+    import pyarrow.compute as pc
+
     from hermes.stages import check_class_count
 
-    per_shard = [shard_classes(s, stages, layout) if n else {} for s, n in zip(shards, counts)]
-    classes, codes = {}, {}
-    for i in stages.fixed.fixed:
-        known = stages.fixed.known_classes(i)
-        if known is None:
-            import pyarrow.compute as pc
-
-            names: set[str] = set()
-            for p in per_shard:
-                if i in p:
-                    names.update(v for v in pc.unique(p[i]).to_pylist() if v is not None)
-            known = sorted(names)
+    live = [s for s, n in zip(shards, counts) if n]
+    classes: dict[int, list[str]] = {i: stages.fixed.known_classes(i) for i in stages.fixed.fixed}
+    if any(v is None for v in classes.values()):       # sources: every name in the corpus (one pass)
+        seen: dict[int, set[str]] = {i: set() for i, v in classes.items() if v is None}
+        for shard in live:
+            names = shard_classes(shard, stages, layout)
+            for i in seen:
+                seen[i].update(v for v in pc.unique(names[i]).to_pylist() if v is not None)
+                check_class_count(i, stages.stack[i]["kind"], len(seen[i]))     # fail early on an id-like field
+        classes.update({i: sorted(v) for i, v in seen.items()})
+    for i, known in classes.items():
         check_class_count(i, stages.stack[i]["kind"], len(known))
-        classes[i] = known
-        codes[i] = np.concatenate([class_indices(p[i], known) for p in per_shard if i in p]).astype(np.int32)
-    return classes, codes
+    codes: dict[int, list[np.ndarray]] = {i: [] for i in classes}      # a second pass: int32 per document
+    for shard in live:
+        names = shard_classes(shard, stages, layout)
+        for i, known in classes.items():
+            codes[i].append(class_indices(names[i], known).astype(np.int32))
+    return classes, {i: np.concatenate(c) for i, c in codes.items()}
 
 
 def _top_up(picks: np.ndarray, codes: dict[int, np.ndarray], n_classes: dict[int, int], minimum: int,

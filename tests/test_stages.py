@@ -326,3 +326,14 @@ def test_report_of_a_source_first_store(source_run, tmp_path):
     errors = re.search(r'<div id="errors">(.*?)</div>', dom, re.S)
     assert errors is not None and errors.group(1).strip() == ""
     assert dom.count('class="tile') >= 7
+
+
+def test_a_source_field_with_too_many_values_is_refused(sample_records, tmp_path, monkeypatch):
+    import hermes.stages
+
+    monkeypatch.setattr(hermes.stages, "MAX_CLASSES", 5)     # the real limit is 32,767 (SMALLINT codes)
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:40])
+    r = invoke("run", corpus, "--out", tmp_path / "o", "--stages", "source,learned,learned",
+               "--source-field", "leaf", *FAST)
+    assert r.exit_code == 1 and "stage 1 (source) has" in r.stderr and "at most 5" in r.stderr
+    assert not (tmp_path / "o" / "labels.duckdb").exists()
