@@ -38,6 +38,7 @@ import numpy as np
 from hermes import __version__
 from hermes.errors import HermesError
 from hermes.fasttext_quality import _fasttext, normalise, train_supervised
+from hermes.stages import file_sha256
 
 LEVEL_KEYS = ("l1", "l12", "l123")
 TOP_K = 20
@@ -137,20 +138,12 @@ class DistilledSubstrate:
                 "rvq": {"sizes": m["classes"], "kind": self.student}, "fit_sample_size": self.fit_sample_size}
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load(path: Path, manifest: dict[str, Any]) -> DistilledSubstrate:
     for name, checksum in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise HermesError(f"{f}: missing", hint="the distilled substrate is incomplete; run `hermes distill` again")
-        if _sha_file(f) != checksum:
+        if file_sha256(f) != checksum:
             raise HermesError(f"{f}: checksum does not match the manifest", hint="run `hermes distill` again")
     return DistilledSubstrate(path, manifest)
 
@@ -224,7 +217,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
                 "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
                 "classes": classes, **extra, "agreement": {}, "stages": stack,
-                "files": {name: _sha_file(tmp / name) for name in files}}
+                "files": {name: file_sha256(tmp / name) for name in files}}
     manifest["fingerprint"] = hashlib.sha256(json.dumps(
         {"teacher": fps[0], "student": student, "settings": settings, "files": manifest["files"]},
         sort_keys=True).encode()).hexdigest()[:16]

@@ -31,6 +31,7 @@ from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
 from hermes.errors import HermesError
 from hermes.progress import Progress
 from hermes.read import Fields, Shard, read_shard
+from hermes.stages import file_id
 from hermes.store import LABEL_FILE_SCHEMA, REJECT_FILE_SCHEMA
 from hermes.substrate import Substrate
 
@@ -153,7 +154,7 @@ class Stages:
         blob = json.dumps({"embedding": self.embedding_settings(), "tokenizer": c.tokenizer,
                            "fields": [c.text_field, c.id_field, c.source_field],
                            "quality": [c.quality, c.quality_field] + (
-                               [c.quality_model, _file_id(c.quality_model), c.quality_label]
+                               [c.quality_model, file_id(c.quality_model), c.quality_label]
                                if c.quality == "fasttext" else []), "hermes": __version__},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -178,14 +179,6 @@ def stages_for(cfg: Config, substrate) -> Stages:
     if getattr(substrate, "kind", "") != "embedding":      # a distilled substrate reads text only
         return Stages(cfg, stack=substrate.stages if substrate.fixed else None)
     return Stages(cfg, embedding=substrate.embedding, stack=substrate.stages)
-
-
-def _file_id(path: str | None) -> list | None:
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns] if st else None
 
 
 def reading_fields(cfg: Config) -> Fields:

@@ -158,7 +158,7 @@ class FixedLabelers:
         out = []
         for i in self.fixed:
             s = self.stack[i]
-            out.append([i, s["kind"]] + ([s["model"], _file_id(s["model"])] if s["kind"] == "fasttext" else []))
+            out.append([i, s["kind"]] + ([s["model"], file_id(s["model"])] if s["kind"] == "fasttext" else []))
         return out
 
     def labels(self, sources: list[str], texts: list[str]) -> dict[int, list[str]]:
@@ -175,12 +175,13 @@ class FixedLabelers:
         return self.setup()._taxonomy[i].classes()
 
 
-def _file_id(path: str) -> list | None:
+def file_id(path: str | None) -> list | None:
+    """[size, mtime_ns] of a file (None if there is none): cache keys change when a model file does."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if path else None
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns] if st else None
 
 
 def check_class_count(stage: int, kind: str, n: int) -> None:
