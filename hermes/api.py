@@ -157,10 +157,8 @@ def _stack_text(substrate) -> str:
     """`source (7 classes), learned (76), learned (76)`: each stage and its codewords."""
     from hermes.stages import stage_text
 
-    stack = getattr(substrate, "stages", None) or substrate.manifest().get("stages") \
-        or [{"kind": "learned"}] * len(substrate.sizes)
     return ", ".join(f"{stage_text(st)} ({k}{' classes' if 'classes' in st else ''})"
-                     for st, k in zip(stack, substrate.sizes))
+                     for st, k in zip(substrate.stages, substrate.sizes))
 
 
 def _check_stack(sub: Substrate, cfg: Config) -> None:
@@ -218,8 +216,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.copytree(substrate, tmp)
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
-    if getattr(sub, "fixed", None):
-        _check_stack(sub, cfg)
+    _check_stack(sub, cfg)
     stages = stages_for(cfg, sub)
     stages.quality_scorer
     stages.fixed.setup()
@@ -304,7 +301,7 @@ def compare(db: str | Path, levels: Iterable[int] = (1, 2, 3), rules: Iterable[s
     for spec in specs:
         m, fp = mixture.build(db, spec, loaded)
         if out is not None:
-            mixture.write(m, db, fp, Path(out) / spec.name(), names=docs.names)
+            mixture.write(m, db, fp, Path(out) / spec.name())
         d = m.diagnostics
         row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.m,
                "sampler": spec.sampler, "eligible": spec.eligible, "unique_docs": d["unique_docs"],

@@ -127,7 +127,7 @@ class DistilledSubstrate:
 
         m = self._models
         h = np.asarray(m["vectorizer"].transform(texts) @ m["W"]) + m["b"]
-        return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed or None)
+        return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed)
 
     def manifest(self) -> dict[str, Any]:
         """In the shape the store's substrates table reads."""
@@ -168,7 +168,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
             substrate: str | Path | None = None, progress=None) -> dict[str, Any]:
     from hermes.read import lookup
     from hermes.store import connect, info_fields, store_info
-    from hermes.substrate import FORMAT, FORMAT_VERSION
+    from hermes.substrate import FORMAT, FORMAT_VERSION, load_for_store
 
     if student not in STUDENTS:
         raise HermesError(f"unknown student '{student}'", hint=f"valid: {', '.join(STUDENTS)}")
@@ -183,7 +183,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
         con.close()
     if len(fps) != 1:
         raise HermesError(f"{db}: the store holds labels of {len(fps)} substrates", hint="distill one substrate's store")
-    teacher = _teacher(db, substrate, fps[0]) if student == "linear" else None
+    teacher = load_for_store(db, substrate) if student == "linear" else None
     rng = random.Random(seed)
     rows = list(range(t.num_rows))
     if len(rows) > sample:
@@ -282,29 +282,15 @@ LINEAR_SETTINGS = {"max_features": 100_000, "min_df": 2, "batch_size": 256, "lr"
 TFIDF = {"sublinear_tf": True, "lowercase": True}
 
 
-def _teacher(db: Path, substrate: str | Path | None, fingerprint: str):
-    from hermes.substrate import Substrate
-
-    sub = Substrate.load(substrate or db.parent / "substrate")
-    if sub.kind != "embedding" or sub.fingerprint != fingerprint:
-        raise HermesError(f"{db}: labels were made by substrate {fingerprint}, not {sub.fingerprint}",
-                          hint="pass the substrate that made the store with --substrate")
-    return sub
-
-
 def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
     """The teacher's transformed point h of every training document: from the kept embeddings,
     else embedded again with the teacher's encoder settings."""
-    from hermes.evaluate import _cached_embeddings
+    from hermes.pipeline import cached_embeddings
 
-    E = _cached_embeddings(db.parent / "embeddings", [d for d, _, _ in train])
+    E = cached_embeddings(db.parent / "embeddings", [d for d, _, _ in train])
     if E is None:
-        from hermes.embed import Embedder
-
-        e = teacher.embedding
         say(f"distill: embedding {len(train):,} documents with the teacher's encoder (no kept embeddings)")
-        E = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).encode(
-            [text for _, text, _ in train]).astype(np.float16)
+        E = teacher.embedder().encode([text for _, text, _ in train]).astype(np.float16)
     return teacher.transform.transform(np.asarray(E, dtype=np.float32))
 
 
@@ -338,9 +324,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, epochs: int, seed: 
             total += float(loss.detach()) * len(rows)
         history.append({"epoch": epoch + 1, "cosine_loss": round(total / n, 5)})
         say(f"distill: epoch {epoch + 1}: cosine loss {total / n:.4f}")
-    vocabulary = [""] * V
-    for term, i in vec.vocabulary_.items():
-        vocabulary[i] = term
+    vocabulary = vec.get_feature_names_out().tolist()     # terms in column order
     (tmp / "vocabulary.json").write_text(json.dumps(vocabulary, ensure_ascii=False) + "\n", encoding="utf-8")
     np.save(tmp / "idf.npy", vec.idf_.astype(np.float32), allow_pickle=False)
     np.save(tmp / "W.npy", W.detach().numpy().astype(np.float16), allow_pickle=False)

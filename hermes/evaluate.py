@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from hermes.errors import HermesError
 from hermes.read import lookup
@@ -103,51 +102,22 @@ def _sample_rows(db: Path, n: int, seed: int) -> tuple[list[str], np.ndarray]:
     return ids, codes
 
 
-def _cached_embeddings(folder: Path, wanted: list[str]) -> np.ndarray | None:
-    if not folder.is_dir():
-        return None
-    index = {d: i for i, d in enumerate(wanted)}
-    out: np.ndarray | None = None
-    found = 0
-    for docs_file in sorted(folder.glob("*.docs.parquet")):
-        ids = pq.read_table(docs_file, columns=["doc_id"]).column("doc_id").to_pylist()
-        hits = [(i, index[d]) for i, d in enumerate(ids) if d in index]
-        if not hits:
-            continue
-        from hermes.pipeline import open_embeddings
-
-        emb = open_embeddings(Path(str(docs_file).replace(".docs.parquet", ".emb.f16")))
-        if out is None:
-            out = np.zeros((len(wanted), emb.shape[1]), dtype=np.float32)
-        src, dst = zip(*hits)
-        out[list(dst)] = emb[list(src)]
-        found += len(hits)
-    return out if out is not None and found >= len(wanted) else None
-
-
 # --------------------------------------------------------------------------- the evaluation
 
 def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000, seed: int = 0,
              corpus: list[str] | None = None, substrate: str | Path | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from hermes.pipeline import cached_embeddings
     from hermes.rvq import ResidualQuantizer, fit_codebook, assign
-    from hermes.substrate import Substrate
+    from hermes.substrate import load_for_store
 
     db = Path(db)
     say = progress or (lambda m: None)
-    sub = Substrate.load(substrate or db.parent / "substrate")
-    con = connect(db)
-    try:
-        fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
-    finally:
-        con.close()
+    sub = load_for_store(db, substrate)
     info = store_info(db)
-    if fps != [sub.fingerprint]:
-        raise HermesError(f"{db}: labels were made by substrate {', '.join(fps)}, not {sub.fingerprint} "
-                          f"(field 'substrate')", hint="pass the substrate that made the store with --substrate")
     ids, codes = _sample_rows(db, sample, seed)
     gold = gold or []
-    E = _cached_embeddings(db.parent / "embeddings", ids)
+    E = cached_embeddings(db.parent / "embeddings", ids)
     records = lookup(corpus or info.get("inputs", []), info_fields(info), set(ids), gold) \
         if (E is None or gold) else {}
     if E is None:
@@ -156,15 +126,11 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
             raise HermesError(f"{len(missing):,} sampled documents are not in the corpus ({missing[0]}, ...)",
                               hint="pass the corpus with --corpus, or label with --keep-embeddings")
         say(f"eval: embedding {len(ids):,} documents (no kept embeddings found)")
-        from hermes.embed import Embedder
-
-        e = sub.embedding
-        E = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).encode(
-            [records[d]["text"] for d in ids])
+        E = sub.embedder().encode([records[d]["text"] for d in ids])
     E = E.astype(np.float32)
     H = sub.transform.transform(E)               # as labeling does, from the embeddings as cached
     fixed = {i: codes[:, i].astype(np.int64) for i in sub.fixed}      # a fixed stage's codes are given
-    if not np.array_equal(sub.quantizer.encode(H, fixed=fixed or None), codes):
+    if not np.array_equal(sub.quantizer.encode(H, fixed=fixed), codes):
         say("eval: note: re-encoding the sample does not give the stored codes exactly")
     E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 

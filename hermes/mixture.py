@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from hermes import __version__
 from hermes.errors import HermesError
 from hermes.mixers import CODE_BITS, Docs, Mixture, MixSpec, key_text, make_mixture, parse_rule
-from hermes.store import LEVELS, connect, key_sql, named_stages, stage_names
+from hermes.store import LEVELS, connect, key_sql, stage_names
 
 
 def store_substrate(con) -> str:
@@ -112,8 +112,7 @@ def build(db: str | Path, spec: MixSpec, loaded: tuple[Docs, str] | None = None)
     return make_mixture(docs, spec, external, external_source=str(rule.path)), fp
 
 
-def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path,
-          names: dict[int, list[str]] | None = None) -> Path:
+def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Path:
     """Write the mixture folder (to a temporary name, renamed when complete)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -121,10 +120,15 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path,
     tmp.mkdir(parents=True)
     spec = mix.spec
     c = mix.cells
+    rows = np.flatnonzero(mix.repeats > 0)
     con = connect(db)
     try:
-        names = stage_names(con) if names is None else names
-        named = named_stages(con)
+        names = stage_names(con)
+        sel = pa.table({"row": rows.astype(np.int64), "repeats": mix.repeats[rows].astype(np.int32)})
+        con.register("selected", sel)
+        key_expr, joins = key_sql(spec.m, names, "l")
+        manifest = con.sql(f"SELECT l.doc_id, s.repeats, l.n_tokens, {key_expr} AS cell FROM selected s "
+                           f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
     finally:
         con.close()
     cell_keys = key_text(c["key"], spec.m, names)
@@ -136,16 +140,6 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path,
         "available_tokens": c["available_tokens"].astype(np.int64), "eligible_docs": c["eligible_docs"],
         "selected_tokens": c["selected_tokens"].astype(np.int64), "quality_threshold": c["quality_threshold"],
         "epochs": c["epochs"]}), tmp / "weights.parquet")
-    rows = np.flatnonzero(mix.repeats > 0)
-    con = connect(db)
-    try:
-        sel = pa.table({"row": rows.astype(np.int64), "repeats": mix.repeats[rows].astype(np.int32)})
-        con.register("selected", sel)
-        key_expr, joins = key_sql(spec.m, named, "l")
-        manifest = con.sql(f"SELECT l.doc_id, s.repeats, l.n_tokens, {key_expr} AS cell FROM selected s "
-                           f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
-    finally:
-        con.close()
     pq.write_table(manifest, tmp / "manifest.parquet")
     (tmp / "mixture.json").write_text(json.dumps(describe(mix, db, fingerprint), indent=2) + "\n")
     if out.exists():

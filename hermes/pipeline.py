@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -150,15 +150,13 @@ class Stages:
                 "max_length": self.embedder.max_length}
 
     def cache_key(self) -> str:
+        """What decides the whole cache of a shard: its embeddings and its document columns."""
         c = self.cfg
-        blob = json.dumps({"embedding": self.embedding_settings(), "tokenizer": c.tokenizer,
-                           "fields": [c.text_field, c.id_field, c.source_field],
+        blob = json.dumps({"embed": self.embed_key(), "tokenizer": c.tokenizer, "source_field": c.source_field,
                            "quality": [c.quality, c.quality_field] + (
                                [c.quality_model, file_id(c.quality_model), c.quality_label]
-                               if c.quality == "fasttext" else []), "hermes": __version__},
-                          sort_keys=True)
+                               if c.quality == "fasttext" else [])}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
     def embed_key(self) -> str:
         """What decides the embeddings alone: the encoder settings and the text and id fields. The
@@ -231,6 +229,11 @@ def _skipped(step: str, shard: Shard, marker: dict, layout: Layout, progress: Pr
     return result
 
 
+def _reject_table(bad: list) -> pa.Table:
+    """Rejected records of a read batch (read.Reject) as rows of a reject file."""
+    return pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA)
+
+
 def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -288,7 +291,7 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
             pq.ParquetWriter(tmp["rejects"], REJECT_FILE_SCHEMA) as rejects_out, open(tmp["emb"], "wb") as emb_out:
         for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
             if bad:
-                rejects_out.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
+                rejects_out.write_table(_reject_table(bad))
                 n_rejects += len(bad)
                 if progress:
                     progress.advance(len(bad))
@@ -330,7 +333,7 @@ def _refresh_documents(shard: Shard, stages: Stages, layout: Layout, marker: dic
     with pq.ParquetWriter(tmp_docs, DOCS_SCHEMA) as docs_out, pq.ParquetWriter(tmp_rejects, REJECT_FILE_SCHEMA) as rej:
         for docs, bad in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
             if bad:
-                rej.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
+                rej.write_table(_reject_table(bad))
                 n_rejects += len(bad)
             n = docs.num_rows
             if seq + n > len(cached_ids) or not docs.column("doc_id").equals(cached_ids.slice(seq, n)):
@@ -365,12 +368,50 @@ def open_embeddings(emb_file: Path) -> np.ndarray:
     return np.memmap(emb_file, dtype=np.float16, mode="r", shape=(n, dim))
 
 
+def cached_embeddings(folder: Path, wanted: list[str]) -> np.ndarray | None:
+    """The kept embeddings (float32) of the documents `wanted`, from a run's embeddings/ folder, in
+    that order; None unless all of them are there."""
+    if not folder.is_dir():
+        return None
+    index = {d: i for i, d in enumerate(wanted)}
+    out: np.ndarray | None = None
+    found = 0
+    for docs_file in sorted(folder.glob("*.docs.parquet")):
+        ids = pq.read_table(docs_file, columns=["doc_id"]).column("doc_id").to_pylist()
+        hits = [(i, index[d]) for i, d in enumerate(ids) if d in index]
+        if not hits:
+            continue
+        emb = open_embeddings(Path(str(docs_file).replace(".docs.parquet", ".emb.f16")))
+        if out is None:
+            out = np.zeros((len(wanted), emb.shape[1]), dtype=np.float32)
+        src, dst = zip(*hits)
+        out[list(dst)] = emb[list(src)]
+        found += len(hits)
+    return out if out is not None and found >= len(wanted) else None
+
+
 def load_cached_embeddings(shard: Shard, layout: Layout, mmap: bool = False) -> np.ndarray:
     emb = open_embeddings(layout.emb_file(shard))
     return emb if mmap else np.array(emb)
 
 
 CLASSES_KEY = b"hermes_classes_key"
+
+
+def _cached_texts(shard: Shard, stages: Stages, n: int) -> Iterator[list[str]]:
+    """The texts of a shard's n cached documents, read again in the same order (cheap next to
+    embedding), batch by batch; an error at the end if the file no longer gives those n documents."""
+    seen = 0
+    for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
+        texts = batch.column("text").to_pylist()
+        seen += len(texts)
+        if seen > n:
+            break
+        yield texts
+    if seen != n:
+        now = f"more than {n}" if seen > n else f"{seen}"
+        raise HermesError(f"{shard.path}: the file changed since it was first read ({now} documents now, {n} before)",
+                          hint="rerun the command")
 
 
 def _taxonomy_labels(shard: Shard, stages: Stages, layout: Layout) -> pa.Table:
@@ -384,19 +425,10 @@ def _taxonomy_labels(shard: Shard, stages: Stages, layout: Layout) -> pa.Table:
                 return pq.read_table(path)
         except (OSError, pa.ArrowException):
             pass
-    taxonomy = [i for i in stages.fixed.fixed if stages.stack[i]["kind"] == "fasttext"]
-    columns: dict[str, list[str]] = {f"stage_{i}": [] for i in taxonomy}
-    n = pq.ParquetFile(layout.docs_file(shard)).metadata.num_rows
-    seen = 0
-    for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
-        texts = batch.column("text").to_pylist()
-        for i, names in stages.fixed.labels([""] * len(texts), texts).items():
-            if f"stage_{i}" in columns:
-                columns[f"stage_{i}"].extend(names)
-        seen += len(texts)
-    if seen != n:
-        raise HermesError(f"{shard.path}: the file changed since it was embedded ({seen} documents now, {n} before)",
-                          hint=f"delete {layout.embeddings} and rerun")
+    columns: dict[str, list[str]] = {f"stage_{i}": [] for i in stages.fixed.taxonomy}
+    for texts in _cached_texts(shard, stages, pq.ParquetFile(layout.docs_file(shard)).metadata.num_rows):
+        for i, names in stages.fixed.taxonomy_labels(texts).items():
+            columns[f"stage_{i}"].extend(names)
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}).replace_schema_metadata({CLASSES_KEY: key})
     _write_atomic_parquet(table, path)
     return table
@@ -405,13 +437,12 @@ def _taxonomy_labels(shard: Shard, stages: Stages, layout: Layout) -> pa.Table:
 def shard_classes(shard: Shard, stages: Stages, layout: Layout) -> dict[int, pa.Array]:
     """Each fixed stage's class name for every cached document of the shard, in cache order."""
     out: dict[int, pa.Array] = {}
-    kinds = {i: stages.stack[i]["kind"] for i in stages.fixed.fixed}
-    if "source" in kinds.values():
-        source = pq.read_table(layout.docs_file(shard), columns=["source"]).column("source").combine_chunks()
-        out.update({i: source for i, k in kinds.items() if k == "source"})
-    if "fasttext" in kinds.values():
+    if stages.fixed.taxonomy:
         taxonomy = _taxonomy_labels(shard, stages, layout)
-        out.update({i: taxonomy.column(f"stage_{i}").combine_chunks() for i, k in kinds.items() if k == "fasttext"})
+        out.update({i: taxonomy.column(f"stage_{i}").combine_chunks() for i in stages.fixed.taxonomy})
+    if len(out) < len(stages.fixed.fixed):
+        source = pq.read_table(layout.docs_file(shard), columns=["source"]).column("source").combine_chunks()
+        out.update({i: source for i in stages.fixed.fixed if i not in out})
     return out
 
 
@@ -598,7 +629,7 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
                 batch = batch.filter(pa.array(keep))
             rows = slice(start, stop) if keep.all() else np.flatnonzero(keep) + start
             codes[rows] = substrate.encode(np.asarray(emb[rows], dtype=np.float32),
-                                           fixed={i: c[rows] for i, c in fixed.items()} or None)
+                                           fixed={i: c[rows] for i, c in fixed.items()})
             out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[rows],
                                         substrate.fingerprint))
             start = stop
@@ -621,14 +652,16 @@ def _fixed_codes(shard: Shard, substrate: Substrate, stages: Stages, layout: Lay
                  ) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """The substrate's fixed stages' class index per cached document of the shard, and which
     documents have a class the substrate knows (the others are rejected, not guessed)."""
-    known = np.ones(n, bool)
     if not substrate.fixed or not n:
-        return {}, known
-    names = shard_classes(shard, stages, layout)
+        return {}, np.ones(n, bool)
+    return _class_codes(shard_classes(shard, stages, layout), substrate)
+
+
+def _class_codes(names: dict[int, pa.Array], substrate) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Each fixed stage's class index per document from its class names, and which documents have
+    a class of the substrate in every fixed stage."""
     fixed = {i: class_indices(names[i], substrate.stages[i]["classes"]) for i in substrate.fixed}
-    for c in fixed.values():
-        known &= c >= 0
-    return fixed, known
+    return fixed, np.logical_and.reduce([c >= 0 for c in fixed.values()])
 
 
 def _unknown_rejects(batch: pa.RecordBatch | pa.Table, bad: np.ndarray, fixed: dict[int, np.ndarray], start: int,
@@ -646,7 +679,7 @@ def _unknown_rejects(batch: pa.RecordBatch | pa.Table, bad: np.ndarray, fixed: d
                     schema=REJECT_FILE_SCHEMA)
 
 
-def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarray | None = None) -> pa.Table:
+def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarray) -> pa.Table:
     """Word counts per L123 cell, streaming: the shard is read again (cheap next to embedding) and
     its i-th accepted document has codes[i] (counted where `keep`)."""
     from hermes.terms import TERM_SCHEMA, TermCounter
@@ -655,19 +688,13 @@ def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarr
         return TERM_SCHEMA.empty_table()
     counter = TermCounter()
     seen = 0
-    for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
-        texts = batch.column("text").to_pylist()
-        if seen + len(texts) > len(codes):
-            break
-        if keep is None or keep[seen:seen + len(texts)].all():
+    for texts in _cached_texts(shard, stages, len(codes)):
+        mask = keep[seen:seen + len(texts)]
+        if mask.all():
             counter.add(texts, codes[seen:seen + len(texts)])
         else:
-            mask = keep[seen:seen + len(texts)]
             counter.add([t for t, k in zip(texts, mask) if k], codes[seen:seen + len(texts)][mask])
         seen += len(texts)
-    if seen != len(codes):
-        raise HermesError(f"{shard.path}: the file changed while it was being labeled "
-                          f"({seen} documents read now, {len(codes)} before)", hint="rerun the command")
     return counter.table()
 
 
@@ -707,14 +734,12 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
     with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(reject_tmp, REJECT_FILE_SCHEMA) as rej:
         for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
             if bad:
-                rej.write_table(pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA))
+                rej.write_table(_reject_table(bad))
                 n_rejects += len(bad)
             n = docs.num_rows
             if n and substrate.fixed:          # a fixed stage's class comes from the document
                 names = stages.fixed.labels(docs.column("source").to_pylist(), docs.column("text").to_pylist())
-                fixed = {i: class_indices(pa.array(names[i], pa.string()), substrate.stages[i]["classes"])
-                         for i in substrate.fixed}
-                known = np.logical_and.reduce([c >= 0 for c in fixed.values()])
+                fixed, known = _class_codes({i: pa.array(v, pa.string()) for i, v in names.items()}, substrate)
                 if not known.all():
                     where = docs.select(["doc_id", "line"]).append_column("file", pa.array([shard.name] * n, pa.string()))
                     rej.write_table(_unknown_rejects(where, ~known, fixed, 0, substrate))
@@ -725,7 +750,7 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
                 fixed = None
             if docs.num_rows:
                 texts = docs.column("text").to_pylist()
-                codes = substrate.encode_texts(texts, fixed) if fixed else substrate.encode_texts(texts)
+                codes = substrate.encode_texts(texts, fixed)
                 terms.add(texts, codes)
                 out.write_table(label_table(document_columns(shard, docs, texts, stages, seq), codes,
                                             substrate.fingerprint))

@@ -148,8 +148,8 @@ class FixedLabelers:
         self._taxonomy: dict[int, TaxonomyLabeler] = {}
 
     def setup(self) -> "FixedLabelers":
-        for i in self.fixed:
-            if self.stack[i]["kind"] == "fasttext" and i not in self._taxonomy:
+        for i in self.taxonomy:
+            if i not in self._taxonomy:
                 self._taxonomy[i] = TaxonomyLabeler(self.stack[i]["model"]).setup()
         return self
 
@@ -161,12 +161,19 @@ class FixedLabelers:
             out.append([i, s["kind"]] + ([s["model"], file_id(s["model"])] if s["kind"] == "fasttext" else []))
         return out
 
-    def labels(self, sources: list[str], texts: list[str]) -> dict[int, list[str]]:
+    @property
+    def taxonomy(self) -> list[int]:
+        """The fixed stages labeled by a fastText taxonomy (the others by the source)."""
+        return [i for i in self.fixed if self.stack[i]["kind"] == "fasttext"]
+
+    def taxonomy_labels(self, texts: list[str]) -> dict[int, list[str]]:
         self.setup()
-        out: dict[int, list[str]] = {}
-        for i in self.fixed:
-            out[i] = list(sources) if self.stack[i]["kind"] == "source" else self._taxonomy[i].labels(texts)
-        return out
+        return {i: self._taxonomy[i].labels(texts) for i in self.taxonomy}
+
+    def labels(self, sources: list[str], texts: list[str]) -> dict[int, list[str]]:
+        """Each fixed stage's class name per document."""
+        taxonomy = self.taxonomy_labels(texts)
+        return {i: taxonomy[i] if i in taxonomy else list(sources) for i in self.fixed}
 
     def known_classes(self, i: int) -> list[str] | None:
         """A taxonomy stage's full label set (every label the model can give); None for source."""

@@ -62,6 +62,13 @@ class Substrate:
         """Each fixed stage's class names (stage index -> names; code = position)."""
         return {i: self.stages[i]["classes"] for i in self.fixed}
 
+    def embedder(self):
+        """An encoder with this substrate's embedding settings (model, dtype, max length)."""
+        from hermes.embed import Embedder
+
+        e = self.embedding
+        return Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"])
+
     def encode(self, embeddings: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """Embeddings (n, d) -> codes (n, stages); `fixed` gives each fixed stage's class index per row."""
         return self.quantizer.encode(self.transform.transform(embeddings), fixed=fixed)
@@ -173,6 +180,25 @@ class Substrate:
             raise HermesError(f"{mpath}: the fingerprint does not match the settings and arrays (field 'fingerprint')",
                               hint="the manifest was edited; re-create the substrate with `hermes fit`")
         return sub
+
+
+def load_for_store(db: str | Path, path: str | Path | None = None) -> Substrate:
+    """The embedding substrate that made the labels of the store `db`: its folder beside the store,
+    or `path`. An error if it did not make them, or is a distilled labeler."""
+    from hermes.store import connect
+
+    db = Path(db)
+    sub = Substrate.load(path or db.parent / "substrate")
+    con = connect(db)
+    try:
+        fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
+    finally:
+        con.close()
+    if fps != [sub.fingerprint] or sub.kind != "embedding":
+        made = f"{sub.fingerprint}, a distilled labeler" if sub.kind != "embedding" else sub.fingerprint
+        raise HermesError(f"{db}: labels were made by substrate {', '.join(fps)}, not {made} (field 'substrate')",
+                          hint="pass the embedding substrate that made the store with --substrate")
+    return sub
 
 
 def _sha256(arr: np.ndarray) -> str:

@@ -30,7 +30,6 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    from hermes.embed import Embedder
     from hermes.read import lookup
     from hermes.store import connect, info_fields, store_info
     from hermes.substrate import Substrate
@@ -56,17 +55,16 @@ def main() -> None:
     con.close()
     codes_stored = np.array([stored[d] for d in ids], dtype=np.int64)
     fixed = {i: codes_stored[:, i] for i in teacher.fixed}
-    e = teacher.embedding
-    enc = Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"]).setup()
+    enc = teacher.embedder().setup()
     enc.encode(texts[:16])
     t = time.perf_counter()
     emb = enc.encode(texts).astype(np.float16).astype(np.float32)
-    codes_teacher = teacher.encode(emb, fixed=fixed or None)
+    codes_teacher = teacher.encode(emb, fixed=fixed)
     emb_s = time.perf_counter() - t
     fast_fixed = {i: fixed[i] for i in fast.fixed}
-    fast.encode_texts(texts[:16], {i: c[:16] for i, c in fast_fixed.items()} or None)
+    fast.encode_texts(texts[:16], {i: c[:16] for i, c in fast_fixed.items()})
     t = time.perf_counter()
-    codes_fast = fast.encode_texts(texts, fast_fixed or None)
+    codes_fast = fast.encode_texts(texts, fast_fixed)
     fast_s = time.perf_counter() - t
     n = len(texts)
     print(json.dumps({

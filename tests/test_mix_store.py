@@ -104,23 +104,24 @@ def test_bad_weights_files(e2e, tmp_path, content, message):
     assert not (tmp_path / "m").exists()
 
 
-def test_store_mixing_two_substrates_is_refused(e2e, tmp_path):
-    db = tmp_path / "mixed.duckdb"
-    shutil.copy(e2e["db"], db)
-    con = duckdb.connect(str(db))
-    con.execute("UPDATE labels SET substrate = 'other' WHERE rowid < 10")
+def _altered_store(e2e, path, sql: str):
+    """A copy of the e2e store with one UPDATE applied."""
+    shutil.copy(e2e["db"], path)
+    con = duckdb.connect(str(path))
+    con.execute(sql)
     con.close()
+    return path
+
+
+def test_store_mixing_two_substrates_is_refused(e2e, tmp_path):
+    db = _altered_store(e2e, tmp_path / "mixed.duckdb", "UPDATE labels SET substrate = 'other' WHERE rowid < 10")
     r = invoke("mix", "--db", db, "--out", tmp_path / "m")
     assert r.exit_code == 1 and "mixes labels of 2 substrates" in r.stderr
     assert not (tmp_path / "m").exists()
 
 
 def test_top_p_on_a_store_without_quality_is_refused(e2e, tmp_path):
-    db = tmp_path / "noq.duckdb"
-    shutil.copy(e2e["db"], db)
-    con = duckdb.connect(str(db))
-    con.execute("UPDATE labels SET quality = NULL")
-    con.close()
+    db = _altered_store(e2e, tmp_path / "noq.duckdb", "UPDATE labels SET quality = NULL")
     r = invoke("mix", "--db", db, "--out", tmp_path / "m", "--eligible", "top:0.3")
     assert r.exit_code == 1 and "needs quality scores" in r.stderr
     assert not (tmp_path / "m").exists()
