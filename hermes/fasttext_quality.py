@@ -34,31 +34,37 @@ def _fasttext():
     return fasttext
 
 
-def _train_in_child(train_file: str, model_file: str, kwargs: dict) -> str | None:
-    """Runs in a fresh process: a second train_supervised in one process can diverge (NaN) in this
-    fastText build, whatever its settings, so every training gets a process of its own."""
-    import fasttext
-
-    try:
-        fasttext.train_supervised(input=train_file, verbose=0, **kwargs).save_model(model_file)
-    except RuntimeError as e:
-        return str(e)
-    return None
+# fastText training in a bare interpreter that imports fastText and nothing else. In this fastText
+# build training can diverge (NaN) depending on the process it runs in: a second training in one
+# process, or a child that re-imports the caller's modules (multiprocessing's spawn does: from the
+# `hermes` command every training of one data set diverged, from a plain script none did).
+_TRAIN = """\
+import json, sys
+import fasttext
+a = json.loads(sys.argv[1])
+try:
+    fasttext.train_supervised(input=a["input"], verbose=0, **a["settings"]).save_model(a["output"])
+except RuntimeError as e:
+    print(e)
+    sys.exit(3)
+"""
 
 
 def train_supervised(train_file: str, model_file: str | Path, **kwargs):
-    """fastText supervised training, isolated in a child process, retried with the next seed on NaN.
-    Returns the loaded model and the seed used."""
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
+    """fastText supervised training in a fresh, bare Python process, retried with the next seed on
+    NaN. Returns the loaded model and the seed used."""
+    import subprocess
+    import sys
 
     seed = int(kwargs.pop("seed", 0))
     error = None
     for attempt in range(4):
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            error = pool.submit(_train_in_child, train_file, str(model_file), {**kwargs, "seed": seed + attempt}).result()
-        if error is None:
+        job = {"input": str(train_file), "output": str(model_file), "settings": {**kwargs, "seed": seed + attempt}}
+        r = subprocess.run([sys.executable, "-c", _TRAIN, json.dumps(job)], capture_output=True, text=True)
+        if r.returncode == 0:
             return load_model(model_file), seed + attempt
+        lines = (r.stdout.strip() or r.stderr.strip()).splitlines()
+        error = lines[-1] if lines else f"exit code {r.returncode}"
         if "NaN" not in error:
             break
     raise HermesError(f"fastText training failed: {error}", hint="try other --epochs or --lr")
