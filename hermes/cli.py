@@ -694,7 +694,8 @@ def distill(
     student: str = typer.Option("linear", "--student", help="linear (a bag-of-words encoder into the teacher's "
                                                              "space, quantized by its codebooks) | fasttext "
                                                              "(classifiers for c1, L12, L123)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: 3 linear, 25 fasttext)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs of the fasttext student "
+                                                               "(default 25)."),
     substrate: Optional[Path] = typer.Option(None, "--substrate", help="The store's substrate, if not beside it "
                                                                        "(the linear student uses its codebooks)."),
     seed: int = typer.Option(0, "--seed", help="Seed."),

@@ -124,6 +124,54 @@ class Embedder:
                               normalize_embeddings=True, show_progress_bar=False)
         return np.asarray(emb, dtype=np.float32)
 
+    def fast_tokenizer_json(self) -> str:
+        """The encoder's own tokenizer as a `tokenizers` JSON string: what it reads of a text,
+        usable without torch or the model."""
+        self.setup()
+        tok = self._st.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise HermesError(f"{self.model}: the encoder has no fast tokenizer",
+                              hint="use an encoder whose folder has tokenizer.json")
+        return tok.backend_tokenizer.to_str()
+
+    def content_window(self) -> int:
+        """How many content tokens of a text the encoder reads: max_length less its special tokens."""
+        return self.max_length - len(self._special_template()[0])
+
+    def _special_template(self) -> tuple[list[int], int]:
+        """The special token ids the tokenizer adds around a text, and where the text goes."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.fast_tokenizer_json())     # a copy: padding and truncation off
+        tok.no_padding()
+        tok.no_truncation()
+        enc = tok.encode("a", add_special_tokens=True)
+        at = enc.special_tokens_mask.index(0)
+        return [i for i, m in zip(enc.ids, enc.special_tokens_mask) if m], at
+
+    def token_vectors(self, ids: np.ndarray | None = None, batch_size: int = 1024) -> np.ndarray:
+        """(len(ids), dim): the encoder's sentence embedding of each token id alone, between the
+        tokenizer's special tokens; a static, context-free view of the token. Default: the whole
+        vocabulary, in id order."""
+        import torch
+
+        self.setup()
+        tok = self._st.tokenizer
+        every = torch.arange(len(tok)) if ids is None else torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        specials, at = self._special_template()
+        template = specials[:at] + [0] + specials[at:]
+        out = np.zeros((len(every), self.dim_), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(every), batch_size):
+                ids = every[start:start + batch_size]
+                inp = torch.tensor(template).repeat(len(ids), 1)
+                inp[:, at] = ids
+                feats = {"input_ids": inp.to(self.device_), "attention_mask": torch.ones_like(inp).to(self.device_)}
+                if "token_type_ids" in tok.model_input_names:
+                    feats["token_type_ids"] = torch.zeros_like(inp).to(self.device_)
+                out[start:start + len(ids)] = self._st.forward(feats)["sentence_embedding"].float().cpu().numpy()
+        return out
+
 
 class TokenCounter:
     """Counts tokens over the whole text (no truncation), with any local Hugging Face tokenizer."""

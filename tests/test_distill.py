@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import numpy as np
 import pytest
 
 from tests.conftest import invoke, write_jsonl
@@ -45,3 +46,68 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         assert all((c[0], c[1]) in l12 for c in mine.values())
     agree = sum(mine[k][0] == teacher[k][0] for k in mine) / len(mine)
     assert agree > 0.5                                               # most of these were in its training data
+
+
+# --------------------------------------------------------------------------- the linear student's parts
+
+@pytest.fixture(scope="module")
+def encoder():
+    from hermes.embed import Embedder
+
+    return Embedder(max_length=64, dtype="fp32", device="cpu").setup()
+
+
+def test_token_bags_read_exactly_the_teachers_window(encoder, sample_records):
+    from tokenizers import Tokenizer
+
+    from hermes.distill import TokenBags
+
+    window = encoder.content_window()
+    assert window == 62                                   # 64 less [CLS] and [SEP]
+    full = Tokenizer.from_str(encoder.fast_tokenizer_json())
+    full.no_truncation()
+    full.no_padding()
+    texts = [r["text"] for r in sample_records[:40]]
+    texts += ["", "word " * 100, "x" * 5000, "ünïcödé " * 30 + "y" * 3000,   # a cut inside a long word
+              ("abc " * (window - 1)) + "supercalifragilistic" * 40]          # the window ends inside it
+    bags = TokenBags(encoder.fast_tokenizer_json(), window, 30522)
+    bags.cut = 300                                       # force cuts, so the fallback is exercised
+    for text, ids in zip(texts, bags.ids(texts)):
+        assert ids.tolist() == full.encode(text, add_special_tokens=False).ids[:window]
+    X = bags.tfidf(texts, np.ones(30522, dtype=np.float32))
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    assert norms[40] == 0 and np.allclose(np.delete(norms, 40), 1, atol=1e-5)
+
+
+def test_token_vectors_are_the_encoders_embedding_of_the_token_alone(encoder):
+    words = ["house", "river", "music"]
+    ids = [encoder._st.tokenizer.convert_tokens_to_ids(w) for w in words]
+    V = encoder.token_vectors(ids)
+    np.testing.assert_allclose(V, encoder.encode(words), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [30, 400])          # more features than documents (dual), and fewer (primal)
+def test_ridge_matches_scikit_learn_in_both_spaces(n):
+    import scipy.sparse as sp
+    from sklearn.linear_model import Ridge
+
+    from hermes.distill import _ridge
+
+    rng = np.random.default_rng(0)
+    Xs = sp.random(n, 120, density=0.1, random_state=1, format="csr", dtype=np.float64)
+    D = rng.normal(size=(n, 8))
+    Y = rng.normal(size=(n, 5))
+    Ws, Wd, b = _ridge(Xs, D, Y, 0.5)
+    ref = Ridge(alpha=0.5).fit(np.hstack([Xs.toarray(), D]), Y)
+    np.testing.assert_allclose(np.vstack([Ws, Wd]), ref.coef_.T, atol=1e-4)
+    np.testing.assert_allclose(b, ref.intercept_, atol=1e-4)
+
+
+def test_a_linear_student_of_an_earlier_hermes_is_refused(tmp_path):
+    from hermes.distill import DistilledSubstrate
+    from hermes.errors import HermesError
+
+    manifest = {"student": "linear", "fingerprint": "x", "data": {"train_docs": 1}, "agreement": {},
+                "classes": [4, 4, 4], "files": {"vocabulary.json": "", "W.npy": ""}, "settings": {}}
+    with pytest.raises(HermesError, match="distill` again|earlier hermes"):
+        DistilledSubstrate(tmp_path, manifest).setup()
