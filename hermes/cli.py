@@ -691,9 +691,10 @@ def distill(
     corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="The corpus, if it moved."),
     sample: int = typer.Option(200_000, "--sample", help="Documents to train on at most."),
     holdout: float = typer.Option(0.1, "--holdout", help="Share held out to measure agreement."),
-    student: str = typer.Option("linear", "--student", help="linear (a bag-of-words encoder into the teacher's "
-                                                             "space, quantized by its codebooks) | fasttext "
-                                                             "(classifiers for c1, L12, L123)."),
+    student: str = typer.Option("linear", "--student", help="linear (the teacher's tokens in its window, "
+                                                             "mapped into the teacher's space by ridge "
+                                                             "regression, quantized by its codebooks) | "
+                                                             "fasttext (classifiers for c1, L12, L123)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs of the fasttext student "
                                                                "(default 25)."),
     substrate: Optional[Path] = typer.Option(None, "--substrate", help="The store's substrate, if not beside it "
@@ -703,9 +704,10 @@ def distill(
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
     """Train a distilled fast labeler that predicts the store's code from text, saved as a substrate
-    that `hermes label` accepts (no embedding model needed). The linear student (default) predicts
-    each document's point in the teacher's transformed space from its TF-IDF and quantizes it with
-    the teacher's codebooks; the fasttext student classifies c1, the L12 and the L123 cell. Reports
+    that `hermes label` accepts (no embedding model needed). The linear student (default) reads
+    the teacher's tokens in the teacher's window, predicts each document's point in the teacher's
+    transformed space from their TF-IDF and static token vectors, and quantizes it with the
+    teacher's codebooks; the fasttext student classifies c1, the L12 and the L123 cell. Reports
     held-out agreement with the store's substrate per level.
 
     Example: hermes distill --db out/labels.duckdb --out fast-substrate
