@@ -336,9 +336,14 @@ class TokenBags:
 
     def tfidf(self, texts: list[str], idf: np.ndarray):
         """(n, vocab) CSR: sublinear tf times idf, each row of unit length (empty rows stay zero)."""
-        from sklearn.preprocessing import normalize as l2
+        return weigh(self.counts(texts), idf)
 
-        return l2(self.counts(texts).multiply(idf[None, :]).tocsr().astype(np.float32))
+
+def weigh(counts, idf: np.ndarray):
+    """Sublinear term frequencies (CSR) times idf, each row of unit length."""
+    from sklearn.preprocessing import normalize as l2
+
+    return l2(counts.multiply(idf[None, :]).tocsr().astype(np.float32))
 
 
 def _static_part(X, static: np.ndarray) -> np.ndarray:
@@ -372,7 +377,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
     n = C.shape[0]
     df = np.bincount(C.indices, minlength=C.shape[1])
     idf = (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)        # smooth idf, as scikit-learn's
-    X = bags.tfidf([text for _, text, _ in train], idf)
+    X = weigh(C, idf)
     frequent = np.flatnonzero(df >= s["min_df"])
     keep = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:s["max_terms"]]])
     D = _static_part(X, static) * s["static_scale"]
