@@ -400,8 +400,9 @@ def train_quality(positive: Iterable[str | Path], negative: Iterable[str | Path]
 def distill(db: str | Path, out: str | Path, corpus: Iterable[str | Path] | None = None, sample: int = 200_000,
             holdout: float = 0.1, epochs: int | None = None, student: str = "linear", seed: int = 0,
             substrate: str | Path | None = None, quiet: bool = True) -> dict[str, Any]:
-    """Train a student that predicts the store's code from text (`linear`: a bag-of-words encoder
-    into the teacher's transformed space, quantized by the teacher's codebooks; `fasttext`:
+    """Train a student that predicts the store's code from text (`linear`: the teacher's tokens in
+    its window, mapped by ridge regression into the teacher's transformed space and quantized by
+    the teacher's codebooks; `fasttext`:
     classifiers for c1, L12 and L123), saved as a substrate of kind `distilled` for `hermes label`,
     with held-out agreement per level."""
     from hermes.distill import distill as _distill

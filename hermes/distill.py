@@ -349,8 +349,9 @@ def weigh(counts, idf: np.ndarray):
 def _static_part(X, static: np.ndarray) -> np.ndarray:
     """The document's static vector: the tf-idf-weighted sum of its tokens' static vectors, of unit
     length. It reaches every token of the vocabulary, seen in training or not."""
-    S = np.asarray(X @ static, dtype=np.float32)
-    return S / np.maximum(np.linalg.norm(S, axis=1, keepdims=True), 1e-9)
+    from hermes.transform import normalize
+
+    return normalize(np.asarray(X @ static, dtype=np.float32))
 
 
 def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
@@ -366,6 +367,8 @@ def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
 
 
 def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> tuple[dict, dict]:
+    from hermes.transform import normalize
+
     s = LINEAR_SETTINGS
     H = _teacher_points(teacher, db, train, say)
     encoder = teacher.embedder()
@@ -393,15 +396,11 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
         np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
     for i, C_ in enumerate(teacher.quantizer.codebooks_):     # a fixed stage's: its class means
         np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C_, dtype=np.float32), allow_pickle=False)
-    P = np.asarray(X @ W) + (D / s["static_scale"]) @ arrays["W_static"] + b
-    fit = float(np.mean(np.sum(_unit(P) * H, axis=1)))
+    P = np.asarray(X[:, keep] @ W_terms) + D @ W_static + b
+    fit = float(np.mean(np.sum(normalize(P) * H, axis=1)))
     return ({**s, "features": "teacher tokenizer, window", "window": window, "terms": int(len(keep)),
              "vocab": int(static.shape[0]), "seed": seed},
             {"history": [{"train_mean_cosine": round(fit, 5)}]})
-
-
-def _unit(P: np.ndarray) -> np.ndarray:
-    return P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-9)
 
 
 def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -421,7 +420,7 @@ def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, 
     ybar = Yt.mean(0)
     Yc = Yt - ybar
     if k <= n:
-        XtD = torch.from_numpy(np.asarray(Xs.T @ D.astype(np.float64)))
+        XtD = torch.from_numpy(np.asarray(Xs.T @ Dt.numpy()))
         G = torch.cat([torch.cat([torch.from_numpy((Xs.T @ Xs).toarray()), XtD], 1),
                        torch.cat([XtD.T, Dt.T @ Dt], 1)])
         G -= n * torch.outer(mu, mu)
