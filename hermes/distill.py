@@ -10,7 +10,10 @@ embedding model. Two students:
   token's static vector, the teacher's embedding of the token alone, times a matrix) predict the
   document's point h in the teacher's transformed space (the LST output of its embedding); ridge
   regression fits both exactly. The teacher's own codebooks then quantize the prediction, so codes
-  are the teacher's RVQ of an approximate h and every level comes from one prediction. A fixed
+  are the teacher's RVQ of an approximate h and every level comes from one prediction. The first
+  learned stage alone decides by a rule fitted to the student's errors (DecisionRule: logistic
+  regression on out-of-fold predictions, starting from and held near the teacher's cosine
+  argmax); the teacher's rule, made for exact points, is not the best one for approximate ones. A fixed
   stage of the teacher (a source, a taxonomy) keeps its code from the document, as the teacher
   did. It needs the teacher's embeddings of the training documents: the kept ones
   (`--keep-embeddings`), else they are computed with the teacher's encoder.
@@ -98,7 +101,12 @@ class DistilledSubstrate:
                       for name in ("idf", "W", "static", "W_static", "b")}
             st = self.m["settings"]
             bags = TokenBags((self.path / "tokenizer.json").read_text(encoding="utf-8"), st["window"], st["vocab"])
-            self._models = {"bags": bags, "quantizer": q, **arrays}
+            choose = {}
+            if "decision_W.npy" in self.m["files"]:
+                rule = DecisionRule(np.load(self.path / "decision_W.npy", allow_pickle=False),
+                                    np.load(self.path / "decision_b.npy", allow_pickle=False))
+                choose = {st["decision"]["stage"]: rule}
+            self._models = {"bags": bags, "quantizer": q, "choose": choose, **arrays}
         else:
             ft = _fasttext()
             self._models = {k: ft.load_model(str(self.path / f"{k}.bin")) for k in LEVEL_KEYS}
@@ -129,7 +137,7 @@ class DistilledSubstrate:
         m = self._models
         X = m["bags"].tfidf(texts, m["idf"])
         h = np.asarray(X @ m["W"]) + _static_part(X, m["static"]) @ m["W_static"] + m["b"]
-        return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed)
+        return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed, choose=m["choose"])
 
     def manifest(self) -> dict[str, Any]:
         """In the shape the store's substrates table reads."""
@@ -287,6 +295,9 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
 # the teacher's tokens in its window 0.755 (alpha 0.1 / 0.3 / 1 gave 0.749 / 0.755 / 0.728); with
 # the static part 0.771 at alpha 0.3, 0.777 at 0.6; hashed token bigrams lowered it (0.732).
 LINEAR_SETTINGS = {"alpha": 0.6, "min_df": 2, "max_terms": 24_000, "static_scale": 3.0}
+# The decision rule of the first learned stage (DecisionRule): fitted on out-of-fold predictions
+# of `folds` ridge fits; its penalty is chosen among `lambdas` on a fifth of them held out.
+DECISION_SETTINGS = {"folds": 5, "scale": 40.0, "lambdas": [1e-4, 3e-4, 1e-3]}
 
 
 class TokenBags:
@@ -398,9 +409,91 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
         np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C_, dtype=np.float32), allow_pickle=False)
     P = np.asarray(X[:, keep] @ W_terms) + D @ W_static + b
     fit = float(np.mean(np.sum(normalize(P) * H, axis=1)))
-    return ({**s, "features": "teacher tokenizer, window", "window": window, "terms": int(len(keep)),
-             "vocab": int(static.shape[0]), "seed": seed},
-            {"history": [{"train_mean_cosine": round(fit, 5)}]})
+    settings = {**s, "features": "teacher tokenizer, window", "window": window, "terms": int(len(keep)),
+                "vocab": int(static.shape[0]), "seed": seed}
+    stage = next((i for i in range(len(teacher.quantizer.codebooks_)) if i not in teacher.quantizer.fixed), None)
+    if DECISION_SETTINGS["folds"] > 1 and stage is not None:
+        codes = np.stack([c for _, _, c in train]).astype(np.int64)
+        settings["decision"] = _train_decision(X[:, keep], D, H, codes, teacher.quantizer.codebooks_, stage, tmp,
+                                               seed, say)
+    return settings, {"history": [{"train_mean_cosine": round(fit, 5)}]}
+
+
+class DecisionRule:
+    """A learned stage's code from its input residual r: argmax_j (W_j . r/|r| + b_j). With W = scale
+    times the unit codewords and b = 0 it is the teacher's own rule (the cosine argmax); fitted, it
+    accounts for the student's errors, which the teacher's rule, made for exact points, does not."""
+
+    def __init__(self, W: np.ndarray, b: np.ndarray):
+        self.W, self.b = np.asarray(W, dtype=np.float32), np.asarray(b, dtype=np.float32)
+
+    def __call__(self, R: np.ndarray) -> np.ndarray:
+        from hermes.transform import normalize
+
+        return np.argmax(normalize(R) @ self.W.T + self.b, axis=1)
+
+
+def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codebooks: list, stage: int, tmp: Path,
+                    seed: int, say) -> dict[str, Any]:
+    """Fit the DecisionRule of the first learned stage on out-of-fold predictions: each fold's points
+    predicted by a ridge fit on the other folds, so their errors are those of unseen documents.
+    The targets are the teacher's codes. Multinomial logistic regression, its weights penalised
+    towards the teacher's rule; the penalty is chosen on a fifth of the documents held out, then
+    the rule is refitted on all of them."""
+    from hermes.transform import normalize
+
+    ds = DECISION_SETTINGS
+    n, k = len(H), ds["folds"]
+    fold = np.random.default_rng(seed).permutation(n) % k
+    P = np.zeros_like(H, dtype=np.float32)
+    for f in range(k):
+        say(f"distill: decision rule, out-of-fold ridge fit {f + 1}/{k}")
+        fit, out = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        W, W_static, b = _ridge(Xs[fit], D[fit], H[fit], LINEAR_SETTINGS["alpha"])
+        P[out] = np.asarray(Xs[out] @ W) + D[out] @ W_static + b
+    R = normalize(P)
+    for s in range(stage):                        # the fixed stages before it: the document's own codes
+        R -= np.asarray(codebooks[s], dtype=np.float32)[codes[:, s]]
+    R, y = normalize(R), codes[:, stage]
+    prior = ds["scale"] * normalize(np.asarray(codebooks[stage], dtype=np.float32))
+    val = fold == 0                                # a fifth, as a fold: every fold's errors are alike
+    scores = {}
+    for lam in ds["lambdas"]:
+        W, b = _logistic(R[~val], y[~val], prior, lam)
+        scores[lam] = float(np.mean(DecisionRule(W, b)(R[val]) == y[val]))
+    lam = max(ds["lambdas"], key=lambda v: (scores[v], -v))
+    say(f"distill: decision rule, penalty {lam:g} (held-out fifth: {scores[lam]:.3f} against "
+        f"{np.mean(DecisionRule(prior, np.zeros(len(prior)))(R[val]) == y[val]):.3f} for the teacher's rule)")
+    W, b = _logistic(R, y, prior, lam)
+    np.save(tmp / "decision_W.npy", W, allow_pickle=False)
+    np.save(tmp / "decision_b.npy", b, allow_pickle=False)
+    teacher_rule = float(np.mean(DecisionRule(prior, np.zeros(len(prior)))(R) == y))
+    return {"stage": stage, "folds": k, "scale": ds["scale"], "lambda": lam,
+            "out_of_fold_agreement": {"teacher_rule": round(teacher_rule, 4),
+                                      "decision_rule": round(float(np.mean(DecisionRule(W, b)(R) == y)), 4)}}
+
+
+def _logistic(R: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression of y on the rows of R, minimising the mean cross-entropy plus
+    lam/2 (|W - prior|^2 + |b|^2), by L-BFGS in float64 from W = prior, b = 0."""
+    import torch
+
+    Rt, yt = torch.from_numpy(R.astype(np.float64)), torch.from_numpy(y.astype(np.int64))
+    W0 = torch.from_numpy(prior.astype(np.float64))
+    W = W0.clone().requires_grad_(True)
+    b = torch.zeros(len(W0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = (torch.nn.functional.cross_entropy(Rt @ W.T + b, yt)
+                 + lam / 2 * (((W - W0) ** 2).sum() + (b ** 2).sum()))
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
 
 
 def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

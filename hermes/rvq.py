@@ -166,14 +166,17 @@ class ResidualQuantizer:
         self._check()
         return [len(c) for c in self.codebooks_]
 
-    def encode(self, X: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
-        """Codes (n, stages), int16; `fixed` gives each fixed stage's class index per row."""
+    def encode(self, X: np.ndarray, fixed: dict[int, np.ndarray] | None = None,
+               choose: dict[int, Callable[[np.ndarray], np.ndarray]] | None = None) -> np.ndarray:
+        """Codes (n, stages), int16; `fixed` gives each fixed stage's class index per row; `choose`
+        replaces a learned stage's cosine argmax by a rule on its input residuals (n, d) -> codes."""
         self._check()
         R = np.array(X, dtype=np.float32, copy=True)
         fixed = self._check_fixed(fixed, len(R))
+        choose = choose or {}
         out = np.empty((len(R), self.stages), dtype=np.int16)
         for s, C in enumerate(self.codebooks_):
-            codes = fixed[s] if s in fixed else assign(R, C)[0]
+            codes = fixed[s] if s in fixed else choose[s](R) if s in choose else assign(R, C)[0]
             R -= C[codes]
             out[:, s] = codes
         return out

@@ -22,6 +22,10 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
     manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
     assert manifest["kind"] == "distilled" and manifest["teacher"] == e2e["summary"]["substrate"]
     assert manifest["student"] == student and len(json.loads((tmp_path / "fast" / "holdout.json").read_text())) == 60
+    if student == "linear":     # the first stage's decision rule, fitted on out-of-fold predictions
+        decision = manifest["settings"]["decision"]
+        assert decision["stage"] == 0 and "decision_W.npy" in manifest["files"]
+        assert 0 <= decision["out_of_fold_agreement"]["teacher_rule"] <= 1
 
     # labeling must not touch the embedding model
     import hermes.embed
@@ -111,3 +115,39 @@ def test_a_linear_student_of_an_earlier_hermes_is_refused(tmp_path):
                 "classes": [4, 4, 4], "files": {"vocabulary.json": "", "W.npy": ""}, "settings": {}}
     with pytest.raises(HermesError, match="distill` again|earlier hermes"):
         DistilledSubstrate(tmp_path, manifest).setup()
+
+
+def test_the_decision_rule_starts_at_the_teachers_rule_and_learns_the_students_errors():
+    from hermes.distill import DecisionRule, _logistic
+    from hermes.transform import normalize
+
+    rng = np.random.default_rng(0)
+    U = normalize(rng.normal(size=(6, 16)))
+    prior = 40 * U
+
+    def sample(n):          # points near their class's codeword, blurred; class 0 six times as common
+        y = rng.choice(6, size=n, p=[0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+        return normalize(U[y] + rng.normal(scale=0.7, size=(n, 16))), y
+
+    R, y = sample(3000)
+    teacher = DecisionRule(prior, np.zeros(6))
+    assert np.array_equal(teacher(R), np.argmax(R @ U.T, axis=1))          # scale times unit codewords: the cosine rule
+    W, b = _logistic(R, y, prior, 1e6)                                        # a huge penalty keeps the prior
+    np.testing.assert_allclose(W, prior, atol=1e-3)
+    W, b = _logistic(R, y, prior, 1e-4)
+    R2, y2 = sample(3000)
+    assert np.mean(DecisionRule(W, b)(R2) == y2) > np.mean(teacher(R2) == y2) + 0.03   # it learned the skew
+
+
+def test_a_chosen_stage_feeds_its_codeword_to_the_residual_of_the_next():
+    from hermes.rvq import ResidualQuantizer
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 8)).astype(np.float32)
+    q = ResidualQuantizer(stages=2, codebook_size=4, min_points_per_code=1).fit(X)
+    forced = np.full(len(X), 3)
+    codes = q.encode(X, choose={0: lambda R: forced})
+    assert np.array_equal(codes[:, 0], forced)
+    U2 = q.codebooks_[1] / np.linalg.norm(q.codebooks_[1], axis=1, keepdims=True)
+    assert np.array_equal(codes[:, 1], np.argmax((X - q.codebooks_[0][3]) @ U2.T, axis=1))
+    assert not np.array_equal(codes, q.encode(X))                    # the argmax would not have chosen 3 everywhere
