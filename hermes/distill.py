@@ -457,6 +457,7 @@ def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codeboo
         R -= np.asarray(codebooks[s], dtype=np.float32)[codes[:, s]]
     R, y = normalize(R), codes[:, stage]
     prior = ds["scale"] * normalize(np.asarray(codebooks[stage], dtype=np.float32))
+    teacher_rule = DecisionRule(prior, np.zeros(len(prior)))
     val = fold == 0                                # a fifth, as a fold: every fold's errors are alike
     scores = {}
     for lam in ds["lambdas"]:
@@ -464,13 +465,12 @@ def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codeboo
         scores[lam] = float(np.mean(DecisionRule(W, b)(R[val]) == y[val]))
     lam = max(ds["lambdas"], key=lambda v: (scores[v], -v))
     say(f"distill: decision rule, penalty {lam:g} (held-out fifth: {scores[lam]:.3f} against "
-        f"{np.mean(DecisionRule(prior, np.zeros(len(prior)))(R[val]) == y[val]):.3f} for the teacher's rule)")
+        f"{np.mean(teacher_rule(R[val]) == y[val]):.3f} for the teacher's rule)")
     W, b = _logistic(R, y, prior, lam)
     np.save(tmp / "decision_W.npy", W, allow_pickle=False)
     np.save(tmp / "decision_b.npy", b, allow_pickle=False)
-    teacher_rule = float(np.mean(DecisionRule(prior, np.zeros(len(prior)))(R) == y))
     return {"stage": stage, "folds": k, "scale": ds["scale"], "lambda": lam,
-            "out_of_fold_agreement": {"teacher_rule": round(teacher_rule, 4),
+            "out_of_fold_agreement": {"teacher_rule": round(float(np.mean(teacher_rule(R) == y)), 4),
                                       "decision_rule": round(float(np.mean(DecisionRule(W, b)(R) == y)), 4)}}
 
 
