@@ -396,9 +396,10 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
     frequent = np.flatnonzero(df >= s["min_df"])
     keep = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:s["max_terms"]]])
     D = _static_part(X, static) * s["static_scale"]
+    Xk = X[:, keep]
     say(f"distill: ridge regression over {len(keep):,} token ids and {D.shape[1]} static dimensions, "
         f"{n:,} documents")
-    W_terms, W_static, b = _ridge(X[:, keep], D, H, s["alpha"])
+    W_terms, W_static, b = _ridge(Xk, D, H, s["alpha"])
     W = np.zeros((static.shape[0], H.shape[1]), dtype=np.float32)
     W[keep] = W_terms
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -408,14 +409,14 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
         np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
     for i, C_ in enumerate(teacher.quantizer.codebooks_):     # a fixed stage's: its class means
         np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C_, dtype=np.float32), allow_pickle=False)
-    P = np.asarray(X[:, keep] @ W_terms) + D @ W_static + b
+    P = np.asarray(Xk @ W_terms) + D @ W_static + b
     fit = float(np.mean(np.sum(normalize(P) * H, axis=1)))
     settings = {**s, "features": "teacher tokenizer, window", "window": window, "terms": int(len(keep)),
                 "vocab": int(static.shape[0]), "seed": seed}
     stage = next((i for i in range(len(teacher.quantizer.codebooks_)) if i not in teacher.quantizer.fixed), None)
     if DECISION_SETTINGS["folds"] > 1 and stage is not None:
         codes = np.stack([c for _, _, c in train]).astype(np.int64)
-        settings["decision"] = _train_decision(X[:, keep], D, H, codes, teacher.quantizer.codebooks_, stage, tmp,
+        settings["decision"] = _train_decision(Xk, D, H, codes, teacher.quantizer.codebooks_, stage, tmp,
                                                seed, say)
     return settings, {"history": [{"train_mean_cosine": round(fit, 5)}]}
 
