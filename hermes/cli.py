@@ -706,10 +706,10 @@ def distill(
     """Train a distilled fast labeler that predicts the store's code from text, saved as a substrate
     that `hermes label` accepts (no embedding model needed). The linear student (default) reads
     the teacher's tokens in the teacher's window, predicts each document's point in the teacher's
-    transformed space from their TF-IDF and static token vectors, and quantizes it with the
-    teacher's codebooks (the first learned stage by a decision rule fitted to the student's
-    out-of-fold errors); the fasttext student classifies c1, the L12 and the L123 cell. Reports
-    held-out agreement with the store's substrate per level.
+    transformed space from the TF-IDF of the tokens and of adjacent token pairs and from static
+    token vectors, and quantizes it with the teacher's codebooks (the first learned stage by a
+    decision rule fitted to the student's out-of-fold errors); the fasttext student classifies c1,
+    the L12 and the L123 cell. Reports held-out agreement with the store's substrate per level.
 
     Example: hermes distill --db out/labels.duckdb --out fast-substrate
     """

@@ -6,11 +6,13 @@ embedding model. Two students:
 
 - `linear` (the default): a linear encoder over the teacher's own tokens. A document is the bag
   of token ids the teacher's tokenizer gives for the teacher's window (what the encoder reads), as
-  TF-IDF. A weight row per frequent token id plus a static part (the TF-IDF-weighted sum of each
+  TF-IDF, and the bag of its adjacent token pairs, as TF-IDF of their own. A weight row per
+  frequent token id and per frequent pair plus a static part (the TF-IDF-weighted sum of each
   token's static vector, the teacher's embedding of the token alone, times a matrix) predict the
   document's point h in the teacher's transformed space (the LST output of its embedding); ridge
-  regression fits both exactly. The teacher's own codebooks then quantize the prediction, so codes
-  are the teacher's RVQ of an approximate h and every level comes from one prediction. The first
+  regression fits them together exactly. The teacher's own codebooks then quantize the
+  prediction, so codes are the teacher's RVQ of an approximate h and every level comes from one
+  prediction. The first
   learned stage alone decides by a rule fitted to the student's errors (DecisionRule: logistic
   regression on out-of-fold predictions, starting from and held near the teacher's cosine
   argmax); the teacher's rule, made for exact points, is not the best one for approximate ones. A fixed
@@ -101,6 +103,11 @@ class DistilledSubstrate:
                       for name in ("idf", "W", "static", "W_static", "b")}
             st = self.m["settings"]
             bags = TokenBags((self.path / "tokenizer.json").read_text(encoding="utf-8"), st["window"], st["vocab"])
+            if "pairs.npy" in self.m["files"]:            # older students read tokens only
+                arrays["pairs"] = PairBlock(np.load(self.path / "pairs.npy", allow_pickle=False),
+                                            np.load(self.path / "pair_idf.npy", allow_pickle=False),
+                                            st["pair_other_idf"], st["vocab"], st["pair_scale"])
+                arrays["W_pairs"] = np.load(self.path / "W_pairs.npy", allow_pickle=False).astype(np.float32)
             choose = {}
             if "decision_W.npy" in self.m["files"]:
                 rule = DecisionRule(np.load(self.path / "decision_W.npy", allow_pickle=False),
@@ -135,8 +142,11 @@ class DistilledSubstrate:
         from hermes.transform import normalize
 
         m = self._models
-        X = m["bags"].tfidf(texts, m["idf"])
+        ids = m["bags"].ids(texts)
+        X = weigh(m["bags"].counts(ids=ids), m["idf"])
         h = np.asarray(X @ m["W"]) + _static_part(X, m["static"]) @ m["W_static"] + m["b"]
+        if "pairs" in m:
+            h += np.asarray(m["pairs"].matrix(ids) @ m["W_pairs"])
         return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed, choose=m["choose"])
 
     def manifest(self) -> dict[str, Any]:
@@ -293,9 +303,14 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
 # On the dev corpus (teacher 256x256x256, 17k training docs), held-out L1 agreement of ridge
 # students: TF-IDF of words over the whole text 0.704; of words in the teacher's window 0.740; of
 # the teacher's tokens in its window 0.755 (alpha 0.1 / 0.3 / 1 gave 0.749 / 0.755 / 0.728); with
-# the static part 0.771 at alpha 0.3, 0.777 at 0.6; hashed token bigrams lowered it (0.732). The
-# decision rule of the first stage raised it to 0.786 (on out-of-fold predictions: 0.758 -> 0.779).
-LINEAR_SETTINGS = {"alpha": 0.6, "min_df": 2, "max_terms": 24_000, "static_scale": 3.0}
+# the static part 0.771 at alpha 0.3, 0.777 at 0.6; hashed token bigrams in the tokens' own block
+# lowered it (0.732). The decision rule of the first stage raised it to 0.786 (on out-of-fold
+# predictions: 0.758 -> 0.779). Token pairs as a block of their own, unit length apart from the
+# tokens' (PairBlock), raised it to 0.7985 (L12 0.417 -> 0.444); in 5-fold cross-validation over
+# all 18.8k documents, without the decision rule, 0.760 -> 0.775 with every pair of 2+ documents,
+# 0.774 with the 24,000 most frequent; pairs at distance 2 added nothing more (0.774).
+LINEAR_SETTINGS = {"alpha": 0.6, "min_df": 2, "max_terms": 24_000, "max_pairs": 64_000, "pair_scale": 1.0,
+                   "static_scale": 3.0, "max_system": 40_000}
 # The decision rule of the first learned stage (DecisionRule): fitted on out-of-fold predictions
 # of `folds` ridge fits; its penalty is chosen among `lambdas` on a fifth of them held out.
 DECISION_SETTINGS = {"folds": 5, "scale": 40.0, "lambdas": [1e-4, 3e-4, 1e-3]}
@@ -334,11 +349,12 @@ class TokenBags:
             todo, cut = again, (cut * 4 if cut and cut < 64 * self.window else 0)
         return out
 
-    def counts(self, texts: list[str]):
-        """(n, vocab) CSR of sublinear term frequencies, 1 + log(count)."""
+    def counts(self, texts: list[str] | None = None, ids: list[np.ndarray] | None = None):
+        """(n, vocab) CSR of sublinear term frequencies, 1 + log(count), of the texts (or of their
+        token ids, when already read)."""
         import scipy.sparse as sp
 
-        ids = self.ids(texts)
+        ids = self.ids(texts) if ids is None else ids
         rows = np.repeat(np.arange(len(ids)), [len(i) for i in ids])
         cols = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         X = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(ids), self.vocab))
@@ -349,6 +365,63 @@ class TokenBags:
     def tfidf(self, texts: list[str], idf: np.ndarray):
         """(n, vocab) CSR: sublinear tf times idf, each row of unit length (empty rows stay zero)."""
         return weigh(self.counts(texts), idf)
+
+
+def token_pairs(ids: list[np.ndarray], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each document's adjacent token pairs (a, b) as keys a * vocab + b: (row, key, count), one entry
+    per distinct pair of a row, sorted by row then key."""
+    lens = np.array([len(i) for i in ids], dtype=np.int64)
+    if not len(ids) or lens.sum() < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    flat = np.concatenate(ids).astype(np.int64)
+    doc = np.repeat(np.arange(len(ids), dtype=np.int64), lens)
+    same = doc[:-1] == doc[1:]
+    rows, keys = doc[:-1][same], flat[:-1][same] * vocab + flat[1:][same]
+    span = vocab * vocab
+    if len(ids) < np.iinfo(np.int64).max // span:     # one sort of a combined key
+        pairs, counts = np.unique(rows * span + keys, return_counts=True)
+        return pairs // span, pairs % span, counts
+    order = np.lexsort((keys, rows))
+    rows, keys = rows[order], keys[order]
+    first = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]) | (rows[1:] != rows[:-1])])
+    return rows[first], keys[first], np.diff(np.r_[first, len(keys)])
+
+
+class PairBlock:
+    """The linear student's second block of terms: adjacent token pairs (bigrams of the teacher's
+    tokens), the `kept` ones (sorted keys) with their idf. A document's pairs weigh 1 + log(count)
+    times idf, a pair not kept weighing as one seen in a single training document; the row is
+    scaled to unit length over all its pairs, then only the kept columns remain, times `scale`."""
+
+    def __init__(self, kept: np.ndarray, idf: np.ndarray, other_idf: float, vocab: int, scale: float):
+        self.kept, self.idf, self.other_idf = kept, idf.astype(np.float32), float(other_idf)
+        self.vocab, self.scale = vocab, float(scale)
+
+    @classmethod
+    def fit(cls, ids: list[np.ndarray], vocab: int, min_df: int, max_pairs: int, scale: float) -> "PairBlock":
+        _, keys, _ = token_pairs(ids, vocab)
+        uniq, df = np.unique(keys, return_counts=True)
+        frequent = np.flatnonzero(df >= min_df)
+        top = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:max_pairs]])
+        n = len(ids)
+        idf = np.log((1 + n) / (1 + df[top])) + 1                 # smooth idf, as the tokens'
+        return cls(uniq[top], idf, np.log((1 + n) / 2) + 1, vocab, scale)
+
+    def matrix(self, ids: list[np.ndarray]):
+        """(n, len(kept)) CSR."""
+        import scipy.sparse as sp
+
+        rows, keys, counts = token_pairs(ids, self.vocab)
+        shape = (len(ids), len(self.kept))
+        if not len(self.kept):
+            return sp.csr_matrix(shape, dtype=np.float32)
+        at = np.minimum(np.searchsorted(self.kept, keys), len(self.kept) - 1)
+        hit = self.kept[at] == keys
+        w = (1 + np.log(counts)) * np.where(hit, self.idf[at], self.other_idf)
+        norm = np.sqrt(np.bincount(rows, weights=w * w, minlength=len(ids)))
+        w = w / np.where(norm > 0, norm, 1)[rows] * self.scale
+        indptr = np.r_[0, np.cumsum(np.bincount(rows[hit], minlength=len(ids)))]   # rows come sorted
+        return sp.csr_matrix((w[hit].astype(np.float32), at[hit], indptr), shape=shape)
 
 
 def weigh(counts, idf: np.ndarray):
@@ -379,6 +452,8 @@ def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
 
 
 def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> tuple[dict, dict]:
+    import scipy.sparse as sp
+
     from hermes.transform import normalize
 
     s = LINEAR_SETTINGS
@@ -388,30 +463,35 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
     static = encoder.token_vectors()
     tokenizer_json, window = encoder.fast_tokenizer_json(), encoder.content_window()
     bags = TokenBags(tokenizer_json, window, static.shape[0])
-    C = bags.counts([text for _, text, _ in train])
+    ids = bags.ids([text for _, text, _ in train])
+    C = bags.counts(ids=ids)
     n = C.shape[0]
     df = np.bincount(C.indices, minlength=C.shape[1])
     idf = (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)        # smooth idf, as scikit-learn's
     X = weigh(C, idf)
+    max_terms, max_pairs = _caps(n, static.shape[1], s)
     frequent = np.flatnonzero(df >= s["min_df"])
-    keep = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:s["max_terms"]]])
+    keep = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:max_terms]])
     D = _static_part(X, static) * s["static_scale"]
-    Xk = X[:, keep]
-    say(f"distill: ridge regression over {len(keep):,} token ids and {D.shape[1]} static dimensions, "
-        f"{n:,} documents")
+    pairs = PairBlock.fit(ids, static.shape[0], s["min_df"], max_pairs, s["pair_scale"])
+    Xk = sp.hstack([X[:, keep], pairs.matrix(ids)], format="csr")
+    say(f"distill: ridge regression over {len(keep):,} token ids, {len(pairs.kept):,} token pairs and "
+        f"{D.shape[1]} static dimensions, {n:,} documents")
     W_terms, W_static, b = _ridge(Xk, D, H, s["alpha"])
     W = np.zeros((static.shape[0], H.shape[1]), dtype=np.float32)
-    W[keep] = W_terms
+    W[keep] = W_terms[:len(keep)]
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     arrays = {"idf": idf, "W": W.astype(np.float16), "static": static.astype(np.float16),
-              "W_static": (W_static * s["static_scale"]).astype(np.float32), "b": b.astype(np.float32)}
+              "W_static": (W_static * s["static_scale"]).astype(np.float32), "b": b.astype(np.float32),
+              "pairs": pairs.kept, "pair_idf": pairs.idf, "W_pairs": W_terms[len(keep):].astype(np.float16)}
     for name, arr in arrays.items():
         np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
     for i, C_ in enumerate(teacher.quantizer.codebooks_):     # a fixed stage's: its class means
         np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C_, dtype=np.float32), allow_pickle=False)
     P = np.asarray(Xk @ W_terms) + D @ W_static + b
     fit = float(np.mean(np.sum(normalize(P) * H, axis=1)))
-    settings = {**s, "features": "teacher tokenizer, window", "window": window, "terms": int(len(keep)),
+    settings = {**s, "features": "teacher tokenizer, window; tokens and adjacent token pairs", "window": window,
+                "terms": int(len(keep)), "pairs": int(len(pairs.kept)), "pair_other_idf": pairs.other_idf,
                 "vocab": int(static.shape[0]), "seed": seed}
     stage = next((i for i in range(len(teacher.quantizer.codebooks_)) if i not in teacher.quantizer.fixed), None)
     if DECISION_SETTINGS["folds"] > 1 and stage is not None:
@@ -419,6 +499,18 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
         settings["decision"] = _train_decision(Xk, D, H, codes, teacher.quantizer.codebooks_, stage, tmp,
                                                seed, say)
     return settings, {"history": [{"train_mean_cosine": round(fit, 5)}]}
+
+
+def _caps(n: int, dims: int, s: dict[str, Any]) -> tuple[int, int]:
+    """The most token ids and pairs the ridge may weigh. Its system is min(n, k) square for n
+    documents and k features, which bounds memory: 8 max_system^2 bytes. When the documents
+    outnumber `max_system` and the features would too, the tokens keep their cap (up to the size)
+    and the pairs get what is left."""
+    terms, pairs, most = s["max_terms"], s["max_pairs"], s["max_system"]
+    if n > most and terms + pairs + dims > most:
+        terms = min(terms, most - dims)
+        pairs = min(pairs, most - dims - terms)
+    return terms, pairs
 
 
 class DecisionRule:
@@ -502,29 +594,37 @@ def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, 
     """Ridge regression with an intercept of Y on the columns [Xs (sparse), D (dense)]: returns the
     weights of each part and the intercept. Solved exactly, in float64, by a Cholesky factorisation
     in the smaller of the two spaces: features (k x k) when there are fewer features than
-    documents, else documents (n x n). Dense products run in torch: numpy's bundled OpenBLAS
-    crashed (segfault) on products of this size on the development machine."""
+    documents, else documents (n x n). That one matrix is the memory bound: it is summed from
+    sparse products of row blocks, centred and factorised in place. Dense products run in torch:
+    numpy's bundled OpenBLAS crashed (segfault) on products of this size on the development
+    machine."""
     import torch
 
     n, ks = Xs.shape
     k = ks + D.shape[1]
-    Xs = Xs.astype(np.float64)
+    Xs = Xs.astype(np.float64).tocsr()
     Dt = torch.from_numpy(D.astype(np.float64))
     mu = torch.cat([torch.from_numpy(np.asarray(Xs.mean(axis=0)).ravel()), Dt.mean(0)])
     Yt = torch.from_numpy(Y.astype(np.float64))
     ybar = Yt.mean(0)
     Yc = Yt - ybar
     if k <= n:
+        G = torch.zeros((k, k), dtype=torch.float64)
+        _add_gram(G[:ks, :ks].numpy(), Xs)                 # a view: G's own memory
         XtD = torch.from_numpy(np.asarray(Xs.T @ Dt.numpy()))
-        G = torch.cat([torch.cat([torch.from_numpy((Xs.T @ Xs).toarray()), XtD], 1),
-                       torch.cat([XtD.T, Dt.T @ Dt], 1)])
-        G -= n * torch.outer(mu, mu)
+        G[:ks, ks:] = XtD
+        G[ks:, :ks] = XtD.T
+        G[ks:, ks:] = Dt.T @ Dt
+        del XtD
+        G.addr_(mu, mu, alpha=-n)
         G.diagonal().add_(alpha)
         W = _cholesky_solve(G, torch.cat([torch.from_numpy(np.asarray(Xs.T @ Yc.numpy())), Dt.T @ Yc]))
     else:
-        K = torch.from_numpy((Xs @ Xs.T).toarray()) + Dt @ Dt.T
+        K = Dt @ Dt.T
+        _add_outer(K.numpy(), Xs)
         r = K.mean(1)
-        K -= r[:, None] + r[None, :] - r.mean()      # the Gram matrix of the centred rows
+        K -= r[:, None]
+        K -= (r - r.mean())[None, :]                         # the Gram matrix of the centred rows
         K.diagonal().add_(alpha)
         A = _cholesky_solve(K, Yc)
         # the rows of A sum to zero, so the centred and plain products agree
@@ -534,8 +634,44 @@ def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, 
     return W[:ks], W[ks:], b.numpy().astype(np.float32)
 
 
+def _add_gram(G: np.ndarray, A, budget: int = 20_000_000) -> None:
+    """G += A^T A for a sparse CSR A, in place (G may be a view), summed over blocks of rows so that
+    no sparse product holds more than about `budget` entries."""
+    per_row = np.cumsum(np.diff(A.indptr).astype(np.int64) ** 2)
+    start = 0
+    while start < A.shape[0]:
+        done = per_row[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(per_row, done + budget, side="right")))
+        P = (A[start:stop].T @ A[start:stop]).tocoo()
+        G[P.row, P.col] += P.data                       # a product's entries are distinct
+        start = stop
+
+
+def _add_outer(K: np.ndarray, A, block: int = 1024) -> None:
+    """K += A A^T for a sparse CSR A, in place, a block of rows at a time."""
+    At = A.T.tocsc()
+    for start in range(0, A.shape[0], block):
+        K[start:start + block] += (A[start:start + block] @ At).toarray()
+
+
 def _cholesky_solve(A, B):
-    """A X = B for a symmetric positive definite torch matrix A."""
+    """A X = B for a symmetric positive definite torch matrix A (float64), which it overwrites with
+    its Cholesky factor (lower triangle; the upper one is left as garbage), so the solve needs no
+    second matrix of A's size. A blocked right-looking factorisation in torch: LAPACK's own potrf
+    through scipy (numpy's bundled OpenBLAS) crashed (segfault) at 17k on the development machine
+    when threaded, and torch.linalg.cholesky copies."""
     import torch
 
-    return torch.cholesky_solve(B, torch.linalg.cholesky(A))
+    n, block = A.shape[0], 1024
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        L, info = torch.linalg.cholesky_ex(A[j:e, j:e])
+        if info.item() != 0:
+            raise HermesError(f"ridge regression: the system is not positive definite (pivot {j + info.item()})")
+        A[j:e, j:e] = L
+        if e < n:
+            below = torch.linalg.solve_triangular(L.T, A[e:, j:e], upper=True, left=False)
+            A[e:, j:e] = below
+            A[e:, e:].addmm_(below, below.T, alpha=-1)
+    Y = torch.linalg.solve_triangular(A, B, upper=False)             # reads the lower triangle only
+    return torch.linalg.solve_triangular(A.T, Y, upper=True)

@@ -26,6 +26,16 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         decision = manifest["settings"]["decision"]
         assert decision["stage"] == 0 and "decision_W.npy" in manifest["files"]
         assert 0 <= decision["out_of_fold_agreement"]["teacher_rule"] <= 1
+        settings = manifest["settings"]           # tokens and adjacent token pairs, each with weights
+        assert settings["terms"] > 0 and settings["pairs"] > 0 and "W_pairs.npy" in manifest["files"]
+        from hermes.distill import DistilledSubstrate   # a folder of an earlier hermes: tokens only
+
+        older = {**manifest, "files": {k: v for k, v in manifest["files"].items()
+                                       if k not in ("pairs.npy", "pair_idf.npy", "W_pairs.npy")}}
+        texts = [r["text"] for r in e2e["records"][:30]]
+        with_pairs = DistilledSubstrate(tmp_path / "fast", manifest).encode_texts(texts)
+        tokens_only = DistilledSubstrate(tmp_path / "fast", older).encode_texts(texts)
+        assert tokens_only.shape == with_pairs.shape == (30, 3) and (tokens_only != with_pairs).any()
 
     # labeling must not touch the embedding model
     import hermes.embed
@@ -105,6 +115,71 @@ def test_ridge_matches_scikit_learn_in_both_spaces(n):
     ref = Ridge(alpha=0.5).fit(np.hstack([Xs.toarray(), D]), Y)
     np.testing.assert_allclose(np.vstack([Ws, Wd]), ref.coef_.T, atol=1e-4)
     np.testing.assert_allclose(b, ref.intercept_, atol=1e-4)
+
+
+def test_the_in_place_cholesky_solve_spans_blocks_and_refuses_an_indefinite_system():
+    import torch
+
+    from hermes.distill import _cholesky_solve
+    from hermes.errors import HermesError
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(2500, 40))
+    A = X @ X.T + 0.5 * np.eye(2500)                     # 3 blocks of 1024
+    B = rng.normal(size=(2500, 6))
+    got = _cholesky_solve(torch.from_numpy(A.copy()), torch.from_numpy(B)).numpy()
+    np.testing.assert_allclose(A @ got, B, atol=1e-8)
+    bad = A.copy()
+    bad[2000, 2000] = -1.0
+    with pytest.raises(HermesError, match="not positive definite"):
+        _cholesky_solve(torch.from_numpy(bad), torch.from_numpy(B))
+
+
+def test_gram_matrices_summed_by_blocks_equal_the_products():
+    import scipy.sparse as sp
+
+    from hermes.distill import _add_gram, _add_outer
+
+    A = sp.random(300, 40, density=0.2, random_state=2, format="csr", dtype=np.float64)
+    G = np.ones((50, 50))
+    _add_gram(G[5:45, 5:45], A, budget=60)               # a view, many blocks of rows
+    want = np.ones((50, 50))
+    want[5:45, 5:45] += (A.T @ A).toarray()
+    np.testing.assert_allclose(G, want, atol=1e-12)
+    K = np.zeros((300, 300))
+    _add_outer(K, A, block=7)
+    np.testing.assert_allclose(K, (A @ A.T).toarray(), atol=1e-12)
+
+
+def test_the_ridge_system_stays_within_its_size_when_documents_are_many():
+    from hermes.distill import LINEAR_SETTINGS, _caps
+
+    s = {**LINEAR_SETTINGS, "max_terms": 24_000, "max_pairs": 100_000, "max_system": 40_000}
+    assert _caps(17_000, 384, s) == (24_000, 100_000)        # fewer documents: the n x n system
+    assert _caps(200_000, 384, s) == (24_000, 40_000 - 384 - 24_000)   # the tokens first, pairs the rest
+    assert _caps(200_000, 384, {**s, "max_terms": 50_000}) == (40_000 - 384, 0)
+    assert _caps(200_000, 384, {**s, "max_terms": 10_000, "max_pairs": 10_000}) == (10_000, 10_000)
+
+
+def test_token_pairs_weigh_like_tfidf_and_keep_the_frequent_ones():
+    from hermes.distill import PairBlock, token_pairs
+
+    V = 10
+    ids = [np.array([1, 2, 1, 2, 3]), np.array([1, 2]), np.array([5]), np.array([], dtype=np.int64),
+           np.array([4, 5, 4, 5])]
+    rows, keys, counts = token_pairs(ids, V)
+    assert list(zip(rows, keys, counts)) == [(0, 12, 2), (0, 21, 1), (0, 23, 1), (1, 12, 1), (4, 45, 2), (4, 54, 1)]
+    block = PairBlock.fit(ids, V, min_df=2, max_pairs=10, scale=2.0)
+    assert block.kept.tolist() == [12]                   # the only pair of two documents
+    n = len(ids)
+    idf12, other = np.log((1 + n) / 3) + 1, np.log((1 + n) / 2) + 1
+    assert block.idf[0] == pytest.approx(idf12) and block.other_idf == pytest.approx(other)
+    X = block.matrix(ids).toarray()
+    assert X.shape == (5, 1)
+    w = np.array([(1 + np.log(2)) * idf12, other, other])      # row 0: 1-2 twice, 2-1 and 2-3 once
+    assert X[0, 0] == pytest.approx(2.0 * w[0] / np.linalg.norm(w), rel=1e-6)
+    assert X[1, 0] == pytest.approx(2.0) and X[2, 0] == X[3, 0] == X[4, 0] == 0
+    assert block.matrix([np.array([7, 8])]).nnz == 0     # a pair never seen: its row stays empty
 
 
 def test_a_linear_student_of_an_earlier_hermes_is_refused(tmp_path):
