@@ -30,6 +30,7 @@ with the held-out doc_ids (holdout.json) so a benchmark can time the same docume
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -339,7 +340,9 @@ class TokenBags:
         while todo:
             heads = [texts[i][:cut] if cut else texts[i] for i in todo]
             again = []
-            for i, head, enc in zip(todo, heads, self.tok.encode_batch(heads, add_special_tokens=False)):
+            with _tokenizer_threads():
+                encoded = self.tok.encode_batch(heads, add_special_tokens=False)
+            for i, head, enc in zip(todo, heads, encoded):
                 if len(head) < len(texts[i]):
                     last_word = max(head.rfind(c) for c in " \n\t\r") + 1
                     if len(enc.ids) < self.window or enc.offsets[self.window - 1][1] > last_word:
@@ -365,6 +368,24 @@ class TokenBags:
     def tfidf(self, texts: list[str], idf: np.ndarray):
         """(n, vocab) CSR: sublinear tf times idf, each row of unit length (empty rows stay zero)."""
         return weigh(self.counts(texts), idf)
+
+
+@contextlib.contextmanager
+def _tokenizer_threads():
+    """Let the tokenizer use every core for one call. The encoder and the token counter switch its
+    threads off for the whole process (TOKENIZERS_PARALLELISM=false, against deadlocks in forked
+    children); that halved the student's speed, tokenizing being most of its work. The library
+    reads the variable at each call, and a child forked later gets its threads off from the
+    library itself."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def token_pairs(ids: list[np.ndarray], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
