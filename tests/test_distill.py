@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import duckdb
 import numpy as np
@@ -86,7 +87,10 @@ def test_token_bags_read_exactly_the_teachers_window(encoder, sample_records):
               ("abc " * (window - 1)) + "supercalifragilistic" * 40]          # the window ends inside it
     bags = TokenBags(encoder.fast_tokenizer_json(), window, 30522)
     bags.cut = 300                                       # force cuts, so the fallback is exercised
-    for text, ids in zip(texts, bags.ids(texts)):
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"       # as the encoder left it
+    read = bags.ids(texts)                               # with the tokenizer's threads on, for the call only
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"
+    for text, ids in zip(texts, read):
         assert ids.tolist() == full.encode(text, add_special_tokens=False).ids[:window]
     X = bags.tfidf(texts, np.ones(30522, dtype=np.float32))
     norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
