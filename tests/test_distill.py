@@ -72,7 +72,7 @@ def encoder():
     return Embedder(max_length=64, dtype="fp32", device="cpu").setup()
 
 
-def test_token_bags_read_exactly_the_teachers_window(encoder, sample_records):
+def test_token_bags_read_exactly_the_teachers_window(encoder, sample_records, monkeypatch):
     from tokenizers import Tokenizer
 
     from hermes.distill import TokenBags
@@ -87,7 +87,7 @@ def test_token_bags_read_exactly_the_teachers_window(encoder, sample_records):
               ("abc " * (window - 1)) + "supercalifragilistic" * 40]          # the window ends inside it
     bags = TokenBags(encoder.fast_tokenizer_json(), window, 30522)
     bags.cut = 300                                       # force cuts, so the fallback is exercised
-    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"       # as the encoder left it
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")           # as the encoder leaves it
     read = bags.ids(texts)                               # with the tokenizer's threads on, for the call only
     assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"
     for text, ids in zip(texts, read):
