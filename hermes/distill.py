@@ -12,11 +12,10 @@ embedding model. Two students:
   document's point h in the teacher's transformed space (the LST output of its embedding); ridge
   regression fits them together exactly. The teacher's own codebooks then quantize the
   prediction, so codes are the teacher's RVQ of an approximate h and every level comes from one
-  prediction. The first
-  learned stage alone decides by a rule fitted to the student's errors (DecisionRule: logistic
-  regression on out-of-fold predictions, starting from and held near the teacher's cosine
-  argmax); the teacher's rule, made for exact points, is not the best one for approximate ones. A fixed
-  stage of the teacher (a source, a taxonomy) keeps its code from the document, as the teacher
+  prediction. The first learned stage alone decides by a rule fitted to the student's errors
+  (DecisionRule: logistic regression on out-of-fold predictions, starting from and held near the
+  teacher's cosine argmax); the teacher's rule, made for exact points, is not the best one for
+  approximate ones. A fixed stage of the teacher (a source, a taxonomy) keeps its code from the document, as the teacher
   did. It needs the teacher's embeddings of the training documents: the kept ones
   (`--keep-embeddings`), else they are computed with the teacher's encoder.
 - `fasttext`: three fastText classifiers, for c1, the L12 cell and the L123 cell. Decoding is
@@ -367,10 +366,6 @@ class TokenBags:
         X.data = 1 + np.log(X.data)
         return X
 
-    def tfidf(self, texts: list[str], idf: np.ndarray):
-        """(n, vocab) CSR: sublinear tf times idf, each row of unit length (empty rows stay zero)."""
-        return weigh(self.counts(texts), idf)
-
 
 @contextlib.contextmanager
 def _tokenizer_threads():
@@ -448,7 +443,7 @@ class PairBlock:
 
 
 def weigh(counts, idf: np.ndarray):
-    """Sublinear term frequencies (CSR) times idf, each row of unit length."""
+    """Sublinear term frequencies (CSR) times idf, each row of unit length (empty rows stay zero)."""
     from sklearn.preprocessing import normalize as l2
 
     return l2(counts.multiply(idf[None, :]).tocsr().astype(np.float32))
@@ -660,11 +655,11 @@ def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, 
 def _add_gram(G: np.ndarray, A, budget: int = 20_000_000) -> None:
     """G += A^T A for a sparse CSR A, in place (G may be a view), summed over blocks of rows so that
     no sparse product holds more than about `budget` entries."""
-    per_row = np.cumsum(np.diff(A.indptr).astype(np.int64) ** 2)
+    upto = np.cumsum(np.diff(A.indptr).astype(np.int64) ** 2)       # product entries up to each row, at most
     start = 0
     while start < A.shape[0]:
-        done = per_row[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(per_row, done + budget, side="right")))
+        done = upto[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(upto, done + budget, side="right")))
         P = (A[start:stop].T @ A[start:stop]).tocoo()
         G[P.row, P.col] += P.data                       # a product's entries are distinct
         start = stop
