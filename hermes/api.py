@@ -399,13 +399,16 @@ def train_quality(positive: Iterable[str | Path], negative: Iterable[str | Path]
 
 def distill(db: str | Path, out: str | Path, corpus: Iterable[str | Path] | None = None, sample: int = 200_000,
             holdout: float = 0.1, epochs: int | None = None, student: str = "linear", seed: int = 0,
-            substrate: str | Path | None = None, quiet: bool = True) -> dict[str, Any]:
+            substrate: str | Path | None = None, max_system: int | None = None,
+            quiet: bool = True) -> dict[str, Any]:
     """Train a student that predicts the store's code from text (`linear`: the teacher's tokens in
     its window, mapped by ridge regression into the teacher's transformed space and quantized by
     the teacher's codebooks; `fasttext`:
     classifiers for c1, L12 and L123), saved as a substrate of kind `distilled` for `hermes label`,
-    with held-out agreement per level."""
+    with held-out agreement per level. `max_system` bounds the linear student's ridge system (memory
+    8 max_system^2 bytes; default 40,000)."""
     from hermes.distill import distill as _distill
 
     return _distill(db, out, [str(c) for c in corpus] if corpus else None, sample=sample, holdout=holdout,
-                    epochs=epochs, student=student, seed=seed, substrate=substrate, progress=None if quiet else say)
+                    epochs=epochs, student=student, seed=seed, substrate=substrate, max_system=max_system,
+                    progress=None if quiet else say)

@@ -699,6 +699,12 @@ def distill(
                                                                "(default 25)."),
     substrate: Optional[Path] = typer.Option(None, "--substrate", help="The store's substrate, if not beside it "
                                                                        "(the linear student uses its codebooks)."),
+    max_system: Optional[int] = typer.Option(None, "--max-system", help="The linear student's ridge system "
+                                                                        "is at most this many rows square: "
+                                                                        "memory 8 N^2 bytes (default 40,000: "
+                                                                        "12.8 GB). Lower it on a smaller "
+                                                                        "machine; token pairs, then token "
+                                                                        "ids, are capped to fit."),
     seed: int = typer.Option(0, "--seed", help="Seed."),
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
@@ -716,7 +722,7 @@ def distill(
     from hermes import api
 
     r = api.distill(db, out, corpus, sample=sample, holdout=holdout, epochs=epochs, student=student, seed=seed,
-                    substrate=substrate, quiet=quiet)
+                    substrate=substrate, max_system=max_system, quiet=quiet)
     if fmt == SummaryFmt.json:
         typer.echo(json.dumps(r, indent=2))
         return

@@ -185,7 +185,8 @@ def _teacher_stack(con) -> list[dict[str, Any]] | None:
 
 def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sample: int = 200_000,
             holdout: float = 0.1, epochs: int | None = None, student: str = "linear", seed: int = 0,
-            substrate: str | Path | None = None, progress=None) -> dict[str, Any]:
+            substrate: str | Path | None = None, max_system: int | None = None,
+            progress=None) -> dict[str, Any]:
     from hermes.read import lookup
     from hermes.store import connect, info_fields, store_info
     from hermes.substrate import FORMAT, FORMAT_VERSION, load_for_store
@@ -195,6 +196,12 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     if epochs is not None and student != "fasttext":
         raise HermesError(f"--epochs: the {student} student has no epochs (it is solved exactly)",
                           hint="--epochs sets the fasttext student's training length")
+    if max_system is not None and student != "linear":
+        raise HermesError(f"--max-system: the {student} student has no ridge system",
+                          hint="--max-system bounds the linear student's memory")
+    if max_system is not None and max_system < MIN_SYSTEM:
+        raise HermesError(f"--max-system {max_system}: at least {MIN_SYSTEM:,}",
+                          hint="the system holds the static part's dimensions and some token ids")
     say = progress or (lambda m: None)
     db, out = Path(db), Path(out)
     con = connect(db)
@@ -228,7 +235,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     if student == "linear":
-        settings, extra = _train_linear(train, teacher, db, tmp, seed, say)
+        settings, extra = _train_linear(train, teacher, db, tmp, seed, say, max_system)
         classes = list(teacher.sizes)
     else:
         settings, extra = _train_fasttext(train, tmp, epochs or 25, seed, say)
@@ -313,6 +320,7 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
 # 0.769 / 0.773 / 0.773 / 0.775; pairs at distance 2 as a third block added nothing (+0.001).
 LINEAR_SETTINGS = {"alpha": 0.6, "min_df": 2, "max_terms": 24_000, "max_pairs": 64_000, "pair_scale": 1.0,
                    "static_scale": 3.0, "max_system": 40_000}
+MIN_SYSTEM = 2_000          # the least --max-system: the static part's dimensions and some token ids
 # The decision rule of the first learned stage (DecisionRule): fitted on out-of-fold predictions
 # of `folds` ridge fits; its penalty is chosen among `lambdas` on a fifth of them held out.
 DECISION_SETTINGS = {"folds": 5, "scale": 40.0, "lambdas": [1e-4, 3e-4, 1e-3]}
@@ -416,8 +424,10 @@ class PairBlock:
         self.vocab, self.scale = vocab, float(scale)
 
     @classmethod
-    def fit(cls, ids: list[np.ndarray], vocab: int, min_df: int, max_pairs: int, scale: float) -> "PairBlock":
-        _, keys, _ = token_pairs(ids, vocab)
+    def fit(cls, ids: list[np.ndarray], vocab: int, min_df: int, max_pairs: int, scale: float,
+            found: tuple | None = None) -> "PairBlock":
+        """`found`: token_pairs(ids, vocab), when already computed."""
+        _, keys, _ = token_pairs(ids, vocab) if found is None else found
         uniq, df = np.unique(keys, return_counts=True)
         frequent = np.flatnonzero(df >= min_df)
         top = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:max_pairs]])
@@ -425,11 +435,11 @@ class PairBlock:
         idf = np.log((1 + n) / (1 + df[top])) + 1                 # smooth idf, as the tokens'
         return cls(uniq[top], idf, np.log((1 + n) / 2) + 1, vocab, scale)
 
-    def matrix(self, ids: list[np.ndarray]):
-        """(n, len(kept)) CSR."""
+    def matrix(self, ids: list[np.ndarray], found: tuple | None = None):
+        """(n, len(kept)) CSR. `found`: token_pairs(ids, vocab), when already computed."""
         import scipy.sparse as sp
 
-        rows, keys, counts = token_pairs(ids, self.vocab)
+        rows, keys, counts = token_pairs(ids, self.vocab) if found is None else found
         shape = (len(ids), len(self.kept))
         if not len(self.kept):
             return sp.csr_matrix(shape, dtype=np.float32)
@@ -469,12 +479,13 @@ def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
     return teacher.transform.transform(np.asarray(E, dtype=np.float32))
 
 
-def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> tuple[dict, dict]:
+def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
+                  max_system: int | None = None) -> tuple[dict, dict]:
     import scipy.sparse as sp
 
     from hermes.transform import normalize
 
-    s = LINEAR_SETTINGS
+    s = {**LINEAR_SETTINGS, **({"max_system": int(max_system)} if max_system is not None else {})}
     H = _teacher_points(teacher, db, train, say)
     encoder = teacher.embedder()
     say("distill: the teacher's static token vectors")
@@ -491,8 +502,9 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say) -> 
     frequent = np.flatnonzero(df >= s["min_df"])
     keep = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:max_terms]])
     D = _static_part(X, static) * s["static_scale"]
-    pairs = PairBlock.fit(ids, static.shape[0], s["min_df"], max_pairs, s["pair_scale"])
-    Xk = sp.hstack([X[:, keep], pairs.matrix(ids)], format="csr")
+    found = token_pairs(ids, static.shape[0])
+    pairs = PairBlock.fit(ids, static.shape[0], s["min_df"], max_pairs, s["pair_scale"], found)
+    Xk = sp.hstack([X[:, keep], pairs.matrix(ids, found)], format="csr")
     say(f"distill: ridge regression over {len(keep):,} token ids, {len(pairs.kept):,} token pairs and "
         f"{D.shape[1]} static dimensions, {n:,} documents")
     W_terms, W_static, b = _ridge(Xk, D, H, s["alpha"])

@@ -86,6 +86,7 @@ class Embedder:
         self.max_length = max_length
         self.batch_size = batch_size
         self._st: Any = None
+        self._template: tuple[list[int], int] | None = None
 
     def setup(self) -> "Embedder":
         if self._st is not None:
@@ -140,14 +141,16 @@ class Embedder:
 
     def _special_template(self) -> tuple[list[int], int]:
         """The special token ids the tokenizer adds around a text, and where the text goes."""
-        from tokenizers import Tokenizer
+        if self._template is None:
+            from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(self.fast_tokenizer_json())     # a copy: padding and truncation off
-        tok.no_padding()
-        tok.no_truncation()
-        enc = tok.encode("a", add_special_tokens=True)
-        at = enc.special_tokens_mask.index(0)
-        return [i for i, m in zip(enc.ids, enc.special_tokens_mask) if m], at
+            tok = Tokenizer.from_str(self.fast_tokenizer_json())     # a copy: padding and truncation off
+            tok.no_padding()
+            tok.no_truncation()
+            enc = tok.encode("a", add_special_tokens=True)
+            at = enc.special_tokens_mask.index(0)
+            self._template = [i for i, m in zip(enc.ids, enc.special_tokens_mask) if m], at
+        return self._template
 
     def token_vectors(self, ids: np.ndarray | None = None, batch_size: int = 1024) -> np.ndarray:
         """(len(ids), dim): the encoder's sentence embedding of each token id alone, between the

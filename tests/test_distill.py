@@ -14,8 +14,9 @@ from tests.conftest import invoke, write_jsonl
 
 @pytest.mark.parametrize("student", ["linear", "fasttext"])
 def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, student):
+    bound = ["--max-system", "30000"] if student == "linear" else []
     r = invoke("distill", "--db", e2e["db"], "--out", tmp_path / "fast", "--holdout", "0.2", "--student", student,
-               "--format", "json", "--quiet")
+               *bound, "--format", "json", "--quiet")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     a = d["agreement"]
@@ -28,6 +29,7 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         assert decision["stage"] == 0 and "decision_W.npy" in manifest["files"]
         assert 0 <= decision["out_of_fold_agreement"]["teacher_rule"] <= 1
         settings = manifest["settings"]           # tokens and adjacent token pairs, each with weights
+        assert settings["max_system"] == 30_000
         assert settings["terms"] > 0 and settings["pairs"] > 0 and "W_pairs.npy" in manifest["files"]
         from hermes.distill import DistilledSubstrate   # a folder of an earlier hermes: tokens only
 
@@ -61,6 +63,18 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         assert all((c[0], c[1]) in l12 for c in mine.values())
     agree = sum(mine[k][0] == teacher[k][0] for k in mine) / len(mine)
     assert agree > 0.5                                               # most of these were in its training data
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--student", "knn"], "unknown student 'knn'"),
+    (["--epochs", "5"], "--epochs: the linear student has no epochs"),
+    (["--student", "fasttext", "--max-system", "30000"], "--max-system: the fasttext student has no ridge system"),
+    (["--max-system", "100"], "--max-system 100: at least 2,000"),
+])
+def test_distill_refuses_options_its_student_does_not_have(e2e, tmp_path, args, message):
+    r = invoke("distill", "--db", e2e["db"], "--out", tmp_path / "fast", *args)
+    assert r.exit_code != 0 and message in r.output
+    assert not (tmp_path / "fast").exists()
 
 
 # --------------------------------------------------------------------------- the linear student's parts
