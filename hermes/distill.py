@@ -11,13 +11,15 @@ embedding model. Two students:
   token's static vector, the teacher's embedding of the token alone, times a matrix) predict the
   document's point h in the teacher's transformed space (the LST output of its embedding); ridge
   regression fits them together exactly. The teacher's own codebooks then quantize the
-  prediction, so codes are the teacher's RVQ of an approximate h and every level comes from one
-  prediction. The first learned stage alone decides by a rule fitted to the student's errors
-  (DecisionRule: logistic regression on out-of-fold predictions, starting from and held near the
-  teacher's cosine argmax); the teacher's rule, made for exact points, is not the best one for
-  approximate ones. A fixed stage of the teacher (a source, a taxonomy) keeps its code from the document, as the teacher
-  did. It needs the teacher's embeddings of the training documents: the kept ones
-  (`--keep-embeddings`), else they are computed with the teacher's encoder.
+  prediction, so codes are the teacher's RVQ of an approximate h. The first learned stage alone
+  decides by a rule fitted to the student's errors (DecisionRule: logistic regression on
+  out-of-fold predictions, starting from and held near the teacher's cosine argmax); the
+  teacher's rule, made for exact points, is not the best one for approximate ones. The stages
+  after it quantize a second prediction, the same ridge less regularised (`fine_alpha`): the
+  finer codes need detail that the first stage's best penalty shrinks away. A fixed stage of the
+  teacher (a source, a taxonomy) keeps its code from the document, as the teacher did. It needs
+  the teacher's embeddings of the training documents: the kept ones (`--keep-embeddings`), else
+  they are computed with the teacher's encoder.
 - `fasttext`: three fastText classifiers, for c1, the L12 cell and the L123 cell. Decoding is
   hierarchical, so codes always form a path seen in training: c1 is the L1 model's top label;
   (c1, c2) the L12 model's best label under c1 (among its top 20; else c1's most common child in
@@ -99,15 +101,17 @@ class DistilledSubstrate:
                                   fixed={i: len(self.stages[i]["classes"]) for i in self.fixed})
             q.codebooks_ = [np.load(self.path / f"codebook_{i + 1}.npy", allow_pickle=False)
                             for i in range(len(LEVEL_KEYS))]
-            arrays = {name: np.load(self.path / f"{name}.npy", allow_pickle=False).astype(np.float32)
-                      for name in ("idf", "W", "static", "W_static", "b")}
+            names = ["idf", "W", "static", "W_static", "b"]
+            if "W_fine.npy" in self.m["files"]:           # older students: one prediction for every stage
+                names += ["W_fine", "W_static_fine", "b_fine", "W_pairs_fine"]
+            arrays = {name: self._load(name) for name in names}
             st = self.m["settings"]
             bags = TokenBags((self.path / "tokenizer.json").read_text(encoding="utf-8"), st["window"], st["vocab"])
             if "pairs.npy" in self.m["files"]:            # older students read tokens only
                 arrays["pairs"] = PairBlock(np.load(self.path / "pairs.npy", allow_pickle=False),
                                             np.load(self.path / "pair_idf.npy", allow_pickle=False),
                                             st["pair_other_idf"], st["vocab"], st["pair_scale"])
-                arrays["W_pairs"] = np.load(self.path / "W_pairs.npy", allow_pickle=False).astype(np.float32)
+                arrays["W_pairs"] = self._load("W_pairs")
             choose = {}
             if "decision_W.npy" in self.m["files"]:
                 rule = DecisionRule(np.load(self.path / "decision_W.npy", allow_pickle=False),
@@ -118,6 +122,9 @@ class DistilledSubstrate:
             ft = _fasttext()
             self._models = {k: ft.load_model(str(self.path / f"{k}.bin")) for k in LEVEL_KEYS}
         return self
+
+    def _load(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy", allow_pickle=False).astype(np.float32)
 
     def encode_texts(self, texts: list[str], fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """Codes (n, 3) from the texts; `fixed` gives the class index of each fixed stage per text
@@ -144,10 +151,21 @@ class DistilledSubstrate:
         m = self._models
         ids = m["bags"].ids(texts)
         X = weigh(m["bags"].counts(ids=ids), m["idf"])
-        h = np.asarray(X @ m["W"]) + _static_part(X, m["static"]) @ m["W_static"] + m["b"]
-        if "pairs" in m:
-            h += np.asarray(m["pairs"].matrix(ids) @ m["W_pairs"])
-        return m["quantizer"].encode(normalize(h.astype(np.float32)), fixed=fixed, choose=m["choose"])
+        S = _static_part(X, m["static"])
+        XP = m["pairs"].matrix(ids) if "pairs" in m else None
+
+        def predict(suffix: str = "") -> np.ndarray:
+            h = np.asarray(X @ m[f"W{suffix}"]) + S @ m[f"W_static{suffix}"] + m[f"b{suffix}"]
+            if XP is not None:
+                h += np.asarray(XP @ m[f"W_pairs{suffix}"])
+            return normalize(h.astype(np.float32))
+
+        codes = m["quantizer"].encode(predict(), fixed=fixed, choose=m["choose"])
+        if "W_fine" in m:      # the stages after the first learned one quantize the finer prediction
+            first = self.m["settings"]["fine"]["after_stage"]
+            keep = codes[:, first].astype(np.int64)
+            codes = m["quantizer"].encode(predict("_fine"), fixed=fixed, choose={first: lambda R: keep})
+        return codes
 
     def manifest(self) -> dict[str, Any]:
         """In the shape the store's substrates table reads."""
@@ -318,8 +336,15 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
 # documents: 0.767 and 0.766). In 5-fold cross-validation over all 18.8k documents, without the
 # decision rule: tokens only 0.760; pairs, 24,000 / 64,000 / 128,000 / all 265k of 2+ documents:
 # 0.769 / 0.773 / 0.773 / 0.775; pairs at distance 2 as a third block added nothing (+0.001).
+# Neither did a quadratic kernel, static parts of mean-pooled or random-feature token vectors, the
+# teacher's embeddings of half-length crops or of the text after the window as more training
+# documents, or one-hot c1 targets (all within -0.01..+0.003 at L1). A smaller alpha does help the
+# finer stages: with c1 from alpha 0.6, c2 and c3 from alpha 0.1 / 0.2 / 0.3 gave L12 0.409 /
+# 0.409 / 0.408 against 0.399 and L123 0.219 / 0.217 / 0.216 against 0.206 (3-fold CV over the
+# 16.9k training documents, 11.3k per fit), hence `fine_alpha` 0.15 at the full size: on the
+# held-out split, L12 0.445 -> 0.457 and L123 0.244 -> 0.253, L1 unchanged.
 LINEAR_SETTINGS = {"alpha": 0.6, "min_df": 2, "max_terms": 24_000, "max_pairs": 64_000, "pair_scale": 1.0,
-                   "static_scale": 3.0, "max_system": 40_000}
+                   "static_scale": 3.0, "max_system": 40_000, "fine_alpha": 0.15}
 MIN_SYSTEM = 2_000          # the least --max-system: the static part's dimensions and some token ids
 # The decision rule of the first learned stage (DecisionRule): fitted on out-of-fold predictions
 # of `folds` ridge fits; its penalty is chosen among `lambdas` on a fifth of them held out.
@@ -508,27 +533,41 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
     say(f"distill: ridge regression over {len(keep):,} token ids, {len(pairs.kept):,} token pairs and "
         f"{D.shape[1]} static dimensions, {n:,} documents")
     W_terms, W_static, b = _ridge(Xk, D, H, s["alpha"])
-    W = np.zeros((static.shape[0], H.shape[1]), dtype=np.float32)
-    W[keep] = W_terms[:len(keep)]
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    arrays = {"idf": idf, "W": W.astype(np.float16), "static": static.astype(np.float16),
-              "W_static": (W_static * s["static_scale"]).astype(np.float32), "b": b.astype(np.float32),
-              "pairs": pairs.kept, "pair_idf": pairs.idf, "W_pairs": W_terms[len(keep):].astype(np.float16)}
-    for name, arr in arrays.items():
-        np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-    for i, C_ in enumerate(teacher.quantizer.codebooks_):     # a fixed stage's: its class means
-        np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C_, dtype=np.float32), allow_pickle=False)
+    arrays = {"idf": idf, "static": static.astype(np.float16), "pairs": pairs.kept, "pair_idf": pairs.idf,
+              **_weights(W_terms, W_static * s["static_scale"], b, keep, static.shape[0])}
     P = np.asarray(Xk @ W_terms) + D @ W_static + b
     fit = float(np.mean(np.sum(normalize(P) * H, axis=1)))
     settings = {**s, "features": "teacher tokenizer, window; tokens and adjacent token pairs", "window": window,
                 "terms": int(len(keep)), "pairs": int(len(pairs.kept)), "pair_other_idf": pairs.other_idf,
                 "vocab": int(static.shape[0]), "seed": seed}
-    stage = next((i for i in range(len(teacher.quantizer.codebooks_)) if i not in teacher.quantizer.fixed), None)
+    stages = len(teacher.quantizer.codebooks_)
+    stage = next((i for i in range(stages) if i not in teacher.quantizer.fixed), None)
+    if stage is not None and any(i not in teacher.quantizer.fixed for i in range(stage + 1, stages)):
+        say(f"distill: ridge regression for the finer stages (alpha {s['fine_alpha']:g})")
+        W_terms, W_static, b = _ridge(Xk, D, H, s["fine_alpha"])
+        arrays.update(_weights(W_terms, W_static * s["static_scale"], b, keep, static.shape[0], "_fine"))
+        settings["fine"] = {"alpha": s["fine_alpha"], "after_stage": stage}
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+    for i, C_ in enumerate(teacher.quantizer.codebooks_):     # a fixed stage's: its class means
+        np.save(tmp / f"codebook_{i + 1}.npy", np.asarray(C_, dtype=np.float32), allow_pickle=False)
     if DECISION_SETTINGS["folds"] > 1 and stage is not None:
         codes = np.stack([c for _, _, c in train]).astype(np.int64)
         settings["decision"] = _train_decision(Xk, D, H, codes, teacher.quantizer.codebooks_, stage, tmp,
                                                seed, say)
     return settings, {"history": [{"train_mean_cosine": round(fit, 5)}]}
+
+
+def _weights(W_terms: np.ndarray, W_static: np.ndarray, b: np.ndarray, keep: np.ndarray, vocab: int,
+             suffix: str = "") -> dict[str, np.ndarray]:
+    """One prediction's arrays as saved: a weight row per vocabulary id (zero where not kept) and per
+    kept pair, in float16; the static part's matrix and the intercept in float32. (8-bit rows with a
+    scale each would save 68 MB of 165 on the dev corpus; they cost 0.0016 of L1 agreement there.)"""
+    W = np.zeros((vocab, W_terms.shape[1]), dtype=np.float16)
+    W[keep] = W_terms[:len(keep)]
+    return {f"W{suffix}": W, f"W_pairs{suffix}": W_terms[len(keep):].astype(np.float16),
+            f"W_static{suffix}": W_static.astype(np.float32), f"b{suffix}": b.astype(np.float32)}
 
 
 def _caps(n: int, dims: int, s: dict[str, Any]) -> tuple[int, int]:

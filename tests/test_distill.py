@@ -31,14 +31,21 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         settings = manifest["settings"]           # tokens and adjacent token pairs, each with weights
         assert settings["max_system"] == 30_000
         assert settings["terms"] > 0 and settings["pairs"] > 0 and "W_pairs.npy" in manifest["files"]
-        from hermes.distill import DistilledSubstrate   # a folder of an earlier hermes: tokens only
+        assert settings["fine"] == {"alpha": settings["fine_alpha"], "after_stage": 0}
+        from hermes.distill import DistilledSubstrate   # folders of earlier hermes: one prediction; tokens only
 
-        older = {**manifest, "files": {k: v for k, v in manifest["files"].items()
-                                       if k not in ("pairs.npy", "pair_idf.npy", "W_pairs.npy")}}
-        texts = [r["text"] for r in e2e["records"][:30]]
-        with_pairs = DistilledSubstrate(tmp_path / "fast", manifest).encode_texts(texts)
+        fine = ("W_fine.npy", "W_static_fine.npy", "b_fine.npy", "W_pairs_fine.npy")
+        one = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in fine}}
+        older = {**one, "files": {k: v for k, v in one["files"].items()
+                                  if k not in ("pairs.npy", "pair_idf.npy", "W_pairs.npy")}}
+        texts = [r["text"] for r in e2e["records"]]
+        codes = DistilledSubstrate(tmp_path / "fast", manifest).encode_texts(texts)
+        one_prediction = DistilledSubstrate(tmp_path / "fast", one).encode_texts(texts)
         tokens_only = DistilledSubstrate(tmp_path / "fast", older).encode_texts(texts)
-        assert tokens_only.shape == with_pairs.shape == (30, 3) and (tokens_only != with_pairs).any()
+        assert codes.shape == one_prediction.shape == tokens_only.shape == (len(texts), 3)
+        assert (tokens_only != one_prediction).any()
+        # c1 comes from the same prediction either way; the finer prediction changes c2 and c3
+        assert (codes[:, 0] == one_prediction[:, 0]).all() and (codes[:, 1:] != one_prediction[:, 1:]).any()
 
     # labeling must not touch the embedding model
     import hermes.embed

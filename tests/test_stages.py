@@ -273,6 +273,7 @@ def test_a_distilled_labeler_of_a_source_first_store(source_run, sample_records,
         assert json.loads(r.stdout)["agreement"]["L1"] == 1.0
         manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
         assert manifest["settings"]["decision"]["stage"] == 1       # the first learned stage
+        assert manifest["settings"]["fine"]["after_stage"] == 1     # the finer prediction: stage 3
     new = [dict(r, id=f"new-{i}") for i, r in enumerate(sample_records[:50])]
     new[0]["labels"] = dict(new[0]["labels"], l1="newsource")
     corpus = write_jsonl(tmp_path / "c.jsonl", new)
