@@ -715,8 +715,8 @@ def distill(
     transformed space from the TF-IDF of the tokens and of adjacent token pairs and from static
     token vectors, and quantizes it with the teacher's codebooks (the first learned stage by a
     decision rule fitted to the student's out-of-fold errors, the later ones from a second, less
-    regularised prediction); the fasttext student classifies c1,
-    the L12 and the L123 cell. Reports held-out agreement with the store's substrate per level.
+    regularised prediction); the fasttext student classifies c1, the L12 and the L123 cell.
+    Reports held-out agreement with the store's substrate per level.
 
     Example: hermes distill --db out/labels.duckdb --out fast-substrate
     """

@@ -104,14 +104,15 @@ class DistilledSubstrate:
             names = ["idf", "W", "static", "W_static", "b"]
             if "W_fine.npy" in self.m["files"]:           # older students: one prediction for every stage
                 names += ["W_fine", "W_static_fine", "b_fine", "W_pairs_fine"]
-            arrays = {name: self._load(name) for name in names}
+            arrays = {name: np.load(self.path / f"{name}.npy", allow_pickle=False).astype(np.float32)
+                      for name in names}
             st = self.m["settings"]
             bags = TokenBags((self.path / "tokenizer.json").read_text(encoding="utf-8"), st["window"], st["vocab"])
             if "pairs.npy" in self.m["files"]:            # older students read tokens only
                 arrays["pairs"] = PairBlock(np.load(self.path / "pairs.npy", allow_pickle=False),
                                             np.load(self.path / "pair_idf.npy", allow_pickle=False),
                                             st["pair_other_idf"], st["vocab"], st["pair_scale"])
-                arrays["W_pairs"] = self._load("W_pairs")
+                arrays["W_pairs"] = np.load(self.path / "W_pairs.npy", allow_pickle=False).astype(np.float32)
             choose = {}
             if "decision_W.npy" in self.m["files"]:
                 rule = DecisionRule(np.load(self.path / "decision_W.npy", allow_pickle=False),
@@ -122,9 +123,6 @@ class DistilledSubstrate:
             ft = _fasttext()
             self._models = {k: ft.load_model(str(self.path / f"{k}.bin")) for k in LEVEL_KEYS}
         return self
-
-    def _load(self, name: str) -> np.ndarray:
-        return np.load(self.path / f"{name}.npy", allow_pickle=False).astype(np.float32)
 
     def encode_texts(self, texts: list[str], fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """Codes (n, 3) from the texts; `fixed` gives the class index of each fixed stage per text
