@@ -175,6 +175,32 @@ class Embedder:
                 out[start:start + len(ids)] = self._st.forward(feats)["sentence_embedding"].float().cpu().numpy()
         return out
 
+    def context_sums(self, texts: list[str], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's output vector of every token it reads (before pooling, so in context),
+        summed per token id over the texts, with the count of each id: (vocab, dim) float64 and
+        (vocab,). Texts are batched by length, so that batches pad little."""
+        import torch
+
+        self.setup()
+        prepare = getattr(self._st, "preprocess", None) or self._st.tokenize
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        sums: Any = None
+        counts = torch.zeros(vocab, dtype=torch.float64)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                feats = prepare([texts[i] for i in order[start:start + self.batch_size]])
+                feats = {k: v.to(self.device_) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
+                out = self._st.forward(feats)["token_embeddings"]
+                read = feats["attention_mask"].bool()
+                ids, vecs = feats["input_ids"][read].cpu(), out[read].double().cpu()
+                if sums is None:
+                    sums = torch.zeros((vocab, vecs.shape[1]), dtype=torch.float64)
+                sums.index_add_(0, ids, vecs)
+                counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        if sums is None:
+            sums = torch.zeros((vocab, self.dim_), dtype=torch.float64)
+        return sums.numpy(), counts.numpy()
+
 
 class TokenCounter:
     """Counts tokens over the whole text (no truncation), with any local Hugging Face tokenizer."""

@@ -4,9 +4,9 @@ Given a labeled store (its substrate beside it) and a distilled substrate (`herm
 the same N documents, in one run:
 - `embedding_path`: the encoder (model, dtype, max length of the substrate) + transform + RVQ;
 - `distilled`: the student (linear: the teacher's tokenizer over its window, TF-IDF of tokens and
-  of adjacent token pairs x W plus the static part, then the teacher's codebooks, the stages after
-  the first learned one from a second prediction; fasttext: three classifiers with hierarchical
-  decoding);
+  of adjacent token pairs x W plus the static and context parts, then the teacher's codebooks,
+  the stages after the first learned one from a second prediction; fasttext: three classifiers
+  with hierarchical decoding);
 docs/s of each (labeling compute only, the texts already in memory; model loads excluded), the
 speed-up, and the agreement of the distilled codes with the embedding path's at L1, L12, L123.
 The documents are the ones held out at distillation (holdout.json), so the agreement is held-out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import duckdb
 import numpy as np
@@ -32,6 +33,8 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         assert settings["max_system"] == 30_000
         assert settings["terms"] > 0 and settings["pairs"] > 0 and "W_pairs.npy" in manifest["files"]
         assert settings["fine"] == {"alpha": settings["fine_alpha"], "after_stage": 0}
+        assert settings["context"]["docs"] == 240 and settings["context"]["token_ids"] > 1000   # < context_docs
+        assert "context.npy" in manifest["files"]
         from hermes.distill import DistilledSubstrate   # folders of earlier hermes: one prediction; tokens only
 
         fine = ("W_fine.npy", "W_static_fine.npy", "b_fine.npy", "W_pairs_fine.npy")
@@ -42,7 +45,13 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         codes = DistilledSubstrate(tmp_path / "fast", manifest).encode_texts(texts)
         one_prediction = DistilledSubstrate(tmp_path / "fast", one).encode_texts(texts)
         tokens_only = DistilledSubstrate(tmp_path / "fast", older).encode_texts(texts)
-        assert codes.shape == one_prediction.shape == tokens_only.shape == (len(texts), 3)
+        pre = tmp_path / "pre-context"                  # before context vectors: the static part alone
+        shutil.copytree(tmp_path / "fast", pre)
+        for name in ("W_static", "W_static_fine"):
+            np.save(pre / f"{name}.npy", np.load(pre / f"{name}.npy")[:384])
+        no_context = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != "context.npy"}}
+        static_only = DistilledSubstrate(pre, no_context).encode_texts(texts)
+        assert codes.shape == one_prediction.shape == tokens_only.shape == static_only.shape == (len(texts), 3)
         assert (tokens_only != one_prediction).any()
         # c1 comes from the same prediction either way; the finer prediction changes c2 and c3
         assert (codes[:, 0] == one_prediction[:, 0]).all() and (codes[:, 1:] != one_prediction[:, 1:]).any()
@@ -123,6 +132,43 @@ def test_token_vectors_are_the_encoders_embedding_of_the_token_alone(encoder):
     ids = [encoder._st.tokenizer.convert_tokens_to_ids(w) for w in words]
     V = encoder.token_vectors(ids)
     np.testing.assert_allclose(V, encoder.encode(words), atol=1e-5)
+
+
+def test_context_sums_are_the_encoders_outputs_of_each_token_before_pooling(encoder, sample_records):
+    from hermes.transform import normalize
+
+    texts = [r["text"] for r in sample_records[:5]] + ["house river music"]
+    sums, counts = encoder.context_sums(texts, 30522)
+    ids = [encoder._st.tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    assert counts.sum() == sum(map(len, ids))                              # every token read, specials too
+    assert np.array_equal(counts, np.bincount(np.concatenate(ids), minlength=30522))
+    one, n = encoder.context_sums(texts[-1:], 30522)                        # one text: its mean pool
+    np.testing.assert_allclose(normalize(one.sum(0, keepdims=True) / n.sum()), encoder.encode(texts[-1:]), atol=1e-5)
+    # batched by length with padding, the sums are still those of each text alone
+    alone = sum(encoder.context_sums([t], 30522)[0] for t in texts)
+    np.testing.assert_allclose(sums, alone, atol=1e-4)
+
+
+def test_context_vectors_are_means_where_seen_and_mapped_from_the_static_vectors_elsewhere():
+    from hermes.distill import _context_vectors
+
+    rng = np.random.default_rng(0)
+    static = rng.normal(size=(50, 4)).astype(np.float32)
+    A, c = rng.normal(size=(4, 3)), rng.normal(size=3)
+    seen = np.arange(50) < 30
+
+    means = static @ A + c + rng.normal(scale=0.01, size=(50, 3))          # near a linear map of them
+
+    class Encoder:                # only the sums it returns matter here
+        def context_sums(self, texts, vocab):
+            counts = np.where(seen, 1 + np.arange(vocab) % 3, 0).astype(np.float64)
+            return means * counts[:, None], counts
+
+    out, info = _context_vectors(Encoder(), ["a", "b"], static, lambda m: None)
+    assert info == {"docs": 2, "token_ids": 30}
+    np.testing.assert_allclose(out[:30], means[:30], rtol=1e-5)                 # seen: their own means
+    np.testing.assert_allclose(out[30:], static[30:] @ A + c, atol=0.05)     # unseen: the fitted map
+    assert np.abs(out[30:] - means[30:]).max() > 1e-3                        # ... not the means they lack
 
 
 @pytest.mark.parametrize("n", [30, 400])          # more features than documents (dual), and fewer (primal)
