@@ -714,10 +714,10 @@ def distill(
     the teacher's tokens in the teacher's window, predicts each document's point in the teacher's
     transformed space from the TF-IDF of the tokens and of adjacent token pairs and from static
     and context token vectors (the context ones from one pass of the teacher's encoder over up to
-    5,000 training documents), and quantizes it with the teacher's codebooks (the first learned stage by a
-    decision rule fitted to the student's out-of-fold errors, the later ones from a second, less
-    regularised prediction); the fasttext student classifies c1, the L12 and the L123 cell.
-    Reports held-out agreement with the store's substrate per level.
+    5,000 training documents), and quantizes it with the teacher's codebooks (the first learned
+    stage by a decision rule fitted to the student's out-of-fold errors, the later ones from a
+    second, less regularised prediction); the fasttext student classifies c1, the L12 and the L123
+    cell. Reports held-out agreement with the store's substrate per level.
 
     Example: hermes distill --db out/labels.duckdb --out fast-substrate
     """

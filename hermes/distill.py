@@ -509,13 +509,13 @@ def _context_vectors(encoder, texts: list[str], static: np.ndarray, say) -> tupl
     say(f"distill: the teacher's context vectors of its tokens, over {len(texts):,} documents")
     sums, counts = encoder.context_sums(texts, static.shape[0])
     seen = counts > 0
+    means = sums[seen] / counts[seen, None]
     lift = np.hstack([static, np.ones((len(static), 1), dtype=static.dtype)]).astype(np.float64)
     if seen.sum() > lift.shape[1]:
-        A = np.linalg.lstsq(lift[seen], sums[seen] / counts[seen, None], rcond=None)[0]
-        out = lift @ A
+        out = lift @ np.linalg.lstsq(lift[seen], means, rcond=None)[0]
     else:                                         # too few ids for the map: the mean of those seen
         out = np.tile(sums.sum(0) / max(counts.sum(), 1), (len(static), 1))
-    out[seen] = sums[seen] / counts[seen, None]
+    out[seen] = means
     return out.astype(np.float32), {"docs": len(texts), "token_ids": int(seen.sum())}
 
 
