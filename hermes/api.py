@@ -20,6 +20,7 @@ from hermes.read import Shard, check_fields, discover
 from hermes.rvq import capped_codebook_size
 from hermes.store import LEVELS, build_store
 from hermes.store import query as _query
+from hermes.static import is_static_encoder
 from hermes.substrate import Substrate
 
 SAMPLE = "sample.jsonl.gz"
@@ -71,17 +72,60 @@ def _no_documents(results) -> HermesError:
                        ", ".join(r.shard.path for r in results[:3]), hint="check the input paths")
 
 
+def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool = True) -> Path:
+    """The static encoder a run with `encoder: static` embeds with: `--model` itself when it is a
+    saved static encoder; else the one this output folder already holds for the same teacher,
+    sample size, seed and corpus (OUT/encoder, or the substrate's copy); else one built now from the
+    teacher on a seeded sample of `encoder_docs` documents of the corpus (one reading pass)."""
+    from hermes.embed import Embedder, resolve_device, resolve_dtype
+    from hermes.read import read_shard
+    from hermes.static import build, is_static_encoder, read_manifest, reservoir_texts
+
+    if is_static_encoder(cfg.model):
+        return Path(cfg.model)
+    teacher = Embedder(model=cfg.model, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
+                       batch_size=cfg.batch_size)
+    recipe = {"teacher": cfg.model, "teacher_max_length": cfg.max_length,
+              "teacher_dtype": resolve_dtype(cfg.dtype, resolve_device(cfg.device)), "docs_requested": cfg.encoder_docs,
+              "seed": cfg.seed, "text_field": cfg.text_field, "corpus": [[s.key, s.stat()] for s in shards]}
+    for folder in (layout.encoder, layout.substrate / "encoder"):
+        if is_static_encoder(folder) and {k: read_manifest(folder).get(k) for k in recipe} == recipe:
+            if folder != layout.encoder:
+                shutil.rmtree(layout.encoder, ignore_errors=True)
+                shutil.copytree(folder, layout.encoder)
+            say(f"encoder: reusing the static encoder in {folder} (same teacher, sample and corpus)", quiet)
+            return layout.encoder
+    fields = reading_fields(cfg)
+    texts, total = reservoir_texts((d.column("text").to_pylist() for s in shards
+                                    for d, _ in read_shard(s, fields, cfg.read_batch_size)), cfg.encoder_docs, cfg.seed)
+    if total < cfg.encoder_docs:
+        say(f"encoder: the corpus has {total:,} documents, fewer than encoder_docs ({cfg.encoder_docs:,}): "
+            f"the static encoder is built on all of them", quiet)
+    if not texts:
+        raise HermesError("no document could be read to build the static encoder from",
+                          hint="check the input paths and --text-field")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    return build(teacher, texts, layout.encoder, {**recipe, "docs": len(texts)}, say=lambda m: say(m, quiet))
+
+
 def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
     """Embed every shard (into the cache), then fit the substrate on a sample: the first half of
-    `run`, and all of `fit`."""
+    `run`, and all of `fit`. With `encoder: static`, the static encoder is built (or found) first."""
     t0 = time.perf_counter()
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     stages = Stages(cfg)
     stages.quality_scorer          # a bad quality or taxonomy model fails here, before anything is written
     stages.fixed.setup()
+    timings = {}
+    if cfg.encoder == "static" or is_static_encoder(cfg.model):
+        if cfg.encoder != "static":
+            raise HermesError(f"{cfg.model}: --model is a static encoder, but encoder = transformer (field 'encoder')",
+                              hint="pass --encoder static, or a transformer folder to --model")
+        stages.use_static(static_encoder(shards, cfg, layout, quiet))
+        timings["encoder"] = time.perf_counter() - t0
     results = _embed_all(shards, stages, layout, quiet)
-    timings = {"embed": time.perf_counter() - t0}
+    timings["embed"] = time.perf_counter() - t0 - timings.get("encoder", 0.0)
     counts = [r.n_docs for r in results]
     if sum(counts) == 0:
         raise _no_documents(results)
@@ -117,6 +161,7 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
                 stale.unlink()
     rejects = [layout.reject_file(s) for s in shards] + \
         [layout.unknown_file(s) for s in shards if layout.unknown_file(s).is_file()]
+    pa.default_memory_pool().release_unused()     # what labeling freed goes back before the store is built
     counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
                          info={"command": command, "inputs": inputs,
                                "quality": cfg.quality, "quality_field": cfg.quality_field,
@@ -129,6 +174,8 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
     timings["store"] = time.perf_counter() - t
     if not cfg.keep_embeddings and layout.embeddings.is_dir() and not any(layout.embeddings.iterdir()):
         layout.embeddings.rmdir()
+    if not cfg.keep_embeddings and (layout.substrate / "encoder").is_dir():
+        shutil.rmtree(layout.encoder, ignore_errors=True)     # the substrate holds its copy
     seconds = time.perf_counter() - t0
     read = counts["labeled"] + counts["rejected"]
     db = str(layout.db)
@@ -181,6 +228,22 @@ def _check_stack(sub: Substrate, cfg: Config) -> None:
                                   f"fitted (sha256 differs)", hint="restore that model, or refit the substrate")
 
 
+def _check_encoder(sub: Substrate, overrides: dict[str, Any], path) -> None:
+    """A label run embeds with its substrate's encoder: asking for another one is refused, since its
+    labels would not be comparable with the substrate's (the store holds one substrate's labels)."""
+    if getattr(sub, "kind", "") != "embedding":
+        return
+    has = "static" if sub.static else "transformer"
+    want = overrides.get("encoder")
+    if want is not None and want != has:
+        raise HermesError(f"{path}: the substrate embeds with the {has} encoder, not {want} (field 'encoder')",
+                          hint="label with the substrate's own encoder (drop the setting), or fit a new substrate")
+    model = overrides.get("model")
+    if model is not None and model != (str(sub.encoder_dir) if sub.static else sub.embedding.get("model")):
+        raise HermesError(f"{path}: the substrate embeds with {sub.embedding.get('model')}, not {model} (field 'model')",
+                          hint="label with the substrate's own encoder (drop the setting), or fit a new substrate")
+
+
 def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-out",
         config: Config | str | Path | None = None, overrides: dict[str, Any] | None = None,
         quiet: bool = False) -> dict[str, Any]:
@@ -217,7 +280,10 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
     _check_stack(sub, cfg)
+    _check_encoder(sub, overrides or {}, substrate)
     stages = stages_for(cfg, sub)
+    if stages.static:
+        stages.embedder.setup()     # a damaged or swapped encoder fails here, before anything is labeled
     stages.quality_scorer
     stages.fixed.setup()
     if engine == "ray":

@@ -121,13 +121,34 @@ QualityModelOpt = typer.Option(None, "--quality-model", help="fastText classifie
 QualityLabelOpt = typer.Option(None, "--quality-label", help="The fastText label scored (default: __label__hq).")
 QualityFieldOpt = typer.Option(None, "--quality-field", help="Numeric record field (dotted path) to use as "
                                                              "the quality score; implies --quality field.")
+class EncoderKind(str, Enum):
+    transformer = "transformer"
+    static = "static"
+
+
+EncoderOpt = typer.Option(None, "--encoder", help="transformer: the model embeds every document (its first "
+                                                  "--max-length tokens). static: a static encoder is built from the "
+                                                  "model on --encoder-docs documents of the corpus, then embeds every "
+                                                  "whole text, about 100x faster (default: transformer).")
+EncoderDocsOpt = typer.Option(None, "--encoder-docs", help="Documents the static encoder is built on, a seeded "
+                                                           "sample (default: 2000).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or json (on stdout).")
 
 
-def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages=None) -> dict[str, Any]:
+def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages=None, encoder=None,
+                   encoder_docs=None) -> dict[str, Any]:
     return {"model": model, "dtype": dtype, "max_length": max_length, "codebook_size": codebook_size,
-            "fit_sample": fit_sample, "seed": seed, "stages": stages}
+            "fit_sample": fit_sample, "seed": seed, "stages": stages,
+            "encoder": encoder.value if encoder is not None else None, "encoder_docs": encoder_docs}
+
+
+def _embedding_text(e: dict[str, Any]) -> str:
+    """How a summary names the encoder: the transformer's settings, or the static encoder's recipe."""
+    if e.get("encoder") == "static":
+        return (f"{e['model']} (built on {e['docs']:,} documents, seed {e['seed']}, SIF a={e['weighting']['a']:g}; "
+                f"whole text)")
+    return f"{e['model']} ({e['dtype']}, max_length {e['max_length']})"
 
 
 def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep,
@@ -152,8 +173,7 @@ def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
                    f"{s['documents']:,} documents in {s['seconds']:.1f} s")
         typer.echo(f"  {s['codebook_rule']}")
         typer.echo(f"  stages: {s['stages']}")
-        typer.echo(f"  embedding: {s['embedding']['model']}, {s['embedding']['dtype']}, "
-                   f"max_length {s['embedding']['max_length']}")
+        typer.echo(f"  embedding: {_embedding_text(s['embedding'])}")
         typer.echo(f"  rejected records: {s['rejected']:,}")
         typer.echo(f"  substrate: {s['substrate']}")
         typer.echo(f"next:\n  hermes label CORPUS... --substrate {s['substrate']} --out DIR")
@@ -168,7 +188,7 @@ def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
     c = s["cells"]
     typer.echo(f"  cells: L1 {c['l1']:,}, L12 {c['l12']:,}, L123 {c['l123']:,}")
     e = s["embedding"]
-    typer.echo(f"  substrate {s['substrate']}: {e['model']} ({e['dtype']}, max_length {e['max_length']}), "
+    typer.echo(f"  substrate {s['substrate']}: {_embedding_text(e)}, "
                f"fitted on {s['fit_sample_size']:,} documents; {s['codebook_rule']}")
     typer.echo(f"  stages: {s['stages']}")
     typer.echo("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings"].items()))
@@ -228,8 +248,12 @@ def run(
     text_field: Optional[str] = TextFieldOpt,
     id_field: Optional[str] = IdFieldOpt,
     source_field: Optional[str] = SourceFieldOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder "
-                                                             "(default: the packaged all-MiniLM-L6-v2)."),
+    encoder: Optional[EncoderKind] = EncoderOpt,
+    encoder_docs: Optional[int] = EncoderDocsOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder, the teacher of "
+                                                             "a static encoder (default: the packaged "
+                                                             "all-MiniLM-L6-v2), or a static encoder folder that "
+                                                             "hermes saved."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
     device: Optional[str] = DeviceOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the encoder reads (default: 256)."),
@@ -260,7 +284,8 @@ def run(
     """
     from hermes import api
 
-    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages),
+    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages, encoder,
+                                  encoder_docs),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
                                    keep_embeddings, quality, quality_field, quality_model, quality_label)}
     summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
@@ -276,7 +301,11 @@ def fit(
     text_field: Optional[str] = TextFieldOpt,
     id_field: Optional[str] = IdFieldOpt,
     source_field: Optional[str] = SourceFieldOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder."),
+    encoder: Optional[EncoderKind] = EncoderOpt,
+    encoder_docs: Optional[int] = EncoderDocsOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder (the teacher of a "
+                                                             "static encoder), or a static encoder folder that "
+                                                             "hermes saved."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
     device: Optional[str] = DeviceOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the encoder reads (default: 256)."),
@@ -296,7 +325,8 @@ def fit(
     """
     from hermes import api
 
-    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages),
+    overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages, encoder,
+                                  encoder_docs),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, None, True)}
     summary = api.fit(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
     _print_summary(summary, fmt)

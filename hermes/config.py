@@ -20,6 +20,8 @@ class Config:
     read_batch_size: int
     shard_bytes: int
     shard_rows: int
+    encoder: str
+    encoder_docs: int
     model: str
     dtype: str
     device: str
@@ -53,10 +55,11 @@ class Config:
 
 _CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
+    "encoder": ("transformer", "static"),
     "transform": ("lst", "identity"),
     "quality": ("none", "heuristic", "field", "fasttext"),
 }
-_POSITIVE = ("read_batch_size", "shard_bytes", "shard_rows", "max_length", "batch_size", "codebook_size",
+_POSITIVE = ("encoder_docs", "read_batch_size", "shard_bytes", "shard_rows", "max_length", "batch_size", "codebook_size",
              "min_points_per_code", "kmeans_iters", "fit_sample", "lst_epochs", "lst_batch_size", "lst_max_steps")
 LST_WEIGHTS = ("structure", "reconstruction", "orthogonality", "commitment")
 

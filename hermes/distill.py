@@ -33,7 +33,6 @@ with the held-out doc_ids (holdout.json) so a benchmark can time the same docume
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +49,7 @@ from hermes import __version__
 from hermes.errors import HermesError
 from hermes.fasttext_quality import _fasttext, normalise, train_supervised
 from hermes.stages import file_sha256
+from hermes.static import context_vectors, tokenizer_threads
 
 LEVEL_KEYS = ("l1", "l12", "l123")
 TOP_K = 20
@@ -229,10 +229,15 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
         fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
         t = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
         stack = _teacher_stack(con)
+        encoders = [json.loads(r[0]).get("encoder") for r in con.execute("SELECT embedding FROM substrates").fetchall()]
     finally:
         con.close()
     if len(fps) != 1:
         raise HermesError(f"{db}: the store holds labels of {len(fps)} substrates", hint="distill one substrate's store")
+    if "static" in encoders:
+        raise HermesError(f"{db}: the store was labeled with a static encoder, which is already fast (field "
+                          f"'embedding.encoder')", hint="label more data with `hermes label --substrate`; distill "
+                                                        "a transformer store")
     teacher = load_for_store(db, substrate) if student == "linear" else None
     rng = random.Random(seed)
     rows = list(range(t.num_rows))
@@ -381,7 +386,7 @@ class TokenBags:
         while todo:
             heads = [texts[i][:cut] if cut else texts[i] for i in todo]
             again = []
-            with _tokenizer_threads():
+            with tokenizer_threads():
                 encoded = self.tok.encode_batch(heads, add_special_tokens=False)
             for i, head, enc in zip(todo, heads, encoded):
                 if len(head) < len(texts[i]):
@@ -405,24 +410,6 @@ class TokenBags:
         X.sum_duplicates()
         X.data = 1 + np.log(X.data)
         return X
-
-
-@contextlib.contextmanager
-def _tokenizer_threads():
-    """Let the tokenizer use every core for one call. The encoder and the token counter switch its
-    threads off for the whole process (TOKENIZERS_PARALLELISM=false, against deadlocks in forked
-    children); that halved the student's speed, tokenizing being most of its work. The library
-    reads the variable at each call, and a child forked later gets its threads off from the
-    library itself."""
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def token_pairs(ids: list[np.ndarray], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -505,18 +492,11 @@ def _context_vectors(encoder, texts: list[str], static: np.ndarray, say) -> tupl
     """A context vector per token id: the mean of the teacher's output vectors of the token (before
     pooling) over `texts`, so what the token comes to mean in the documents, where the static vector
     is the token alone. Ids the texts lack get the least-squares linear map of their static vector
-    (with an intercept) fitted on the ids they have."""
+    (hermes.static.context_vectors, as the static encoder does)."""
     say(f"distill: the teacher's context vectors of its tokens, over {len(texts):,} documents")
     sums, counts = encoder.context_sums(texts, static.shape[0])
-    seen = counts > 0
-    means = sums[seen] / counts[seen, None]
-    lift = np.hstack([static, np.ones((len(static), 1), dtype=static.dtype)]).astype(np.float64)
-    if seen.sum() > lift.shape[1]:
-        out = lift @ np.linalg.lstsq(lift[seen], means, rcond=None)[0]
-    else:                                         # too few ids for the map: the mean of those seen
-        out = np.tile(sums.sum(0) / max(counts.sum(), 1), (len(static), 1))
-    out[seen] = means
-    return out.astype(np.float32), {"docs": len(texts), "token_ids": int(seen.sum())}
+    out = context_vectors(sums, counts, static)
+    return out.astype(np.float32), {"docs": len(texts), "token_ids": int((counts > 0).sum())}
 
 
 def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:

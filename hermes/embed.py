@@ -175,10 +175,12 @@ class Embedder:
                 out[start:start + len(ids)] = self._st.forward(feats)["sentence_embedding"].float().cpu().numpy()
         return out
 
-    def context_sums(self, texts: list[str], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    def context_sums(self, texts: list[str], vocab: int, sentences: bool = False):
         """The encoder's output vector of every token it reads (before pooling, so in context),
         summed per token id over the texts, with the count of each id: (vocab, dim) float64 and
-        (vocab,). Texts are batched by length, so that batches pad little."""
+        (vocab,). With `sentences`, also each text's unit-norm sentence embedding from the same
+        pass, (n, dim) float32 in the texts' order. Texts are batched by length, so that batches
+        pad little."""
         import torch
 
         self.setup()
@@ -186,11 +188,15 @@ class Embedder:
         order = np.argsort([len(t) for t in texts], kind="stable")
         sums: Any = None
         counts = torch.zeros(vocab, dtype=torch.float64)
+        pooled = np.zeros((len(texts), self.dim_), dtype=np.float32) if sentences else None
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 feats = prepare([texts[i] for i in order[start:start + self.batch_size]])
                 feats = {k: v.to(self.device_) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
-                out = self._st.forward(feats)["token_embeddings"]
+                forward = self._st.forward(feats)
+                out = forward["token_embeddings"]
+                if pooled is not None:
+                    pooled[order[start:start + self.batch_size]] = forward["sentence_embedding"].float().cpu().numpy()
                 read = feats["attention_mask"].bool()
                 ids, vecs = feats["input_ids"][read].cpu(), out[read].double().cpu()
                 if sums is None:
@@ -199,6 +205,9 @@ class Embedder:
                 counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
         if sums is None:
             sums = torch.zeros((vocab, self.dim_), dtype=torch.float64)
+        if pooled is not None:
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            return sums.numpy(), counts.numpy(), pooled
         return sums.numpy(), counts.numpy()
 
 

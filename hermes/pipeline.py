@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hermes import __version__
@@ -32,6 +34,7 @@ from hermes.errors import HermesError
 from hermes.progress import Progress
 from hermes.read import Fields, Shard, read_shard
 from hermes.stages import file_id
+from hermes.static import NO_TOKENS, StaticEncoder
 from hermes.store import LABEL_FILE_SCHEMA, REJECT_FILE_SCHEMA
 from hermes.substrate import Substrate
 
@@ -66,6 +69,10 @@ class Layout:
     @property
     def substrate(self) -> Path:
         return self.root / "substrate"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / "encoder"       # a static encoder built by run/fit (copied into the substrate)
 
     @property
     def db(self) -> Path:
@@ -115,16 +122,21 @@ class Stages:
     """The models the per-shard functions use, loaded once per process on first use."""
 
     def __init__(self, cfg: Config, embedding: dict[str, Any] | None = None,
-                 stack: list[dict[str, Any]] | None = None):
+                 stack: list[dict[str, Any]] | None = None, encoder_dir: Path | None = None):
         from hermes.stages import FixedLabelers
 
         self.cfg = cfg
         self.stack = stack or cfg.stages               # a substrate's own stack when labeling with it
         self.fixed = FixedLabelers(self.stack)
         emb = embedding or {}
-        self.embedder = Embedder(model=emb.get("model", cfg.model), dtype=emb.get("dtype", cfg.dtype),
-                                 device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
-                                 batch_size=cfg.batch_size)
+        self.embedder: Embedder | StaticEncoder
+        if emb.get("encoder") == "static":            # a substrate's static encoder, checked against it
+            self.embedder = StaticEncoder(encoder_dir, expect={"teacher": emb["teacher"],
+                                                               "fingerprint": emb["fingerprint"]})
+        else:
+            self.embedder = Embedder(model=emb.get("model", cfg.model), dtype=emb.get("dtype", cfg.dtype),
+                                     device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
+                                     batch_size=cfg.batch_size)
         self._counter: TokenCounter | None = None
         self._scorer = None
 
@@ -138,13 +150,32 @@ class Stages:
         return self._scorer
 
     @property
-    def counter(self) -> TokenCounter:
+    def static(self) -> bool:
+        return isinstance(self.embedder, StaticEncoder)
+
+    def use_static(self, folder: Path) -> None:
+        """Embed with the static encoder in `folder` (built for this run, or given as --model)."""
+        self.embedder = StaticEncoder(folder).setup()
+
+    @property
+    def counter(self) -> TokenCounter | StaticEncoder:
+        """What counts n_tokens: the --tokenizer, else the encoder's own tokenizer (with a static
+        encoder, its token ids serve both the count and the vector: one tokenization)."""
         if self._counter is None:
+            if self.static and not self.cfg.tokenizer:
+                return self.embedder
             self._counter = TokenCounter(self.cfg.tokenizer or self.embedder.tokenizer_path).setup()
         return self._counter
 
+    @property
+    def counts_with_encoder(self) -> bool:
+        return self.static and not self.cfg.tokenizer
+
     def embedding_settings(self) -> dict[str, Any]:
-        """The settings that decide the embeddings (the resolved dtype, not 'auto')."""
+        """The settings that decide the embeddings (the resolved dtype, not 'auto'); a static
+        encoder's are its recipe and checksum."""
+        if self.static:
+            return self.embedder.settings()
         device = resolve_device(self.embedder.device)
         return {"model": self.embedder.model, "dtype": resolve_dtype(self.embedder.dtype, device),
                 "max_length": self.embedder.max_length}
@@ -176,7 +207,7 @@ def stages_for(cfg: Config, substrate) -> Stages:
     """The stages that label with `substrate`: its embedding settings and its own stage stack."""
     if getattr(substrate, "kind", "") != "embedding":      # a distilled substrate reads text only
         return Stages(cfg, stack=substrate.stages if substrate.fixed else None)
-    return Stages(cfg, embedding=substrate.embedding, stack=substrate.stages)
+    return Stages(cfg, embedding=substrate.embedding, stack=substrate.stages, encoder_dir=substrate.encoder_dir)
 
 
 def reading_fields(cfg: Config) -> Fields:
@@ -192,19 +223,22 @@ def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray 
     if source == "heuristic":
         from hermes.quality import heuristic_scores
 
-        return pa.array(heuristic_scores(texts), pa.float64())
+        return pa.array(heuristic_scores(texts), pa.float64())      # texts: a list or an Arrow column
     if source == "field":
         return field_values
     return pa.nulls(len(texts), pa.float64())
 
 
-def document_columns(shard: Shard, docs: pa.Table, texts: list[str], stages: Stages, seq: int) -> dict[str, Any]:
-    """The per-document columns of one read batch: counts, quality, where it came from, its seq."""
+def document_columns(shard: Shard, docs: pa.Table, texts: list[str], stages: Stages, seq: int,
+                     n_tokens: np.ndarray | None = None) -> dict[str, Any]:
+    """The per-document columns of one read batch: counts, quality, where it came from, its seq.
+    `n_tokens` where the encoder has counted them already (one tokenization)."""
     cfg, n = stages.cfg, len(texts)
     return {"doc_id": docs.column("doc_id"), "source": docs.column("source"),
-            "n_chars": pa.array([len(t) for t in texts], pa.int32()),
-            "n_tokens": pa.array(stages.counter.count(texts), pa.int32()),
-            "quality": quality_column(cfg.quality, texts, docs.column("quality"), stages.quality_scorer),
+            "n_chars": pc.utf8_length(docs.column("text")).cast(pa.int32()),
+            "n_tokens": pa.array(stages.counter.count(texts) if n_tokens is None else n_tokens, pa.int32()),
+            "quality": quality_column(cfg.quality, texts if cfg.quality == "fasttext" else docs.column("text"),
+                                      docs.column("quality"), stages.quality_scorer),
             "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
             "seq": pa.array(np.arange(seq, seq + n), pa.int64())}
 
@@ -227,6 +261,15 @@ def _skipped(step: str, shard: Shard, marker: dict, layout: Layout, progress: Pr
         progress.shard_done()
     layout.log(step, result, time.perf_counter() - t0)
     return result
+
+
+def no_token_rejects(shard: Shard, docs: pa.Table, ok: np.ndarray) -> pa.Table:
+    """Reject rows for the documents of a read batch that the static encoder has no token for."""
+    bad = pa.array(~ok)
+    n = int((~ok).sum())
+    return pa.table({"file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line").filter(bad),
+                     "doc_id": docs.column("doc_id").filter(bad), "reason": pa.array([NO_TOKENS] * n, pa.string())},
+                    schema=REJECT_FILE_SCHEMA)
 
 
 def _reject_table(bad: list) -> pa.Table:
@@ -299,14 +342,30 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
             if not n:
                 continue
             texts = docs.column("text").to_pylist()
-            # encode in slices so progress moves while a large read batch is embedded
-            for i in range(0, n, ENCODE_SLICE):
-                emb = stages.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16)
+            n_tokens = None
+            if stages.static:         # one tokenization: the vectors, n_tokens, and which texts have a known token
+                emb, counted, ok = stages.embedder.encode_counted(texts)
+                if not ok.all():
+                    rejects_out.write_table(no_token_rejects(shard, docs, ok))
+                    n_rejects += int((~ok).sum())
+                    docs, texts, emb, counted = docs.filter(pa.array(ok)), [t for t, k in zip(texts, ok) if k], \
+                        emb[ok], counted[ok]
+                n_tokens = counted if stages.counts_with_encoder else None
                 dim = emb.shape[1]
-                emb_out.write(np.ascontiguousarray(emb).tobytes())
+                emb_out.write(np.ascontiguousarray(emb.astype(np.float16)).tobytes())
                 if progress:
-                    progress.advance(min(ENCODE_SLICE, n - i))
-            docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq), schema=DOCS_SCHEMA))
+                    progress.advance(n)
+                n = docs.num_rows
+            else:
+                # encode in slices so progress moves while a large read batch is embedded
+                for i in range(0, n, ENCODE_SLICE):
+                    emb = stages.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16)
+                    dim = emb.shape[1]
+                    emb_out.write(np.ascontiguousarray(emb).tobytes())
+                    if progress:
+                        progress.advance(min(ENCODE_SLICE, n - i))
+            docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq, n_tokens),
+                                          schema=DOCS_SCHEMA))
             seq += n
     for name, path in (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)),
                        ("rejects", layout.reject_file(shard))):
@@ -398,11 +457,19 @@ def load_cached_embeddings(shard: Shard, layout: Layout, mmap: bool = False) -> 
 CLASSES_KEY = b"hermes_classes_key"
 
 
-def _cached_texts(shard: Shard, stages: Stages, n: int) -> Iterator[list[str]]:
+def _cached_texts(shard: Shard, stages: Stages, n: int, layout: Layout) -> Iterator[list[str]]:
     """The texts of a shard's n cached documents, read again in the same order (cheap next to
-    embedding), batch by batch; an error at the end if the file no longer gives those n documents."""
+    embedding), batch by batch; an error at the end if the file no longer gives those n documents.
+    Documents the static encoder rejected (no known token) are not in the cache, so not here."""
+    skip = None
+    if stages.static and layout.reject_file(shard).is_file():
+        rejected = pq.read_table(layout.reject_file(shard), columns=["doc_id", "reason"])
+        skip = rejected.filter(pc.equal(rejected.column("reason"), NO_TOKENS)).column("doc_id")
+        skip = skip if len(skip) else None
     seen = 0
     for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
+        if skip is not None:
+            batch = batch.filter(pc.invert(pc.is_in(batch.column("doc_id"), value_set=skip)))
         texts = batch.column("text").to_pylist()
         seen += len(texts)
         if seen > n:
@@ -426,7 +493,7 @@ def _taxonomy_labels(shard: Shard, stages: Stages, layout: Layout) -> pa.Table:
         except (OSError, pa.ArrowException):
             pass
     columns: dict[str, list[str]] = {f"stage_{i}": [] for i in stages.fixed.taxonomy}
-    for texts in _cached_texts(shard, stages, pq.ParquetFile(layout.docs_file(shard)).metadata.num_rows):
+    for texts in _cached_texts(shard, stages, pq.ParquetFile(layout.docs_file(shard)).metadata.num_rows, layout):
         for i, names in stages.fixed.taxonomy_labels(texts).items():
             columns[f"stage_{i}"].extend(names)
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}).replace_schema_metadata({CLASSES_KEY: key})
@@ -562,7 +629,8 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
     settings = stages.embedding_settings()
     settings["dim"] = int(X.shape[1])
     substrate = Substrate(embedding=settings, transform=transform, quantizer=quantizer, fit_sample_size=n_fit,
-                          training=training, stages=substrate_stack(stages, classes))
+                          training=training, stages=substrate_stack(stages, classes),
+                          encoder_dir=stages.embedder.folder if stages.static else None)
     substrate.save(layout.substrate)
     return substrate
 
@@ -589,7 +657,7 @@ def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout:
     if marker and marker.get("substrate") == substrate.fingerprint and marker.get("cache_key") == stages.cache_key() \
             and marker.get("shard") == shard.stat() and layout.label_file(shard).is_file() \
             and layout.reject_file(shard).is_file() and layout.terms_file(shard).is_file() \
-            and (getattr(substrate, "kind", "") == "distilled" or layout.unknown_file(shard).is_file()):
+            and (marker.get("path") == "text" or layout.unknown_file(shard).is_file()):
         return marker
     return None
 
@@ -633,7 +701,7 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
             out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[rows],
                                         substrate.fingerprint))
             start = stop
-    _write_atomic_parquet(_term_counts(shard, stages, codes, known), layout.terms_file(shard))
+    _write_atomic_parquet(_term_counts(shard, stages, codes, known, layout), layout.terms_file(shard))
     os.replace(unknown_tmp, layout.unknown_file(shard))
     os.replace(label_tmp, layout.label_file(shard))
     n_rejects = emb_marker.get("n_rejects", 0) + n_unknown
@@ -679,7 +747,7 @@ def _unknown_rejects(batch: pa.RecordBatch | pa.Table, bad: np.ndarray, fixed: d
                     schema=REJECT_FILE_SCHEMA)
 
 
-def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarray) -> pa.Table:
+def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarray, layout: Layout) -> pa.Table:
     """Word counts per L123 cell, streaming: the shard is read again (cheap next to embedding) and
     its i-th accepted document has codes[i] (counted where `keep`)."""
     from hermes.terms import TERM_SCHEMA, TermCounter
@@ -688,7 +756,7 @@ def _term_counts(shard: Shard, stages: Stages, codes: np.ndarray, keep: np.ndarr
         return TERM_SCHEMA.empty_table()
     counter = TermCounter()
     seen = 0
-    for texts in _cached_texts(shard, stages, len(codes)):
+    for texts in _cached_texts(shard, stages, len(codes), layout):
         mask = keep[seen:seen + len(texts)]
         if mask.all():
             counter.add(texts, codes[seen:seen + len(texts)])
@@ -703,7 +771,7 @@ def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: 
     """The per-shard function of `hermes label`, the same on every engine: embed, quantize, drop the
     shard's cached embeddings unless kept (or, with a distilled substrate, codes straight from the
     text). Idempotent: a shard done under this substrate is skipped."""
-    if getattr(substrate, "kind", "embedding") == "distilled":
+    if getattr(substrate, "kind", "embedding") == "distilled" or (stages.static and not stages.cfg.keep_embeddings):
         return label_shard_from_text(shard, substrate, stages, layout, progress)
     marker = label_is_current(shard, substrate, stages, layout)
     if marker:
@@ -717,7 +785,9 @@ def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: 
 
 def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layout,
                           progress: Progress | None = None) -> ShardResult:
-    """One pass over a shard with a distilled substrate: counts, quality and codes from the text."""
+    """One pass over a shard with a distilled substrate, or a substrate of a static encoder: counts,
+    quality and codes from the text, with no embedding cache. A static encoder's vectors are rounded
+    to float16 first, as `run` caches them, so both give the same codes."""
     from hermes.terms import TermCounter
 
     t0 = time.perf_counter()
@@ -731,8 +801,11 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
     reject_tmp = layout.reject_file(shard).with_name(layout.reject_file(shard).name + ".tmp")
     terms = TermCounter()
     seq, n_rejects = 0, 0
-    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(reject_tmp, REJECT_FILE_SCHEMA) as rej:
-        for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(reject_tmp, REJECT_FILE_SCHEMA) as rej, \
+            ThreadPoolExecutor(1) as pool:
+        batches = read_shard(shard, reading_fields(cfg), cfg.read_batch_size)
+        for docs, bad, encoded in (_encoded_ahead(batches, stages.embedder) if stages.static else
+                                   ((d, b, None) for d, b in batches)):
             if bad:
                 rej.write_table(_reject_table(bad))
                 n_rejects += len(bad)
@@ -746,14 +819,31 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
                     n_rejects += int((~known).sum())
                     docs = docs.filter(pa.array(known))
                     fixed = {i: c[known] for i, c in fixed.items()}
+                    if encoded is not None:
+                        encoded = ([t for t, k in zip(encoded[0], known) if k], *(x[known] for x in encoded[1:]))
             else:
                 fixed = None
-            if docs.num_rows:
+            n_tokens = None
+            if docs.num_rows and stages.static:
+                texts, emb, counted, ok = encoded
+                if not ok.all():
+                    rej.write_table(no_token_rejects(shard, docs, ok))
+                    n_rejects += int((~ok).sum())
+                    docs, emb, counted = docs.filter(pa.array(ok)), emb[ok], counted[ok]
+                    texts = [t for t, k in zip(texts, ok) if k]
+                    fixed = {i: c[ok] for i, c in fixed.items()} if fixed else fixed
+                n_tokens = counted if stages.counts_with_encoder else None
+                codes = substrate.encode(emb.astype(np.float16).astype(np.float32), fixed=fixed)
+            elif docs.num_rows:
                 texts = docs.column("text").to_pylist()
                 codes = substrate.encode_texts(texts, fixed)
-                terms.add(texts, codes)
-                out.write_table(label_table(document_columns(shard, docs, texts, stages, seq), codes,
-                                            substrate.fingerprint))
+            if docs.num_rows:
+                # term counts in a second thread while this one scores quality (Arrow's kernels
+                # release the GIL), so the two take the time of one
+                counting = pool.submit(terms.add, docs.column("text"), codes)
+                columns = document_columns(shard, docs, texts, stages, seq, n_tokens)
+                counting.result()
+                out.write_table(label_table(columns, codes, substrate.fingerprint))
                 seq += docs.num_rows
             if progress:
                 progress.advance(n + len(bad))
@@ -761,12 +851,32 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
     os.replace(reject_tmp, layout.reject_file(shard))
     os.replace(label_tmp, layout.label_file(shard))
     _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": stages.cache_key(), "shard": shard.stat(),
-                        "name": shard.name, "n_docs": seq, "n_rejects": n_rejects}, layout.label_marker(shard))
+                        "name": shard.name, "n_docs": seq, "n_rejects": n_rejects, "path": "text"},
+                       layout.label_marker(shard))
     if progress:
         progress.shard_done()
     result = ShardResult(shard, seq, n_rejects, skipped=False)
     layout.log("label", result, time.perf_counter() - t0)
     return result
+
+
+def _encoded_ahead(batches: Iterator, encoder: StaticEncoder) -> Iterator:
+    """(docs, rejects, (texts, vectors, counts, ok)) for each read batch, the next batch's encoding
+    running in a second thread while the caller scores, counts and writes this one: the tokenizer
+    releases the GIL, and the parts of the work that run on one core leave the other one free."""
+    def encode(docs: pa.Table):
+        texts = docs.column("text").to_pylist()
+        return (texts, *encoder.encode_counted(texts))
+
+    with ThreadPoolExecutor(1) as ahead:
+        pending = None
+        for docs, bad in batches:
+            job = ahead.submit(encode, docs)
+            if pending is not None:
+                yield pending[0], pending[1], pending[2].result()
+            pending = (docs, bad, job)
+        if pending is not None:
+            yield pending[0], pending[1], pending[2].result()
 
 
 def drop_cached_embeddings(shard: Shard, layout: Layout) -> None:

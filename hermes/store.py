@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -116,6 +117,9 @@ def create_views(con) -> None:
     con.execute(_stacked_view())
 
 
+BUILD_MEMORY = "512MB"     # DuckDB's memory budget while building a store (it spills beyond it)
+
+
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
                 substrate_manifest: dict[str, Any], info: dict[str, Any] | None = None,
                 term_files: list[Path] | None = None) -> dict[str, Any]:
@@ -132,7 +136,9 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
         if p.exists():
             p.unlink()
     fingerprint = substrate_manifest["fingerprint"]
-    con = duckdb.connect(str(tmp))
+    # DuckDB spills to disk past this budget, so the build's memory does not grow with the corpus
+    spill = db_path.with_name(db_path.name + ".spill")
+    con = duckdb.connect(str(tmp), config={"memory_limit": BUILD_MEMORY, "temp_directory": str(spill)})
     try:
         con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
         con.executemany("INSERT INTO shard_order VALUES (?, ?)", [(str(f), i) for i, f in enumerate(label_files)])
@@ -191,6 +197,8 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
             if p.exists():
                 p.unlink()
         raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     os.replace(tmp, db_path)
     return counts
 

@@ -6,6 +6,8 @@
                            names), fit-sample size, array checksums, fingerprint
       codebook_1.npy ...   one array per RVQ stage
       transform_*.npy      the transform's arrays, if it has any
+      encoder/             with a static encoder: the encoder itself (a sentence-transformers
+                           folder, hermes.static); the manifest records its recipe and checksum
 
 The fingerprint hashes every setting that changes the codes plus the arrays themselves, so two
 substrates share a fingerprint only if they encode identically. No pickle anywhere.
@@ -47,6 +49,9 @@ class Substrate:
     # the stage stack (hermes.stages); a fixed stage also records its sorted class names, and
     # a fasttext stage its model's path and sha256
     stages: list[dict[str, Any]] = field(default_factory=lambda: [dict(LEARNED) for _ in range(N_STAGES)])
+    # a static encoder's folder (copied into the substrate's encoder/ on save); its recipe and
+    # checksum are in `embedding`, so the fingerprint covers it
+    encoder_dir: Path | None = None
 
     kind = "embedding"
 
@@ -62,11 +67,19 @@ class Substrate:
         """Each fixed stage's class names (stage index -> names; code = position)."""
         return {i: self.stages[i]["classes"] for i in self.fixed}
 
+    @property
+    def static(self) -> bool:
+        return self.embedding.get("encoder") == "static"
+
     def embedder(self):
-        """An encoder with this substrate's embedding settings (model, dtype, max length)."""
+        """An encoder with this substrate's embedding settings: its static encoder, checked against
+        the manifest, or the transformer (model, dtype, max length)."""
         from hermes.embed import Embedder
+        from hermes.static import StaticEncoder
 
         e = self.embedding
+        if self.static:
+            return StaticEncoder(self.encoder_dir, expect={"teacher": e["teacher"], "fingerprint": e["fingerprint"]})
         return Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"])
 
     def encode(self, embeddings: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
@@ -108,12 +121,19 @@ class Substrate:
         tmp.mkdir(parents=True)
         for name, arr in self._arrays().items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+        if self.static:
+            if self.encoder_dir is None or not Path(self.encoder_dir).is_dir():
+                raise HermesError(f"{path}: the substrate of a static encoder needs the encoder's folder to save",
+                                  hint="fit with --encoder static")
+            shutil.copytree(self.encoder_dir, tmp / "encoder")
         manifest = self.manifest()
         self.fingerprint = manifest["fingerprint"]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        if self.static:
+            self.encoder_dir = path / "encoder"
         return path
 
     @classmethod
@@ -173,7 +193,8 @@ class Substrate:
                       fit_sample_size=m["fit_sample_size"], created_at=m["created_at"],
                       hermes_version=m["hermes_version"], fingerprint=m["fingerprint"],
                       training=m.get("training", {}),
-                      stages=m.get("stages") or [dict(LEARNED) for _ in range(N_STAGES)])
+                      stages=m.get("stages") or [dict(LEARNED) for _ in range(N_STAGES)],
+                      encoder_dir=path / "encoder" if m["embedding"].get("encoder") == "static" else None)
         except KeyError as e:
             raise HermesError(f"{mpath}: field {e} is missing", hint="re-create the substrate with `hermes fit`") from None
         if sub.compute_fingerprint() != m["fingerprint"]:

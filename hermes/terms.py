@@ -14,11 +14,9 @@ all (digits, symbols, markup) shows `[no words]`.
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hermes.quality import STOP_WORDS
 
@@ -27,17 +25,52 @@ TERMS_PER_CELL = 8
 SHORT_CHARS = 100
 TERM_SCHEMA = pa.schema([("c1", pa.int16()), ("c2", pa.int16()), ("c3", pa.int16()),
                          ("term", pa.string()), ("count", pa.int64())])
-_WORD = re.compile(r"[^\W\d_]{3,30}")
+# A word: a run of 3 to 30 letters of the lowercased text (RE2, run by Arrow's compute kernels, so
+# counting keeps pace with a fast encoder; runs of over 30 letters are not words).
+_NOT_LETTERS = r"[^\p{L}]+"
+MIN_LETTERS, MAX_LETTERS = 3, 30
 EXTRA_STOP = frozenset("""also any can could did does just like more most much must now only other some such
 very well how when where why into over under again further once here both each few own same too should
 because while about against between through during before after above below off its itself them they
 their theirs what which who whom this that these those am is are was were being been have has had having
 do does doing would should could might will shall can't don't i'm it's you're we're they're""".split())
 STOP = STOP_WORDS | EXTRA_STOP
+_STOP_SET = pa.array(sorted(STOP), pa.string())
+
+
+def _as_strings(texts) -> pa.Array:
+    if isinstance(texts, pa.ChunkedArray):
+        return texts.combine_chunks()
+    return texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
 
 
 def words(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in STOP]
+    """The counted words of one text, in order (what TermCounter counts, for one document)."""
+    return _word_lists(pa.array([text], pa.string()))[0].to_pylist()
+
+
+def _word_lists(texts: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """The counted words of each text, flattened, and the index of the text each one came from."""
+    lists = pc.split_pattern_regex(pc.utf8_lower(texts), _NOT_LETTERS)
+    flat, parents = pc.list_flatten(lists), pc.list_parent_indices(lists)
+    n = pc.utf8_length(flat)
+    keep = pc.and_(pc.and_(pc.greater_equal(n, MIN_LETTERS), pc.less_equal(n, MAX_LETTERS)),
+                   pc.invert(pc.is_in(flat, value_set=_STOP_SET)))
+    return flat.filter(keep), parents.filter(keep)
+
+
+def _top_per_cell(counts: pa.Table, k: int) -> pa.Table:
+    """Each cell's k most frequent terms (ties by term), cells in code order."""
+    t = counts.sort_by([("c1", "ascending"), ("c2", "ascending"), ("c3", "ascending"), ("count", "descending"),
+                        ("term", "ascending")])
+    key = np.stack([t.column(c).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
+    if not len(key):
+        return t
+    first = np.ones(len(key), bool)
+    first[1:] = (key[1:] != key[:-1]).any(axis=1)
+    starts = np.flatnonzero(first)
+    rank = np.arange(len(key)) - np.repeat(starts, np.diff(np.append(starts, len(key))))
+    return t.filter(pa.array(rank < k))
 
 
 class TermCounter:
@@ -47,30 +80,48 @@ class TermCounter:
     KEEP = 10 * TOP_PER_CELL  # words kept per cell when pruning
 
     def __init__(self):
-        self.per_cell: dict[tuple[int, int, int], Counter] = {}
+        self._parts: list[pa.Table] = []
         self._since_prune = 0
 
-    def add(self, texts: list[str], codes: np.ndarray) -> None:
-        for text, code in zip(texts, codes):
-            key = (int(code[0]), int(code[1]), int(code[2]))
-            self.per_cell.setdefault(key, Counter()).update(words(text))
-        self._since_prune += len(texts)
+    def add(self, texts, codes: np.ndarray) -> None:
+        """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`."""
+        if len(codes) == 0:
+            return
+        flat, parents = _word_lists(_as_strings(texts))
+        # count (cell, word) pairs on integer keys: cells and words numbered, np.unique of the pairs
+        cells, cell_of_doc = np.unique(np.asarray(codes, dtype=np.int16), axis=0, return_inverse=True)
+        terms = pc.dictionary_encode(flat)
+        n_terms = max(len(terms.dictionary), 1)
+        pairs, counts = np.unique(cell_of_doc.reshape(-1)[parents.to_numpy()].astype(np.int64) * n_terms
+                                  + terms.indices.to_numpy(zero_copy_only=False), return_counts=True)
+        cell, term = np.divmod(pairs, n_terms)
+        self._parts.append(pa.table({"c1": pa.array(cells[cell, 0], pa.int16()), "c2": pa.array(cells[cell, 1], pa.int16()),
+                                     "c3": pa.array(cells[cell, 2], pa.int16()), "term": terms.dictionary.take(pa.array(term)),
+                                     "count": pa.array(counts, pa.int64())}))
+        self._since_prune += len(codes)
         if self._since_prune >= self.PRUNE_EVERY:
-            for key, counts in self.per_cell.items():
-                if len(counts) > self.KEEP:
-                    self.per_cell[key] = Counter(dict(counts.most_common(self.KEEP)))
+            self._parts = [_top_per_cell(self._merged(), self.KEEP)]
             self._since_prune = 0
 
+    def _merged(self) -> pa.Table:
+        """The parts summed per (cell, term): terms numbered by one dictionary, pairs by np.unique."""
+        if not self._parts:
+            return TERM_SCHEMA.empty_table()
+        t = pa.concat_tables(self._parts)
+        terms = pc.dictionary_encode(t.column("term")).combine_chunks()
+        n_terms = max(len(terms.dictionary), 1)
+        cell = (t.column("c1").to_numpy().astype(np.int64) << 32) | (t.column("c2").to_numpy().astype(np.int64) << 16) \
+            | t.column("c3").to_numpy().astype(np.int64)
+        cells, cell_idx = np.unique(cell, return_inverse=True)
+        pairs, inverse = np.unique(cell_idx * n_terms + terms.indices.to_numpy(), return_inverse=True)
+        counts = np.bincount(inverse, weights=t.column("count").to_numpy(), minlength=len(pairs)).astype(np.int64)
+        key, term = cells[pairs // n_terms], pairs % n_terms
+        return pa.table({"c1": pa.array(key >> 32, pa.int16()), "c2": pa.array((key >> 16) & 0xFFFF, pa.int16()),
+                         "c3": pa.array(key & 0xFFFF, pa.int16()), "term": terms.dictionary.take(pa.array(term)),
+                         "count": pa.array(counts, pa.int64())})
+
     def table(self) -> pa.Table:
-        rows: dict[str, list] = {"c1": [], "c2": [], "c3": [], "term": [], "count": []}
-        for (a, b, c), counts in self.per_cell.items():
-            for term, n in counts.most_common(TOP_PER_CELL):
-                rows["c1"].append(a)
-                rows["c2"].append(b)
-                rows["c3"].append(c)
-                rows["term"].append(term)
-                rows["count"].append(n)
-        return pa.table(rows, schema=TERM_SCHEMA)
+        return _top_per_cell(self._merged(), TOP_PER_CELL).select(TERM_SCHEMA.names).cast(TERM_SCHEMA)
 
 
 def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
@@ -81,31 +132,32 @@ def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
 
 
 def _level_sql(level: int, named: list[int]) -> str:
-    from hermes.store import key_sql
-
-    key, joins = key_sql(level, named, "t")
-    parent = "''" if level == 1 else key_sql(level - 1, named, "t")[0]
-    lkey, ljoins = key_sql(level, named, "l")
+    """Each level-`level` cell's terms: grouped and ranked on the integer codes (a cell's siblings
+    share the codes of its parent), its text key joined from the level's view at the end."""
+    codes = [f"c{i + 1}" for i in range(level)]
+    parent = codes[:-1] or ["g"]           # L1 cells are all siblings: one constant group g
+    cs, ps = ", ".join(codes), ", ".join(parent)
+    g = ", 0 AS g" if level == 1 else ""
     return f"""
-    WITH c AS (SELECT {key} AS cell, {parent} AS grp, term, sum(count) AS n
-               FROM term_counts t {joins} GROUP BY ALL),
-    tot AS (SELECT cell, grp, sum(n) AS words, max(n) AS top_n FROM c GROUP BY cell, grp),
-    sib AS (SELECT grp, avg(words) AS avg_words FROM tot GROUP BY grp),
-    ft AS (SELECT grp, term, sum(n) AS f FROM c GROUP BY grp, term),
-    scored AS (SELECT c.cell, c.term, (c.n / tot.words) * ln(1 + sib.avg_words / ft.f) AS score
-               FROM c JOIN tot USING (cell, grp) JOIN sib USING (grp) JOIN ft USING (grp, term)),
-    ranked AS (SELECT cell, term, row_number() OVER (PARTITION BY cell ORDER BY score DESC, term) AS rk
+    WITH c AS (SELECT {cs}{g}, term, sum(count) AS n FROM term_counts GROUP BY ALL),
+    tot AS (SELECT {cs}, sum(n) AS words, max(n) AS top_n FROM c GROUP BY ALL),
+    sib AS (SELECT {ps}, avg(words) AS avg_words FROM tot {"GROUP BY ALL" if level > 1 else "CROSS JOIN (SELECT 0 AS g) GROUP BY g"}),
+    ft AS (SELECT {ps}, term, sum(n) AS f FROM c GROUP BY ALL),
+    scored AS (SELECT {", ".join(f"c.{x}" for x in codes)}, c.term,
+                      (c.n / tot.words) * ln(1 + sib.avg_words / ft.f) AS score
+               FROM c JOIN tot USING ({cs}) JOIN sib USING ({ps}) JOIN ft USING ({ps}, term)),
+    ranked AS (SELECT {cs}, term, row_number() OVER (PARTITION BY {cs} ORDER BY score DESC, term) AS rk
                FROM scored),
-    top AS (SELECT cell, string_agg(term, ', ' ORDER BY rk) AS words FROM ranked
-            WHERE rk <= {TERMS_PER_CELL} GROUP BY cell),
-    docs AS (SELECT {lkey} AS cell, median(n_chars) AS median_chars FROM labels l {ljoins} GROUP BY ALL)
+    top AS (SELECT {cs}, string_agg(term, ', ' ORDER BY rk) AS words FROM ranked
+            WHERE rk <= {TERMS_PER_CELL} GROUP BY ALL),
+    docs AS (SELECT {cs}, median(n_chars) AS median_chars FROM labels GROUP BY ALL)
     SELECT {level} AS level, v.cell,
            concat_ws(' ',
                CASE WHEN d.median_chars < {SHORT_CHARS} THEN '[short texts]' END,
                CASE WHEN tot.top_n > 0.2 * tot.words THEN '[repetitive]' END,
                coalesce(top.words, '[no words]')) AS terms
     FROM cells_{['l1', 'l12', 'l123'][level - 1]} v
-    LEFT JOIN top USING (cell) LEFT JOIN tot USING (cell) LEFT JOIN docs d USING (cell)"""
+    LEFT JOIN top USING ({cs}) LEFT JOIN tot USING ({cs}) LEFT JOIN docs d USING ({cs})"""
 
 
 def create_cell_terms(con, term_files: list[str]) -> None:

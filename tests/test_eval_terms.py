@@ -64,6 +64,34 @@ def test_short_and_wordless_cells_are_flagged():
     assert {(r["c1"], r["term"]) for r in t.to_pylist()} == {(0, "hello"), (0, "world")}
 
 
+def test_term_counts_equal_a_plain_python_count(sample_records):
+    """Per cell, the counted words are the runs of 3 to 30 letters of the lowercased text, stop words
+    out, counted over the cell's documents (the top TOP_PER_CELL per cell kept)."""
+    import re
+    from collections import Counter
+
+    import numpy as np
+
+    from hermes.terms import STOP, TOP_PER_CELL, TermCounter
+
+    texts = [r["text"] for r in sample_records] + ["Ünïcödé wörds: ÉCOLE école", "a" * 31 + " short ok"]
+    codes = np.random.default_rng(0).integers(0, 4, (len(texts), 3))
+    counter = TermCounter()
+    counter.add(texts[:100], codes[:100])
+    counter.add(texts[100:], codes[100:])
+    expected: dict = {}
+    for text, code in zip(texts, codes):
+        words = [w for w in re.findall(r"[^\W\d_]+", text.lower()) if 3 <= len(w) <= 30 and w not in STOP]
+        expected.setdefault(tuple(int(c) for c in code), Counter()).update(words)
+    got = counter.table().to_pylist()
+    assert got and all(expected[(r["c1"], r["c2"], r["c3"])][r["term"]] == r["count"] for r in got)
+    for cell, counts in expected.items():
+        mine = [r for r in got if (r["c1"], r["c2"], r["c3"]) == cell]
+        assert len(mine) == min(TOP_PER_CELL, len(counts))
+        assert min(r["count"] for r in mine) >= sorted(counts.values(), reverse=True)[len(mine) - 1]
+    assert "école" in {r["term"] for r in got} and "a" * 31 not in {r["term"] for r in got}
+
+
 def test_flags_in_a_store(tmp_path):
     import numpy as np
     import pyarrow.parquet as pq

@@ -48,3 +48,22 @@ def test_store_has_heuristic_quality_and_records_its_source(e2e):
     con.close()
     assert nulls == 0 and 0 <= lo < hi <= 1 and p70_ok
     assert info["quality"] == "heuristic" and json.loads(info["inputs"])
+
+
+EDGE_TEXTS = ["", "   ", "ok", "  leading space and trailing  ", "a\u2028b\u2028a", "x...\ny…\r\nx...\n\nx...",
+              "\x85foo\x1cbar  baz\xa0qux\u3000end", "İstanbul THE the. (of) 'and'", "### ... • ### …",
+              "line\nline\nline\nother", "ünïcödé wörds and 数字 123 456", PROSE]
+
+
+def test_batch_scores_equal_the_per_text_reference(sample_records):
+    """The vectorised heuristic (Arrow kernels) gives the plain-Python score of every text."""
+    import numpy as np
+    import pyarrow as pa
+
+    from hermes.quality import heuristic_scores
+
+    texts = [r["text"] for r in sample_records] + EDGE_TEXTS
+    reference = np.array([heuristic_score(t) for t in texts])
+    np.testing.assert_allclose(heuristic_scores(texts), reference, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(heuristic_scores(pa.chunked_array([texts[:10], texts[10:]])), reference,
+                               rtol=0, atol=1e-12)

@@ -1,0 +1,340 @@
+"""The static encoder: one vector per token id, learned from the teacher on the corpus it labels.
+
+Built once, from a seeded sample of the corpus's documents:
+
+- a token id's *context vector* is the mean of the teacher's last-layer output vectors of that id
+  (before pooling) over the sample, each document read up to the teacher's max length: what the
+  token comes to mean inside these documents;
+- an id the sample never shows gets a least-squares linear map (with an intercept) of its
+  *isolated vector*, the teacher's embedding of the token alone, fitted on the ids seen;
+- each id is weighted by SIF, `a / (a + p(id))`, `a = 1e-3`, `p` the id's relative frequency over
+  the whole texts of the sample; special tokens and `[UNK]` weigh 0;
+- the weights are folded into the rows, so a document's vector is the mean of its tokens' rows
+  over the *whole* text (no window), unit-normalised.
+
+The folder is a sentence-transformers model (a `StaticEmbedding` module, then `Normalize`), so
+`SentenceTransformer(folder)` loads it without hermes and gives the same vectors, plus
+`hermes_encoder.json`, how it was built and the checksums of its files. hermes encodes with the
+`tokenizers` library and a sparse product (no torch): tokenizing is most of the time, and the same
+token ids give `n_tokens`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from hermes.errors import HermesError
+
+MANIFEST = "hermes_encoder.json"
+FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
+FORMAT = "hermes-static-encoder"
+SIF_A = 1e-3                 # SIF's a: an id as frequent as a / (1 - w) of all tokens gets weight w
+ENCODE_BATCH = 1024          # texts per tokenizer call
+NO_TOKENS = "no token the static encoder knows (empty, binary or unknown script): it would get no vector"
+
+
+@contextmanager
+def tokenizer_threads():
+    """Let the tokenizer use every core for one call. The encoder and the token counter switch its
+    threads off for the whole process (TOKENIZERS_PARALLELISM=false, against deadlocks in forked
+    children); the library reads the variable at each call, and a child forked later gets its
+    threads off from the library itself."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def is_static_encoder(path: str | Path) -> bool:
+    """True for a folder that `build` wrote (a hermes static encoder)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def context_vectors(sums: np.ndarray, counts: np.ndarray, isolated: np.ndarray) -> np.ndarray:
+    """A vector per token id: the mean of its summed context vectors where `counts` > 0; elsewhere
+    the least-squares linear map of its isolated vector (with an intercept) fitted on the ids seen
+    (the mean of those seen when they are too few for the map)."""
+    seen = counts > 0
+    means = sums[seen] / counts[seen, None]
+    lift = np.hstack([isolated, np.ones((len(isolated), 1), dtype=isolated.dtype)]).astype(np.float64)
+    if seen.sum() > lift.shape[1]:
+        out = lift @ np.linalg.lstsq(lift[seen], means, rcond=None)[0]
+    else:
+        out = np.tile(sums.sum(0) / max(counts.sum(), 1), (len(isolated), 1))
+    out[seen] = means
+    return out
+
+
+def sif_weights(counts: np.ndarray, a: float = SIF_A) -> np.ndarray:
+    """SIF weights a / (a + p(id)), p the relative frequency of each id among all counted tokens."""
+    p = counts / max(float(counts.sum()), 1.0)
+    return a / (a + p)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {name: _file_sha256(folder / name) for name in FILES}
+
+
+def fingerprint(checksums: dict[str, str]) -> str:
+    """One short checksum of an encoder's files (what the substrate records)."""
+    return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
+          say: Callable[[str], None] = lambda m: None) -> Path:
+    """Build a static encoder from `teacher` (a hermes.embed.Embedder) on `texts` and save it to
+    `out` (written under a temporary name, then renamed). `recipe` is recorded as given (teacher,
+    sample, seed...) beside the weighting and the checksums."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, StaticEmbedding
+    from tokenizers import Tokenizer
+
+    teacher.setup()
+    tok = Tokenizer.from_str(teacher.fast_tokenizer_json())
+    tok.no_truncation()
+    tok.no_padding()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    say(f"encoder: the teacher's context vectors of its tokens over {len(texts):,} documents")
+    sums, seen, teacher_vecs = teacher.context_sums(texts, vocab, sentences=True)
+    say(f"encoder: {int((seen > 0).sum()):,} of {vocab:,} token ids seen; isolated vectors for the rest")
+    isolated = teacher.token_vectors()
+    vectors = context_vectors(sums, seen, isolated)
+    with tokenizer_threads():
+        ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    freq = np.bincount(np.fromiter((i for e in ids for i in e), dtype=np.int64), minlength=vocab)
+    weights = sif_weights(freq.astype(np.float64))
+    weights[_silent_ids(tok)] = 0.0
+    rows = vectors * weights[:, None]
+    # the window the teacher read of each sample text, as a bag of ids
+    window = [e[:teacher.content_window()] for e in ids]
+    rows, alignment = _align(rows, window, teacher_vecs)
+    say(f"encoder: aligned to the teacher's embeddings of the sample (ridge alpha {alignment['alpha']:g}, "
+        f"mean cosine {alignment['cosine_before']:.3f} -> {alignment['cosine_after']:.3f})")
+    rows = rows.astype(np.float32)
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=torch.from_numpy(rows)), Normalize()],
+                                device="cpu")
+    model.save(str(tmp))
+    checksums = _checksums(tmp)
+    manifest = {"format": FORMAT, "format_version": 1, **recipe,
+                "weighting": {"kind": "sif", "a": SIF_A, "counted_over": "the sample's whole texts"},
+                "alignment": alignment,
+                "vocab": vocab, "dim": int(rows.shape[1]), "token_ids_seen": int((seen > 0).sum()),
+                "files": checksums, "fingerprint": fingerprint(checksums)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+ALIGN_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+ALIGN_MIN_DOCS = 100        # fewer sample documents than this: no map (rows as they are)
+
+
+def _bags(ids: list[list[int]], vocab: int):
+    import scipy.sparse as sp
+
+    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.fromiter((i for e in ids for i in e), dtype=np.int64, count=int(lengths.sum()))
+    return sp.csr_matrix((np.ones(len(flat)), flat, indptr), shape=(len(ids), vocab))
+
+
+def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows times the linear map that best takes the sample's static vectors (of the window the
+    teacher read) to the teacher's own embeddings of those texts: ridge regression without an
+    intercept (so it folds into the rows: the mean of mapped rows is the mapped mean), alpha by
+    scikit-learn's efficient leave-one-out among ALIGN_ALPHAS. Documents then embed as the teacher
+    would place them, not only as its token vectors average."""
+    from sklearn.linear_model import RidgeCV
+
+    S = np.asarray(_bags(window, len(rows)) @ rows)
+    keep = np.linalg.norm(S, axis=1) > 0
+    S = S[keep] / np.linalg.norm(S[keep], axis=1, keepdims=True)
+    T = teacher_vecs[keep].astype(np.float64)
+    if len(S) < ALIGN_MIN_DOCS:
+        return rows, {"kind": "none", "reason": f"{len(S)} sample documents, fewer than {ALIGN_MIN_DOCS}",
+                      "alpha": 0.0, "cosine_before": _cos(S, T), "cosine_after": _cos(S, T)}
+    ridge = RidgeCV(alphas=ALIGN_ALPHAS, fit_intercept=False).fit(S, T)
+    W = ridge.coef_.T
+    return rows @ W, {"kind": "ridge", "alpha": float(ridge.alpha_), "docs": int(len(S)),
+                      "cosine_before": _cos(S, T), "cosine_after": _cos(S @ W, T)}
+
+
+def _cos(A: np.ndarray, B: np.ndarray) -> float:
+    A = A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)
+    return round(float(np.mean(np.sum(A * B, axis=1))), 4)
+
+
+def _silent_ids(tok) -> list[int]:
+    """Ids that carry no meaning of the text: the tokenizer's special tokens and its unknown token."""
+    silent = [i for i, t in tok.get_added_tokens_decoder().items() if t.special]
+    unk = getattr(tok.model, "unk_token", None)
+    if unk is not None and tok.token_to_id(unk) is not None:
+        silent.append(tok.token_to_id(unk))
+    return sorted(set(silent))
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HermesError(f"{folder}: not a readable static encoder ({path.name}: {type(e).__name__})",
+                          hint="rebuild it with `hermes fit --encoder static`, or pass the encoder/ folder "
+                               "that hermes wrote") from None
+    if m.get("format") != FORMAT:
+        raise HermesError(f"{path}: not a hermes static encoder manifest (field 'format')",
+                          hint="rebuild it with `hermes fit --encoder static`")
+    return m
+
+
+class StaticEncoder:
+    """Text -> unit-norm float32 vectors with a saved static encoder; the same interface as
+    hermes.embed.Embedder, plus `encode_counted` (vectors, token counts and which texts have a
+    known token, from one tokenization)."""
+
+    kind = "static"
+
+    def __init__(self, folder: str | Path, expect: dict[str, Any] | None = None):
+        self.folder = Path(folder)
+        self.expect = expect or {}      # what a substrate recorded of its encoder: teacher, fingerprint
+        self._tok: Any = None
+
+    def setup(self) -> "StaticEncoder":
+        if self._tok is not None:
+            return self
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        if not self.folder.is_dir():
+            raise HermesError(f"{self.folder}: static encoder folder not found",
+                              hint="a substrate of a static encoder keeps it in substrate/encoder; copy the whole "
+                                   "substrate folder, or refit with `hermes fit --encoder static`")
+        m = read_manifest(self.folder)
+        want_teacher = self.expect.get("teacher")
+        if want_teacher is not None and m.get("teacher") != want_teacher:
+            raise HermesError(f"{self.folder}: this static encoder was built from teacher '{m.get('teacher')}', "
+                              f"but the substrate says '{want_teacher}' (field 'teacher')",
+                              hint="put back the encoder/ folder the substrate was fitted with, or refit")
+        try:
+            found = _checksums(self.folder)
+        except OSError as e:
+            raise HermesError(f"{self.folder}: the static encoder is incomplete ({e.strerror}: {e.filename})",
+                              hint="rebuild it with `hermes fit --encoder static`, or restore the folder") from None
+        if found != m.get("files") or fingerprint(found) != self.expect.get("fingerprint", m.get("fingerprint")):
+            raise HermesError(f"{self.folder}: the static encoder is damaged or was replaced (its files' checksums "
+                              f"do not match {'the substrate' if self.expect else MANIFEST})",
+                              hint="restore the folder the substrate was fitted with, or refit with --encoder static")
+        self.manifest_ = m
+        weights = load_file(str(self.folder / "model.safetensors"))
+        self.rows_ = np.ascontiguousarray(weights["embedding.weight"], dtype=np.float32)
+        self.dim_ = int(self.rows_.shape[1])
+        self.known_ = np.any(self.rows_ != 0, axis=1)
+        tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+        return self
+
+    @property
+    def model(self) -> str:
+        return str(self.folder)
+
+    def settings(self) -> dict[str, Any]:
+        """What a substrate records of this encoder (and what its fingerprint covers)."""
+        m = self.setup().manifest_
+        return {"encoder": "static", "model": f"static encoder of {m['teacher']}", "teacher": m["teacher"],
+                "teacher_max_length": m.get("teacher_max_length"), "teacher_dtype": m.get("teacher_dtype"),
+                "docs": m.get("docs"), "seed": m.get("seed"), "weighting": m["weighting"],
+                "fingerprint": m["fingerprint"], "dtype": "fp32", "max_length": None}
+
+    def token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's token ids over the whole text, concatenated, and each text's count."""
+        self.setup()
+        with tokenizer_threads():
+            enc = self._tok.encode_batch_fast(texts, add_special_tokens=False) \
+                if hasattr(self._tok, "encode_batch_fast") else self._tok.encode_batch(texts, add_special_tokens=False)
+        lengths = np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc))
+        ids = np.fromiter((i for e in enc for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
+        return ids, lengths
+
+    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool): `ok` is False for a
+        text with no known token, whose vector row is then zero (it must be rejected, not labeled)."""
+        import scipy.sparse as sp
+
+        self.setup()
+        vecs = np.zeros((len(texts), self.dim_), dtype=np.float32)
+        counts = np.zeros(len(texts), dtype=np.int64)
+        ok = np.zeros(len(texts), dtype=bool)
+        for start in range(0, len(texts), ENCODE_BATCH):
+            part = texts[start:start + ENCODE_BATCH]
+            ids, lengths = self.token_ids(part)
+            indptr = np.concatenate([[0], np.cumsum(lengths)])
+            X = sp.csr_matrix((np.ones(len(ids), dtype=np.float32), ids, indptr), shape=(len(part), len(self.rows_)))
+            v = np.asarray(X @ self.rows_, dtype=np.float32)
+            known = np.add.reduceat(self.known_[ids], indptr[:-1]) if len(ids) else np.zeros(len(part))
+            good = (lengths > 0) & (known > 0)
+            known_norm = np.linalg.norm(v, axis=1)
+            good &= known_norm > 0
+            v[good] /= known_norm[good, None]
+            v[~good] = 0.0
+            vecs[start:start + len(part)] = v
+            counts[start:start + len(part)] = lengths
+            ok[start:start + len(part)] = good
+        return vecs, counts, ok
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm vectors; a text with no known token gets a zero row (labeling rejects it)."""
+        return self.encode_counted(texts)[0]
+
+    def count(self, texts: list[str]) -> np.ndarray:
+        """Tokens of each whole text (the teacher's tokenizer, no special tokens), as n_tokens counts."""
+        return self.token_ids(texts)[1]
+
+
+def reservoir_texts(batches: Iterable[list[str]], n: int, seed: int) -> tuple[list[str], int]:
+    """A seeded uniform sample of n texts from a stream of batches, read once (reservoir sampling,
+    Algorithm R), and how many texts the stream had. All of them when there are n or fewer."""
+    rng = np.random.default_rng(seed)
+    sample: list[str] = []
+    seen = 0
+    for texts in batches:
+        take = max(0, min(len(texts), n - len(sample)))
+        sample.extend(texts[:take])
+        rest = len(texts) - take
+        if rest:
+            positions = np.arange(seen + take, seen + len(texts))
+            slots = rng.integers(0, positions + 1)
+            for k in np.flatnonzero(slots < n):
+                sample[slots[k]] = texts[take + k]
+        seen += len(texts)
+    return sample, seen

@@ -1,0 +1,204 @@
+"""Benchmark the static encoder path: `hermes label` end to end against the bare tokenizer and the
+transformer, on the dev corpus (20 Newsgroups, 18,814 documents), and its memory at scale.
+
+In one run:
+- `static_label`: `hermes label` in a fresh process with a static substrate (model load, reading,
+  tokenizing, counts, quality, embedding, quantizing, term counts, label files and the store build
+  included), for each size in --docs (the dev corpus repeated under new ids past 18,814), with its
+  wall time and peak RSS (os.wait4);
+- `tokenizer`: the bare tokenizer, `encode_batch` of the dev corpus's whole texts on every core;
+- `transformer`: the transformer's `encode` (max length 256, dtype auto) of a seeded 2,000-document
+  subset, the embedding alone (a lower bound of the transformer path's time);
+- `parts`: the static path's per-document work on the dev corpus timed part by part in this
+  process (reading, tokenizing + embedding, quality, term counts, quantizing).
+The static substrate is fitted once (`hermes fit --encoder static` on the train split, the
+context pass included; timed as `fit`) unless --substrate gives one. Prints JSON.
+
+    python scripts/bench_encoder.py
+    python scripts/bench_encoder.py --docs 200000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dev-corpus"
+
+
+def hermes_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hermes", *map(str, args)]
+
+
+def timed_process(cmd: list[str]) -> dict:
+    """Run a command in a fresh process: wall seconds, peak RSS (MB, os.wait4), its JSON summary."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-2000:]}")
+        return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                "summary": json.loads(out.read())}
+
+
+def read_dev(dev: Path) -> list[dict]:
+    records = []
+    for split in ("train", "test"):
+        with open(dev / f"{split}.jsonl", encoding="utf-8") as f:
+            records += [json.loads(line) for line in f]
+    return records
+
+
+def write_corpus(records: list[dict], n: int, path: Path) -> Path:
+    """n documents: the records in order, repeated under new ids (`<id>#<k>`) past their number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            r = records[i % len(records)]
+            k = i // len(records)
+            f.write(json.dumps({"id": r["id"] if k == 0 else f"{r['id']}#{k}", "text": r["text"]}) + "\n")
+    return path
+
+
+def tokenizer_rate(texts: list[str], encoder_dir: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    from hermes.static import tokenizer_threads
+
+    tok = Tokenizer.from_file(str(encoder_dir / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    with tokenizer_threads():
+        t0 = time.perf_counter()
+        enc = tok.encode_batch(texts, add_special_tokens=False)
+        seconds = time.perf_counter() - t0
+    return {"docs": len(texts), "tokens": sum(len(e) for e in enc), "seconds": round(seconds, 2),
+            "docs_per_s": round(len(texts) / seconds, 1)}
+
+
+def transformer_rate(texts: list[str], n: int) -> dict:
+    import numpy as np
+
+    from hermes.embed import Embedder
+
+    pick = np.sort(np.random.default_rng(0).choice(len(texts), min(n, len(texts)), replace=False))
+    subset = [texts[i] for i in pick]
+    enc = Embedder(max_length=256).setup()
+    t0 = time.perf_counter()
+    enc.encode(subset)
+    seconds = time.perf_counter() - t0
+    return {"docs": len(subset), "dtype": enc.dtype_, "max_length": 256, "seconds": round(seconds, 2),
+            "docs_per_s": round(len(subset) / seconds, 2)}
+
+
+def parts(corpus: Path, substrate: Path) -> dict:
+    """The static path's per-document work, part by part, on one pass over `corpus` (seconds)."""
+    import numpy as np
+
+    from hermes.config import load_config
+    from hermes.pipeline import reading_fields
+    from hermes.quality import heuristic_scores
+    from hermes.read import discover, read_shard
+    from hermes.static import StaticEncoder
+    from hermes.substrate import Substrate
+    from hermes.terms import TermCounter
+
+    cfg = load_config()
+    sub = Substrate.load(substrate)
+    enc = StaticEncoder(sub.encoder_dir).setup()
+    spent = dict.fromkeys(("read", "tokenize_embed", "quality", "terms", "quantize"), 0.0)
+    terms, n = TermCounter(), 0
+    for shard in discover([str(corpus)]):
+        it = read_shard(shard, reading_fields(cfg), cfg.read_batch_size)
+        while True:
+            t = time.perf_counter()
+            try:
+                docs, _ = next(it)
+            except StopIteration:
+                break
+            texts = docs.column("text").to_pylist()
+            spent["read"] += time.perf_counter() - t
+            t = time.perf_counter()
+            emb, _, ok = enc.encode_counted(texts)
+            spent["tokenize_embed"] += time.perf_counter() - t
+            t = time.perf_counter()
+            heuristic_scores(docs.column("text"))
+            spent["quality"] += time.perf_counter() - t
+            t = time.perf_counter()
+            codes = sub.encode(emb.astype(np.float16).astype(np.float32))
+            spent["quantize"] += time.perf_counter() - t
+            t = time.perf_counter()
+            terms.add(docs.column("text"), codes)
+            spent["terms"] += time.perf_counter() - t
+            n += len(texts)
+    t = time.perf_counter()
+    terms.table()
+    spent["terms"] += time.perf_counter() - t
+    return {"docs": n, "seconds": {k: round(v, 2) for k, v in spent.items()},
+            "docs_per_s": {k: round(n / v, 1) for k, v in spent.items() if v}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", default="18814", help="documents labeled, comma-separated sizes (default: the dev "
+                                                    "corpus once, 18,814)")
+    ap.add_argument("--dev-corpus", type=Path, default=DEV)
+    ap.add_argument("--substrate", type=Path, help="a static substrate (default: fit one on the train split)")
+    ap.add_argument("--transformer-docs", type=int, default=2000)
+    ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.docs.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="hermes-bench-encoder-"))
+    records = read_dev(args.dev_corpus)
+    texts = [r["text"] for r in records]
+    result: dict = {"dev_docs": len(records), "sizes": sizes}
+    substrate = args.substrate
+    if substrate is None:
+        fit = timed_process(hermes_cmd("fit", args.dev_corpus / "train.jsonl", "--encoder", "static", "--out",
+                                       work / "fit", "--quiet", "--format", "json"))
+        substrate = work / "fit" / "substrate"
+        result["fit"] = {"seconds": fit["seconds"], "peak_rss_mb": fit["peak_rss_mb"],
+                         "fingerprint": fit["summary"]["fingerprint"]}
+    labels = {}
+    for n in sizes:
+        corpus = write_corpus(records, n, work / f"corpus-{n}" / "docs.jsonl")
+        run = timed_process(hermes_cmd("label", corpus.parent, "--substrate", substrate, "--out", work / f"label-{n}",
+                                       "--quiet", "--format", "json"))
+        s = run["summary"]
+        labels[str(n)] = {"docs": s["read"], "labeled": s["labeled"], "rejected": s["rejected"],
+                          "shards": s["shards"], "seconds": run["seconds"],
+                          "docs_per_s": round(s["read"] / run["seconds"], 1), "peak_rss_mb": run["peak_rss_mb"],
+                          "timings": s["timings"]}
+        if n != sizes[-1] or args.work is None:
+            import shutil
+
+            shutil.rmtree(work / f"corpus-{n}", ignore_errors=True)
+    result["static_label"] = labels
+    result["tokenizer"] = tokenizer_rate(texts, Path(substrate) / "encoder")
+    result["parts"] = parts(write_corpus(records, len(records), work / "corpus-parts" / "docs.jsonl"), substrate)
+    result["transformer"] = transformer_rate(texts, args.transformer_docs)
+    first = labels[str(sizes[0])]["docs_per_s"]
+    result["ratios"] = {"static_label_vs_tokenizer": round(first / result["tokenizer"]["docs_per_s"], 3),
+                        "static_label_vs_transformer": round(first / result["transformer"]["docs_per_s"], 1)}
+    if len(sizes) > 1:
+        rss = [labels[str(n)]["peak_rss_mb"] for n in sizes]
+        result["ratios"]["peak_rss_largest_vs_smallest"] = round(rss[-1] / rss[0], 3)
+    print(json.dumps(result, indent=2))
+    if args.work is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

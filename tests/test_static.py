@@ -1,0 +1,203 @@
+"""The static encoder: built from the real teacher on the corpus, saved in a format that
+sentence-transformers loads, and used by `run`, `fit` and `label` (local and Ray)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+
+from tests.conftest import invoke, write_jsonl
+
+# Texts with no token the encoder knows: binary, and only the tokenizer's unknown and special tokens.
+NO_TOKEN = [{"id": "binary", "text": "\x00\x01\x02\x03"}, {"id": "specials", "text": "[UNK] [CLS] [SEP]"}]
+CODES = "SELECT doc_id, c1, c2, c3, n_tokens, n_chars, quality FROM labels ORDER BY doc_id"
+
+
+@pytest.fixture(scope="session")
+def static_run(tmp_path_factory, sample_records):
+    """One real `hermes run --encoder static` on 300 real documents plus texts with no known token."""
+    root = tmp_path_factory.mktemp("static")
+    corpus = write_jsonl(root / "corpus" / "a.jsonl", sample_records + NO_TOKEN)
+    out = root / "out"
+    r = invoke("run", corpus, "--out", out, "--encoder", "static", "--max-length", "128", "--format", "json")
+    assert r.exit_code == 0, r.output
+    return {"root": root, "corpus": corpus, "out": out, "db": out / "labels.duckdb", "stderr": r.stderr,
+            "summary": json.loads(r.stdout), "records": sample_records}
+
+
+def _rows(db, sql=CODES):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_a_small_corpus_builds_the_encoder_on_all_of_it_and_says_so(static_run):
+    assert "fewer than encoder_docs (2,000)" in static_run["stderr"]
+    m = json.loads((static_run["out"] / "substrate" / "encoder" / "hermes_encoder.json").read_text())
+    assert m["docs"] == len(static_run["records"]) + len(NO_TOKEN) and m["docs_requested"] == 2000
+    assert m["teacher"] == "all-MiniLM-L6-v2" and m["weighting"] == {"kind": "sif", "a": 1e-3,
+                                                                     "counted_over": "the sample's whole texts"}
+    assert not (static_run["out"] / "encoder").exists()      # the substrate holds the encoder
+
+
+def test_the_saved_encoder_loads_in_plain_sentence_transformers_with_the_same_vectors(static_run):
+    from sentence_transformers import SentenceTransformer
+
+    from hermes.static import StaticEncoder
+
+    folder = static_run["out"] / "substrate" / "encoder"
+    texts = [r["text"] for r in static_run["records"][:50]]
+    theirs = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    mine = StaticEncoder(folder).encode(texts)
+    np.testing.assert_allclose(mine, theirs, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(mine, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_document_vector_reads_the_whole_text(static_run):
+    from hermes.static import StaticEncoder
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder")
+    long = " ".join(r["text"] for r in static_run["records"][:20])
+    head = enc.encode([long[:2000]])[0]
+    whole = enc.encode([long])[0]
+    assert enc.count([long])[0] > 1000 and float(head @ whole) < 0.999
+
+
+def test_ids_the_sample_lacks_get_mapped_vectors(static_run):
+    from hermes.static import StaticEncoder, context_vectors
+
+    rng = np.random.default_rng(0)
+    isolated = rng.normal(size=(50, 4))
+    A, b = rng.normal(size=(4, 3)), rng.normal(size=3)
+    counts = np.where(np.arange(50) < 30, 2.0, 0.0)            # ids 30..49 unseen
+    truth = isolated @ A + b
+    out = context_vectors(truth * counts[:, None], counts, isolated)
+    np.testing.assert_allclose(out, truth, atol=1e-8)          # seen: their mean; unseen: the fitted map
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
+    seen = enc.manifest_["token_ids_seen"]
+    assert seen < enc.manifest_["vocab"] - 1000 and enc.known_.sum() > seen + 1000
+
+
+def test_run_then_label_give_identical_codes_and_counts(static_run, tmp_path):
+    r = invoke("label", static_run["corpus"], "--substrate", static_run["out"] / "substrate", "--out", tmp_path / "l",
+               "--quiet", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["substrate"] == static_run["summary"]["substrate"]
+    mine, theirs = _rows(tmp_path / "l" / "labels.duckdb"), _rows(static_run["db"])
+    assert mine == theirs and len(mine) == len(static_run["records"])
+    # with --keep-embeddings the shard goes through the embedding cache instead: the same labels
+    r = invoke("label", static_run["corpus"], "--substrate", static_run["out"] / "substrate", "--out", tmp_path / "k",
+               "--quiet", "--keep-embeddings")
+    assert r.exit_code == 0, r.output
+    assert _rows(tmp_path / "k" / "labels.duckdb") == theirs
+
+
+def test_n_tokens_come_from_the_same_tokenization_and_match_the_token_counter(static_run):
+    from hermes.embed import Embedder, TokenCounter
+
+    counts = dict(_rows(static_run["db"], "SELECT doc_id, n_tokens FROM labels"))
+    ids = [r["id"] for r in static_run["records"]]
+    expected = TokenCounter(Embedder().tokenizer_path).count([r["text"] for r in static_run["records"]])
+    assert [counts[i] for i in ids] == expected.tolist()
+
+
+def test_texts_with_no_known_token_go_to_rejects_not_to_labels(static_run):
+    rejects = dict(_rows(static_run["db"], "SELECT doc_id, reason FROM rejects"))
+    assert set(rejects) == {"binary", "specials"} and all("no token" in v for v in rejects.values())
+    rows = _rows(static_run["db"], "SELECT count(*), count(*) FILTER (WHERE c1 IS NULL OR c2 IS NULL OR c3 IS NULL) "
+                                   "FROM labels WHERE doc_id IN ('binary', 'specials')")
+    assert rows == [(0, 0)]
+
+
+def test_the_fingerprint_changes_with_the_encoder(static_run, e2e):
+    from hermes.substrate import Substrate
+
+    sub = Substrate.load(static_run["out"] / "substrate")
+    assert sub.embedding["encoder"] == "static" and sub.fingerprint != e2e["summary"]["substrate"]
+    before = sub.compute_fingerprint()
+    assert before == sub.fingerprint
+    sub.embedding = {**sub.embedding, "fingerprint": "0" * 16}
+    assert sub.compute_fingerprint() != before
+
+
+def test_a_saved_encoder_is_accepted_by_model_for_a_new_fit(static_run, tmp_path):
+    encoder = static_run["out"] / "substrate" / "encoder"
+    r = invoke("fit", static_run["corpus"], "--out", tmp_path / "f", "--encoder", "static", "--model", encoder,
+               "--quiet", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["fingerprint"] == static_run["summary"]["substrate"]
+    r = invoke("fit", static_run["corpus"], "--out", tmp_path / "g", "--model", encoder, "--encoder", "transformer",
+               "--quiet")
+    assert r.exit_code == 1 and "static encoder" in r.stderr and "--encoder static" in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["weights", "teacher", "missing"])
+def test_a_damaged_or_swapped_encoder_is_refused_with_one_line(static_run, tmp_path, damage):
+    sub = tmp_path / "substrate"
+    shutil.copytree(static_run["out"] / "substrate", sub)
+    enc = sub / "encoder"
+    if damage == "weights":
+        data = bytearray((enc / "model.safetensors").read_bytes())
+        data[-8:] = b"\x00" * 8
+        (enc / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "teacher":
+        m = json.loads((enc / "hermes_encoder.json").read_text())
+        (enc / "hermes_encoder.json").write_text(json.dumps({**m, "teacher": "another-model"}))
+    else:
+        shutil.rmtree(enc)
+    out = tmp_path / "o"
+    r = invoke("label", static_run["corpus"], "--substrate", sub, "--out", out)
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(enc) in lines[0], r.stderr
+    assert {"weights": "damaged", "teacher": "another-model", "missing": "not found"}[damage] in lines[0]
+    assert not (out / "labels.duckdb").exists()
+
+
+def test_a_label_run_with_another_encoder_is_refused(static_run, tmp_path):
+    from hermes import api
+    from hermes.errors import HermesError
+
+    with pytest.raises(HermesError, match="static encoder, not transformer"):
+        api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=tmp_path / "o",
+                  overrides={"encoder": "transformer"}, quiet=True)
+
+
+def test_ray_labels_a_static_substrate_like_the_local_engine(static_run, tmp_path):
+    ray = pytest.importorskip("ray")
+    for i in range(2):
+        write_jsonl(tmp_path / "corpus" / f"p{i}.jsonl", static_run["records"][i * 40:(i + 1) * 40])
+    outs = {}
+    for engine in ("local", "ray"):
+        r = invoke("label", tmp_path / "corpus", "--substrate", static_run["out"] / "substrate",
+                   "--out", tmp_path / engine, "--engine", engine, "--quiet")
+        assert r.exit_code == 0, r.output
+        outs[engine] = _rows(tmp_path / engine / "labels.duckdb")
+    ray.shutdown()
+    assert outs["local"] == outs["ray"] and len(outs["local"]) == 80
+
+
+def test_the_alignment_maps_static_vectors_onto_the_teachers_and_folds_into_the_rows():
+    from hermes.static import _align, _bags
+
+    rng = np.random.default_rng(0)
+    vocab, dim = 400, 16
+    rows = rng.normal(size=(vocab, dim))
+    window = [list(rng.integers(0, vocab, rng.integers(5, 40))) for _ in range(300)]
+    M = rng.normal(size=(dim, dim))
+    S = np.asarray(_bags(window, vocab) @ rows)
+    teacher = S @ M
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    mapped, info = _align(rows, window, teacher)
+    assert info["kind"] == "ridge" and info["cosine_before"] < 0.9 < 0.99 < info["cosine_after"]
+    got = np.asarray(_bags(window, vocab) @ mapped)          # the map is in the rows: a plain mean of them
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    assert float(np.mean(np.sum(got * teacher, axis=1))) > 0.99
+    few, none = _align(rows, window[:20], teacher[:20])
+    assert none["kind"] == "none" and few is rows
