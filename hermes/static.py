@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hermes.errors import HermesError
+from hermes.stages import file_sha256
 
 MANIFEST = "hermes_encoder.json"
 FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
@@ -84,16 +85,8 @@ def sif_weights(counts: np.ndarray, a: float = SIF_A) -> np.ndarray:
     return a / (a + p)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _checksums(folder: Path) -> dict[str, str]:
-    return {name: _file_sha256(folder / name) for name in FILES}
+    return {name: file_sha256(folder / name) for name in FILES}
 
 
 def fingerprint(checksums: dict[str, str]) -> str:

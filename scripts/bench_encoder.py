@@ -190,9 +190,9 @@ def main() -> None:
     first = labels[str(sizes[0])]["docs_per_s"]
     result["ratios"] = {"static_label_vs_tokenizer": round(first / result["tokenizer"]["docs_per_s"], 3),
                         "static_label_vs_transformer": round(first / result["transformer"]["docs_per_s"], 1)}
-    if len(sizes) > 1:
-        rss = [labels[str(n)]["peak_rss_mb"] for n in sizes]
-        result["ratios"]["peak_rss_largest_vs_smallest"] = round(rss[-1] / rss[0], 3)
+    if len(sizes) > 1:      # peak RSS of the largest size against the next one down
+        big, small = labels[str(sizes[-1])], labels[str(sizes[-2])]
+        result["ratios"][f"peak_rss_{sizes[-1]}_vs_{sizes[-2]}"] = round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)
     print(json.dumps(result, indent=2))
     if args.work is None:
         import shutil

@@ -201,3 +201,15 @@ def test_the_alignment_maps_static_vectors_onto_the_teachers_and_folds_into_the_
     assert float(np.mean(np.sum(got * teacher, axis=1))) > 0.99
     few, none = _align(rows, window[:20], teacher[:20])
     assert none["kind"] == "none" and few is rows
+
+
+def test_a_rerun_on_the_same_corpus_reuses_the_encoder(static_run, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(static_run["out"], out)
+    r = invoke("run", static_run["corpus"], "--out", out, "--encoder", "static", "--max-length", "128",
+               "--codebook-size", "8", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "reusing the static encoder" in r.stderr and "context vectors" not in r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["embedding"]["fingerprint"] == static_run["summary"]["embedding"]["fingerprint"]
+    assert summary["substrate"] != static_run["summary"]["substrate"] and summary["codebook_sizes"] == [8, 8, 8]
