@@ -270,6 +270,8 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     t0 = time.perf_counter()
     cfg = _config(config, overrides)
     sub = Substrate.load(substrate)
+    if getattr(sub, "static", False):
+        sub.embedder().setup()      # a damaged or swapped encoder fails here, before anything is written
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     if Path(substrate).resolve() != layout.substrate.resolve():
@@ -282,8 +284,6 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     _check_stack(sub, cfg)
     _check_encoder(sub, overrides or {}, substrate)
     stages = stages_for(cfg, sub)
-    if stages.static:
-        stages.embedder.setup()     # a damaged or swapped encoder fails here, before anything is labeled
     stages.quality_scorer
     stages.fixed.setup()
     if engine == "ray":

@@ -86,14 +86,14 @@ def tokenizer_rate(texts: list[str], encoder_dir: Path) -> dict:
             "docs_per_s": round(len(texts) / seconds, 1)}
 
 
-def transformer_rate(texts: list[str], n: int) -> dict:
+def transformer_rate(texts: list[str], n: int, dtype: str = "auto") -> dict:
     import numpy as np
 
     from hermes.embed import Embedder
 
     pick = np.sort(np.random.default_rng(0).choice(len(texts), min(n, len(texts)), replace=False))
     subset = [texts[i] for i in pick]
-    enc = Embedder(max_length=256).setup()
+    enc = Embedder(max_length=256, dtype=dtype).setup()
     t0 = time.perf_counter()
     enc.encode(subset)
     seconds = time.perf_counter() - t0
@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--dev-corpus", type=Path, default=DEV)
     ap.add_argument("--substrate", type=Path, help="a static substrate (default: fit one on the train split)")
     ap.add_argument("--transformer-docs", type=int, default=2000)
+    ap.add_argument("--transformer-dtypes", default="auto", help="dtypes the transformer is timed in, e.g. "
+                                                                  "auto,fp32 (default: auto, as `hermes run` uses)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.docs.split(",")]
@@ -186,10 +188,15 @@ def main() -> None:
     result["static_label"] = labels
     result["tokenizer"] = tokenizer_rate(texts, Path(substrate) / "encoder")
     result["parts"] = parts(write_corpus(records, len(records), work / "corpus-parts" / "docs.jsonl"), substrate)
-    result["transformer"] = transformer_rate(texts, args.transformer_docs)
+    dtypes = args.transformer_dtypes.split(",")
+    result["transformer"] = transformer_rate(texts, args.transformer_docs, dtypes[0])
     first = labels[str(sizes[0])]["docs_per_s"]
     result["ratios"] = {"static_label_vs_tokenizer": round(first / result["tokenizer"]["docs_per_s"], 3),
                         "static_label_vs_transformer": round(first / result["transformer"]["docs_per_s"], 1)}
+    for dtype in dtypes[1:]:
+        result[f"transformer_{dtype}"] = transformer_rate(texts, args.transformer_docs, dtype)
+        result["ratios"][f"static_label_vs_transformer_{dtype}"] = \
+            round(first / result[f"transformer_{dtype}"]["docs_per_s"], 1)
     if len(sizes) > 1:      # peak RSS of the largest size against the next one down
         big, small = labels[str(sizes[-1])], labels[str(sizes[-2])]
         result["ratios"][f"peak_rss_{sizes[-1]}_vs_{sizes[-2]}"] = round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)

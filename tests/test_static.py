@@ -152,12 +152,19 @@ def test_a_damaged_or_swapped_encoder_is_refused_with_one_line(static_run, tmp_p
     else:
         shutil.rmtree(enc)
     out = tmp_path / "o"
+    r = invoke("label", static_run["corpus"], "--substrate", static_run["out"] / "substrate", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    before = _rows(out / "labels.duckdb")
     r = invoke("label", static_run["corpus"], "--substrate", sub, "--out", out)
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(enc) in lines[0], r.stderr
     assert {"weights": "damaged", "teacher": "another-model", "missing": "not found"}[damage] in lines[0]
-    assert not (out / "labels.duckdb").exists()
+    # nothing already written is lost: the store and the substrate's copy of the good encoder stay
+    assert _rows(out / "labels.duckdb") == before
+    from hermes.substrate import Substrate
+
+    Substrate.load(out / "substrate").embedder().setup()
 
 
 def test_a_label_run_with_another_encoder_is_refused(static_run, tmp_path):
@@ -207,9 +214,9 @@ def test_a_rerun_on_the_same_corpus_reuses_the_encoder(static_run, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(static_run["out"], out)
     r = invoke("run", static_run["corpus"], "--out", out, "--encoder", "static", "--max-length", "128",
-               "--codebook-size", "8", "--format", "json")
+               "--codebook-size", "4", "--format", "json")
     assert r.exit_code == 0, r.output
     assert "reusing the static encoder" in r.stderr and "context vectors" not in r.stderr
     summary = json.loads(r.stdout)
     assert summary["embedding"]["fingerprint"] == static_run["summary"]["embedding"]["fingerprint"]
-    assert summary["substrate"] != static_run["summary"]["substrate"] and summary["codebook_sizes"] == [8, 8, 8]
+    assert summary["substrate"] != static_run["summary"]["substrate"] and summary["codebook_sizes"] == [4, 4, 4]
