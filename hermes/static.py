@@ -9,8 +9,11 @@ Built once, from a seeded sample of the corpus's documents:
   *isolated vector*, the teacher's embedding of the token alone, fitted on the ids seen;
 - each id is weighted by SIF, `a / (a + p(id))`, `a = 1e-3`, `p` the id's relative frequency over
   the whole texts of the sample; special tokens and `[UNK]` weigh 0;
-- the weights are folded into the rows, so a document's vector is the mean of its tokens' rows
-  over the *whole* text (no window), unit-normalised.
+- a linear map takes the sample's static vectors (of the window the teacher read) onto the
+  teacher's own embeddings of those texts, from the same pass (ridge, no intercept, alpha by
+  leave-one-out; `_align`);
+- weights and map are folded into the rows, so a document's vector is the mean of its tokens'
+  rows over the *whole* text (no window), unit-normalised.
 
 The folder is a sentence-transformers model (a `StaticEmbedding` module, then `Normalize`), so
 `SentenceTransformer(folder)` loads it without hermes and gives the same vectors, plus
