@@ -77,12 +77,13 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
     saved static encoder; else the one this output folder already holds for the same teacher,
     sample size, seed and corpus (OUT/encoder, or the substrate's copy); else one built now from the
     teacher on a seeded sample of `encoder_docs` documents of the corpus (one reading pass)."""
-    from hermes.embed import Embedder, resolve_device, resolve_dtype
+    from hermes.embed import Embedder, resolve_device, resolve_dtype, resolve_model
     from hermes.read import read_shard
     from hermes.static import build, is_static_encoder, read_manifest, reservoir_texts
 
     if is_static_encoder(cfg.model):
         return Path(cfg.model)
+    resolve_model(cfg.model)            # a missing teacher fails before the corpus is read
     teacher = Embedder(model=cfg.model, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
                        batch_size=cfg.batch_size)
     recipe = {"teacher": cfg.model, "teacher_max_length": cfg.max_length,
@@ -272,6 +273,8 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     sub = Substrate.load(substrate)
     if getattr(sub, "static", False):
         sub.embedder().setup()      # a damaged or swapped encoder fails here, before anything is written
+    _check_stack(sub, cfg)
+    _check_encoder(sub, overrides or {}, substrate)
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     if Path(substrate).resolve() != layout.substrate.resolve():
@@ -281,8 +284,6 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
         shutil.copytree(substrate, tmp)
         shutil.rmtree(layout.substrate, ignore_errors=True)
         tmp.rename(layout.substrate)
-    _check_stack(sub, cfg)
-    _check_encoder(sub, overrides or {}, substrate)
     stages = stages_for(cfg, sub)
     stages.quality_scorer
     stages.fixed.setup()

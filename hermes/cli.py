@@ -115,7 +115,8 @@ TokenizerOpt = typer.Option(None, "--tokenizer", help="Local Hugging Face tokeni
                                                      "(default: the embedding model's).")
 KeepOpt = typer.Option(None, "--keep-embeddings/--drop-embeddings",
                        help="Keep OUT/embeddings (float16 per shard) after the run (default: drop).")
-QualityOpt = typer.Option(None, "--quality", help="Quality score: none | heuristic | field (default: heuristic).")
+QualityOpt = typer.Option(None, "--quality", help="Quality score: none | heuristic | field | fasttext "
+                                                  "(default: heuristic).")
 QualityModelOpt = typer.Option(None, "--quality-model", help="fastText classifier (.bin) whose label "
                                                              "probability is the score; implies --quality fasttext.")
 QualityLabelOpt = typer.Option(None, "--quality-label", help="The fastText label scored (default: __label__hq).")
@@ -256,7 +257,10 @@ def run(
                                                              "hermes saved."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
     device: Optional[str] = DeviceOpt,
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the encoder reads (default: 256)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); "
+                                                                        "with --encoder static, the teacher's window "
+                                                                        "while the encoder is built (it then reads "
+                                                                        "whole texts)."),
     batch_size: Optional[int] = BatchOpt,
     tokenizer: Optional[str] = TokenizerOpt,
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage before the "
@@ -308,7 +312,10 @@ def fit(
                                                              "hermes saved."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
     device: Optional[str] = DeviceOpt,
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the encoder reads (default: 256)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); "
+                                                                        "with --encoder static, the teacher's window "
+                                                                        "while the encoder is built (it then reads "
+                                                                        "whole texts)."),
     batch_size: Optional[int] = BatchOpt,
     codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage (default: 256)."),
     fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),

@@ -463,13 +463,16 @@ def _cached_texts(shard: Shard, stages: Stages, n: int, layout: Layout) -> Itera
     Documents the static encoder rejected (no known token) are not in the cache, so not here."""
     skip = None
     if stages.static and layout.reject_file(shard).is_file():
-        rejected = pq.read_table(layout.reject_file(shard), columns=["doc_id", "reason"])
-        skip = rejected.filter(pc.equal(rejected.column("reason"), NO_TOKENS)).column("doc_id")
-        skip = skip if len(skip) else None
+        rejected = pq.read_table(layout.reject_file(shard), columns=["line", "doc_id", "reason"])
+        rejected = rejected.filter(pc.equal(rejected.column("reason"), NO_TOKENS))
+        skip = rejected if rejected.num_rows else None
     seen = 0
     for batch, _ in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
-        if skip is not None:
-            batch = batch.filter(pc.invert(pc.is_in(batch.column("doc_id"), value_set=skip)))
+        if skip is not None:      # by line (a doc_id may repeat in a shard); by doc_id for .txt files
+            hit = pc.if_else(pc.is_null(batch.column("line")),
+                             pc.is_in(batch.column("doc_id"), value_set=skip.column("doc_id")),
+                             pc.is_in(batch.column("line"), value_set=skip.column("line").drop_null()))
+            batch = batch.filter(pc.invert(hit))
         texts = batch.column("text").to_pylist()
         seen += len(texts)
         if seen > n:
@@ -657,9 +660,18 @@ def label_is_current(shard: Shard, substrate: Substrate, stages: Stages, layout:
     if marker and marker.get("substrate") == substrate.fingerprint and marker.get("cache_key") == stages.cache_key() \
             and marker.get("shard") == shard.stat() and layout.label_file(shard).is_file() \
             and layout.reject_file(shard).is_file() and layout.terms_file(shard).is_file() \
+            and marker.get("path", "embeddings") == label_path(substrate, stages) \
             and (marker.get("path") == "text" or layout.unknown_file(shard).is_file()):
         return marker
     return None
+
+
+def label_path(substrate, stages: Stages) -> str:
+    """How `hermes label` labels a shard: "text", one pass from the text (a distilled substrate, or a
+    static encoder when embeddings are not kept), or "embeddings", through the embedding cache."""
+    if getattr(substrate, "kind", "embedding") == "distilled" or (stages.static and not stages.cfg.keep_embeddings):
+        return "text"
+    return "embeddings"
 
 
 def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: Layout,
@@ -771,7 +783,7 @@ def label_one_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: 
     """The per-shard function of `hermes label`, the same on every engine: embed, quantize, drop the
     shard's cached embeddings unless kept (or, with a distilled substrate, codes straight from the
     text). Idempotent: a shard done under this substrate is skipped."""
-    if getattr(substrate, "kind", "embedding") == "distilled" or (stages.static and not stages.cfg.keep_embeddings):
+    if label_path(substrate, stages) == "text":
         return label_shard_from_text(shard, substrate, stages, layout, progress)
     marker = label_is_current(shard, substrate, stages, layout)
     if marker:
@@ -848,6 +860,7 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
             if progress:
                 progress.advance(n + len(bad))
     _write_atomic_parquet(terms.table(), layout.terms_file(shard))
+    layout.unknown_file(shard).unlink(missing_ok=True)     # this path writes unknown classes to the rejects
     os.replace(reject_tmp, layout.reject_file(shard))
     os.replace(label_tmp, layout.label_file(shard))
     _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": stages.cache_key(), "shard": shard.stat(),

@@ -8,7 +8,8 @@ Sources (config key `quality`):
 
 `heuristic_scores` computes it for a batch with Arrow's compute kernels (RE2, C++), so that it
 keeps pace with a fast encoder; `heuristic_score` is the same score for one text in plain Python,
-the reference it is tested against.
+the reference it is tested against. They agree on every text but where lowercasing differs:
+Python lowercases `İ` to two characters (`i̇`), Arrow to `i` (a stop word).
 
 The heuristic is the mean of eight graded signals, each in [0, 1], so that scores rarely tie
 and within-cell quantiles are meaningful:

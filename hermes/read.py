@@ -331,7 +331,7 @@ def _raw_jsonl(shard: Shard) -> Iterator[RawItem]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
+                yield n, None, f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
                 continue
             if not isinstance(rec, dict):
                 yield n, None, f"record is a JSON {type(rec).__name__}, not an object"

@@ -42,7 +42,8 @@ FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, 
 FORMAT = "hermes-static-encoder"
 SIF_A = 1e-3                 # SIF's a: an id as frequent as a / (1 - w) of all tokens gets weight w
 ENCODE_BATCH = 1024          # texts per tokenizer call
-NO_TOKENS = "no token the static encoder knows (empty, binary or unknown script): it would get no vector"
+NO_TOKENS = ("no token the static encoder knows (binary, or only unknown and special tokens): it would get no "
+             "vector")
 
 
 @contextmanager
@@ -126,8 +127,11 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
     # the window the teacher read of each sample text, as a bag of ids
     window = [e[:teacher.content_window()] for e in ids]
     rows, alignment = _align(rows, window, teacher_vecs)
-    say(f"encoder: aligned to the teacher's embeddings of the sample (ridge alpha {alignment['alpha']:g}, "
-        f"mean cosine {alignment['cosine_before']:.3f} -> {alignment['cosine_after']:.3f})")
+    if alignment["kind"] == "none":
+        say(f"encoder: not aligned to the teacher's embeddings: {alignment['reason']} (raise --encoder-docs)")
+    else:
+        say(f"encoder: aligned to the teacher's embeddings of the sample (ridge alpha {alignment['alpha']:g}, "
+            f"mean cosine {alignment['cosine_before']:.3f} -> {alignment['cosine_after']:.3f})")
     rows = rows.astype(np.float32)
 
     out = Path(out)
@@ -297,7 +301,8 @@ class StaticEncoder:
             indptr = np.concatenate([[0], np.cumsum(lengths)])
             X = sp.csr_matrix((np.ones(len(ids), dtype=np.float32), ids, indptr), shape=(len(part), len(self.rows_)))
             v = np.asarray(X @ self.rows_, dtype=np.float32)
-            known = np.add.reduceat(self.known_[ids], indptr[:-1]) if len(ids) else np.zeros(len(part))
+            known = np.bincount(np.repeat(np.arange(len(part)), lengths), weights=self.known_[ids],
+                                minlength=len(part))      # known tokens per text (0 for a text of none)
             good = (lengths > 0) & (known > 0)
             known_norm = np.linalg.norm(v, axis=1)
             good &= known_norm > 0

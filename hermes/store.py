@@ -117,7 +117,10 @@ def create_views(con) -> None:
     con.execute(_stacked_view())
 
 
-BUILD_MEMORY = "512MB"     # DuckDB's memory budget while building a store (it spills beyond it)
+# DuckDB's memory budget while building a store: past it, sorts, joins and temporary tables spill
+# to disk. A per-cell quantile must hold its cell's values in memory; where that does not fit, the
+# build runs again with DuckDB's default budget (80% of RAM).
+BUILD_MEMORY = "512MB"
 
 
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
@@ -130,15 +133,26 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
     """
     import duckdb
 
+    try:
+        return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, BUILD_MEMORY)
+    except duckdb.OutOfMemoryException:
+        return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, None)
+
+
+def _build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
+                 substrate_manifest: dict[str, Any], info: dict[str, Any] | None, term_files: list[Path] | None,
+                 memory_limit: str | None) -> dict[str, Any]:
+    import duckdb
+
     db_path = Path(db_path)
     tmp = db_path.with_name(db_path.name + ".tmp")
     for p in (tmp, Path(str(tmp) + ".wal")):
         if p.exists():
             p.unlink()
     fingerprint = substrate_manifest["fingerprint"]
-    # DuckDB spills to disk past this budget, so the build's memory does not grow with the corpus
     spill = db_path.with_name(db_path.name + ".spill")
-    con = duckdb.connect(str(tmp), config={"memory_limit": BUILD_MEMORY, "temp_directory": str(spill)})
+    con = duckdb.connect(str(tmp), config={"temp_directory": str(spill),
+                                           **({"memory_limit": memory_limit} if memory_limit else {})})
     try:
         con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
         con.executemany("INSERT INTO shard_order VALUES (?, ?)", [(str(f), i) for i, f in enumerate(label_files)])

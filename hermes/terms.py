@@ -25,8 +25,9 @@ TERMS_PER_CELL = 8
 SHORT_CHARS = 100
 TERM_SCHEMA = pa.schema([("c1", pa.int16()), ("c2", pa.int16()), ("c3", pa.int16()),
                          ("term", pa.string()), ("count", pa.int64())])
-# A word: a run of 3 to 30 letters of the lowercased text (RE2, run by Arrow's compute kernels, so
-# counting keeps pace with a fast encoder; runs of over 30 letters are not words).
+# A word: a run of 3 to 30 letters (Unicode category L) of the lowercased text, found by Arrow's
+# compute kernels (RE2) so that counting keeps pace with a fast encoder. Runs of over 30 letters
+# are not words; number-letters (Roman numerals, superscripts) are not letters.
 _NOT_LETTERS = r"[^\p{L}]+"
 MIN_LETTERS, MAX_LETTERS = 3, 30
 EXTRA_STOP = frozenset("""also any can could did does just like more most much must now only other some such

@@ -167,13 +167,21 @@ def test_a_damaged_or_swapped_encoder_is_refused_with_one_line(static_run, tmp_p
     Substrate.load(out / "substrate").embedder().setup()
 
 
-def test_a_label_run_with_another_encoder_is_refused(static_run, tmp_path):
+def test_a_label_run_with_another_encoder_is_refused(static_run, e2e, tmp_path):
     from hermes import api
     from hermes.errors import HermesError
+    from hermes.substrate import Substrate
 
     with pytest.raises(HermesError, match="static encoder, not transformer"):
         api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=tmp_path / "o",
                   overrides={"encoder": "transformer"}, quiet=True)
+    # refused before anything is written: an output labeled with the static substrate keeps it
+    out = tmp_path / "kept"
+    api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=out, quiet=True)
+    with pytest.raises(HermesError, match="transformer encoder, not static"):
+        api.label([static_run["corpus"]], substrate=e2e["out"] / "substrate", out=out,
+                  overrides={"encoder": "static"}, quiet=True)
+    assert Substrate.load(out / "substrate").fingerprint == static_run["summary"]["substrate"]
 
 
 def test_ray_labels_a_static_substrate_like_the_local_engine(static_run, tmp_path):
@@ -220,3 +228,24 @@ def test_a_rerun_on_the_same_corpus_reuses_the_encoder(static_run, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["embedding"]["fingerprint"] == static_run["summary"]["embedding"]["fingerprint"]
     assert summary["substrate"] != static_run["summary"]["substrate"] and summary["codebook_sizes"] == [4, 4, 4]
+
+
+def test_a_text_with_no_token_at_the_end_of_a_batch_is_flagged_not_a_crash(static_run):
+    from hermes.static import StaticEncoder
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder")
+    vecs, counts, ok = enc.encode_counted(["a first text", "\x00\x01", "[UNK]", "\u200b"])
+    assert ok.tolist() == [True, False, False, False] and counts.tolist()[1:] == [0, 1, 0]
+    assert np.isfinite(vecs).all() and not vecs[1:].any()
+
+
+def test_a_repeated_doc_id_whose_first_copy_has_no_token(static_run, tmp_path):
+    records = static_run["records"][:120] + [{"id": "dup", "text": "\x00\x01"},
+                                              {"id": "dup", "text": "a second copy with real words in it"}]
+    corpus = write_jsonl(tmp_path / "c" / "a.jsonl", records)
+    r = invoke("run", corpus, "--out", tmp_path / "o", "--encoder", "static", "--model",
+               static_run["out"] / "substrate" / "encoder", "--quiet", "--format", "json")
+    assert r.exit_code == 0, r.output
+    rejects = _rows(tmp_path / "o" / "labels.duckdb", "SELECT line, reason FROM rejects")
+    assert [(line, "no token" in reason) for line, reason in rejects] == [(121, True)]
+    assert _rows(tmp_path / "o" / "labels.duckdb", "SELECT count(*) FROM labels WHERE doc_id = 'dup'") == [(1,)]

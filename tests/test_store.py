@@ -89,3 +89,21 @@ def test_query_refuses_statements_that_write(e2e, sql):
     with pytest.raises(HermesError):
         api.query(e2e["db"], sql)
     assert api.query(e2e["db"], "SELECT count(*) AS n FROM labels").to_pylist() == [{"n": 300}]
+
+
+def test_a_store_that_needs_more_than_the_build_budget_is_built_without_it(e2e, tmp_path, monkeypatch):
+    import duckdb as ddb
+
+    from hermes import store
+    from hermes.substrate import Substrate
+
+    out = e2e["out"]
+    labels = sorted((out / "labels").glob("*.parquet"))
+    terms = sorted((out / "terms").glob("*.parquet"))
+    manifest = Substrate.load(out / "substrate").manifest()
+    with pytest.raises(ddb.OutOfMemoryException):
+        store._build_store(tmp_path / "tiny.duckdb", labels, [], manifest, None, terms, "4MB")
+    assert not (tmp_path / "tiny.duckdb").exists() and not (tmp_path / "tiny.duckdb.spill").exists()
+    monkeypatch.setattr(store, "BUILD_MEMORY", "4MB")
+    counts = store.build_store(tmp_path / "s.duckdb", labels, [], manifest, term_files=terms)
+    assert counts["labeled"] == e2e["summary"]["labeled"]
