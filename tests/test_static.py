@@ -249,3 +249,21 @@ def test_a_repeated_doc_id_whose_first_copy_has_no_token(static_run, tmp_path):
     rejects = _rows(tmp_path / "o" / "labels.duckdb", "SELECT line, reason FROM rejects")
     assert [(line, "no token" in reason) for line, reason in rejects] == [(121, True)]
     assert _rows(tmp_path / "o" / "labels.duckdb", "SELECT count(*) FROM labels WHERE doc_id = 'dup'") == [(1,)]
+
+
+def test_label_quantizes_the_float16_values_run_caches(static_run, tmp_path, monkeypatch):
+    """`run` quantizes the float16 embedding cache; the one-pass label path rounds to float16 too,
+    so both give the same codes even where rounding moves a document across a boundary."""
+    from hermes import api
+    from hermes.substrate import Substrate
+
+    seen = []
+    encode = Substrate.encode
+
+    def recording(self, embeddings, fixed=None):
+        seen.append(np.array(embeddings))
+        return encode(self, embeddings, fixed)
+
+    monkeypatch.setattr(Substrate, "encode", recording)
+    api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=tmp_path / "o", quiet=True)
+    assert seen and all(np.array_equal(x, x.astype(np.float16).astype(np.float32)) for x in seen)
