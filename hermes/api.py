@@ -79,7 +79,7 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
     teacher on a seeded sample of `encoder_docs` documents of the corpus (one reading pass)."""
     from hermes.embed import Embedder, resolve_device, resolve_dtype, resolve_model
     from hermes.read import read_shard
-    from hermes.static import build, is_static_encoder, read_manifest, reservoir_texts
+    from hermes.static import build, read_manifest, reservoir_texts
 
     if is_static_encoder(cfg.model):
         return Path(cfg.model)

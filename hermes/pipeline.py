@@ -131,8 +131,7 @@ class Stages:
         emb = embedding or {}
         self.embedder: Embedder | StaticEncoder
         if emb.get("encoder") == "static":            # a substrate's static encoder, checked against it
-            self.embedder = StaticEncoder(encoder_dir, expect={"teacher": emb["teacher"],
-                                                               "fingerprint": emb["fingerprint"]})
+            self.embedder = StaticEncoder.of_substrate(emb, encoder_dir)
         else:
             self.embedder = Embedder(model=emb.get("model", cfg.model), dtype=emb.get("dtype", cfg.dtype),
                                      device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
@@ -161,9 +160,9 @@ class Stages:
     def counter(self) -> TokenCounter | StaticEncoder:
         """What counts n_tokens: the --tokenizer, else the encoder's own tokenizer (with a static
         encoder, its token ids serve both the count and the vector: one tokenization)."""
+        if self.counts_with_encoder:
+            return self.embedder
         if self._counter is None:
-            if self.static and not self.cfg.tokenizer:
-                return self.embedder
             self._counter = TokenCounter(self.cfg.tokenizer or self.embedder.tokenizer_path).setup()
         return self._counter
 

@@ -80,9 +80,16 @@ def _per_text(parents: np.ndarray, n: int, weights: np.ndarray | None = None) ->
     return np.bincount(parents, weights=weights, minlength=n).astype(np.float64)
 
 
-def _pieces(texts: pa.Array, pattern: str) -> tuple[pa.Array, np.ndarray]:
-    """The non-empty pieces of each text split at `pattern`, flattened, and each one's text index."""
-    lists = pc.split_pattern_regex(texts, pattern)
+def as_strings(texts) -> pa.Array:
+    """Texts as one Arrow string array: a list of str, an Arrow array or a chunked column."""
+    if isinstance(texts, pa.ChunkedArray):
+        return texts.combine_chunks()
+    return texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
+
+
+def _pieces(lists: pa.ListArray) -> tuple[pa.Array, np.ndarray]:
+    """The non-empty pieces of split texts, flattened, and each one's text index (a text that
+    starts or ends with a separator gives an empty piece there)."""
     flat, parents = pc.list_flatten(lists), pc.list_parent_indices(lists)
     keep = pc.greater(pc.utf8_length(flat), 0)
     return flat.filter(keep), parents.filter(keep).to_numpy()
@@ -90,15 +97,11 @@ def _pieces(texts: pa.Array, pattern: str) -> tuple[pa.Array, np.ndarray]:
 
 def heuristic_scores(texts) -> np.ndarray:
     """`heuristic_score` of each text (a list of str or an Arrow string array), vectorised."""
-    arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else \
-        texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
+    arr = as_strings(texts)
     size = len(arr)
     if size == 0:
         return np.zeros(0, dtype=np.float64)
-    lists = pc.utf8_split_whitespace(arr)          # Arrow follows Python's str.isspace()
-    words, wp = pc.list_flatten(lists), pc.list_parent_indices(lists)
-    keep = pc.greater(pc.utf8_length(words), 0)     # a text that starts with a space gives one empty piece
-    words, wp = words.filter(keep), wp.filter(keep).to_numpy()
+    words, wp = _pieces(pc.utf8_split_whitespace(arr))      # Arrow follows Python's str.isspace()
     n = _per_text(wp, size)
     nonspace = _per_text(wp, size, pc.utf8_length(words).to_numpy().astype(np.float64))
     has = n > 0
@@ -117,7 +120,7 @@ def heuristic_scores(texts) -> np.ndarray:
     s_stop = np.clip(stop / safe_n / 0.2, 0, 1)
     letters = pc.utf8_length(pc.replace_substring_regex(arr, r"\PL+", "")).to_numpy().astype(np.float64)
     s_letters = np.clip((letters / np.maximum(1, nonspace) - 0.4) / 0.35, 0, 1)
-    lines, lp = _pieces(pc.utf8_trim_whitespace(arr), _LINE_BREAK)
+    lines, lp = _pieces(pc.split_pattern_regex(pc.utf8_trim_whitespace(arr), _LINE_BREAK))
     lines = pc.utf8_trim_whitespace(lines)
     keep = pc.greater(pc.utf8_length(lines), 0)
     lines, lp = lines.filter(keep), lp[keep.to_numpy(zero_copy_only=False)]

@@ -157,13 +157,18 @@ ALIGN_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 ALIGN_MIN_DOCS = 100        # fewer sample documents than this: no map (rows as they are)
 
 
-def _bags(ids: list[list[int]], vocab: int):
+def _bag_matrix(ids: np.ndarray, lengths: np.ndarray, vocab: int, dtype=np.float64):
+    """(len(lengths), vocab) CSR counts of each text's token ids (`ids` concatenated, `lengths` per text)."""
     import scipy.sparse as sp
 
-    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
     indptr = np.concatenate([[0], np.cumsum(lengths)])
+    return sp.csr_matrix((np.ones(len(ids), dtype=dtype), ids, indptr), shape=(len(lengths), vocab))
+
+
+def _bags(ids: list[list[int]], vocab: int):
+    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter((i for e in ids for i in e), dtype=np.int64, count=int(lengths.sum()))
-    return sp.csr_matrix((np.ones(len(flat)), flat, indptr), shape=(len(ids), vocab))
+    return _bag_matrix(flat, lengths, vocab)
 
 
 def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -228,6 +233,12 @@ class StaticEncoder:
         self.expect = expect or {}      # what a substrate recorded of its encoder: teacher, fingerprint
         self._tok: Any = None
 
+    @classmethod
+    def of_substrate(cls, embedding: dict[str, Any], folder: str | Path) -> "StaticEncoder":
+        """The encoder in a substrate's `folder`, checked on setup against what its manifest's
+        `embedding` recorded (teacher and fingerprint)."""
+        return cls(folder, expect={"teacher": embedding["teacher"], "fingerprint": embedding["fingerprint"]})
+
     def setup(self) -> "StaticEncoder":
         if self._tok is not None:
             return self
@@ -289,8 +300,6 @@ class StaticEncoder:
     def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool): `ok` is False for a
         text with no known token, whose vector row is then zero (it must be rejected, not labeled)."""
-        import scipy.sparse as sp
-
         self.setup()
         vecs = np.zeros((len(texts), self.dim_), dtype=np.float32)
         counts = np.zeros(len(texts), dtype=np.int64)
@@ -298,15 +307,12 @@ class StaticEncoder:
         for start in range(0, len(texts), ENCODE_BATCH):
             part = texts[start:start + ENCODE_BATCH]
             ids, lengths = self.token_ids(part)
-            indptr = np.concatenate([[0], np.cumsum(lengths)])
-            X = sp.csr_matrix((np.ones(len(ids), dtype=np.float32), ids, indptr), shape=(len(part), len(self.rows_)))
-            v = np.asarray(X @ self.rows_, dtype=np.float32)
+            v = np.asarray(_bag_matrix(ids, lengths, len(self.rows_), np.float32) @ self.rows_, dtype=np.float32)
             known = np.bincount(np.repeat(np.arange(len(part)), lengths), weights=self.known_[ids],
                                 minlength=len(part))      # known tokens per text (0 for a text of none)
-            good = (lengths > 0) & (known > 0)
-            known_norm = np.linalg.norm(v, axis=1)
-            good &= known_norm > 0
-            v[good] /= known_norm[good, None]
+            norm = np.linalg.norm(v, axis=1)
+            good = (known > 0) & (norm > 0)
+            v[good] /= norm[good, None]
             v[~good] = 0.0
             vecs[start:start + len(part)] = v
             counts[start:start + len(part)] = lengths

@@ -79,7 +79,7 @@ class Substrate:
 
         e = self.embedding
         if self.static:
-            return StaticEncoder(self.encoder_dir, expect={"teacher": e["teacher"], "fingerprint": e["fingerprint"]})
+            return StaticEncoder.of_substrate(e, self.encoder_dir)
         return Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"])
 
     def encode(self, embeddings: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.quality import STOP_WORDS
+from hermes.quality import STOP_WORDS, as_strings
 
 TOP_PER_CELL = 100
 TERMS_PER_CELL = 8
@@ -37,12 +37,6 @@ their theirs what which who whom this that these those am is are was were being 
 do does doing would should could might will shall can't don't i'm it's you're we're they're""".split())
 STOP = STOP_WORDS | EXTRA_STOP
 _STOP_SET = pa.array(sorted(STOP), pa.string())
-
-
-def _as_strings(texts) -> pa.Array:
-    if isinstance(texts, pa.ChunkedArray):
-        return texts.combine_chunks()
-    return texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
 
 
 def words(text: str) -> list[str]:
@@ -74,6 +68,24 @@ def _top_per_cell(counts: pa.Table, k: int) -> pa.Table:
     return t.filter(pa.array(rank < k))
 
 
+def _summed(cells: np.ndarray, cell_of_row: np.ndarray, terms, counts: np.ndarray | None) -> pa.Table:
+    """Rows summed per cell and term, on integer keys: `cells` (k, 3) the distinct codes, `cell_of_row`
+    each row's index among them, `terms` each row's term (numbered by one dictionary), `counts` each
+    row's count (None: one each)."""
+    terms = pc.dictionary_encode(terms)
+    terms = terms.combine_chunks() if isinstance(terms, pa.ChunkedArray) else terms
+    n_terms = max(len(terms.dictionary), 1)
+    keys = cell_of_row.astype(np.int64) * n_terms + terms.indices.to_numpy(zero_copy_only=False)
+    if counts is None:
+        pairs, summed = np.unique(keys, return_counts=True)
+    else:
+        pairs, inverse = np.unique(keys, return_inverse=True)
+        summed = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(pairs)).astype(np.int64)
+    cell, term = np.divmod(pairs, n_terms)
+    return pa.table({**{f"c{i + 1}": pa.array(cells[cell, i], pa.int16()) for i in range(3)},
+                     "term": terms.dictionary.take(pa.array(term)), "count": pa.array(summed, pa.int64())})
+
+
 class TermCounter:
     """Word counts per L123 cell, fed batch by batch; keeps each cell's top words bounded."""
 
@@ -88,38 +100,23 @@ class TermCounter:
         """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`."""
         if len(codes) == 0:
             return
-        flat, parents = _word_lists(_as_strings(texts))
-        # count (cell, word) pairs on integer keys: cells and words numbered, np.unique of the pairs
-        cells, cell_of_doc = np.unique(np.asarray(codes, dtype=np.int16), axis=0, return_inverse=True)
-        terms = pc.dictionary_encode(flat)
-        n_terms = max(len(terms.dictionary), 1)
-        pairs, counts = np.unique(cell_of_doc.reshape(-1)[parents.to_numpy()].astype(np.int64) * n_terms
-                                  + terms.indices.to_numpy(zero_copy_only=False), return_counts=True)
-        cell, term = np.divmod(pairs, n_terms)
-        self._parts.append(pa.table({"c1": pa.array(cells[cell, 0], pa.int16()), "c2": pa.array(cells[cell, 1], pa.int16()),
-                                     "c3": pa.array(cells[cell, 2], pa.int16()), "term": terms.dictionary.take(pa.array(term)),
-                                     "count": pa.array(counts, pa.int64())}))
+        flat, parents = _word_lists(as_strings(texts))
+        cells, cell_of_doc = np.unique(np.asarray(codes, dtype=np.int64), axis=0, return_inverse=True)
+        self._parts.append(_summed(cells, cell_of_doc.reshape(-1)[parents.to_numpy()], flat, None))
         self._since_prune += len(codes)
         if self._since_prune >= self.PRUNE_EVERY:
             self._parts = [_top_per_cell(self._merged(), self.KEEP)]
             self._since_prune = 0
 
     def _merged(self) -> pa.Table:
-        """The parts summed per (cell, term): terms numbered by one dictionary, pairs by np.unique."""
+        """The parts summed per (cell, term)."""
         if not self._parts:
             return TERM_SCHEMA.empty_table()
         t = pa.concat_tables(self._parts)
-        terms = pc.dictionary_encode(t.column("term")).combine_chunks()
-        n_terms = max(len(terms.dictionary), 1)
-        cell = (t.column("c1").to_numpy().astype(np.int64) << 32) | (t.column("c2").to_numpy().astype(np.int64) << 16) \
-            | t.column("c3").to_numpy().astype(np.int64)
-        cells, cell_idx = np.unique(cell, return_inverse=True)
-        pairs, inverse = np.unique(cell_idx * n_terms + terms.indices.to_numpy(), return_inverse=True)
-        counts = np.bincount(inverse, weights=t.column("count").to_numpy(), minlength=len(pairs)).astype(np.int64)
-        key, term = cells[pairs // n_terms], pairs % n_terms
-        return pa.table({"c1": pa.array(key >> 32, pa.int16()), "c2": pa.array((key >> 16) & 0xFFFF, pa.int16()),
-                         "c3": pa.array(key & 0xFFFF, pa.int16()), "term": terms.dictionary.take(pa.array(term)),
-                         "count": pa.array(counts, pa.int64())})
+        codes = np.stack([t.column(c).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
+        packed = (codes[:, 0] << 32) | (codes[:, 1] << 16) | codes[:, 2]      # codes are int16 >= 0
+        _, first, cell_of_row = np.unique(packed, return_index=True, return_inverse=True)
+        return _summed(codes[first], cell_of_row.reshape(-1), t.column("term"), t.column("count").to_numpy())
 
     def table(self) -> pa.Table:
         return _top_per_cell(self._merged(), TOP_PER_CELL).select(TERM_SCHEMA.names).cast(TERM_SCHEMA)
