@@ -12,6 +12,6 @@ Python API (the CLI is a thin layer over these):
 
 __version__ = "0.1.0"
 
-from hermes.api import cells, compare, fit, label, mix, query, run, sample_corpus  # noqa: E402
+from hermes.api import cells, compare, export, fit, label, mix, query, run, sample_corpus  # noqa: E402
 
-__all__ = ["__version__", "cells", "compare", "fit", "label", "mix", "query", "run", "sample_corpus"]
+__all__ = ["__version__", "cells", "compare", "export", "fit", "label", "mix", "query", "run", "sample_corpus"]

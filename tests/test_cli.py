@@ -164,3 +164,12 @@ def test_ci_runs_the_readme_test_command_word_for_word():
     assert "hermes run" in main_job and "pytest" in tests
     ci = (README.parent / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
+
+
+def test_every_function_the_python_quickstart_calls_is_in_the_hermes_module():
+    import hermes
+
+    quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)\n```", quickstart, re.S))
+    called = set(re.findall(r"\bhermes\.(\w+)\(", code))
+    assert called and not {name for name in called if not callable(getattr(hermes, name, None))}
