@@ -428,12 +428,37 @@ def propose(db: str | Path, out: str | Path, n: int = 32, level: int = 1, seed: 
                          store=str(db), substrate=fp)
 
 
-def optimize(candidates: str | Path, losses: str | Path, out: str | Path, model: str = "ridge",
-             n_search: int = 100_000, seed: int = 0) -> dict[str, Any]:
-    """Fit loss ~ weights on the proxy runs, search the simplex, write the predicted-best weights file."""
+def optimize(candidates: str | Path | None, losses: str | Path, out: str | Path, model: str = "ridge",
+             n_search: int = 100_000, seed: int = 0, *, weights: str | Path | None = None,
+             target: str | None = None, run_column: str | None = None, rank: str | Path | None = None,
+             rank_out: str | Path | None = None, rank_losses: str | Path | None = None) -> dict[str, Any]:
+    """Fit loss ~ weights on proxy runs, search the simplex, write the predicted-best weights file.
+
+    The runs are a `propose` folder (`candidates`) with its losses.csv, or two tables: `weights`
+    (a run id column, then one weight column per domain or cell) and `losses`, joined on the run
+    id (`run_column`, default the first column), minimising the loss column `target`. `rank`
+    (mixtures in the same columns) is scored into `rank_out` (run,predicted_loss, best first);
+    with `rank_losses` (their measured losses) the report gives the held-out Spearman."""
     from hermes import proxy
 
-    return proxy.optimize(Path(candidates), Path(losses), Path(out), model=model, n_search=n_search, seed=seed)
+    if (candidates is None) == (weights is None):
+        raise HermesError("give either --candidates DIR (a propose folder) or --weights FILE (a weights table)")
+    if weights is not None and not target:
+        raise HermesError("--weights needs --target, the loss column to minimise",
+                          hint="e.g. --target metric/the_pile_pile_cc_val_loss")
+    if (rank is None) != (rank_out is None):
+        raise HermesError("--rank and --rank-out go together: the mixtures to rank and the file to write")
+    if rank_losses is not None and rank is None:
+        raise HermesError("--rank-losses needs --rank: the measured losses of the ranked mixtures")
+    if candidates is not None:
+        mix, y, meta = proxy.candidate_runs(Path(candidates), Path(losses))
+        center, level, target = meta["natural"], meta["level"], target or "loss"
+    else:
+        mix, y = proxy.table_runs(Path(weights), Path(losses), target, run_column)
+        center, level = None, None
+    ranking = (Path(rank), Path(rank_out), Path(rank_losses) if rank_losses else None, target) if rank else None
+    return proxy.optimize(mix, y, Path(out), center=center, model=model, n_search=n_search, seed=seed,
+                          level=level, rank_mixtures=ranking)
 
 
 def evaluate(db: str | Path, gold: Iterable[str] | None = None, sample: int = 20_000, seed: int = 0,

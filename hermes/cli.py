@@ -592,22 +592,45 @@ def propose(
 @app.command()
 @guarded
 def optimize(
-    candidates: Path = typer.Option(..., "--candidates", help="The folder `hermes propose` wrote."),
-    losses: Path = typer.Option(..., "--losses", help="CSV with columns candidate, loss."),
-    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write (CSV: cell, weight)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write (CSV: cell, weight), "
+                             "with the report beside it (.json)."),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="The folder `hermes propose` wrote "
+                                              "(or use --weights)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="A weights table instead of --candidates: CSV "
+                                           "with a run id column, then one weight per domain or cell."),
+    losses: Path = typer.Option(..., "--losses", help="With --candidates: its losses.csv (candidate, loss). With "
+                                "--weights: a CSV joined to it on the run id, one column per loss."),
+    target: Optional[str] = typer.Option(None, "--target", help="With --weights: the loss column to minimise, "
+                                         "e.g. metric/the_pile_pile_cc_val_loss."),
+    run_column: Optional[str] = typer.Option(None, "--run-column", help="The run id column of the tables "
+                                             "(default: the first column)."),
+    rank: Optional[Path] = typer.Option(None, "--rank", help="Planned mixtures to score (CSV in the shape of "
+                                        "--weights: run id, then the same weight columns)."),
+    rank_out: Optional[Path] = typer.Option(None, "--rank-out", help="Where to write run,predicted_loss for each "
+                                            "--rank mixture, best predicted first."),
+    rank_losses: Optional[Path] = typer.Option(None, "--rank-losses", help="Measured losses of the --rank "
+                                               "mixtures (same shape as --losses): report the held-out Spearman."),
     model: str = typer.Option("ridge", "--model", help="ridge | gbm (scikit-learn regressors)."),
     n_search: int = typer.Option(100_000, "--n-search", help="Dirichlet draws searched on the simplex."),
     seed: int = typer.Option(0, "--seed", help="Seed of the search and cross-validation."),
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
-    """Fit a regression from candidate weights to proxy loss, report its cross-validated held-out
+    """Fit a regression from mixture weights to proxy loss, report its cross-validated held-out
     error, search the simplex and write the predicted-best mixture as a weights file.
 
-    Example: hermes optimize --candidates proxy --losses proxy/losses.csv --out best.csv
+    The proxy runs come from a `propose` folder, or from two tables joined on a run id, as RegMix
+    published its runs. --rank scores planned mixtures before any is trained.
+
+    Examples: hermes optimize --candidates proxy --losses proxy/losses.csv --out best.csv
+
+    hermes optimize --weights train_mixture_1m.csv --losses train_pile_loss_1m.csv
+    --target metric/the_pile_pile_cc_val_loss --model gbm --rank test_mixture_60m.csv
+    --rank-losses test_pile_loss_60m.csv --rank-out ranked.csv --out best.csv
     """
     from hermes import api
 
-    r = api.optimize(candidates, losses, out, model=model, n_search=n_search, seed=seed)
+    r = api.optimize(candidates, losses, out, model=model, n_search=n_search, seed=seed, weights=weights,
+                     target=target, run_column=run_column, rank=rank, rank_out=rank_out, rank_losses=rank_losses)
     if fmt == SummaryFmt.json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -616,8 +639,20 @@ def optimize(
     typer.echo(f"hermes optimize: {r['model']} on {r['n_losses']} proxy losses; held-out ({h['folds']}-fold) "
                f"MAE {h['mae']:.4g}, RMSE {h['rmse']:.4g} (loss std {h['loss_std']:.4g}), Spearman {sp}")
     typer.echo(f"  predicted loss of the best mixture {r['predicted_loss']:.4g} (best measured: "
-               f"{r['best_measured']['candidate']} {r['best_measured']['loss']:.4g}); TV to natural {r['tv_to_natural']}")
-    typer.echo(f"  wrote {r['weights']}; use it with: hermes mix --rule weights:{r['weights']} --level {r['level']} ...")
+               f"{r['best_measured']['run']} {r['best_measured']['loss']:.4g}); TV to the {r['search_center']} "
+               f"{r['tv_to_center']}")
+    if "rank" in r:
+        k = r["rank"]
+        b = k["best_predicted"]
+        typer.echo(f"  ranked {k['runs']} mixtures into {k['file']}; predicted best: run {b['run']}")
+        if "held_out" in k:
+            s = k["held_out"]["spearman"]
+            typer.echo(f"  held-out on the ranked runs' measured losses: Spearman "
+                       f"{'n/a' if s is None else f'{s:.3f}'}; the predicted best measured "
+                       f"{b['measured_loss']:.4g}, rank {b['measured_rank']} of {k['runs']} "
+                       f"(best {b['best_measured_loss']:.4g})")
+    level = f" --level {r['level']}" if r["level"] else ""
+    typer.echo(f"  wrote {r['weights']}; use it with: hermes mix --rule weights:{r['weights']}{level} ...")
 
 
 @app.command(name="eval")

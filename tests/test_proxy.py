@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_propose_then_optimize_finds_a_better_mixture(e2e, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("candidate,loss\ncand-000,1\n", "needs at least 5"),
     ("candidate,loss\nnope,1\n", "losses.csv:2: unknown candidate 'nope'"),
-    ("candidate,loss\ncand-000,abc\n", "losses.csv:2: loss 'abc' is not a number"),
+    ("candidate,loss\ncand-000,abc\n", "losses.csv:2: 'abc' is not a number (column 'loss')"),
     ("name,value\n", "losses.csv:1: the header must name the columns candidate and loss"),
 ])
 def test_bad_losses(e2e, tmp_path, content, message):
@@ -62,3 +63,99 @@ def test_bad_losses(e2e, tmp_path, content, message):
                "--out", tmp_path / "best.csv")
     assert r.exit_code == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "best.csv").exists()
+
+
+# --------------------------------------------------------------------------- published proxy runs (RegMix)
+
+REGMIX = Path(__file__).parent / "data" / "regmix"
+TARGET = "metric/the_pile_pile_cc_val_loss"
+
+
+def regmix_args(tmp_path, model):
+    return ["optimize", "--weights", REGMIX / "train_mixture_1m.csv", "--losses", REGMIX / "train_pile_loss_1m.csv",
+            "--target", TARGET, "--model", model, "--rank", REGMIX / "test_mixture_60m.csv",
+            "--rank-losses", REGMIX / "test_pile_loss_60m.csv", "--rank-out", tmp_path / "ranked.csv",
+            "--out", tmp_path / "best.csv", "--n-search", "20000"]
+
+
+@pytest.mark.parametrize("model, floor", [("ridge", 0.85), ("gbm", 0.95)])
+def test_optimize_on_regmix_tables_ranks_the_60m_runs(tmp_path, model, floor):
+    """Fitted on the 512 1M-parameter runs only, the model ranks the 256 60M-parameter runs."""
+    r = invoke(*regmix_args(tmp_path, model), "--format", "json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["n_losses"] == 512 and rep["search_center"] == "mean of the runs"
+    assert rep["rank"]["held_out"]["spearman"] >= floor
+    with open(tmp_path / "ranked.csv", newline="") as f:
+        ranked = list(csv.DictReader(f))
+    pred = [float(x["predicted_loss"]) for x in ranked]
+    assert len(ranked) == 256 and pred == sorted(pred)          # every planned mixture, best first
+    assert ranked[0]["run"] == rep["rank"]["best_predicted"]["run"]
+    best = read_weights(tmp_path / "best.csv")
+    assert len(best) == 17 and all(k.startswith("train_the_pile_") for k in best)
+    assert sum(best.values()) == pytest.approx(1.0)
+    assert json.loads((tmp_path / "best.json").read_text())["rank"]["runs"] == 256
+
+
+def test_optimize_tables_with_a_named_run_column(tmp_path):
+    """--run-column names the join key wherever it is; losses of runs in another order still join."""
+    w = (REGMIX / "train_mixture_1m.csv").read_text().splitlines()
+    l = (REGMIX / "train_pile_loss_1m.csv").read_text().splitlines()
+    # move the id column last in the weights, and reverse the loss rows
+    wt = [",".join(row.split(",")[1:] + [row.split(",")[0].replace("index", "run")]) for row in w[:60]]
+    lt = [l[0].replace("index", "run")] + l[1:60][::-1]
+    (tmp_path / "w.csv").write_text("\n".join(wt) + "\n")
+    (tmp_path / "l.csv").write_text("\n".join(lt) + "\n")
+    rep = api.optimize(None, tmp_path / "l.csv", tmp_path / "best.csv", weights=tmp_path / "w.csv", target=TARGET,
+                       run_column="run", n_search=2000)
+    direct = api.optimize(None, REGMIX / "train_pile_loss_1m.csv", tmp_path / "b2.csv",
+                          weights=REGMIX / "train_mixture_1m.csv", target=TARGET, n_search=2000)
+    assert rep["n_losses"] == 59 and direct["n_losses"] == 512
+    assert rep["best_measured"] == {"run": min(((float(r.split(",")[l[0].split(",").index(TARGET)]), r.split(",")[0])
+                                                for r in l[1:60]))[1], "loss": rep["best_measured"]["loss"]}
+
+
+def _table(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+W3 = "index,a,b\n1,0.5,0.5\n2,0.2,0.8\n3,1,0\n4,0,1\n5,0.3,0.7\n"
+L3 = "index,loss,other\n1,3.0,1\n2,2.5,1\n3,4.0,1\n4,2.0,1\n5,2.6,1\n"
+
+
+@pytest.mark.parametrize("weights, losses, extra, message", [
+    (W3, L3.replace("5,2.6", "9,2.6"), [], "l.csv:6: run '9' is not in"),
+    (W3, L3.replace("5,2.6,1\n", ""), [], "l.csv: no loss for run '5' of"),
+    (W3, L3.replace("2,2.5", "2,nan"), [], "l.csv:3: nan is not finite (column 'loss')"),
+    (W3, L3.replace("2,2.5", "2,inf"), [], "l.csv:3: inf is not finite (column 'loss')"),
+    (W3, L3.replace("2,2.5", "2,x"), [], "l.csv:3: 'x' is not a number (column 'loss')"),
+    (W3, L3.replace("loss", "los"), [], "l.csv:1: no column 'loss' (--target)"),
+    (W3.replace("3,1,0", "3,-1,0"), L3, [], "w.csv:4: weight -1 is negative (column 'a')"),
+    (W3.replace("3,1,0", "3,0,0"), L3, [], "w.csv:4: every weight of run '3' is 0"),
+    (W3.replace("4,0,1", "2,0,1"), L3, [], "w.csv:5: run '2' also on line 3"),
+    (W3, L3, ["--run-column", "id"], "w.csv:1: no column 'id' (the run id)"),
+    (W3, L3, ["--rank", "RANK", "--rank-out", "R"], "m.csv:1: no column 'b'"),
+])
+def test_bad_loss_tables(tmp_path, weights, losses, extra, message):
+    w, l = _table(tmp_path, "w.csv", weights), _table(tmp_path, "l.csv", losses)
+    m = _table(tmp_path, "m.csv", "index,a,c\n1,0.5,0.5\n")
+    extra = [str(m) if x == "RANK" else str(tmp_path / "r.csv") if x == "R" else x for x in extra]
+    r = invoke("optimize", "--weights", w, "--losses", l, "--target", "loss", "--out", tmp_path / "best.csv", *extra)
+    assert r.exit_code == 1 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "best.csv").exists() and not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give either --candidates DIR"),
+    (["--weights", "W"], "--weights needs --target"),
+    (["--weights", "W", "--target", "loss", "--rank", "W"], "--rank and --rank-out go together"),
+])
+def test_optimize_flag_errors(tmp_path, args, message):
+    w = _table(tmp_path, "w.csv", W3)
+    l = _table(tmp_path, "l.csv", L3)
+    args = [str(w) if a == "W" else a for a in args]
+    r = invoke("optimize", "--losses", l, "--out", tmp_path / "best.csv", *args)
+    assert r.exit_code == 1 and message in r.stderr, r.stderr
