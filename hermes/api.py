@@ -17,7 +17,6 @@ from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard
                              label_one_shard, quantize_shard, reading_fields, stages_for)
 from hermes.progress import Progress, say
 from hermes.read import Shard, check_fields, discover
-from hermes.rvq import capped_codebook_size
 from hermes.store import LEVELS, build_store
 from hermes.store import query as _query
 from hermes.static import is_static_encoder
@@ -48,12 +47,9 @@ def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> tuple[list[str], 
     return [os.path.abspath(i) for i in inputs], shards
 
 
-def codebook_rule(n_fit: int, cfg: Config) -> str:
-    k = capped_codebook_size(n_fit, cfg.codebook_size, cfg.min_points_per_code)
-    if k < cfg.codebook_size:
-        return (f"{k} codewords per learned stage: capped from {cfg.codebook_size} to keep at least "
-                f"{cfg.min_points_per_code} fit documents per codeword ({n_fit:,} // {cfg.min_points_per_code})")
-    return f"{k} codewords per learned stage"
+def codebook_rule(substrate: Substrate) -> str:
+    """How the substrate's codebook sizes were chosen, in words (as its fit recorded it)."""
+    return substrate.training.get("codebook_rule") or f"{'/'.join(map(str, substrate.sizes))} codewords"
 
 
 def _embed_all(shards: list[Shard], stages: Stages, layout: Layout, quiet: bool):
@@ -131,7 +127,6 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
     if sum(counts) == 0:
         raise _no_documents(results)
     t = time.perf_counter()
-    say(f"fit: {codebook_rule(min(sum(counts), cfg.fit_sample), cfg)}", quiet)
     substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
     timings["fit"] = time.perf_counter() - t
     return inputs, shards, layout, stages, results, substrate, timings
@@ -145,7 +140,7 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | s
     _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
     return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
             "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
-            "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg),
+            "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate),
             "stages": _stack_text(substrate),
             "embedding": substrate.embedding, "documents": sum(r.n_docs for r in results),
             "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
@@ -185,7 +180,7 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         "read": read, "labeled": counts["labeled"], "rejected": counts["rejected"],
         "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
         "codebook_sizes": substrate.sizes, "stages": _stack_text(substrate),
-        "codebook_rule": codebook_rule(substrate.fit_sample_size, cfg) if substrate.kind == "embedding" else
+        "codebook_rule": codebook_rule(substrate) if substrate.kind == "embedding" else
         f"distilled {substrate.student} labeler of substrate {substrate.m['teacher']} "
         f"({'/'.join(map(str, substrate.sizes))} classes)",
         "fit_sample_size": substrate.fit_sample_size, "substrate": substrate.fingerprint,

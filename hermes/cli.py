@@ -137,9 +137,33 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or json (on stdout).")
 
 
+CodebookSizeOpt = typer.Option(None, "--codebook-size", help="Codewords at every learned stage (at most fit sample "
+                               "// 39). Default: the size rule, from the corpus size (see the README).")
+CodebookSizesOpt = typer.Option(None, "--codebook-sizes", help="Codewords per stage, e.g. 32,16,64 ('-' for a fixed "
+                                "stage). Default: the size rule.")
+
+
+def _sizes(text: str | None) -> list[int | None] | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in ("-", "null", "none"):
+            out.append(None)
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise HermesError(f"--codebook-sizes {text}: {part!r} is not an integer",
+                              hint="three sizes, e.g. 32,16,64 ('-' for a fixed stage)") from None
+    return out
+
+
 def _fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages=None, encoder=None,
-                   encoder_docs=None) -> dict[str, Any]:
+                   encoder_docs=None, codebook_sizes=None) -> dict[str, Any]:
     return {"model": model, "dtype": dtype, "max_length": max_length, "codebook_size": codebook_size,
+            "codebook_sizes": _sizes(codebook_sizes),
             "fit_sample": fit_sample, "seed": seed, "stages": stages,
             "encoder": encoder.value if encoder is not None else None, "encoder_docs": encoder_docs}
 
@@ -263,8 +287,8 @@ def run(
                                                                         "whole texts)."),
     batch_size: Optional[int] = BatchOpt,
     tokenizer: Optional[str] = TokenizerOpt,
-    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage before the "
-                                                                               "small-corpus cap (default: 256)."),
+    codebook_size: Optional[int] = CodebookSizeOpt,
+    codebook_sizes: Optional[str] = CodebookSizesOpt,
     fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the fit sample and k-means (default: 0)."),
     stages: Optional[str] = StagesOpt,
@@ -289,7 +313,7 @@ def run(
     from hermes import api
 
     overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages, encoder,
-                                  encoder_docs),
+                                  encoder_docs, codebook_sizes),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
                                    keep_embeddings, quality, quality_field, quality_model, quality_label)}
     summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
@@ -317,7 +341,8 @@ def fit(
                                                                         "while the encoder is built (it then reads "
                                                                         "whole texts)."),
     batch_size: Optional[int] = BatchOpt,
-    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help="Codewords per stage (default: 256)."),
+    codebook_size: Optional[int] = CodebookSizeOpt,
+    codebook_sizes: Optional[str] = CodebookSizesOpt,
     fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: 0)."),
     stages: Optional[str] = StagesOpt,
@@ -333,7 +358,7 @@ def fit(
     from hermes import api
 
     overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages, encoder,
-                                  encoder_docs),
+                                  encoder_docs, codebook_sizes),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, None, True)}
     summary = api.fit(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
     _print_summary(summary, fmt)
@@ -621,9 +646,9 @@ def optimize(
     The proxy runs come from a `propose` folder, or from two tables joined on a run id, as RegMix
     published its runs. --rank scores planned mixtures before any is trained.
 
-    Examples: hermes optimize --candidates proxy --losses proxy/losses.csv --out best.csv
+    Example: hermes optimize --candidates proxy --losses proxy/losses.csv --out best.csv
 
-    hermes optimize --weights train_mixture_1m.csv --losses train_pile_loss_1m.csv
+    Example: hermes optimize --weights train_mixture_1m.csv --losses train_pile_loss_1m.csv
     --target metric/the_pile_pile_cc_val_loss --model gbm --rank test_mixture_60m.csv
     --rank-losses test_pile_loss_60m.csv --rank-out ranked.csv --out best.csv
     """

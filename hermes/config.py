@@ -34,7 +34,8 @@ class Config:
     quality_label: str
     transform: str
     stages: list
-    codebook_size: int
+    codebook_size: int | None
+    codebook_sizes: list | None
     min_points_per_code: int
     kmeans_iters: int
     lst_epochs: int
@@ -59,7 +60,7 @@ _CHOICES = {
     "transform": ("lst", "identity"),
     "quality": ("none", "heuristic", "field", "fasttext"),
 }
-_POSITIVE = ("encoder_docs", "read_batch_size", "shard_bytes", "shard_rows", "max_length", "batch_size", "codebook_size",
+_POSITIVE = ("encoder_docs", "read_batch_size", "shard_bytes", "shard_rows", "max_length", "batch_size",
              "min_points_per_code", "kmeans_iters", "fit_sample", "lst_epochs", "lst_batch_size", "lst_max_steps")
 LST_WEIGHTS = ("structure", "reconstruction", "orthogonality", "commitment")
 
@@ -136,6 +137,16 @@ def _validate(values: dict[str, Any], origin: str) -> None:
         raise HermesError(f"{origin}: lst_lr must be a positive number, got {values['lst_lr']!r}")
     if "keep_embeddings" in values and not isinstance(values["keep_embeddings"], bool):
         raise HermesError(f"{origin}: keep_embeddings must be true or false, got {values['keep_embeddings']!r}")
+    if values.get("codebook_size") is not None:
+        v = values["codebook_size"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise HermesError(f"{origin}: codebook_size must be an integer >= 2 or null (the size rule), got {v!r}")
+    if values.get("codebook_sizes") is not None:
+        v = values["codebook_sizes"]
+        if not isinstance(v, list) or len(v) != 3 or \
+                any(x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 2) for x in v):
+            raise HermesError(f"{origin}: codebook_sizes must be a list of 3 integers >= 2 (null for a fixed stage) "
+                              f"or null, got {v!r}")
     for key in _POSITIVE:
         if key in values:
             v = values[key]
@@ -168,6 +179,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if values.get("quality") == "fasttext" and not values.get("quality_model"):
         raise HermesError("quality = fasttext needs quality_model, a fastText .bin file",
                           hint="pass --quality-model FILE (and --quality-label, default __label__hq)")
+    if values.get("codebook_size") is not None and values.get("codebook_sizes") is not None:
+        raise HermesError(f"codebook_size = {values['codebook_size']} and codebook_sizes = {values['codebook_sizes']} "
+                          f"are both set", hint="set one: a size for every learned stage, or one per stage")
+    sizes, stack = values.get("codebook_sizes"), values.get("stages")
+    if sizes is not None and stack is not None:
+        for i, (k, st) in enumerate(zip(sizes, stack)):
+            kind = st["kind"] if isinstance(st, dict) else st
+            if (kind == "learned") != (k is not None):
+                raise HermesError(f"codebook_sizes[{i}] = {k!r}: stage {i + 1} is {kind}; give a size for each "
+                                  f"learned stage and null for a fixed one (its size is its number of classes)")
     missing = sorted({f.name for f in fields(Config)} - set(values))
     if missing:
         raise HermesError(f"configuration lacks key(s): {', '.join(missing)}")

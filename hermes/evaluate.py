@@ -137,7 +137,7 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
     say(f"eval: {len(ids):,} documents; neighbours, baselines")
     neighbours = knn(E)
     sizes = sub.quantizer.sizes_
-    plain = ResidualQuantizer(stages=3, codebook_size=max(sizes), min_points_per_code=1, seed=seed).fit(E)
+    plain = ResidualQuantizer(stages=3, codebook_size=list(sizes), min_points_per_code=1, seed=seed).fit(E)
     plain_codes = plain.encode(E)
     rng = np.random.default_rng(seed)
     methods: dict[str, dict[int, np.ndarray]] = {"hermes": {}, "plain_rvq": {}, "kmeans": {}}

@@ -295,11 +295,77 @@ def within_cell_threshold(cell: np.ndarray, quality: np.ndarray, n_cells: int, q
     return thr
 
 
+def balanced_round(p: np.ndarray, size: np.ndarray, rng: np.random.Generator,
+                   group: np.ndarray | None = None) -> np.ndarray:
+    """Round each unit's probability p to 0 or 1 so that P(1) = p exactly and the chosen units'
+    total size is within one unit's size of sum(p * size); with `group`, also each group's total
+    within one of its units' size of its own expectation.
+
+    Balanced sampling on one auxiliary variable (the cube method of Deville & Tille, 2004, whose
+    flight phase with one balancing equation is this pairwise walk): two undecided units move along
+    the line that keeps p_i size_i + p_j size_j fixed until one reaches 0 or 1, to either end with
+    the probabilities that keep each p a martingale. The walk runs inside each group first (larger
+    units first, ties in a seeded order), which leaves one undecided unit per group; then over
+    those, larger first; the last one is drawn with its own probability (the landing phase).
+    Written here because no maintained Python library offers it (R's `sampling::samplecube` does).
+    """
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    size = np.asarray(size, dtype=np.float64)
+    out = p >= 1.0
+    group = np.zeros(len(p), dtype=np.int64) if group is None else np.asarray(group)
+    order = np.lexsort((rng.random(len(p)), -size, group))
+    order = order[(p[order] > 0) & (p[order] < 1)]
+    pv, sz = p.tolist(), size.tolist()
+    u = iter(rng.random(2 * len(order) + 1).tolist())
+    eps = 1e-12
+
+    def walk(units) -> int:
+        cur = -1
+        for j in units:
+            if cur < 0:
+                cur = j
+                continue
+            i = cur
+            a_i, a_j, p_i, p_j = sz[i], sz[j], pv[i], pv[j]
+            up = min((1.0 - p_i) / a_j, p_j / a_i)          # p_i rises, p_j falls
+            down = min(p_i / a_j, (1.0 - p_j) / a_i)        # p_i falls, p_j rises
+            t = up if next(u) * (up + down) < down else -down   # E[move] = 0
+            p_i, p_j = p_i + t * a_j, p_j - t * a_i
+            pv[i], pv[j] = p_i, p_j
+            done_i = p_i <= eps or p_i >= 1 - eps
+            done_j = p_j <= eps or p_j >= 1 - eps
+            if done_i:
+                out[i] = p_i >= 1 - eps
+            if done_j:
+                out[j] = p_j >= 1 - eps
+            cur = -1 if done_i and done_j else (j if done_i else i)
+        return cur
+
+    g = group[order]
+    bounds = np.flatnonzero(np.diff(g)) + 1
+    left = [k for k in (walk(part.tolist()) for part in np.split(order, bounds)) if k >= 0]
+    left.sort(key=lambda k: -sz[k])
+    last = walk(left)
+    if last >= 0:
+        out[last] = next(u) < pv[last]
+    return out
+
+
+FILL_ROUNDS = 1000      # a cell's gap is filled by at most this many passed-over-and-later documents
+
+
 def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
-         targets: np.ndarray, coin: np.ndarray) -> np.ndarray:
-    """Repeats per document so that each cell's selected tokens meet its target within one
-    document: whole passes over the cell's eligible documents, then a prefix of them in priority
-    order."""
+         targets: np.ndarray, rng: np.random.Generator, group: np.ndarray | None = None) -> np.ndarray:
+    """Repeats per document so that each cell's selected tokens are within one document of its
+    target and the total is within about one small document of the sum of the targets.
+
+    Per cell: whole passes over its eligible documents while the target exceeds what it has, then
+    its documents in priority order while they fit; a document that would overshoot is passed
+    over and later ones that still fit are taken, until none fits. The gap left is smaller than
+    every document left; the smallest of them joins with probability gap / its tokens, so the
+    cell's expected tokens are its target. Those last draws are made jointly over cells by
+    `balanced_round`, so their roundings do not add up across cells (nor across the cells of one
+    `group`: a Stage-1 cell)."""
     n_cells = len(targets)
     idx = np.flatnonzero(eligible)
     cc, tt = cell[idx], tokens[idx].astype(np.float64)
@@ -313,15 +379,24 @@ def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.nd
     csum = np.cumsum(tt)
     starts = np.concatenate([[0], np.cumsum(np.bincount(cc, minlength=n_cells))[:-1]])
     before = csum - tt - np.concatenate([[0.0], csum])[starts][cc]
-    # the partial pass takes every document that fits whole; the one that straddles the target is
-    # taken with probability (what is left of the target) / (its tokens), so each cell lands
-    # within one document of its target and, summed over many small cells, the budget is met
-    # without bias
-    r = rest[cc]
-    fits = before + tt <= r + 1e-9
-    straddles = ~fits & (before < r)
-    frac = np.divide(r - before, tt, out=np.zeros_like(tt), where=tt > 0)
-    take = fits | (straddles & (coin[idx] < frac))
+    take = before + tt <= rest[cc] + 1e-9                     # the prefix that fits
+    gap = rest - np.bincount(cc, weights=tt * take, minlength=n_cells)
+    # the fill: in priority order, the first document left that fits each cell's gap, round by round
+    left = np.flatnonzero(~take & (gap[cc] > 1e-9))
+    for _ in range(FILL_ROUNDS):
+        fit = left[tt[left] <= gap[cc[left]] + 1e-9]
+        if not len(fit):
+            break
+        first = fit[np.unique(cc[fit], return_index=True)[1]]  # sorted by (cell, priority): first per cell
+        take[first] = True
+        gap[cc[first]] -= tt[first]
+        left = left[~take[left] & (gap[cc[left]] > 1e-9)]
+    # the smallest document left per cell with a gap (first in priority order among equals)
+    left = left[np.lexsort((left, tt[left], cc[left]))]
+    last = left[np.unique(cc[left], return_index=True)[1]]
+    frac = np.minimum(gap[cc[last]] / tt[last], 1.0)
+    g = None if group is None else group[cc[last]]
+    take[last[balanced_round(frac, tt[last], rng, g)]] = True
     reps = full[cc] + take
     out = np.zeros(len(cell), dtype=np.int64)
     out[idx] = reps.astype(np.int64)
@@ -388,12 +463,18 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
         warnings.append(f"{int((stranded > 0).sum())} L{L} cells with {stranded.sum():.1%} of the weight have no "
                         f"eligible document; their weight is spread over the others")
         w_M = w_M / w_M.sum()
+    if spec.max_epochs is not None:
+        feasible = spec.max_epochs * float(elig_tok[w_M > 0].sum())
+        if budget > feasible:
+            raise HermesError(f"--budget-tokens {budget:,.0f} is more than these cells hold under --max-epochs "
+                              f"{spec.max_epochs:g}: the largest feasible budget is {math.floor(feasible):,} tokens",
+                              hint="lower the budget, or raise or drop --max-epochs")
     targets, capped = cap_epochs(w_M, elig_tok, budget, spec.max_epochs)
     if capped.any():
         warnings.append(f"{int(capped.sum())} cells hit the cap of {spec.max_epochs:g} epochs; "
                         f"their remainder went to the other cells")
-    coin = priorities(docs.doc_hash, spec.seed + 0x5BD1E995).astype(np.float64) / 2.0 ** 64
-    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets, coin)
+    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets,
+                   np.random.default_rng([spec.seed, 0x5BD1E995]), parent)
 
     sel_tok = np.bincount(cell_M, weights=tokens * repeats, minlength=len(uM))
     cells = {"key": uM, "parent": parent, "stage1_weight": w_L[parent], "weight": w_M,

@@ -578,7 +578,7 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
                   progress_note=None) -> Substrate:
     """Fit transform + RVQ on a seeded uniform sample of the cached embeddings of `shards`
     (topped up so that every class of a fixed stage has data; see _top_up)."""
-    from hermes.rvq import ResidualQuantizer
+    from hermes.rvq import ResidualQuantizer, plan_codebook_sizes
     from hermes.transform import IdentityTransform
 
     cfg = stages.cfg
@@ -606,10 +606,14 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
         offset += n
     X = np.concatenate(parts)
     fixed = {i: c[picks].astype(np.int64) for i, c in class_codes.items()}
-    quantizer = ResidualQuantizer(stages=N_CODES, codebook_size=cfg.codebook_size,
-                                  min_points_per_code=cfg.min_points_per_code, iters=cfg.kmeans_iters,
-                                  seed=cfg.seed, fixed={i: len(v) for i, v in classes.items()})
-    training: dict = {}
+    n_classes = {i: len(v) for i, v in classes.items()}
+    sizes, rule = plan_codebook_sizes(total, n_fit, n_classes, N_CODES, cfg.codebook_size, cfg.codebook_sizes,
+                                      cfg.min_points_per_code)
+    if progress_note:
+        progress_note(f"fit: {rule}")
+    quantizer = ResidualQuantizer(stages=N_CODES, codebook_size=sizes, min_points_per_code=cfg.min_points_per_code,
+                                  iters=cfg.kmeans_iters, seed=cfg.seed, fixed=n_classes)
+    training: dict = {"codebook_rule": rule, "corpus_docs": total}
     if cfg.transform == "lst":
         from hermes.lst import LSTSettings, fit_lst_rvq
 
@@ -620,7 +624,7 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
                                    w_orthogonality=float(w["orthogonality"]), w_commitment=float(w["commitment"]))
         transform, quantizer, history = fit_lst_rvq(X, quantizer, lst_settings, seed=cfg.seed, progress=progress_note,
                                                     fixed=fixed)
-        training = {"history": history, "orthogonality_error": transform.orthogonality_error()}
+        training.update(history=history, orthogonality_error=transform.orthogonality_error())
     else:
         transform = IdentityTransform()
         quantizer.fit(transform.transform(X), progress=(lambda s: progress_note(f"fit: RVQ stage {s}/{N_CODES} done"))

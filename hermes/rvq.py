@@ -25,6 +25,11 @@ CHUNK = 16384
 KMEANSPP_MAX_K = 1024
 
 
+MAX_CODEBOOK = 256          # HERMES's codebook size, the largest the rule picks
+DOCS_PER_L12_CELL = 128     # the rule: about N / 128 L12 cells (a top-30% filter leaves ~40 per cell)...
+DOCS_PER_L123_CELL = 2      # ... and about N / 2 L123 cells
+
+
 def capped_codebook_size(n_fit: int, codebook_size: int, min_points_per_code: int) -> int:
     """Codewords per stage for a fit sample of n_fit vectors.
 
@@ -32,6 +37,53 @@ def capped_codebook_size(n_fit: int, codebook_size: int, min_points_per_code: in
     the least that FAISS accepts without a warning), and never goes below 2.
     """
     return int(max(2, min(codebook_size, n_fit // min_points_per_code)))
+
+
+def plan_codebook_sizes(n_docs: int, n_fit: int, fixed: dict[int, int] | None = None, stages: int = 3,
+                        codebook_size: int | None = None, codebook_sizes: list[int | None] | None = None,
+                        min_points_per_code: int = 39) -> tuple[list[int], str]:
+    """The codewords of each stage, chosen together, and the reason in words.
+
+    Without an override, the rule works from the corpus size N (`n_docs`, not the fit sample):
+    level l should have about T_l cells, T_2 = N / 128 and T_3 = N / 2, with T_1 = sqrt(T_2) so the
+    first two stages split L12 evenly. Stage by stage, a learned stage gets floor(T_l / K) codewords
+    (K: the cells of the level above), within [2, 256]; a fixed stage keeps its number of classes.
+    So an L12 cell holds about 128 documents on average, and N >= 2 x 256^3 (33.6M documents)
+    gives HERMES's 256 / 256 / 256. `codebook_size` (every learned stage) or `codebook_sizes` (per
+    stage; None for a fixed one) overrides the rule. Either way a learned stage has at most
+    n_fit // min_points_per_code codewords (see capped_codebook_size).
+    """
+    fixed = fixed or {}
+    if codebook_sizes is not None:
+        want = [None if s in fixed else int(codebook_sizes[s]) for s in range(stages)]
+        why = "codebook_sizes"
+    elif codebook_size is not None:
+        want = [None if s in fixed else int(codebook_size) for s in range(stages)]
+        why = "codebook_size"
+    else:
+        l12 = max(n_docs / DOCS_PER_L12_CELL, 4.0)
+        targets = [l12 ** 0.5, l12, max(n_docs / DOCS_PER_L123_CELL, 8.0)]
+        want, cells = [], 1
+        for s in range(stages):
+            k = fixed[s] if s in fixed else int(min(MAX_CODEBOOK, max(2, targets[min(s, 2)] // cells)))
+            want.append(None if s in fixed else k)
+            cells *= k
+        why = (f"the size rule for {n_docs:,} documents: about N/{DOCS_PER_L12_CELL} L12 cells over the first two "
+               f"stages, about N/{DOCS_PER_L123_CELL} L123 cells; at most {MAX_CODEBOOK} per stage")
+    sizes, capped = [], []
+    for s in range(stages):
+        if s in fixed:
+            sizes.append(fixed[s])
+            continue
+        k = capped_codebook_size(n_fit, want[s], min_points_per_code)
+        if k < want[s]:
+            capped.append(f"{s + 1} from {want[s]}")
+        sizes.append(k)
+    text = f"{'/'.join(map(str, sizes))} codewords ({why})"
+    if capped:
+        text += (f"; capped at {n_fit:,} // {min_points_per_code} = {n_fit // min_points_per_code} to keep at least "
+                 f"{min_points_per_code} fit documents per codeword: stage {', '.join(capped)}")
+    return sizes, text
 
 
 def _unit(c: np.ndarray) -> np.ndarray:
@@ -99,7 +151,7 @@ def fit_codebook(R: np.ndarray, k: int, iters: int, rng: np.random.Generator) ->
 class ResidualQuantizer:
     """Fit with `fit(X)`, encode with `encode(X)`; learned state ends in `_`."""
 
-    def __init__(self, stages: int = 3, codebook_size: int = 256, min_points_per_code: int = 39,
+    def __init__(self, stages: int = 3, codebook_size: int | list[int] = 256, min_points_per_code: int = 39,
                  iters: int = 30, seed: int = 0, max_points_per_code: int = 256,
                  fixed: dict[int, int] | None = None):
         self.max_points_per_code = max_points_per_code
@@ -134,9 +186,11 @@ class ResidualQuantizer:
         X = np.ascontiguousarray(X, dtype=np.float32)
         fixed = self._check_fixed(fixed, len(X))
         rng = np.random.default_rng(self.seed)
-        k = capped_codebook_size(len(X), self.codebook_size, self.min_points_per_code)
+        sizes = self.codebook_size if isinstance(self.codebook_size, list) else [self.codebook_size] * self.stages
+        ks = [capped_codebook_size(len(X), int(sizes[s]), self.min_points_per_code) for s in range(self.stages)]
         n_fit = len(X)
-        limit = self.max_points_per_code * k
+        limit = self.max_points_per_code * max(k for s, k in enumerate(ks) if s not in self.fixed) \
+            if len(self.fixed) < self.stages else len(X)
         if len(X) > limit:     # as FAISS: Lloyd on at most max_points_per_code points per codeword
             keep = np.sort(rng.choice(len(X), limit, replace=False))
             X = X[keep]
@@ -148,7 +202,7 @@ class ResidualQuantizer:
                 codes = fixed[s]
                 C = class_means(R, codes, self.fixed[s])
             else:
-                C = fit_codebook(R, min(k, len(R)), self.iters, rng)
+                C = fit_codebook(R, min(ks[s], len(R)), self.iters, rng)
                 codes, _ = assign(R, C)
             R -= C[codes]
             self.codebooks_.append(C)

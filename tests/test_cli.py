@@ -22,7 +22,7 @@ def test_run_summary_reports_what_it_did(e2e):
     assert s["labeled"] == 300 and s["rejected"] == 7
     assert s["reject_reasons"]["duplicate doc_id"] == 1 and s["reject_reasons"]["invalid JSON"] == 1
     assert set(s["cells"]) == {"l1", "l12", "l123"} and 0 < s["cells"]["l1"] <= s["cells"]["l12"] <= s["cells"]["l123"]
-    assert "capped from 256" in s["codebook_rule"]
+    assert s["codebook_sizes"] == [8, 4, 4] and s["codebook_rule"] == "8/4/4 codewords (codebook_sizes)"
     for path in s["outputs"].values():
         assert Path(path).exists()
     assert not (e2e["out"] / "embeddings").exists()        # dropped unless --keep-embeddings
@@ -173,3 +173,19 @@ def test_every_function_the_python_quickstart_calls_is_in_the_hermes_module():
     code = "\n".join(re.findall(r"```python\n(.*?)\n```", quickstart, re.S))
     called = set(re.findall(r"\bhermes\.(\w+)\(", code))
     assert called and not {name for name in called if not callable(getattr(hermes, name, None))}
+
+
+def test_fit_picks_codebook_sizes_by_the_rule_and_says_why(sample_records, tmp_path):
+    from hermes.rvq import plan_codebook_sizes
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:300])
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--format", "json", "--max-length", "128")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    sizes, why = plan_codebook_sizes(300, 300)
+    assert s["codebook_sizes"] == sizes == [2, 2, 7] and s["codebook_rule"] == why
+    assert f"fit: {why}" in r.stderr                                   # printed before the fit
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--format", "json", "--codebook-sizes", "3,2,4", "-q")
+    assert json.loads(r.stdout)["codebook_sizes"] == [3, 2, 4]         # the flag overrides the rule
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--codebook-sizes", "3,x,4")
+    assert r.exit_code == 1 and "--codebook-sizes 3,x,4: 'x' is not an integer" in r.stderr

@@ -13,7 +13,7 @@ def test_default_file_holds_every_setting():
     cfg = load_config()
     keys = set(yaml.safe_load(default_config_path().read_text()))
     assert keys == set(cfg.to_dict())
-    assert cfg.codebook_size == 256 and cfg.model == "all-MiniLM-L6-v2"
+    assert cfg.codebook_size is None and cfg.codebook_sizes is None and cfg.model == "all-MiniLM-L6-v2"
 
 
 def test_flag_beats_file_beats_default(tmp_path):
@@ -34,6 +34,12 @@ def test_unknown_keys_are_named(tmp_path):
 
 @pytest.mark.parametrize("text, message", [("dtype: fp8\n", "dtype = 'fp8' is not one of"),
                                            ("batch_size: 0\n", "batch_size must be a positive integer"),
+                                           ("codebook_size: 1\n", "codebook_size must be an integer >= 2 or null"),
+                                           ("codebook_sizes: [8, 8]\n", "codebook_sizes must be a list of 3"),
+                                           ("codebook_size: 8\ncodebook_sizes: [8, 8, 8]\n", "are both set"),
+                                           ("stages: [source, learned, learned]\ncodebook_sizes: [8, 8, 8]\n",
+                                            r"codebook_sizes\[0\] = 8: stage 1 is source; .* null for a fixed one"),
+                                           ("codebook_sizes: [null, 8, 8]\n", r"codebook_sizes\[0\] = None: stage 1 is learned"),
                                            ("a: [\n", "not valid YAML")])
 def test_bad_values_are_errors(tmp_path, text, message):
     f = tmp_path / "c.yaml"

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hermes.errors import HermesError
-from hermes.mixers import (Docs, MixSpec, Rule, cap_epochs, make_mixture, parse_eligible, parse_rule,
-                           stage1_weights, stage2_weights, unimax, within_cell_threshold)
+from hermes.mixers import (Docs, MixSpec, Rule, balanced_round, cap_epochs, make_mixture, parse_eligible,
+                           parse_rule, stage1_weights, stage2_weights, unimax, within_cell_threshold)
 
 RULE_TEXTS = ["natural", "uniform", "temperature:2", "temperature:0.5", "unimax:1", "unimax:4"]
 
@@ -84,9 +84,10 @@ def test_mixture_properties(seed, rule, level, down, sampler, eligible, budget):
         assert any("no eligible document" in w for w in mix.warnings)
         stage1 = np.where(stranded, 0.0, stage1) / stage1[~stranded].sum()
     assert np.allclose(per_parent, stage1)
-    # tokens meet the budget within one document per cell
+    # tokens meet the budget within one document per cell, and in total within one document
     keys = docs.keys(m)
     sel = docs.n_tokens * mix.repeats
+    assert abs(sel.sum() - c["target_tokens"].sum()) <= docs.n_tokens.max()
     for i, key in enumerate(c["key"]):
         in_cell = keys == key
         assert abs(sel[in_cell].sum() - c["target_tokens"][i]) <= docs.n_tokens[in_cell].max()
@@ -162,3 +163,80 @@ def test_top_p_without_quality_is_refused():
     docs.quality[:] = np.nan
     with pytest.raises(HermesError, match="needs quality scores"):
         make_mixture(docs, MixSpec(eligible="top:0.3"))
+
+
+# --------------------------------------------------------------------------- drawing to the budget
+
+def heavy_tailed_docs(seed: int, n: int, k: tuple[int, int, int], sigma: float = 1.2) -> Docs:
+    """Documents with log-normal lengths (a few 20-300x the median, as web text) in skewed cells."""
+    rng = np.random.default_rng(seed)
+    c = np.stack([rng.zipf(1.6, n) % k[0], rng.integers(0, k[1], n), rng.integers(0, k[2], n)], axis=1)
+    n_tokens = np.maximum(1, rng.lognormal(6.0, sigma, n)).astype(np.int64)
+    return Docs(c=c, n_tokens=n_tokens, quality=rng.random(n),
+                doc_hash=rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64))
+
+
+def test_balanced_round_keeps_each_probability_and_the_total():
+    rng = np.random.default_rng(0)
+    p = rng.random(30)
+    p[:3] = [0.0, 1.0, 0.5]
+    size = rng.lognormal(5, 1.5, 30)
+    runs = 4000
+    hits = np.zeros(30)
+    for seed in range(runs):
+        chosen = balanced_round(p, size, np.random.default_rng(seed))
+        # the chosen units' size is within one unit of the expected total, every time
+        assert abs(size[chosen].sum() - (p * size).sum()) <= size.max()
+        hits += chosen
+    assert hits[0] == 0 and hits[1] == runs
+    # each unit is chosen with its own probability (4.5 standard errors)
+    se = np.sqrt(p * (1 - p) / runs)
+    assert np.all(np.abs(hits / runs - p) <= 4.5 * se + 1e-12)
+
+
+@pytest.mark.parametrize("to_level, sampler", [(1, "proportional"), (2, "proportional"), (3, "equal")])
+def test_budget_is_met_over_seeds(to_level, sampler):
+    """20 seeds, single documents up to 30% of the budget: the total within 1% of the budget or one
+    document, and within 1% on average; every cell within one document of its target; each L1
+    cell's mean over seeds near its target."""
+    docs = heavy_tailed_docs(1, 6000, (12, 8, 8), sigma=1.5)
+    budget = 400_000
+    assert docs.n_tokens.max() > 0.25 * budget
+    sel_by_seed, errors = [], []
+    for seed in range(20):
+        mix = make_mixture(docs, MixSpec(rule="temperature:2", to_level=to_level, sampler=sampler,
+                                         budget_tokens=budget, seed=seed))
+        c = mix.cells
+        got = c["selected_tokens"]
+        errors.append(abs(got.sum() - budget))
+        assert errors[-1] <= max(0.01 * budget, docs.n_tokens.max())
+        keys = docs.keys(to_level)
+        biggest = np.array([docs.n_tokens[keys == k].max() for k in c["key"]])
+        assert np.all(np.abs(got - c["target_tokens"]) <= biggest)
+        sel_by_seed.append(np.bincount(c["parent"], weights=got))
+    assert np.mean(errors) <= 0.01 * budget
+    # per L1 cell, the mean over seeds is within 5% of its target (or of one median document)
+    mean = np.mean(sel_by_seed, axis=0)
+    target = np.bincount(c["parent"], weights=c["target_tokens"])
+    assert np.all(np.abs(mean - target) <= np.maximum(0.05 * target, np.median(docs.n_tokens)))
+
+
+def test_natural_mixture_keeps_natural_shares():
+    """natural + proportional + all, with at least 50 documents' worth of budget per L1 cell: TV to
+    natural at L1 stays within 0.05 for every seed."""
+    docs = heavy_tailed_docs(2, 20000, (40, 16, 8))
+    n_l1 = len(np.unique(docs.c[:, 0]))
+    budget = int(50 * n_l1 * np.mean(docs.n_tokens))
+    for seed in range(20):
+        for m in (1, 2):
+            mix = make_mixture(docs, MixSpec(rule="natural", to_level=m, budget_tokens=budget, seed=seed))
+            assert mix.diagnostics["levels"]["L1"]["tv_to_natural"] <= 0.05
+
+
+def test_a_budget_over_the_epoch_cap_names_the_largest_feasible_one():
+    docs = random_docs(0, n=500)
+    cap_total = int(2 * docs.n_tokens.sum())
+    with pytest.raises(HermesError, match=f"largest feasible budget is {cap_total:,} tokens"):
+        make_mixture(docs, MixSpec(rule="uniform", budget_tokens=cap_total + 1000, max_epochs=2))
+    mix = make_mixture(docs, MixSpec(rule="uniform", budget_tokens=cap_total, max_epochs=2))
+    assert mix.repeats.max() <= 2

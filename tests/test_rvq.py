@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hermes.errors import NotFittedError
-from hermes.rvq import ResidualQuantizer, capped_codebook_size
+from hermes.rvq import ResidualQuantizer, capped_codebook_size, plan_codebook_sizes
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,35 @@ def test_small_corpus_cap(n, k, m, expected):
 def test_unfitted_quantizer_raises():
     with pytest.raises(NotFittedError):
         ResidualQuantizer().encode(np.zeros((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("n_docs, sizes", [
+    (3_000, [4, 5, 75]),            # the bundled sample
+    (18_814, [12, 12, 65]),         # the dev corpus
+    (1_000_000, [88, 88, 64]),
+    (50_000_000, [256, 256, 256]),  # HERMES's scale keeps HERMES's sizes
+])
+def test_size_rule_picks_the_stages_together_from_the_corpus_size(n_docs, sizes):
+    got, why = plan_codebook_sizes(n_docs, min(n_docs, 200_000))
+    assert got == sizes and f"size rule for {n_docs:,} documents" in why
+    l12 = sizes[0] * sizes[1]
+    assert l12 <= n_docs / 128 or l12 == 256 * 256            # an L12 cell holds >= 128 documents on average
+    assert sizes[0] * sizes[1] * sizes[2] <= n_docs / 2 or sizes == [256, 256, 256]
+
+
+def test_size_rule_uses_the_corpus_not_the_fit_sample():
+    # the same 20,000-document fit sample: a larger corpus gets larger codebooks
+    assert plan_codebook_sizes(100_000, 20_000)[0] < plan_codebook_sizes(10_000_000, 20_000)[0]
+
+
+def test_size_rule_with_a_fixed_stage_and_overrides():
+    # 3 sources first: the learned stages below share the L12 and L123 targets
+    assert plan_codebook_sizes(3_000, 3_000, fixed={0: 3})[0] == [3, 7, 71]
+    assert plan_codebook_sizes(3_000, 3_000, codebook_size=16) == ([16, 16, 16], "16/16/16 codewords (codebook_size)")
+    sizes, why = plan_codebook_sizes(3_000, 3_000, codebook_sizes=[8, 200, 4])
+    assert sizes == [8, 76, 4] and "capped at 3,000 // 39 = 76" in why and "stage 2 from 200" in why
+
+
+def test_quantizer_fits_one_size_per_stage(real_embeddings):
+    q = ResidualQuantizer(codebook_size=[3, 5, 2], min_points_per_code=5, seed=0).fit(real_embeddings)
+    assert q.sizes_ == [3, 5, 2]
