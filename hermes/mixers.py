@@ -382,16 +382,18 @@ def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.nd
     take = before + tt <= rest[cc] + 1e-9                     # the prefix that fits
     gap = rest - np.bincount(cc, weights=tt * take, minlength=n_cells)
     # the fill: in priority order, the first document left that fits each cell's gap, round by round
-    left = np.flatnonzero(~take & (gap[cc] > 1e-9))
+    # (a document that does not fit now never will: gaps only shrink)
+    cand = np.flatnonzero(~take & (gap[cc] > 1e-9))
+    fit = cand
     for _ in range(FILL_ROUNDS):
-        fit = left[tt[left] <= gap[cc[left]] + 1e-9]
+        fit = fit[~take[fit] & (tt[fit] <= gap[cc[fit]] + 1e-9)]
         if not len(fit):
             break
         first = fit[np.unique(cc[fit], return_index=True)[1]]  # sorted by (cell, priority): first per cell
         take[first] = True
         gap[cc[first]] -= tt[first]
-        left = left[~take[left] & (gap[cc[left]] > 1e-9)]
     # the smallest document left per cell with a gap (first in priority order among equals)
+    left = cand[~take[cand] & (gap[cc[cand]] > 1e-9)]
     left = left[np.lexsort((left, tt[left], cc[left]))]
     last = left[np.unique(cc[left], return_index=True)[1]]
     frac = np.minimum(gap[cc[last]] / tt[last], 1.0)

@@ -22,7 +22,7 @@ def test_run_summary_reports_what_it_did(e2e):
     assert s["labeled"] == 300 and s["rejected"] == 7
     assert s["reject_reasons"]["duplicate doc_id"] == 1 and s["reject_reasons"]["invalid JSON"] == 1
     assert set(s["cells"]) == {"l1", "l12", "l123"} and 0 < s["cells"]["l1"] <= s["cells"]["l12"] <= s["cells"]["l123"]
-    assert s["codebook_sizes"] == [8, 4, 4] and s["codebook_rule"] == "8/4/4 codewords (codebook_sizes)"
+    assert s["codebook_sizes"] == [7, 4, 4] and s["codebook_rule"] == "7/4/4 codewords (codebook_sizes)"
     for path in s["outputs"].values():
         assert Path(path).exists()
     assert not (e2e["out"] / "embeddings").exists()        # dropped unless --keep-embeddings

@@ -83,6 +83,7 @@ def test_weights_file_rule(e2e, tmp_path):
     (["--eligible", "top:1.5"], 1, "P must be in (0, 1]"),
     (["--budget-tokens", "0"], 1, "must be positive"),
     (["--budget-tokens", "ten"], 2, "Invalid value for '--budget-tokens'"),
+    (["--budget-tokens", "100000000", "--max-epochs", "2"], 1, "the largest feasible budget is"),
 ])
 def test_mix_misuse(e2e, tmp_path, args, code, message):
     out = tmp_path / "mix"
@@ -148,3 +149,17 @@ def test_budgets_are_met_on_a_real_store_over_seeds(e2e, spec):
         assert abs(got.sum() - budget) <= max(0.01 * budget, docs.n_tokens.max())
         biggest = np.array([docs.n_tokens[keys == k].max() for k in c["key"]])
         assert np.all(np.abs(got - c["target_tokens"]) <= biggest)
+
+
+def test_quickstart_mixture_on_the_bundled_sample_has_usable_pools(tmp_path):
+    """The size rule on the whole bundled sample (3,000 documents; a short window to keep it quick):
+    the README's `--to-level 2 --eligible top:0.3` mixture draws from real pools, not single documents."""
+    r = invoke("run", "--out", tmp_path / "out", "--max-length", "32", "--quiet", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["codebook_sizes"] == [4, 5, 75]
+    r = invoke("mix", "--db", tmp_path / "out" / "labels.duckdb", "--rule", "uniform", "--to-level", "2",
+               "--eligible", "top:0.3", "--out", tmp_path / "mix-u-l12", "--format", "json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["diagnostics"]["pool"]["median_eligible_docs"] >= 10
+    assert not any("small candidate pools" in w for w in d["warnings"])

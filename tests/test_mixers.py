@@ -240,3 +240,22 @@ def test_a_budget_over_the_epoch_cap_names_the_largest_feasible_one():
         make_mixture(docs, MixSpec(rule="uniform", budget_tokens=cap_total + 1000, max_epochs=2))
     mix = make_mixture(docs, MixSpec(rule="uniform", budget_tokens=cap_total, max_epochs=2))
     assert mix.repeats.max() <= 2
+
+
+def test_each_cells_expected_tokens_are_its_target():
+    """Unbiased: over many seeds, every level-M cell's mean selected tokens converge on its target
+    (documents' own lengths; the fill and the joint last draws included)."""
+    docs = heavy_tailed_docs(3, 300, (4, 3, 3))
+    spec = dict(rule="temperature:2", to_level=2, budget_tokens=int(0.3 * docs.n_tokens.sum()))
+    runs = [make_mixture(docs, MixSpec(seed=s, **spec)).cells for s in range(600)]
+    got = np.array([c["selected_tokens"] for c in runs])
+    target = runs[0]["target_tokens"]
+    keys = docs.keys(2)
+    biggest = np.array([docs.n_tokens[keys == k].max() for k in runs[0]["key"]])
+    se = got.std(axis=0) / np.sqrt(len(runs))
+    assert np.all(np.abs(got.mean(axis=0) - target) <= 4.5 * se + 1e-6 * biggest)
+    # pooled over cells, a bias of a few percent in the last draws' probabilities shows (z about 6)
+    z = (got.mean(axis=0) - target) / np.maximum(se, 1e-9)
+    assert abs(z.sum() / np.sqrt(len(z))) <= 3.5
+    total = got.sum(axis=1)
+    assert abs(total.mean() - target.sum()) <= 3.5 * total.std() / np.sqrt(len(total)) + 1e-6
