@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from hermes.config import Config, load_config
+from hermes.config import Config, load_config, refuse_fit_keys
 from hermes.errors import HermesError
 from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
                              label_one_shard, quantize_shard, reading_fields, stages_for)
@@ -264,6 +264,8 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     """Label a corpus with an existing substrate. Resumable: shards already labeled are skipped.
     `engine="ray"` runs the same per-shard function on Ray Data (`address` of a cluster, or local)."""
     t0 = time.perf_counter()
+    if isinstance(config, (str, Path)):
+        refuse_fit_keys(config)
     cfg = _config(config, overrides)
     sub = Substrate.load(substrate)
     if getattr(sub, "static", False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -63,6 +64,20 @@ _CHOICES = {
 _POSITIVE = ("encoder_docs", "read_batch_size", "shard_bytes", "shard_rows", "max_length", "batch_size",
              "min_points_per_code", "kmeans_iters", "fit_sample", "lst_epochs", "lst_batch_size", "lst_max_steps")
 LST_WEIGHTS = ("structure", "reconstruction", "orthogonality", "commitment")
+# settings a substrate is fitted with: `hermes label` takes them from its substrate, never from a config
+FIT_KEYS = ("encoder", "encoder_docs", "model", "dtype", "max_length", "stages", "transform", "codebook_size",
+            "codebook_sizes", "min_points_per_code", "kmeans_iters", "lst_epochs", "lst_max_steps", "lst_batch_size",
+            "lst_lr", "lst_weights", "fit_sample", "seed")
+
+
+def refuse_fit_keys(path: str | Path) -> None:
+    """A config file for `hermes label` must not set what the substrate fixes (it would be ignored)."""
+    p = resolve_config_path(path)
+    given = [k for k in _read_yaml(p.read_text(encoding="utf-8"), str(p)) if k in FIT_KEYS]
+    if given:
+        raise HermesError(f"{p}: {', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of "
+                          f"`hermes fit`; a label run uses its substrate's (field '{given[0]}')",
+                          hint="remove them from this config, or fit a new substrate with them")
 
 
 def default_config_path() -> Path:
@@ -123,6 +138,8 @@ def _validate(values: dict[str, Any], origin: str) -> None:
     for key, choices in _CHOICES.items():
         if key in values and values[key] not in choices:
             raise HermesError(f"{origin}: {key} = {values[key]!r} is not one of {', '.join(choices)}")
+    if "device" in values and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(values["device"])):
+        raise HermesError(f"{origin}: device = {values['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if "stages" in values:
         from hermes.stages import parse_stages
 

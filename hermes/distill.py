@@ -78,6 +78,17 @@ class DistilledSubstrate:
         return self.m["classes"]
 
     @property
+    def n_tokens_tokenizer(self) -> str | None:
+        """What counted n_tokens in the teacher's store (a tokenizer folder, or the teacher's model),
+        so that labeling counts the same way; None in a folder of an earlier hermes."""
+        value = self.m.get("n_tokens_tokenizer")
+        if value is None or Path(value).is_dir():
+            return value
+        from hermes.embed import resolve_model
+
+        return str(resolve_model(value))
+
+    @property
     def stages(self) -> list[dict[str, Any]]:
         """The teacher's stage stack (with a fixed stage's class names)."""
         return self.m.get("stages") or [{"kind": "learned"} for _ in LEVEL_KEYS]
@@ -229,7 +240,8 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
         fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
         t = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
         stack = _teacher_stack(con)
-        encoders = [json.loads(r[0]).get("encoder") for r in con.execute("SELECT embedding FROM substrates").fetchall()]
+        embeddings = [json.loads(r[0]) for r in con.execute("SELECT embedding FROM substrates").fetchall()]
+        encoders = [e.get("encoder") for e in embeddings]
     finally:
         con.close()
     if len(fps) != 1:
@@ -239,13 +251,16 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
                           f"'embedding.encoder')", hint="label more data with `hermes label --substrate`; distill "
                                                         "a transformer store")
     teacher = load_for_store(db, substrate) if student == "linear" else None
+    info = store_info(db)
+    # what counted n_tokens in the teacher's store: its --tokenizer, else its embedding model's tokenizer
+    counted_with = info.get("tokenizer") if info.get("tokenizer") not in (None, "the embedding model's") \
+        else embeddings[0].get("model")
     rng = random.Random(seed)
     rows = list(range(t.num_rows))
     if len(rows) > sample:
         rows = sorted(rng.sample(rows, sample))
     ids = t.column("doc_id").take(rows).to_pylist()
     codes = np.stack([t.column(c).take(rows).to_numpy() for c in ("c1", "c2", "c3")], axis=1)
-    info = store_info(db)
     say(f"distill: reading the text of {len(ids):,} documents")
     found = lookup(corpus or info.get("inputs", []), info_fields(info), set(ids))
     docs = [(d, found[d]["text"], c) for d, c in zip(ids, codes) if d in found]
@@ -271,7 +286,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
                 "teacher": fps[0], "hermes_version": __version__,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
                 "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
-                "classes": classes, **extra, "agreement": {}, "stages": stack,
+                "classes": classes, **extra, "agreement": {}, "stages": stack, "n_tokens_tokenizer": counted_with,
                 "files": {name: file_sha256(tmp / name) for name in files}}
     manifest["fingerprint"] = hashlib.sha256(json.dumps(
         {"teacher": fps[0], "student": student, "settings": settings, "files": manifest["files"]},

@@ -19,7 +19,9 @@ an optional epoch cap, after which the remainder is spread over the cells below 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,7 +127,10 @@ class MixSpec:
         return self
 
     def name(self) -> str:
-        return (f"L{self.level}-{self.rule}-to-L{self.m}-{self.sampler}-{self.eligible}").replace(":", "")
+        """A folder name for the mixture: one path component (a weights file shows by its stem)."""
+        rule = parse_rule(self.rule)
+        text = f"weights-{Path(rule.path).stem}" if rule.kind == "weights" else self.rule
+        return re.sub(r"[^A-Za-z0-9._-]", "", f"L{self.level}-{text}-to-L{self.m}-{self.sampler}-{self.eligible}")
 
 
 # --------------------------------------------------------------------------- Stage 1
@@ -460,6 +465,10 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
             warnings.append(f"{len(missing)} of {len(names)} L{L} cells are not in the {external_source} "
                             f"and get weight 0 (e.g. {', '.join(missing[:5])})")
     w_L = stage1_weights(tok_L, rule, budget, ext)
+    over_cap = rule.kind == "unimax" and budget > rule.param * tok_L.sum()
+    if over_cap:
+        warnings.append(f"unimax:{rule.param:g}: the budget is {budget / tok_L.sum():.2f} passes over the corpus, "
+                        f"more than {rule.param:g}; every cell is repeated beyond the cap")
     w_M, stranded = stage2_weights(parent, w_L, elig_tok, spec.sampler)
     if stranded.sum() > 0:
         warnings.append(f"{int((stranded > 0).sum())} L{L} cells with {stranded.sum():.1%} of the weight have no "
@@ -485,6 +494,8 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
              "epochs": np.divide(targets, elig_tok, out=np.zeros(len(uM)), where=elig_tok > 0)}
     diag = diagnostics(docs, spec, repeats, cells, budget, w_L, {lv: inv for lv, (_, inv) in cells_at.items()})
     warnings += diag.pop("_warnings")
+    if rule.kind == "unimax":
+        diag["stage1"]["unimax_cap_exceeded"] = bool(over_cap)
     return Mixture(spec=spec, cells=cells, repeats=repeats, diagnostics=diag, warnings=warnings)
 
 

@@ -205,7 +205,9 @@ class Stages:
 def stages_for(cfg: Config, substrate) -> Stages:
     """The stages that label with `substrate`: its embedding settings and its own stage stack."""
     if getattr(substrate, "kind", "") != "embedding":      # a distilled substrate reads text only
-        return Stages(cfg, stack=substrate.stages if substrate.fixed else None)
+        counted_with = cfg.tokenizer or substrate.n_tokens_tokenizer     # count n_tokens as its teacher did
+        return Stages(cfg.replace(tokenizer=counted_with) if counted_with else cfg,
+                      stack=substrate.stages if substrate.fixed else None)
     return Stages(cfg, embedding=substrate.embedding, stack=substrate.stages, encoder_dir=substrate.encoder_dir)
 
 

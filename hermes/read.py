@@ -541,24 +541,27 @@ def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
 
 
 def check_fields(shards: list[Shard], fields: Fields, probe: int = 1000) -> None:
-    """Fail early, before anything is written, when the text field is in none of the first records."""
+    """Fail early, before anything is written, when a shard's first records have no text field
+    (each shard is read only until a record has it)."""
     for shard in shards:
         if shard.fmt == "text":
-            return
+            continue
         seen: dict[str, int] = {}       # field -> total characters of its string values
         n = 0
+        found = False
         for _, rec, _ in raw_records(shard):
             if rec is None:
                 continue
             n += 1
             if get_path(rec, fields.text)[0]:
-                return
+                found = True
+                break
             for name in field_names(rec):
                 value = get_path(rec, name)[1]
                 seen[name] = seen.get(name, 0) + (len(value) if isinstance(value, str) else 0)
             if n >= probe:
                 break
-        if n:
+        if n and not found:
             longest = max(seen, key=seen.get) if seen and max(seen.values()) > 0 else None
             raise HermesError(
                 f"{shard.path}: no record has the text field '{fields.text}' "

@@ -74,6 +74,20 @@ def test_label_with_the_substrate_reproduces_the_codes_and_resumes(e2e, tmp_path
     assert r.exit_code == 0 and marker.stat().st_mtime_ns == before
 
 
+def test_label_refuses_a_config_that_sets_fit_settings(e2e, tmp_path):
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text("quality: heuristic\nseed: 3\nstages: [learned, learned, learned]\n")
+    r = invoke("label", e2e["corpus"], "--substrate", e2e["out"] / "substrate", "--out", tmp_path / "o",
+               "--config", cfg, "--quiet")
+    assert r.exit_code == 1
+    assert "label.yaml: seed, stages are settings of `hermes fit`; a label run uses its substrate's" in r.stderr
+    assert not (tmp_path / "o").exists()
+    cfg.write_text("quality: heuristic\n")                    # reading and quality settings are the label run's
+    r = invoke("label", e2e["corpus"], "--substrate", e2e["out"] / "substrate", "--out", tmp_path / "o",
+               "--config", cfg, "--quiet")
+    assert r.exit_code == 0, r.output
+
+
 def test_label_refuses_a_damaged_substrate(e2e, tmp_path):
     bad = tmp_path / "substrate"
     shutil.copytree(e2e["out"] / "substrate", bad)

@@ -35,6 +35,7 @@ def test_unknown_keys_are_named(tmp_path):
 @pytest.mark.parametrize("text, message", [("dtype: fp8\n", "dtype = 'fp8' is not one of"),
                                            ("batch_size: 0\n", "batch_size must be a positive integer"),
                                            ("codebook_size: 1\n", "codebook_size must be an integer >= 2 or null"),
+                                           ("device: gpu\n", "device = 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"),
                                            ("codebook_sizes: [8, 8]\n", "codebook_sizes must be a list of 3"),
                                            ("codebook_size: 8\ncodebook_sizes: [8, 8, 8]\n", "are both set"),
                                            ("stages: [source, learned, learned]\ncodebook_sizes: [8, 8, 8]\n",

@@ -297,3 +297,37 @@ def test_a_chosen_stage_feeds_its_codeword_to_the_residual_of_the_next():
     U2 = q.codebooks_[1] / np.linalg.norm(q.codebooks_[1], axis=1, keepdims=True)
     assert np.array_equal(codes[:, 1], np.argmax((X - q.codebooks_[0][3]) @ U2.T, axis=1))
     assert not np.array_equal(codes, q.encode(X))                    # the argmax would not have chosen 3 everywhere
+
+
+def test_distilled_labeling_counts_tokens_as_its_teacher_did(sample_records, tmp_path):
+    """A teacher store counted n_tokens with its own --tokenizer (here a cased copy of the model's,
+    which counts differently); labeling with its distilled substrate counts the same way."""
+    from hermes.embed import TokenCounter, resolve_model
+
+    src, cased = resolve_model("all-MiniLM-L6-v2"), tmp_path / "cased"
+    cased.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, cased / name)
+    config = json.loads((cased / "tokenizer_config.json").read_text())
+    (cased / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    tok = json.loads((cased / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False
+    (cased / "tokenizer.json").write_text(json.dumps(tok))
+    texts = [r["text"] for r in sample_records[:200]]
+    assert (TokenCounter(cased).count(texts) != TokenCounter(src).count(texts)).any()
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:200])
+    r = invoke("run", corpus, "--out", tmp_path / "teacher", "--tokenizer", cased, "--codebook-sizes", "4,2,2",
+               "--max-length", "64", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = invoke("distill", "--db", tmp_path / "teacher" / "labels.duckdb", "--out", tmp_path / "fast", "--student",
+               "fasttext", "--epochs", "2", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = invoke("label", corpus, "--substrate", tmp_path / "fast", "--out", tmp_path / "out", "--quiet")
+    assert r.exit_code == 0, r.output
+    counts = []
+    for db in (tmp_path / "teacher" / "labels.duckdb", tmp_path / "out" / "labels.duckdb"):
+        con = duckdb.connect(str(db), read_only=True)
+        counts.append(dict(con.execute("SELECT doc_id, n_tokens FROM labels").fetchall()))
+        con.close()
+    assert counts[0] == counts[1]

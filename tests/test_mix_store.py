@@ -163,3 +163,15 @@ def test_quickstart_mixture_on_the_bundled_sample_has_usable_pools(tmp_path):
     d = json.loads(r.stdout)
     assert d["diagnostics"]["pool"]["median_eligible_docs"] >= 10
     assert not any("small candidate pools" in w for w in d["warnings"])
+
+
+def test_compare_with_a_weights_file_writes_one_folder_per_mixture(e2e, tmp_path):
+    cells = api.cells(e2e["db"], 1).to_pylist()
+    wfile = tmp_path / "deep" / "er" / "w.csv"
+    wfile.parent.mkdir(parents=True)
+    wfile.write_text("cell,weight\n" + "\n".join(f"{c['cell']},1" for c in cells) + "\n")
+    api.compare(e2e["db"], levels=[1], rules=["natural", f"weights:{wfile}"], samplers=["proportional"],
+                eligible=["all"], out=tmp_path / "cmp")
+    folders = sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir())
+    assert folders == ["L1-natural-to-L1-proportional-all", "L1-weights-w-to-L1-proportional-all"]
+    assert (tmp_path / "cmp" / folders[1] / "mixture.json").is_file()

@@ -259,3 +259,15 @@ def test_each_cells_expected_tokens_are_its_target():
     assert abs(z.sum() / np.sqrt(len(z))) <= 3.5
     total = got.sum(axis=1)
     assert abs(total.mean() - target.sum()) <= 3.5 * total.std() / np.sqrt(len(total)) + 1e-6
+
+
+def test_unimax_over_its_epoch_cap_warns_and_says_so_in_the_diagnostics():
+    docs = random_docs(1, n=300)
+    total = int(docs.n_tokens.sum())
+    within = make_mixture(docs, MixSpec(rule="unimax:2", budget_tokens=total))
+    assert within.diagnostics["stage1"]["unimax_cap_exceeded"] is False
+    assert not any("beyond the cap" in w for w in within.warnings)
+    over = make_mixture(docs, MixSpec(rule="unimax:2", budget_tokens=3 * total))
+    assert over.diagnostics["stage1"]["unimax_cap_exceeded"] is True
+    assert any("3.00 passes over the corpus, more than 2" in w for w in over.warnings)
+    assert over.repeats.max() >= 3

@@ -169,3 +169,17 @@ def test_large_files_are_cut_into_row_ranges_that_read_the_same(tmp_path):
     assert len(parts) == 4
     docs = [d for s in parts for t, _ in read_shard(s, Fields(), 16) for d in t.to_pylist()]
     assert [d["doc_id"] for d in docs] == [f"big.parquet:{i + 1}" for i in range(200)]
+
+
+@pytest.mark.parametrize("first", ["jsonl", "txt"])
+def test_every_shard_is_checked_for_the_text_field(tmp_path, first):
+    """A good first shard (records with `text`, or a .txt folder) does not hide a later one without it."""
+    if first == "txt":
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "one.txt").write_text("a plain text document")
+        good = tmp_path / "a"
+    else:
+        good = write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "fine"}])
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"id": 2, "body": "no text field here"}])
+    with pytest.raises(HermesError, match=r"b\.jsonl: no record has the text field 'text' \(fields found: id, body\)"):
+        check_fields(discover([str(good), str(bad)]), Fields())
