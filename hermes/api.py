@@ -20,6 +20,7 @@ from hermes.read import Shard, check_fields, discover
 from hermes.store import LEVELS, build_store
 from hermes.store import query as _query
 from hermes.static import is_static_encoder
+from hermes.distill import load_labeler
 from hermes.substrate import Substrate
 
 SAMPLE = "sample.jsonl.gz"
@@ -267,7 +268,7 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
     if isinstance(config, (str, Path)):
         refuse_fit_keys(config)
     cfg = _config(config, overrides)
-    sub = Substrate.load(substrate)
+    sub = load_labeler(substrate)
     if getattr(sub, "static", False):
         sub.embedder().setup()      # a damaged or swapped encoder fails here, before anything is written
     _check_stack(sub, cfg)
@@ -453,7 +454,8 @@ def optimize(candidates: str | Path | None, losses: str | Path, out: str | Path,
     else:
         mix, y = proxy.table_runs(Path(weights), Path(losses), target, run_column)
         center, level = None, None
-    ranking = (Path(rank), Path(rank_out), Path(rank_losses) if rank_losses else None, target) if rank else None
+    ranking = (Path(rank), Path(rank_out), Path(rank_losses) if rank_losses else None, target,
+               run_column) if rank else None
     return proxy.optimize(mix, y, Path(out), center=center, model=model, n_search=n_search, seed=seed,
                           level=level, rank_mixtures=ranking)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from hermes import __version__
+from hermes._version import __version__
 from hermes.errors import HermesError
 
 app = typer.Typer(
@@ -138,7 +138,8 @@ SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or 
 
 
 CodebookSizeOpt = typer.Option(None, "--codebook-size", help="Codewords at every learned stage (at most fit sample "
-                               "// 39). Default: the size rule, from the corpus size (see the README).")
+                               "// min_points_per_code). Default: the size rule, from the corpus size (see "
+                               "the README).")
 CodebookSizesOpt = typer.Option(None, "--codebook-sizes", help="Codewords per stage, e.g. 32,16,64 ('-' for a fixed "
                                 "stage). Default: the size rule.")
 
@@ -484,7 +485,9 @@ def mix(
                                                                               "of the store)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the document draw."),
     max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Cap on repeats per cell; the rest "
-                                                                          "goes to the other cells."),
+                                                                          "goes to the other cells. A budget "
+                                                                          "beyond the cap is refused, naming the "
+                                                                          "largest feasible one."),
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
     """One mixture: a Stage-1 rule over level-L cells, a Stage-2 sampler inside each of them down to
@@ -676,8 +679,11 @@ def optimize(
                        f"{'n/a' if s is None else f'{s:.3f}'}; the predicted best measured "
                        f"{b['measured_loss']:.4g}, rank {b['measured_rank']} of {k['runs']} "
                        f"(best {b['best_measured_loss']:.4g})")
-    level = f" --level {r['level']}" if r["level"] else ""
-    typer.echo(f"  wrote {r['weights']}; use it with: hermes mix --rule weights:{r['weights']}{level} ...")
+    if r["level"]:          # weights by cell of a store: ready for the weights rule
+        typer.echo(f"  wrote {r['weights']}; use it with: hermes mix --rule weights:{r['weights']} "
+                   f"--level {r['level']} ...")
+    else:                   # weights by the tables' columns (domains, say)
+        typer.echo(f"  wrote {r['weights']} (weight by column of --weights)")
 
 
 @app.command(name="eval")

@@ -171,6 +171,19 @@ def _validate(values: dict[str, Any], origin: str) -> None:
                 raise HermesError(f"{origin}: {key} must be a positive integer, got {v!r}")
 
 
+def _one_size_setting(layer: dict[str, Any], below: dict[str, Any], origin: str) -> None:
+    """codebook_size and codebook_sizes are two ways to set one thing: a layer may set one of them,
+    which then replaces whichever a lower layer (defaults, a config file) set."""
+    size, sizes = layer.get("codebook_size"), layer.get("codebook_sizes")
+    if size is not None and sizes is not None:
+        raise HermesError(f"{origin}: codebook_size = {size} and codebook_sizes = {sizes} are both set",
+                          hint="set one: a size for every learned stage, or one per stage")
+    if size is not None:
+        below["codebook_sizes"] = None
+    if sizes is not None:
+        below["codebook_size"] = None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 base: Config | None = None) -> Config:
     """Defaults, then the file at `path`, then `overrides` (None values are ignored)."""
@@ -185,10 +198,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _validate(file_values, str(p))
         if isinstance(file_values.get("lst_weights"), dict):    # a partial mapping overrides only its keys
             file_values["lst_weights"] = {**values.get("lst_weights", {}), **file_values["lst_weights"]}
+        _one_size_setting(file_values, values, str(p))
         values.update(file_values)
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
         _validate(given, "command line")
+        _one_size_setting(given, values, "command line")
         values.update(given)
     if values.get("quality") == "field" and not values.get("quality_field"):
         raise HermesError("quality = field needs quality_field, the record field that holds the score",
@@ -196,16 +211,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if values.get("quality") == "fasttext" and not values.get("quality_model"):
         raise HermesError("quality = fasttext needs quality_model, a fastText .bin file",
                           hint="pass --quality-model FILE (and --quality-label, default __label__hq)")
-    if values.get("codebook_size") is not None and values.get("codebook_sizes") is not None:
-        raise HermesError(f"codebook_size = {values['codebook_size']} and codebook_sizes = {values['codebook_sizes']} "
-                          f"are both set", hint="set one: a size for every learned stage, or one per stage")
     sizes, stack = values.get("codebook_sizes"), values.get("stages")
     if sizes is not None and stack is not None:
         for i, (k, st) in enumerate(zip(sizes, stack)):
             kind = st["kind"] if isinstance(st, dict) else st
             if (kind == "learned") != (k is not None):
-                raise HermesError(f"codebook_sizes[{i}] = {k!r}: stage {i + 1} is {kind}; give a size for each "
-                                  f"learned stage and null for a fixed one (its size is its number of classes)")
+                raise HermesError(f"codebook_sizes[{i}] = {'null' if k is None else k}: stage {i + 1} is {kind}; "
+                                  f"give a size for each learned stage and null ('-' on the command line) for a "
+                                  f"fixed one (its size is its number of classes)")
     missing = sorted({f.name for f in fields(Config)} - set(values))
     if missing:
         raise HermesError(f"configuration lacks key(s): {', '.join(missing)}")

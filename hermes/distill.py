@@ -45,11 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from hermes import __version__
+from hermes._version import __version__
 from hermes.errors import HermesError
 from hermes.fasttext_quality import _fasttext, normalise, train_supervised
 from hermes.stages import file_sha256
 from hermes.static import context_vectors, tokenizer_threads
+from hermes.substrate import FORMAT, FORMAT_VERSION, Substrate, load_for_store, read_manifest
 
 LEVEL_KEYS = ("l1", "l12", "l123")
 TOP_K = 20
@@ -159,7 +160,7 @@ class DistilledSubstrate:
         return out
 
     def _encode_linear(self, texts: list[str], fixed: dict[int, np.ndarray] | None) -> np.ndarray:
-        from hermes.transform import normalize
+        from hermes.vectors import unit_rows
 
         m = self._models
         ids = m["bags"].ids(texts)
@@ -171,7 +172,7 @@ class DistilledSubstrate:
             h = np.asarray(X @ m[f"W{suffix}"]) + S @ m[f"W_static{suffix}"] + m[f"b{suffix}"]
             if XP is not None:
                 h += np.asarray(XP @ m[f"W_pairs{suffix}"])
-            return normalize(h.astype(np.float32))
+            return unit_rows(h.astype(np.float32))
 
         codes = m["quantizer"].encode(predict(), fixed=fixed, choose=m["choose"])
         if "W_fine" in m:      # the stages after the first learned one quantize the finer prediction
@@ -187,6 +188,19 @@ class DistilledSubstrate:
                                    "max_length": None},
                 "transform": {"kind": "distilled", "student": self.student},
                 "rvq": {"sizes": m["classes"], "kind": self.student}, "fit_sample_size": self.fit_sample_size}
+
+
+def load_labeler(path: str | Path) -> "Substrate | DistilledSubstrate":
+    """What `hermes label` labels with: an embedding substrate or a distilled labeler folder."""
+    path = Path(path)
+    m = read_manifest(path)
+    if m.get("kind") != "distilled":
+        return Substrate.load(path)
+    if m.get("format_version") != FORMAT_VERSION:
+        raise HermesError(f"{path / 'manifest.json'}: distilled labeler format_version {m.get('format_version')} was "
+                          f"written by hermes {m.get('hermes_version')}; this hermes {__version__} reads version "
+                          f"{FORMAT_VERSION}", hint="run `hermes distill` again with this version of hermes")
+    return load(path, m)
 
 
 def load(path: Path, manifest: dict[str, Any]) -> DistilledSubstrate:
@@ -220,7 +234,6 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
             progress=None) -> dict[str, Any]:
     from hermes.read import lookup
     from hermes.store import connect, info_fields, store_info
-    from hermes.substrate import FORMAT, FORMAT_VERSION, load_for_store
 
     if student not in STUDENTS:
         raise HermesError(f"unknown student '{student}'", hint=f"valid: {', '.join(STUDENTS)}")
@@ -497,10 +510,10 @@ def _static_part(X, static: np.ndarray, context: np.ndarray | None = None) -> np
     """The document's static vector: the tf-idf-weighted sum of its tokens' static vectors, of unit
     length; with `context`, the same sum of its tokens' context vectors (_context_vectors) beside
     it. It reaches every token of the vocabulary, seen in training or not."""
-    from hermes.transform import normalize
+    from hermes.vectors import unit_rows
 
     parts = [static] if context is None else [static, context]
-    return np.hstack([normalize(np.asarray(X @ v, dtype=np.float32)) for v in parts])
+    return np.hstack([unit_rows(np.asarray(X @ v, dtype=np.float32)) for v in parts])
 
 
 def _context_vectors(encoder, texts: list[str], static: np.ndarray, say) -> tuple[np.ndarray, dict[str, Any]]:
@@ -530,7 +543,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
                   max_system: int | None = None) -> tuple[dict, dict]:
     import scipy.sparse as sp
 
-    from hermes.transform import normalize
+    from hermes.vectors import unit_rows
 
     s = {**LINEAR_SETTINGS, **({"max_system": int(max_system)} if max_system is not None else {})}
     H = _teacher_points(teacher, db, train, say)
@@ -565,7 +578,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
               **({} if context is None else {"context": context.astype(np.float16)}),
               **_weights(W_terms, W_static * s["static_scale"], b, keep, static.shape[0])}
     P = np.asarray(Xk @ W_terms) + D @ W_static + b
-    fit = float(np.mean(np.sum(normalize(P) * H, axis=1)))
+    fit = float(np.mean(np.sum(unit_rows(P) * H, axis=1)))
     settings = {**s, "window": window,
                 "features": "teacher tokenizer, window; tokens, adjacent token pairs, static "
                             + ("and context vectors" if context is not None else "vectors"),
@@ -622,9 +635,9 @@ class DecisionRule:
         self.W, self.b = np.asarray(W, dtype=np.float32), np.asarray(b, dtype=np.float32)
 
     def __call__(self, R: np.ndarray) -> np.ndarray:
-        from hermes.transform import normalize
+        from hermes.vectors import unit_rows
 
-        return np.argmax(normalize(R) @ self.W.T + self.b, axis=1)
+        return np.argmax(unit_rows(R) @ self.W.T + self.b, axis=1)
 
 
 def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codebooks: list, stage: int, tmp: Path,
@@ -634,7 +647,7 @@ def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codeboo
     The targets are the teacher's codes. Multinomial logistic regression, its weights penalised
     towards the teacher's rule; the penalty is chosen on a fifth of the documents held out, then
     the rule is refitted on all of them."""
-    from hermes.transform import normalize
+    from hermes.vectors import unit_rows
 
     ds = DECISION_SETTINGS
     n, k = len(H), ds["folds"]
@@ -645,11 +658,11 @@ def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codeboo
         fit, out = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         W, W_static, b = _ridge(Xs[fit], D[fit], H[fit], LINEAR_SETTINGS["alpha"])
         P[out] = np.asarray(Xs[out] @ W) + D[out] @ W_static + b
-    R = normalize(P)
+    R = unit_rows(P)
     for s in range(stage):                        # the fixed stages before it: the document's own codes
         R -= np.asarray(codebooks[s], dtype=np.float32)[codes[:, s]]
-    R, y = normalize(R), codes[:, stage]
-    prior = ds["scale"] * normalize(np.asarray(codebooks[stage], dtype=np.float32))
+    R, y = unit_rows(R), codes[:, stage]
+    prior = ds["scale"] * unit_rows(np.asarray(codebooks[stage], dtype=np.float32))
     teacher_rule = DecisionRule(prior, np.zeros(len(prior)))
     val = fold == 0                                # a fifth, as a fold: every fold's errors are alike
     scores = {}

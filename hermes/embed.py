@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hermes.errors import HermesError
+from hermes.vectors import unit_rows
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 
@@ -206,7 +207,7 @@ class Embedder:
         if sums is None:
             sums = torch.zeros((vocab, self.dim_), dtype=torch.float64)
         if pooled is not None:
-            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            pooled = unit_rows(pooled)
             return sums.numpy(), counts.numpy(), pooled
         return sums.numpy(), counts.numpy()
 

@@ -20,11 +20,11 @@ class _ShardLabeler:
     """A Ray Data actor: loads the substrate and the models once, then labels shard after shard."""
 
     def __init__(self, config: dict, root: str):
+        from hermes.distill import load_labeler
         from hermes.pipeline import stages_for
-        from hermes.substrate import Substrate
 
         self.layout = Layout(Path(root))
-        self.substrate = Substrate.load(self.layout.substrate)
+        self.substrate = load_labeler(self.layout.substrate)
         self.stages = stages_for(Config(**config), self.substrate)
 
     def __call__(self, batch: dict) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 from hermes.errors import HermesError
 from hermes.read import lookup
 from hermes.store import connect, info_fields, store_info
+from hermes.vectors import unit_rows
 
 LEVEL_NAMES = {1: "L1", 2: "L12", 3: "L123"}
 
@@ -64,7 +65,7 @@ def structure_metrics(cells: np.ndarray, E: np.ndarray, neighbours: np.ndarray) 
     n_cells = int(cells.max()) + 1
     centroids = np.zeros((n_cells, E.shape[1]))
     np.add.at(centroids, cells, E)
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    centroids = unit_rows(centroids)
     return {"cells": int(len(sizes)), "effective_cells": round(math.exp(h), 2), "entropy": round(h, 4),
             "gini": round(gini(sizes), 4),
             "mean_cos_to_centroid": round(float(np.einsum("ij,ij->i", E, centroids[cells]).mean()), 4),
@@ -132,7 +133,7 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
     fixed = {i: codes[:, i].astype(np.int64) for i in sub.fixed}      # a fixed stage's codes are given
     if not np.array_equal(sub.quantizer.encode(H, fixed=fixed), codes):
         say("eval: note: re-encoding the sample does not give the stored codes exactly")
-    E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+    E = unit_rows(E)
 
     say(f"eval: {len(ids):,} documents; neighbours, baselines")
     neighbours = knn(E)

@@ -20,6 +20,7 @@ afterwards is the quantizer's fixed argmax per stage (beam 1).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from hermes.errors import NotFittedError
 from hermes.rvq import ResidualQuantizer
-from hermes.transform import normalize
+from hermes.vectors import unit_rows
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,22 @@ class LSTSettings:
 
 
 class LearnedSemanticTransform:
+    """Fit with `fit(X)`: W, b and the codebooks of `quantizer` are trained together; the learned
+    state is `W_`, `b_`, `quantizer_` (a trained copy of `quantizer`) and `history_` (loss per epoch)."""
+
     kind = "lst"
 
-    def __init__(self, settings: LSTSettings = LSTSettings()):
+    def __init__(self, settings: LSTSettings = LSTSettings(), quantizer: ResidualQuantizer | None = None,
+                 seed: int = 0):
         self.settings = settings
+        self.quantizer = quantizer
+        self.seed = seed
 
     # -- the transform interface (see hermes.transform) ---------------------------------
     def transform(self, X: np.ndarray) -> np.ndarray:
         if not hasattr(self, "W_"):
             raise NotFittedError("this LearnedSemanticTransform is not fitted yet")
-        return normalize(np.asarray(X, dtype=np.float32) @ self.W_.T + self.b_)
+        return unit_rows(np.asarray(X, dtype=np.float32) @ self.W_.T + self.b_)
 
     def params(self) -> dict:
         return {"kind": self.kind, **self.settings.__dict__}
@@ -71,36 +78,47 @@ class LearnedSemanticTransform:
         t.b_ = arrays["b"].astype(np.float32)
         return t
 
-    def fit(self, X: np.ndarray) -> "LearnedSemanticTransform":
-        raise TypeError("the LST is fitted together with its codebooks: use fit_lst_rvq()")
+    def fit(self, X: np.ndarray, fixed: dict[int, np.ndarray] | None = None,
+            progress: Callable[[str], None] | None = None) -> "LearnedSemanticTransform":
+        """Train on X (unit-norm embeddings). `fixed` gives the class index per row of X for each
+        fixed stage of the quantizer: such a stage takes those codes instead of the argmax, its
+        codewords follow the EMA of its classes' residuals like any other (never reset), and at the
+        end they are the exact class means of the residuals in the final transformed space."""
+        from hermes.rvq import assign, class_means
+
+        if self.quantizer is None:
+            raise ValueError("an LST is fitted with a quantizer: LearnedSemanticTransform(settings, quantizer)")
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        fixed = {s: np.asarray(c, dtype=np.int64) for s, c in (fixed or {}).items()}
+        quantizer = copy.deepcopy(self.quantizer)
+        self.W_, self.b_, self.history_ = _train_jointly(X, quantizer, self.settings, self.seed, progress, fixed)
+        if fixed:
+            R = self.transform(X)
+            for si, C in enumerate(quantizer.codebooks_):
+                if si in fixed:
+                    C = quantizer.codebooks_[si] = class_means(R, fixed[si], len(C))
+                    R -= C[fixed[si]]
+                else:
+                    R -= C[assign(R, C)[0]]
+        quantizer.n_fit_ = len(X)
+        self.quantizer_ = quantizer
+        return self
 
     def orthogonality_error(self) -> float:
         W = self.W_.astype(np.float64)
         return float(np.abs(W.T @ W - np.eye(len(W))).max())
 
 
-def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettings = LSTSettings(),
-                seed: int = 0, progress: Callable[[str], None] | None = None,
-                fixed: dict[int, np.ndarray] | None = None
-                ) -> tuple[LearnedSemanticTransform, ResidualQuantizer, list[dict]]:
-    """Train W, b and the codebooks together on X (unit-norm embeddings). Returns the fitted
-    transform, the quantizer holding the trained codebooks, and the per-epoch loss history.
-
-    `fixed` gives the class index per row of X for each fixed stage of the quantizer: such a stage
-    takes those codes instead of the argmax, its codewords follow the EMA of its classes' residuals
-    like any other (never reset), and at the end they are set to the exact class means of the
-    residuals in the final transformed space."""
+def _train_jointly(X: np.ndarray, quantizer: ResidualQuantizer, s: LSTSettings, seed: int,
+                   progress: Callable[[str], None] | None, fixed: dict[int, np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The training loop: returns W, b and the loss history; leaves the trained codebooks in
+    `quantizer` (which it first fits, as their k-means initialisation)."""
     import torch
-
-    from hermes.rvq import assign, class_means
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    X = np.ascontiguousarray(X, dtype=np.float32)
     n, d = X.shape
-    s = settings
-
-    fixed = {s_: np.asarray(c, dtype=np.int64) for s_, c in (fixed or {}).items()}
     quantizer.fit(X, fixed=fixed)         # k-means initialisation on the initial h = e
     fixed_t = {s_: torch.from_numpy(c) for s_, c in fixed.items()}
     books = [torch.from_numpy(c.copy()) for c in quantizer.codebooks_]
@@ -187,17 +205,5 @@ def fit_lst_rvq(X: np.ndarray, quantizer: ResidualQuantizer, settings: LSTSettin
             if stale >= s.patience:
                 break
 
-    lst = LearnedSemanticTransform(s)
-    lst.W_ = W.detach().numpy().astype(np.float32)
-    lst.b_ = b.detach().numpy().astype(np.float32)
     quantizer.codebooks_ = [c.numpy().astype(np.float32) for c in books]
-    if fixed:
-        R = lst.transform(X)
-        for si, C in enumerate(quantizer.codebooks_):
-            if si in fixed:
-                C = quantizer.codebooks_[si] = class_means(R, fixed[si], len(C))
-                R -= C[fixed[si]]
-            else:
-                R -= C[assign(R, C)[0]]
-    quantizer.n_fit_ = n
-    return lst, quantizer, history
+    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32), history

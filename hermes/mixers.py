@@ -356,9 +356,6 @@ def balanced_round(p: np.ndarray, size: np.ndarray, rng: np.random.Generator,
     return out
 
 
-FILL_ROUNDS = 1000      # a cell's gap is filled by at most this many passed-over-and-later documents
-
-
 def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
          targets: np.ndarray, rng: np.random.Generator, group: np.ndarray | None = None) -> np.ndarray:
     """Repeats per document so that each cell's selected tokens are within one document of its
@@ -386,22 +383,30 @@ def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.nd
     before = csum - tt - np.concatenate([[0.0], csum])[starts][cc]
     take = before + tt <= rest[cc] + 1e-9                     # the prefix that fits
     gap = rest - np.bincount(cc, weights=tt * take, minlength=n_cells)
-    # the fill: in priority order, the first document left that fits each cell's gap, round by round
-    # (a document that does not fit now never will: gaps only shrink)
+    # the fill, as a walk in priority order that takes each document that still fits, done in rounds:
+    # each round takes, per cell, the longest run of the documents that fit its gap whose sum fits;
+    # the first one after that run overshoots and is passed over (as is every document that does not
+    # fit now: gaps only shrink), and the next round goes on from there. Each round takes at least
+    # one document per cell still open, so the loop ends.
     cand = np.flatnonzero(~take & (gap[cc] > 1e-9))
     fit = cand
-    for _ in range(FILL_ROUNDS):
+    while True:
         fit = fit[~take[fit] & (tt[fit] <= gap[cc[fit]] + 1e-9)]
         if not len(fit):
             break
-        first = fit[np.unique(cc[fit], return_index=True)[1]]  # sorted by (cell, priority): first per cell
-        take[first] = True
-        gap[cc[first]] -= tt[first]
-    # the smallest document left per cell with a gap (first in priority order among equals)
+        c = cc[fit]
+        run = np.cumsum(tt[fit])
+        first = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        run -= np.repeat(run[first] - tt[fit][first], np.diff(np.r_[first, len(fit)]))
+        chosen = fit[run <= gap[c] + 1e-9]         # the run's sums only grow: a prefix per cell
+        take[chosen] = True
+        gap -= np.bincount(cc[chosen], weights=tt[chosen], minlength=n_cells)
+    # the smallest document left per cell with a gap (first in priority order among equals); every
+    # document left is larger than the gap, so its probability is below 1
     left = cand[~take[cand] & (gap[cc[cand]] > 1e-9)]
     left = left[np.lexsort((left, tt[left], cc[left]))]
     last = left[np.unique(cc[left], return_index=True)[1]]
-    frac = np.minimum(gap[cc[last]] / tt[last], 1.0)
+    frac = gap[cc[last]] / tt[last]
     g = None if group is None else group[cc[last]]
     take[last[balanced_round(frac, tt[last], rng, g)]] = True
     reps = full[cc] + take
@@ -476,16 +481,21 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
         w_M = w_M / w_M.sum()
     if spec.max_epochs is not None:
         feasible = spec.max_epochs * float(elig_tok[w_M > 0].sum())
-        if budget > feasible:
+        if budget > feasible and spec.budget_tokens:
             raise HermesError(f"--budget-tokens {budget:,.0f} is more than these cells hold under --max-epochs "
                               f"{spec.max_epochs:g}: the largest feasible budget is {math.floor(feasible):,} tokens",
                               hint="lower the budget, or raise or drop --max-epochs")
+        if budget > feasible:       # the default budget (every token of the store): as much as the cap allows
+            warnings.append(f"the default budget (all {budget:,.0f} tokens of the store) is more than the eligible "
+                            f"documents hold under --max-epochs {spec.max_epochs:g}; the budget is "
+                            f"{math.floor(feasible):,} tokens")
+            budget = float(math.floor(feasible))
     targets, capped = cap_epochs(w_M, elig_tok, budget, spec.max_epochs)
     if capped.any():
         warnings.append(f"{int(capped.sum())} cells hit the cap of {spec.max_epochs:g} epochs; "
                         f"their remainder went to the other cells")
     repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets,
-                   np.random.default_rng([spec.seed, 0x5BD1E995]), parent)
+                   np.random.default_rng([spec.seed & 0xFFFFFFFFFFFFFFFF, 0x5BD1E995]), parent)
 
     sel_tok = np.bincount(cell_M, weights=tokens * repeats, minlength=len(uM))
     cells = {"key": uM, "parent": parent, "stage1_weight": w_L[parent], "weight": w_M,

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hermes import __version__
+from hermes._version import __version__
 from hermes.errors import HermesError
 from hermes.mixers import CODE_BITS, Docs, Mixture, MixSpec, key_text, make_mixture, parse_rule
 from hermes.store import LEVELS, connect, key_sql, stage_names

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hermes import __version__
+from hermes._version import __version__
 from hermes.config import Config
 from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
 from hermes.errors import HermesError
@@ -617,16 +617,17 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
                                   iters=cfg.kmeans_iters, seed=cfg.seed, fixed=n_classes)
     training: dict = {"codebook_rule": rule, "corpus_docs": total}
     if cfg.transform == "lst":
-        from hermes.lst import LSTSettings, fit_lst_rvq
+        from hermes.lst import LearnedSemanticTransform, LSTSettings
 
         w = cfg.lst_weights
         lst_settings = LSTSettings(epochs=cfg.lst_epochs, max_steps=cfg.lst_max_steps, batch_size=cfg.lst_batch_size,
                                    lr=float(cfg.lst_lr), w_structure=float(w["structure"]),
                                    w_reconstruction=float(w["reconstruction"]),
                                    w_orthogonality=float(w["orthogonality"]), w_commitment=float(w["commitment"]))
-        transform, quantizer, history = fit_lst_rvq(X, quantizer, lst_settings, seed=cfg.seed, progress=progress_note,
-                                                    fixed=fixed)
-        training.update(history=history, orthogonality_error=transform.orthogonality_error())
+        transform = LearnedSemanticTransform(lst_settings, quantizer, seed=cfg.seed).fit(X, fixed=fixed,
+                                                                                         progress=progress_note)
+        quantizer = transform.quantizer_
+        training.update(history=transform.history_, orthogonality_error=transform.orthogonality_error())
     else:
         transform = IdentityTransform()
         quantizer.fit(transform.transform(X), progress=(lambda s: progress_note(f"fit: RVQ stage {s}/{N_CODES} done"))

@@ -133,6 +133,9 @@ def read_mixtures(path: Path, run_column: str | None = None, columns: list[str] 
     header, rows = _read_csv(path, "weights")
     r = _column(path, header, run_column, "the run id") if run_column else 0
     names = [h for i, h in enumerate(header) if i != r]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise HermesError(f"{path}:1: column '{twice[0]}' appears more than once")
     if not names:
         raise HermesError(f"{path}:1: no weight columns besides the run id '{header[r]}'")
     if columns is not None:
@@ -309,17 +312,18 @@ def rank(est, mix: Mixtures, out: Path, measured: dict[str, float] | None = None
 
 def optimize(mix: Mixtures, y: np.ndarray, out: Path, center: np.ndarray | None = None, model: str = "ridge",
              n_search: int = 100_000, top_k: int = 100, seed: int = 0, level: int | None = None,
-             rank_mixtures: tuple[Path, Path, Path | None, str | None] | None = None) -> dict[str, Any]:
+             rank_mixtures: tuple[Path, Path, Path | None, str | None, str | None] | None = None) -> dict[str, Any]:
     """Fit loss ~ weights on the runs, search the simplex around `center` (default: the mean of the
     runs' mixtures), write the predicted-best mixture as a weights file (with a .json report).
 
-    `rank_mixtures` = (mixtures CSV, output CSV, its measured losses CSV or None, target): rank those
-    mixtures with the fitted model, and with measured losses report the held-out rank correlation."""
+    `rank_mixtures` = (mixtures CSV, output CSV, its measured losses CSV or None, target, run id column
+    or None): rank those mixtures with the fitted model, and with measured losses report the held-out
+    rank correlation."""
     ranked = None
     if rank_mixtures is not None:      # read (and check) everything before anything is written
-        m_path, r_out, m_losses, target = rank_mixtures
-        ranked = read_mixtures(m_path, columns=mix.columns)
-        measured = read_loss_table(m_losses, target, ranked.runs, m_path) if m_losses else None
+        m_path, r_out, m_losses, target, run_column = rank_mixtures
+        ranked = read_mixtures(m_path, run_column, columns=mix.columns)
+        measured = read_loss_table(m_losses, target, ranked.runs, m_path, run_column) if m_losses else None
     est, cv = fit(mix, y, model, seed)
     center_name = "natural" if center is not None else "mean of the runs"
     center = mix.X.mean(axis=0) if center is None else np.asarray(center, dtype=np.float64)

@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from hermes.errors import NotFittedError
+from hermes.errors import HermesError, NotFittedError
+from hermes.vectors import unit_rows
 
 CHUNK = 16384
 KMEANSPP_MAX_K = 1024
@@ -47,38 +48,43 @@ def plan_codebook_sizes(n_docs: int, n_fit: int, fixed: dict[int, int] | None = 
     Without an override, the rule works from the corpus size N (`n_docs`, not the fit sample):
     level l should have about T_l cells, T_2 = N / 128 and T_3 = N / 2, with T_1 = sqrt(T_2) so the
     first two stages split L12 evenly. Stage by stage, a learned stage gets floor(T_l / K) codewords
-    (K: the cells of the level above), within [2, 256]; a fixed stage keeps its number of classes.
-    So an L12 cell holds about 128 documents on average, and N >= 2 x 256^3 (33.6M documents)
-    gives HERMES's 256 / 256 / 256. `codebook_size` (every learned stage) or `codebook_sizes` (per
-    stage; None for a fixed one) overrides the rule. Either way a learned stage has at most
-    n_fit // min_points_per_code codewords (see capped_codebook_size).
+    (K: the cells of the level above, as sized so far), within [2, 256]; a fixed stage keeps its
+    number of classes. So an L12 cell holds about 128 documents on average, and N >= 2 x 256^3
+    (33.6M documents) gives HERMES's 256 / 256 / 256. `codebook_size` (every learned stage) or
+    `codebook_sizes` (per stage; None for a fixed one) overrides the rule. Either way a learned
+    stage has at most n_fit // min_points_per_code codewords (see capped_codebook_size); under the
+    rule, the stages after a capped one share what is left of the targets.
     """
     fixed = fixed or {}
     if codebook_sizes is not None:
-        want = [None if s in fixed else int(codebook_sizes[s]) for s in range(stages)]
+        if len(codebook_sizes) != stages or any(codebook_sizes[s] is None for s in range(stages) if s not in fixed):
+            raise HermesError(f"codebook_sizes {codebook_sizes}: one size per stage ({stages}), null only for a "
+                              f"fixed stage")
         why = "codebook_sizes"
     elif codebook_size is not None:
-        want = [None if s in fixed else int(codebook_size) for s in range(stages)]
         why = "codebook_size"
     else:
-        l12 = max(n_docs / DOCS_PER_L12_CELL, 4.0)
-        targets = [l12 ** 0.5, l12, max(n_docs / DOCS_PER_L123_CELL, 8.0)]
-        want, cells = [], 1
-        for s in range(stages):
-            k = fixed[s] if s in fixed else int(min(MAX_CODEBOOK, max(2, targets[min(s, 2)] // cells)))
-            want.append(None if s in fixed else k)
-            cells *= k
         why = (f"the size rule for {n_docs:,} documents: about N/{DOCS_PER_L12_CELL} L12 cells over the first two "
                f"stages, about N/{DOCS_PER_L123_CELL} L123 cells; at most {MAX_CODEBOOK} per stage")
-    sizes, capped = [], []
+    l12 = max(n_docs / DOCS_PER_L12_CELL, 4.0)
+    targets = [l12 ** 0.5, l12, max(n_docs / DOCS_PER_L123_CELL, 8.0)]
+    sizes, capped, cells = [], [], 1
     for s in range(stages):
         if s in fixed:
             sizes.append(fixed[s])
+            cells *= fixed[s]
             continue
-        k = capped_codebook_size(n_fit, want[s], min_points_per_code)
-        if k < want[s]:
-            capped.append(f"{s + 1} from {want[s]}")
+        if codebook_sizes is not None:
+            want = int(codebook_sizes[s])
+        elif codebook_size is not None:
+            want = int(codebook_size)
+        else:
+            want = int(min(MAX_CODEBOOK, max(2, targets[min(s, 2)] // cells)))
+        k = capped_codebook_size(n_fit, want, min_points_per_code)
+        if k < want:
+            capped.append(f"{s + 1} from {want}")
         sizes.append(k)
+        cells *= k
     text = f"{'/'.join(map(str, sizes))} codewords ({why})"
     if capped:
         text += (f"; capped at {n_fit:,} // {min_points_per_code} = {n_fit // min_points_per_code} to keep at least "
@@ -86,13 +92,9 @@ def plan_codebook_sizes(n_docs: int, n_fit: int, fixed: dict[int, int] | None = 
     return sizes, text
 
 
-def _unit(c: np.ndarray) -> np.ndarray:
-    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-
-
 def assign(R: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cosine argmax of each row of R over the rows of C; returns (codes, best cosine * |r|)."""
-    Cu = _unit(C).astype(np.float32)
+    Cu = unit_rows(C).astype(np.float32)
     codes = np.empty(len(R), dtype=np.int64)
     score = np.empty(len(R), dtype=np.float32)
     for i in range(0, len(R), CHUNK):

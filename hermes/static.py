@@ -36,6 +36,7 @@ import numpy as np
 
 from hermes.errors import HermesError
 from hermes.stages import file_sha256
+from hermes.vectors import unit_rows
 
 MANIFEST = "hermes_encoder.json"
 FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
@@ -193,7 +194,7 @@ def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray) 
 
 
 def _cos(A: np.ndarray, B: np.ndarray) -> float:
-    A = A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)
+    A = unit_rows(A)
     return round(float(np.mean(np.sum(A * B, axis=1))), 4)
 
 

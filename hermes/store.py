@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from hermes import __version__
+from hermes._version import __version__
 from hermes.errors import HermesError
 
 LEVELS = {1: "l1", 2: "l12", 3: "l123"}
@@ -202,7 +202,7 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
         create_views(con)
         from hermes.terms import create_cell_terms
 
-        create_cell_terms(con, [str(f) for f in (term_files or [])])
+        create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con))
         counts = summary(con)
         con.close()
     except BaseException:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hermes import __version__
+from hermes._version import __version__
 from hermes.errors import HermesError
 from hermes.rvq import ResidualQuantizer
 from hermes.stages import LEARNED, N_STAGES, fixed_indices
@@ -138,26 +138,13 @@ class Substrate:
 
     @classmethod
     def load(cls, path: str | Path) -> "Substrate":
+        """An embedding substrate folder (a distilled labeler's is refused: see distill.load_labeler)."""
         path = Path(path)
         mpath = path / "manifest.json"
-        if not path.is_dir():
-            raise HermesError(f"{path}: substrate folder not found",
-                              hint="pass the substrate/ folder that `hermes fit` or `hermes run` wrote")
-        if not mpath.is_file():
-            raise HermesError(f"{mpath}: missing; {path} is not a substrate folder",
-                              hint="pass the substrate/ folder that `hermes fit` or `hermes run` wrote")
-        try:
-            m = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise HermesError(f"{mpath}:{e.lineno}: corrupt manifest ({e.msg})",
-                              hint="re-create the substrate with `hermes fit`") from None
-        if m.get("format") != FORMAT:
-            raise HermesError(f"{mpath}: not a hermes substrate manifest (field 'format')",
-                              hint="re-create the substrate with `hermes fit`")
-        if m.get("kind") == "distilled" and m.get("format_version") == FORMAT_VERSION:
-            from hermes.distill import load as load_distilled
-
-            return load_distilled(path, m)
+        m = read_manifest(path)
+        if m.get("kind") == "distilled":
+            raise HermesError(f"{mpath}: a distilled labeler, not an embedding substrate (field 'kind')",
+                              hint="pass the embedding substrate the store was fitted with")
         if m.get("format_version") != FORMAT_VERSION:
             raise HermesError(
                 f"{mpath}: substrate format_version {m.get('format_version')} was written by hermes "
@@ -201,6 +188,26 @@ class Substrate:
             raise HermesError(f"{mpath}: the fingerprint does not match the settings and arrays (field 'fingerprint')",
                               hint="the manifest was edited; re-create the substrate with `hermes fit`")
         return sub
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a substrate folder (embedding or distilled), checked to be one."""
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise HermesError(f"{path}: substrate folder not found",
+                          hint="pass the substrate/ folder that `hermes fit` or `hermes run` wrote")
+    if not mpath.is_file():
+        raise HermesError(f"{mpath}: missing; {path} is not a substrate folder",
+                          hint="pass the substrate/ folder that `hermes fit` or `hermes run` wrote")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise HermesError(f"{mpath}:{e.lineno}: corrupt manifest ({e.msg})",
+                          hint="re-create the substrate with `hermes fit`") from None
+    if m.get("format") != FORMAT:
+        raise HermesError(f"{mpath}: not a hermes substrate manifest (field 'format')",
+                          hint="re-create the substrate with `hermes fit`")
+    return m
 
 
 def load_for_store(db: str | Path, path: str | Path | None = None) -> Substrate:

@@ -158,15 +158,13 @@ def _level_sql(level: int, named: list[int]) -> str:
     LEFT JOIN top USING ({cs}) LEFT JOIN tot USING ({cs}) LEFT JOIN docs d USING ({cs})"""
 
 
-def create_cell_terms(con, term_files: list[str]) -> None:
-    """Table cell_terms (level, cell, terms) from the shards' term-count files."""
+def create_cell_terms(con, term_files: list[str], named: list[int]) -> None:
+    """Table cell_terms (level, cell, terms) from the shards' term-count files; `named`: the stages
+    whose codes show as class names in cell keys (the store's fixed stages)."""
     if term_files:
         con.execute("CREATE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
     else:
         con.execute("CREATE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, count BIGINT)")
-    from hermes.store import named_stages
-
-    named = named_stages(con)
     con.execute("CREATE TABLE cell_terms (level INTEGER, cell VARCHAR, terms VARCHAR)")
     for level in (1, 2, 3):
         con.execute(f"INSERT INTO cell_terms {_level_sql(level, named)} ORDER BY cell")

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+from hermes.vectors import unit_rows
 
 
 class IdentityTransform:
@@ -25,7 +22,7 @@ class IdentityTransform:
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        return normalize(np.asarray(X, dtype=np.float32))
+        return unit_rows(np.asarray(X, dtype=np.float32))
 
     def params(self) -> dict:
         return {"kind": self.kind}

@@ -59,9 +59,8 @@ def e2e(tmp_path_factory, sample_records):
     # second shard: the rest, plus a duplicate of a doc_id already in the first shard
     write_jsonl(root / "corpus" / "b.jsonl", sample_records[200:] + [sample_records[0]])
     out = root / "out"
-    # sizes given (7 is the most 300 fit documents allow): the size rule would make 2/2/7 codewords of
-    # 300 documents, too few cells for the
-    # the mixing tests (tests/test_rvq.py checks the rule itself)
+    # sizes given (7 is the most 300 fit documents allow): the size rule would make 2/2/7 codewords
+    # of 300 documents, too few cells for the mixing tests (tests/test_rvq.py checks the rule itself)
     result = invoke("run", root / "corpus", "--out", out, "--format", "json", "--codebook-sizes", "7,4,4", *FAST)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)

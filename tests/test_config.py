@@ -39,11 +39,22 @@ def test_unknown_keys_are_named(tmp_path):
                                            ("codebook_sizes: [8, 8]\n", "codebook_sizes must be a list of 3"),
                                            ("codebook_size: 8\ncodebook_sizes: [8, 8, 8]\n", "are both set"),
                                            ("stages: [source, learned, learned]\ncodebook_sizes: [8, 8, 8]\n",
-                                            r"codebook_sizes\[0\] = 8: stage 1 is source; .* null for a fixed one"),
-                                           ("codebook_sizes: [null, 8, 8]\n", r"codebook_sizes\[0\] = None: stage 1 is learned"),
+                                            r"codebook_sizes\[0\] = 8: stage 1 is source; .* for a fixed one"),
+                                           ("codebook_sizes: [null, 8, 8]\n", r"codebook_sizes\[0\] = null: stage 1 is learned"),
                                            ("a: [\n", "not valid YAML")])
 def test_bad_values_are_errors(tmp_path, text, message):
     f = tmp_path / "c.yaml"
     f.write_text(text)
     with pytest.raises(HermesError, match=message):
         load_config(f)
+
+
+def test_a_size_setting_replaces_the_other_one_from_a_lower_layer(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("codebook_size: 256\n")
+    cfg = load_config(f, {"codebook_sizes": [8, 8, 8]})           # the flag beats the file
+    assert cfg.codebook_sizes == [8, 8, 8] and cfg.codebook_size is None
+    f.write_text("codebook_sizes: [8, 8, 8]\n")
+    cfg = load_config(f, {"codebook_size": 16})
+    assert cfg.codebook_size == 16 and cfg.codebook_sizes is None
+    assert load_config(f).codebook_sizes == [8, 8, 8]

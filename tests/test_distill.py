@@ -136,7 +136,7 @@ def test_token_vectors_are_the_encoders_embedding_of_the_token_alone(encoder):
 
 
 def test_context_sums_are_the_encoders_outputs_of_each_token_before_pooling(encoder, sample_records):
-    from hermes.transform import normalize
+    from hermes.vectors import unit_rows as normalize
 
     texts = [r["text"] for r in sample_records[:5]] + ["house river music"]
     sums, counts = encoder.context_sums(texts, 30522)
@@ -265,7 +265,7 @@ def test_a_linear_student_of_an_earlier_hermes_is_refused(tmp_path):
 
 def test_the_decision_rule_starts_at_the_teachers_rule_and_learns_the_students_errors():
     from hermes.distill import DecisionRule, _logistic
-    from hermes.transform import normalize
+    from hermes.vectors import unit_rows as normalize
 
     rng = np.random.default_rng(0)
     U = normalize(rng.normal(size=(6, 16)))

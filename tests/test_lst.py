@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hermes.lst import LSTSettings, fit_lst_rvq
+from hermes.lst import LearnedSemanticTransform, LSTSettings
 from hermes.rvq import ResidualQuantizer
 from hermes.substrate import Substrate
 
@@ -13,7 +13,8 @@ from hermes.substrate import Substrate
 @pytest.fixture(scope="module")
 def trained(real_embeddings):
     q = ResidualQuantizer(codebook_size=16, min_points_per_code=5, seed=0)
-    return fit_lst_rvq(real_embeddings, q, LSTSettings(epochs=8, batch_size=128), seed=0)
+    lst = LearnedSemanticTransform(LSTSettings(epochs=8, batch_size=128), q, seed=0).fit(real_embeddings)
+    return lst, lst.quantizer_, lst.history_
 
 
 def test_transform_stays_orthogonal_and_unit_norm(trained, real_embeddings):
@@ -40,10 +41,12 @@ def test_reconstruction_error_falls_with_each_stage(trained, real_embeddings):
 
 
 def test_deterministic_for_a_seed(real_embeddings):
-    runs = [fit_lst_rvq(real_embeddings, ResidualQuantizer(codebook_size=8, min_points_per_code=5, seed=1),
-                        LSTSettings(epochs=3, batch_size=128), seed=1) for _ in range(2)]
-    assert np.array_equal(runs[0][0].W_, runs[1][0].W_)
-    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1].codebooks_, runs[1][1].codebooks_))
+    q = ResidualQuantizer(codebook_size=8, min_points_per_code=5, seed=1)
+    runs = [LearnedSemanticTransform(LSTSettings(epochs=3, batch_size=128), q, seed=1).fit(real_embeddings)
+            for _ in range(2)]
+    assert np.array_equal(runs[0].W_, runs[1].W_)
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0].quantizer_.codebooks_, runs[1].quantizer_.codebooks_))
+    assert not hasattr(q, "codebooks_")        # fit trains a copy of the quantizer it was given
 
 
 def test_save_load_encode_identity(trained, real_embeddings, tmp_path):
@@ -58,3 +61,15 @@ def test_save_load_encode_identity(trained, real_embeddings, tmp_path):
     other = Substrate(embedding=sub.embedding, transform=type(lst).from_state(
         {**lst.params(), "lr": 0.5}, lst.state()), quantizer=q, fit_sample_size=sub.fit_sample_size)
     assert other.compute_fingerprint() != sub.fingerprint
+
+
+def test_the_lst_is_an_estimator(real_embeddings):
+    """fit returns self; the learned state ends in _ and is there only after fit."""
+    from hermes.errors import NotFittedError
+
+    lst = LearnedSemanticTransform(LSTSettings(epochs=1, batch_size=128),
+                                   ResidualQuantizer(codebook_size=4, min_points_per_code=5))
+    with pytest.raises(NotFittedError):
+        lst.transform(real_embeddings)
+    assert lst.fit(real_embeddings) is lst
+    assert lst.W_.shape == (384, 384) and lst.quantizer_.sizes_ == [4, 4, 4] and len(lst.history_) == 1

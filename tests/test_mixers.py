@@ -271,3 +271,66 @@ def test_unimax_over_its_epoch_cap_warns_and_says_so_in_the_diagnostics():
     assert over.diagnostics["stage1"]["unimax_cap_exceeded"] is True
     assert any("3.00 passes over the corpus, more than 2" in w for w in over.warnings)
     assert over.repeats.max() >= 3
+
+
+def reference_fill(tokens: list[int], target: float) -> tuple[list[bool], float]:
+    """The draw before its last document, as a plain walk in priority order: the prefix that fits,
+    then, while a gap is left, each later document that still fits."""
+    taken, gap, in_prefix = [], target, True
+    for t in tokens:
+        in_prefix = in_prefix and t <= gap + 1e-9
+        taken.append(in_prefix or (gap > 1e-9 and t <= gap + 1e-9))
+        gap -= t if taken[-1] else 0
+    return taken, gap
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_fill_matches_a_plain_walk(data):
+    """The vectorised draw takes exactly what a document-by-document walk takes, in every cell, before
+    the last (joint) draws; zero-token and huge documents included."""
+    from hermes.mixers import draw
+
+    n_cells = data.draw(st.integers(1, 5))
+    cell = np.array(data.draw(st.lists(st.integers(0, n_cells - 1), min_size=1, max_size=80)))
+    tokens = np.array(data.draw(st.lists(st.sampled_from([0, 1, 3, 5, 40, 300, 5000]), min_size=len(cell),
+                                         max_size=len(cell))))
+    prio = np.arange(len(cell), dtype=np.uint64)[::-1].copy()          # priority order: last first
+    avail = np.bincount(cell, weights=tokens, minlength=n_cells)
+    targets = np.array([data.draw(st.floats(0, 0.999)) for _ in range(n_cells)]) * avail
+    got = draw(cell, np.ones(len(cell), bool), tokens, prio, targets, np.random.default_rng(0))
+    for k in range(n_cells):
+        members = np.flatnonzero(cell == k)[::-1]                        # in priority order
+        taken, gap = reference_fill(tokens[members].tolist(), targets[k])
+        taken_arr = np.array(taken, dtype=bool)
+        extra = got[members] - taken_arr.astype(np.int64)
+        assert np.all((extra == 0) | ((extra == 1) & ~taken_arr)), (tokens[members], targets[k], got[members])
+        if extra.sum():
+            last = members[extra == 1][0]
+            left = [t for t, tk in zip(tokens[members], taken) if not tk]
+            assert tokens[last] == min(left) and tokens[last] > gap         # the smallest left, larger than the gap
+
+
+def test_a_long_run_of_small_documents_fills_the_gap():
+    """One big document first, then thousands of small ones: the cell still meets its target."""
+    from hermes.mixers import draw
+
+    tokens = np.array([10_000] + [5] * 3_000)
+    prio = np.arange(len(tokens), dtype=np.uint64)[::-1].copy()
+    got = draw(np.zeros(len(tokens), np.int64), np.ones(len(tokens), bool), tokens, prio, np.array([9_000.0]),
+               np.random.default_rng(0))
+    assert (got * tokens).sum() == 9_000 and got[0] == 0
+
+
+def test_the_default_budget_under_an_epoch_cap_is_what_the_cap_allows():
+    docs = random_docs(2, n=500)
+    mix = make_mixture(docs, MixSpec(rule="uniform", eligible="top:0.3", max_epochs=2))    # no budget given
+    eligible_tokens = mix.cells["available_tokens"].sum()
+    assert mix.diagnostics["budget_tokens"] == int(2 * eligible_tokens) < docs.n_tokens.sum() * 2
+    assert any("the default budget" in w for w in mix.warnings) and mix.repeats.max() <= 2
+
+
+def test_a_negative_seed_draws_deterministically():
+    docs = random_docs(4, n=300)
+    a, b = (make_mixture(docs, MixSpec(rule="uniform", budget_tokens=50_000, seed=-3)).repeats for _ in range(2))
+    assert np.array_equal(a, b)

@@ -98,21 +98,26 @@ def test_optimize_on_regmix_tables_ranks_the_60m_runs(tmp_path, model, floor):
 
 
 def test_optimize_tables_with_a_named_run_column(tmp_path):
-    """--run-column names the join key wherever it is; losses of runs in another order still join."""
+    """--run-column names the join key wherever it is, in all four tables; rows in another order join."""
+    def id_last(lines, n):
+        return [",".join(row.split(",")[1:] + [row.split(",")[0].replace("index", "run")]) for row in lines[:n]]
+
     w = (REGMIX / "train_mixture_1m.csv").read_text().splitlines()
     l = (REGMIX / "train_pile_loss_1m.csv").read_text().splitlines()
-    # move the id column last in the weights, and reverse the loss rows
-    wt = [",".join(row.split(",")[1:] + [row.split(",")[0].replace("index", "run")]) for row in w[:60]]
-    lt = [l[0].replace("index", "run")] + l[1:60][::-1]
-    (tmp_path / "w.csv").write_text("\n".join(wt) + "\n")
-    (tmp_path / "l.csv").write_text("\n".join(lt) + "\n")
+    (tmp_path / "w.csv").write_text("\n".join(id_last(w, 60)) + "\n")
+    (tmp_path / "l.csv").write_text("\n".join([id_last(l, 1)[0]] + id_last(l[1:60][::-1], 59)) + "\n")
+    tw = (REGMIX / "test_mixture_60m.csv").read_text().splitlines()
+    tl = (REGMIX / "test_pile_loss_60m.csv").read_text().splitlines()
+    (tmp_path / "tw.csv").write_text("\n".join(id_last(tw, 40)) + "\n")
+    (tmp_path / "tl.csv").write_text("\n".join(id_last(tl, 40)) + "\n")
     rep = api.optimize(None, tmp_path / "l.csv", tmp_path / "best.csv", weights=tmp_path / "w.csv", target=TARGET,
-                       run_column="run", n_search=2000)
-    direct = api.optimize(None, REGMIX / "train_pile_loss_1m.csv", tmp_path / "b2.csv",
-                          weights=REGMIX / "train_mixture_1m.csv", target=TARGET, n_search=2000)
-    assert rep["n_losses"] == 59 and direct["n_losses"] == 512
-    assert rep["best_measured"] == {"run": min(((float(r.split(",")[l[0].split(",").index(TARGET)]), r.split(",")[0])
-                                                for r in l[1:60]))[1], "loss": rep["best_measured"]["loss"]}
+                       run_column="run", n_search=2000, rank=tmp_path / "tw.csv", rank_out=tmp_path / "r.csv",
+                       rank_losses=tmp_path / "tl.csv")
+    col = l[0].split(",").index(TARGET)
+    losses = {row.split(",")[0]: float(row.split(",")[col]) for row in l[1:60]}
+    best = min(losses, key=losses.get)
+    assert rep["n_losses"] == 59 and rep["best_measured"] == {"run": best, "loss": losses[best]}
+    assert rep["rank"]["runs"] == 39 and rep["rank"]["held_out"]["spearman"] is not None
 
 
 def _table(tmp_path, name, text):
@@ -137,6 +142,7 @@ L3 = "index,loss,other\n1,3.0,1\n2,2.5,1\n3,4.0,1\n4,2.0,1\n5,2.6,1\n"
     (W3.replace("4,0,1", "2,0,1"), L3, [], "w.csv:5: run '2' also on line 3"),
     (W3, L3, ["--run-column", "id"], "w.csv:1: no column 'id' (the run id)"),
     (W3, L3, ["--rank", "RANK", "--rank-out", "R"], "m.csv:1: no column 'b'"),
+    (W3.replace("index,a,b", "index,a,a"), L3, [], "w.csv:1: column 'a' appears more than once"),
 ])
 def test_bad_loss_tables(tmp_path, weights, losses, extra, message):
     w, l = _table(tmp_path, "w.csv", weights), _table(tmp_path, "l.csv", losses)

@@ -78,12 +78,13 @@ def test_fixed_stage_codewords_are_class_means_and_later_stages_quantize_the_res
 
 
 def test_lst_with_a_fixed_stage_ends_on_exact_class_means(real_embeddings, sample_records):
-    from hermes.lst import LSTSettings, fit_lst_rvq
+    from hermes.lst import LearnedSemanticTransform, LSTSettings
 
     names = sorted({r["labels"]["l1"] for r in sample_records})
     classes = np.array([names.index(r["labels"]["l1"]) for r in sample_records])
     q = ResidualQuantizer(stages=3, codebook_size=16, min_points_per_code=5, fixed={0: len(names)})
-    lst, q, history = fit_lst_rvq(real_embeddings, q, LSTSettings(epochs=3, batch_size=128), fixed={0: classes})
+    lst = LearnedSemanticTransform(LSTSettings(epochs=3, batch_size=128), q).fit(real_embeddings, fixed={0: classes})
+    q, history = lst.quantizer_, lst.history_
     H = lst.transform(real_embeddings)
     for k in range(len(names)):
         np.testing.assert_allclose(q.codebooks_[0][k], H[classes == k].mean(0), atol=1e-4)
