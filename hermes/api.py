@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from hermes.config import Config, load_config, refuse_fit_keys
+from hermes.config import FIT_KEYS, Config, load_config, refuse_fit_keys
 from hermes.errors import HermesError
 from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
                              label_one_shard, quantize_shard, reading_fields, stages_for)
@@ -133,11 +133,12 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
     return inputs, shards, layout, stages, results, substrate, timings
 
 
-def fit(inputs: Iterable[str | Path] | None, out: str | Path, config: Config | str | Path | None = None,
-        overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept)."""
+def fit(inputs: Iterable[str | Path] | None, out: str | Path, *, config: Config | str | Path | None = None,
+        quiet: bool = False, **settings: Any) -> dict[str, Any]:
+    """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept).
+    `settings`: any config key (configs/default.yaml), e.g. `fit_sample=100_000, stages=[...]`."""
     t0 = time.perf_counter()
-    cfg = _config(config, overrides)
+    cfg = _config(config, settings)
     _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
     return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
             "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
@@ -241,12 +242,13 @@ def _check_encoder(sub: Substrate, overrides: dict[str, Any], path) -> None:
                           hint="label with the substrate's own encoder (drop the setting), or fit a new substrate")
 
 
-def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-out",
-        config: Config | str | Path | None = None, overrides: dict[str, Any] | None = None,
-        quiet: bool = False) -> dict[str, Any]:
-    """The main job: embed every document once, fit a substrate on a sample, label all, build the store."""
+def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-out", *,
+        config: Config | str | Path | None = None, quiet: bool = False, **settings: Any) -> dict[str, Any]:
+    """The main job: embed every document once, fit a substrate on a sample, label all, build the store.
+    `settings`: any config key (configs/default.yaml), e.g. `max_length=128, quality="none"`; they
+    override `config` (a file, a packaged config's name, or a Config), which overrides the defaults."""
     t0 = time.perf_counter()
-    cfg = _config(config, overrides)
+    cfg = _config(config, settings)
     inputs, shards, layout, stages, _, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet)
     t = time.perf_counter()
     progress = Progress("label", total_shards=len(shards), quiet=quiet)
@@ -259,20 +261,26 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     return _finish("run", inputs, shards, substrate, layout, cfg, t0, timings)
 
 
-def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path,
-          config: Config | str | Path | None = None, overrides: dict[str, Any] | None = None,
-          quiet: bool = False, engine: str = "local", address: str | None = None) -> dict[str, Any]:
+def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, *,
+          config: Config | str | Path | None = None, quiet: bool = False, engine: str = "local",
+          address: str | None = None, **settings: Any) -> dict[str, Any]:
     """Label a corpus with an existing substrate. Resumable: shards already labeled are skipped.
-    `engine="ray"` runs the same per-shard function on Ray Data (`address` of a cluster, or local)."""
+    `engine="ray"` runs the same per-shard function on Ray Data (`address` of a cluster, or local).
+    `settings`: reading and quality config keys (what the substrate fixes is its own)."""
     t0 = time.perf_counter()
     if isinstance(config, (str, Path)):
         refuse_fit_keys(config)
-    cfg = _config(config, overrides)
+    fixed_by_substrate = [k for k, v in settings.items() if k in FIT_KEYS and k not in ("encoder", "model")
+                          and v is not None]
+    if fixed_by_substrate:
+        raise HermesError(f"{', '.join(fixed_by_substrate)}: settings of `hermes fit`; a label run uses its "
+                          f"substrate's", hint="drop them, or fit a new substrate with them")
+    cfg = _config(config, settings)
     sub = load_labeler(substrate)
     if getattr(sub, "static", False):
         sub.embedder().setup()      # a damaged or swapped encoder fails here, before anything is written
     _check_stack(sub, cfg)
-    _check_encoder(sub, overrides or {}, substrate)
+    _check_encoder(sub, settings, substrate)
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     if Path(substrate).resolve() != layout.substrate.resolve():

@@ -179,10 +179,6 @@ def _embedding_text(e: dict[str, Any]) -> str:
 
 def _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep,
                     quality=None, quality_field=None, quality_model=None, quality_label=None) -> dict[str, Any]:
-    if quality_field is not None and quality is None:
-        quality = "field"
-    if quality_model is not None and quality is None:
-        quality = "fasttext"
     return {"text_field": text_field, "id_field": id_field, "source_field": source_field, "device": device,
             "batch_size": batch_size, "tokenizer": tokenizer, "keep_embeddings": keep,
             "quality": quality, "quality_field": quality_field, "quality_model": quality_model,
@@ -317,7 +313,7 @@ def run(
                                   encoder_docs, codebook_sizes),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
                                    keep_embeddings, quality, quality_field, quality_model, quality_label)}
-    summary = api.run(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
+    summary = api.run(inputs, out=out, config=config, quiet=quiet, **overrides)
     _print_summary(summary, fmt)
 
 
@@ -361,7 +357,7 @@ def fit(
     overrides = {**_fit_overrides(model, dtype, max_length, codebook_size, fit_sample, seed, stages, encoder,
                                   encoder_docs, codebook_sizes),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, None, True)}
-    summary = api.fit(inputs, out=out, config=config, overrides=overrides, quiet=quiet)
+    summary = api.fit(inputs, out=out, config=config, quiet=quiet, **overrides)
     _print_summary(summary, fmt)
 
 
@@ -400,7 +396,7 @@ def label(
 
     overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings,
                                 quality, quality_field, quality_model, quality_label)
-    summary = api.label(inputs, substrate=substrate, out=out, config=config, overrides=overrides, quiet=quiet,
+    summary = api.label(inputs, substrate=substrate, out=out, config=config, quiet=quiet, **overrides,
                         engine=engine.value, address=address)
     _print_summary(summary, fmt)
 

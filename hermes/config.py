@@ -171,6 +171,16 @@ def _validate(values: dict[str, Any], origin: str) -> None:
                 raise HermesError(f"{origin}: {key} must be a positive integer, got {v!r}")
 
 
+def _implied_quality(layer: dict[str, Any]) -> None:
+    """Naming a quality field or a quality model in a layer picks that quality source, unless the
+    same layer names another."""
+    if "quality" not in layer:
+        if layer.get("quality_field") is not None:
+            layer["quality"] = "field"
+        elif layer.get("quality_model") is not None:
+            layer["quality"] = "fasttext"
+
+
 def _one_size_setting(layer: dict[str, Any], below: dict[str, Any], origin: str) -> None:
     """codebook_size and codebook_sizes are two ways to set one thing: a layer may set one of them,
     which then replaces whichever a lower layer (defaults, a config file) set."""
@@ -199,11 +209,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if isinstance(file_values.get("lst_weights"), dict):    # a partial mapping overrides only its keys
             file_values["lst_weights"] = {**values.get("lst_weights", {}), **file_values["lst_weights"]}
         _one_size_setting(file_values, values, str(p))
+        _implied_quality(file_values)
         values.update(file_values)
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
-        _validate(given, "command line")
-        _one_size_setting(given, values, "command line")
+        _validate(given, "settings")
+        _one_size_setting(given, values, "settings")
+        _implied_quality(given)
         values.update(given)
     if values.get("quality") == "field" and not values.get("quality_field"):
         raise HermesError("quality = field needs quality_field, the record field that holds the score",

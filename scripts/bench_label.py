@@ -61,7 +61,7 @@ def throughput(n_docs: int, work: Path, batch_size: int, max_length: int) -> dic
     texts = [r["text"] for r in records]
     dtype = resolve_dtype("auto", "cpu")
     over = {"max_length": max_length, "batch_size": batch_size, "dtype": dtype}
-    api.fit([corpus], out=work / "fitted", overrides=over, quiet=True)
+    api.fit([corpus], out=work / "fitted", quiet=True, **over)
 
     t = time.perf_counter()
     st = SentenceTransformer(str(resolve_model("all-MiniLM-L6-v2")), device="cpu",
@@ -75,7 +75,7 @@ def throughput(n_docs: int, work: Path, batch_size: int, max_length: int) -> dic
 
     t = time.perf_counter()
     summary = api.label([corpus], substrate=work / "fitted" / "substrate", out=work / "labeled",
-                        overrides={"batch_size": batch_size}, quiet=True)
+                        batch_size=batch_size, quiet=True)
     hermes_s = time.perf_counter() - t
     bare = n_docs / encode
     return {"docs": n_docs, "model": "all-MiniLM-L6-v2", "dtype": dtype, "max_length": max_length,

@@ -203,3 +203,19 @@ def test_fit_picks_codebook_sizes_by_the_rule_and_says_why(sample_records, tmp_p
     assert json.loads(r.stdout)["codebook_sizes"] == [3, 2, 4]         # the flag overrides the rule
     r = invoke("fit", corpus, "--out", tmp_path / "f", "--codebook-sizes", "3,x,4")
     assert r.exit_code == 1 and "--codebook-sizes 3,x,4: 'x' is not an integer" in r.stderr
+
+
+def test_the_python_api_takes_settings_as_keyword_arguments(e2e, tmp_path):
+    from hermes import api
+    from hermes.errors import HermesError
+
+    with pytest.raises(HermesError, match=r"settings: unknown config key\(s\): max_lenght"):
+        api.run([e2e["corpus"]], out=tmp_path / "o", max_lenght=64)
+    with pytest.raises(HermesError, match="seed: settings of `hermes fit`; a label run uses its substrate's"):
+        api.label([e2e["corpus"]], substrate=e2e["out"] / "substrate", out=tmp_path / "l", seed=3)
+    # a quality model implies the fasttext quality source in the API too, not only on the command line
+    from hermes.config import load_config
+
+    assert load_config(overrides={"quality_model": "m.bin"}).quality == "fasttext"
+    assert load_config(overrides={"quality_field": "meta.q"}).quality == "field"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "l").exists()

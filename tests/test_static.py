@@ -174,13 +174,13 @@ def test_a_label_run_with_another_encoder_is_refused(static_run, e2e, tmp_path):
 
     with pytest.raises(HermesError, match="static encoder, not transformer"):
         api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=tmp_path / "o",
-                  overrides={"encoder": "transformer"}, quiet=True)
+                  encoder="transformer", quiet=True)
     # refused before anything is written: an output labeled with the static substrate keeps it
     out = tmp_path / "kept"
     api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=out, quiet=True)
     with pytest.raises(HermesError, match="transformer encoder, not static"):
         api.label([static_run["corpus"]], substrate=e2e["out"] / "substrate", out=out,
-                  overrides={"encoder": "static"}, quiet=True)
+                  encoder="static", quiet=True)
     assert Substrate.load(out / "substrate").fingerprint == static_run["summary"]["substrate"]
 
 
