@@ -13,11 +13,13 @@ import pyarrow as pa
 
 from hermes.config import FIT_KEYS, Config, load_config, refuse_fit_keys
 from hermes.errors import HermesError
+from hermes.files import replacing
 from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
                              label_one_shard, quantize_shard, reading_fields, stages_for)
 from hermes.progress import Progress, say
 from hermes.read import Shard, check_fields, discover
-from hermes.store import LEVELS, build_store
+from hermes.cellkeys import LEVELS, view_suffix
+from hermes.store import build_store
 from hermes.store import query as _query
 from hermes.static import is_static_encoder
 from hermes.distill import load_labeler
@@ -208,7 +210,7 @@ def _stack_text(substrate) -> str:
 
 def _check_stack(sub: Substrate, cfg: Config) -> None:
     """A substrate's fixed stages must label this corpus as they labeled the one it was fitted on."""
-    from hermes.stages import file_sha256
+    from hermes.files import sha256
 
     for i in sub.fixed:
         stage = sub.stages[i]
@@ -221,7 +223,7 @@ def _check_stack(sub: Substrate, cfg: Config) -> None:
             if not model.is_file():
                 raise HermesError(f"{model}: the taxonomy model of stage {i + 1} of the substrate is missing",
                                   hint="put the model back where it was fitted, or refit the substrate")
-            if file_sha256(model) != stage["model_sha256"]:
+            if sha256(model) != stage["model_sha256"]:
                 raise HermesError(f"{model}: the taxonomy model of stage {i + 1} changed since the substrate was "
                                   f"fitted (sha256 differs)", hint="restore that model, or refit the substrate")
 
@@ -284,12 +286,8 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
     if Path(substrate).resolve() != layout.substrate.resolve():
-        layout.root.mkdir(parents=True, exist_ok=True)
-        tmp = layout.root / "substrate.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(substrate, tmp)
-        shutil.rmtree(layout.substrate, ignore_errors=True)
-        tmp.rename(layout.substrate)
+        with replacing(layout.substrate) as (tmp,):
+            shutil.copytree(substrate, tmp)
     stages = stages_for(cfg, sub)
     stages.quality_scorer
     stages.fixed.setup()
@@ -321,7 +319,7 @@ def cells(db: str | Path, level: int = 1, limit: int | None = None) -> pa.Table:
     """The group-by view of one granularity (1 = L1, 2 = L12, 3 = L123), with each cell's terms."""
     if level not in LEVELS:
         raise HermesError(f"level {level} is not 1, 2 or 3")
-    sql = (f"SELECT v.*, t.terms FROM cells_{LEVELS[level]} v "
+    sql = (f"SELECT v.*, t.terms FROM cells_{view_suffix(level)} v "
            f"LEFT JOIN cell_terms t ON t.level = {level} AND t.cell = v.cell")
     sql += f" ORDER BY n_docs DESC LIMIT {int(limit)}" if limit is not None else " ORDER BY " + \
         ", ".join(f"v.c{i + 1}" for i in range(level))
@@ -345,7 +343,7 @@ def mix(db: str | Path, out: str | Path, level: int = 1, rule: str = "natural", 
     return {**mixture.describe(result, db, fp), "out": str(out)}
 
 
-def compare(db: str | Path, levels: Iterable[int] = (1, 2, 3), rules: Iterable[str] = ("natural", "uniform"),
+def compare(db: str | Path, levels: Iterable[int] = LEVELS, rules: Iterable[str] = ("natural", "uniform"),
             samplers: Iterable[str] = ("proportional", "equal"), eligible: Iterable[str] = ("all",),
             level: int = 1, budget_tokens: int | None = None, seed: int = 0, max_epochs: float | None = None,
             out: str | Path | None = None) -> dict[str, Any]:

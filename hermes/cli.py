@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from hermes._version import __version__
+from hermes.cellkeys import LEVELS, level_name
 from hermes.errors import HermesError
 
 app = typer.Typer(
@@ -439,7 +440,7 @@ def cells(
 
 def _print_mixture(d: dict[str, Any]) -> None:
     s, g = d["spec"], d["diagnostics"]
-    typer.echo(f"hermes mix: L{'123'[:s['level']]} {s['rule']} -> L{'123'[:s['to_level']]} {s['sampler']}, "
+    typer.echo(f"hermes mix: {level_name(s['level'])} {s['rule']} -> {level_name(s['to_level'])} {s['sampler']}, "
                f"eligible {s['eligible']}, seed {s['seed']}")
     typer.echo(f"  tokens: {g['selected_tokens']:,} selected for a budget of {g['budget_tokens']:,}; "
                f"{g['unique_docs']:,} of {g['docs_in_store']:,} documents")
@@ -532,7 +533,7 @@ def compare(
         lv = [int(x) for x in _csv_list(levels, "--levels")]
     except ValueError:
         _fail(f"--levels {levels!r}: levels are 1, 2, 3, comma-separated", code=2)
-    lv = [m for m in lv if m >= level] if all(m in (1, 2, 3) for m in lv) else lv
+    lv = [m for m in lv if m >= level] if all(m in LEVELS for m in lv) else lv
     result = api.compare(db, levels=lv, rules=_csv_list(rules, "--rules"), samplers=_csv_list(samplers, "--samplers"),
                          eligible=_csv_list(eligible, "--eligible"), level=level, budget_tokens=budget_tokens,
                          seed=seed, max_epochs=max_epochs, out=out)
@@ -606,7 +607,7 @@ def propose(
         typer.echo(json.dumps(r, indent=2))
         return
     tv = [c["tv_to_natural"] for c in r["candidates"]]
-    typer.echo(f"hermes propose: {r['n']} candidates over {r['cells']:,} L{'123'[:level]} cells in {r['out']}/candidates "
+    typer.echo(f"hermes propose: {r['n']} candidates over {r['cells']:,} {level_name(level)} cells in {r['out']}/candidates "
                f"(TV to natural {min(tv):.3f} to {max(tv):.3f})")
     typer.echo(f"next: build each with hermes mix --db {db} --rule weights:{r['out']}/candidates/cand-000.csv "
                f"--out ..., train proxies, fill {r['losses_template']}, then hermes optimize --candidates {r['out']} "

@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,13 +45,14 @@ from typing import Any
 import numpy as np
 
 from hermes._version import __version__
+from hermes.cellkeys import LEVELS, view_suffix
 from hermes.errors import HermesError
 from hermes.fasttext_quality import _fasttext, normalise, train_supervised
-from hermes.stages import file_sha256
+from hermes.files import replacing, sha256
 from hermes.static import context_vectors, tokenizer_threads
 from hermes.substrate import FORMAT, FORMAT_VERSION, Substrate, load_for_store, read_manifest
 
-LEVEL_KEYS = ("l1", "l12", "l123")
+LEVEL_KEYS = tuple(view_suffix(level) for level in LEVELS)     # the fasttext student's models
 TOP_K = 20
 STUDENTS = ("linear", "fasttext")
 
@@ -208,7 +208,7 @@ def load(path: Path, manifest: dict[str, Any]) -> DistilledSubstrate:
         f = path / name
         if not f.is_file():
             raise HermesError(f"{f}: missing", hint="the distilled substrate is incomplete; run `hermes distill` again")
-        if file_sha256(f) != checksum:
+        if sha256(f) != checksum:
             raise HermesError(f"{f}: checksum does not match the manifest", hint="run `hermes distill` again")
     return DistilledSubstrate(path, manifest)
 
@@ -283,43 +283,39 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     rng.shuffle(docs)
     n_test = max(1, int(len(docs) * holdout))
     test, train = docs[:n_test], docs[n_test:]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
-    if student == "linear":
-        settings, extra = _train_linear(train, teacher, db, tmp, seed, say, max_system)
-        classes = list(teacher.sizes)
-    else:
-        settings, extra = _train_fasttext(train, tmp, epochs or 25, seed, say)
-        classes = [len(set(_key(c, lv) for _, _, c in train)) for lv in (1, 2, 3)]
-    train_seconds = time.perf_counter() - t0
-    files = sorted(p.name for p in tmp.iterdir())
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distilled", "student": student,
-                "teacher": fps[0], "hermes_version": __version__,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
-                "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
-                "classes": classes, **extra, "agreement": {}, "stages": stack, "n_tokens_tokenizer": counted_with,
-                "files": {name: file_sha256(tmp / name) for name in files}}
-    manifest["fingerprint"] = hashlib.sha256(json.dumps(
-        {"teacher": fps[0], "student": student, "settings": settings, "files": manifest["files"]},
-        sort_keys=True).encode()).hexdigest()[:16]
-    sub = DistilledSubstrate(tmp, manifest)
-    truth = np.stack([c for _, _, c in test])
-    fixed = {i: truth[:, i].astype(np.int64) for i in sub.fixed}   # read from each document, not predicted
-    sub.encode_texts([text for _, text, _ in test[:16]], {i: c[:16] for i, c in fixed.items()})   # loads it
-    t0 = time.perf_counter()
-    pred = sub.encode_texts([text for _, text, _ in test], fixed)
-    predict_s = time.perf_counter() - t0
-    manifest["agreement"] = {name: round(float((pred[:, :lv] == truth[:, :lv]).all(axis=1).mean()), 4)
-                             for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))}
-    manifest["train_seconds"] = round(train_seconds, 1)
-    manifest["holdout_docs_per_s"] = round(len(test) / max(predict_s, 1e-9), 1)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    (tmp / "holdout.json").write_text(json.dumps([d for d, _, _ in test]) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replacing(out) as (tmp,):
+        tmp.mkdir()
+        t0 = time.perf_counter()
+        if student == "linear":
+            settings, extra = _train_linear(train, teacher, db, tmp, seed, say, max_system)
+            classes = list(teacher.sizes)
+        else:
+            settings, extra = _train_fasttext(train, tmp, epochs or 25, seed, say)
+            classes = [len(set(_key(c, lv) for _, _, c in train)) for lv in LEVELS]
+        train_seconds = time.perf_counter() - t0
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distilled", "student": student,
+                    "teacher": fps[0], "hermes_version": __version__,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
+                    "data": {"store": str(db), "train_docs": len(train), "holdout_docs": len(test)},
+                    "classes": classes, **extra, "agreement": {}, "stages": stack, "n_tokens_tokenizer": counted_with,
+                    "files": {name: sha256(tmp / name) for name in files}}
+        manifest["fingerprint"] = hashlib.sha256(json.dumps(
+            {"teacher": fps[0], "student": student, "settings": settings, "files": manifest["files"]},
+            sort_keys=True).encode()).hexdigest()[:16]
+        sub = DistilledSubstrate(tmp, manifest)
+        truth = np.stack([c for _, _, c in test])
+        fixed = {i: truth[:, i].astype(np.int64) for i in sub.fixed}   # read from each document, not predicted
+        sub.encode_texts([text for _, text, _ in test[:16]], {i: c[:16] for i, c in fixed.items()})   # loads it
+        t0 = time.perf_counter()
+        pred = sub.encode_texts([text for _, text, _ in test], fixed)
+        predict_s = time.perf_counter() - t0
+        manifest["agreement"] = {name: round(float((pred[:, :lv] == truth[:, :lv]).all(axis=1).mean()), 4)
+                                 for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))}
+        manifest["train_seconds"] = round(train_seconds, 1)
+        manifest["holdout_docs_per_s"] = round(len(test) / max(predict_s, 1e-9), 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / "holdout.json").write_text(json.dumps([d for d, _, _ in test]) + "\n")
     return {"out": str(out), "student": student, "fingerprint": manifest["fingerprint"], "teacher": fps[0],
             "agreement": manifest["agreement"], "classes": manifest["classes"], "train_docs": len(train),
             "holdout_docs": len(test), "train_seconds": manifest["train_seconds"],

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hermes.cellkeys import LEVELS, level_name
 from hermes.errors import HermesError
 from hermes.read import lookup
 from hermes.store import connect, info_fields, store_info
 from hermes.vectors import unit_rows
 
-LEVEL_NAMES = {1: "L1", 2: "L12", 3: "L123"}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -142,18 +142,18 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
     plain_codes = plain.encode(E)
     rng = np.random.default_rng(seed)
     methods: dict[str, dict[int, np.ndarray]] = {"hermes": {}, "plain_rvq": {}, "kmeans": {}}
-    for level in (1, 2, 3):
+    for level in LEVELS:
         methods["hermes"][level] = cell_ids(codes, level)
         methods["plain_rvq"][level] = cell_ids(plain_codes, level)
         k = int(methods["hermes"][level].max()) + 1
         if progress:
-            say(f"eval: flat k-means with {k:,} cells ({LEVEL_NAMES[level]})")
+            say(f"eval: flat k-means with {k:,} cells ({level_name(level)})")
         C = fit_codebook(E, min(k, len(E)), 20, rng)
         methods["kmeans"][level] = assign(E, C)[0]
     result: dict[str, Any] = {"store": str(db), "substrate": sub.fingerprint, "sample": len(ids), "seed": seed,
                               "levels": {}, "reconstruction": {}, "gold": {}}
-    for level in (1, 2, 3):
-        result["levels"][LEVEL_NAMES[level]] = {m: structure_metrics(methods[m][level], E, neighbours)
+    for level in LEVELS:
+        result["levels"][level_name(level)] = {m: structure_metrics(methods[m][level], E, neighbours)
                                                 for m in methods}
     result["reconstruction"] = {"hermes": [round(x, 5) for x in sub.quantizer.reconstruction_errors(H, codes)],
                                 "plain_rvq": [round(x, 5) for x in plain.reconstruction_errors(E)]}
@@ -161,6 +161,6 @@ def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000
         values = [records.get(d, {}).get(g) for d in ids]
         if all(v is None for v in values):
             raise HermesError(f"gold field '{g}' is in none of the sampled records", hint="check --gold")
-        result["gold"][g] = {LEVEL_NAMES[level]: {m: gold_metrics(methods[m][level], values) for m in methods}
-                             for level in (1, 2, 3)}
+        result["gold"][g] = {level_name(level): {m: gold_metrics(methods[m][level], values) for m in methods}
+                             for level in LEVELS}
     return result

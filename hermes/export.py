@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hermes.errors import HermesError
+from hermes.files import replacing
 from hermes.read import Fields, discover, read_shard
 from hermes.store import info_fields, store_info
 
@@ -80,22 +80,14 @@ def export(mixture_dir: str | Path, fmt: str, out: str | Path, corpus: list[str]
     corpus = corpus or info.get("inputs") or []
     fields = info_fields(info)
     seed = spec["spec"]["seed"] if seed is None else seed
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing(out) as (tmp,):
+        tmp.mkdir()
         if fmt == "megatron":
             result = _megatron(manifest, weights, corpus, fields, tmp)
         else:
             result = _shuffled(manifest, corpus, fields, tmp, fmt, docs_per_shard, seed)
         (tmp / "export.json").write_text(json.dumps({"mixture": str(mixture_dir), "format": fmt, "seed": seed,
                                                      **result}, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return {"out": str(out), "format": fmt, **result}
 
 

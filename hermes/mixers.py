@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from hermes.cellkeys import LEVELS, key_text, level_name, pack, parent_keys
 from hermes.errors import HermesError
 
 RULES = ("natural", "uniform", "temperature:T", "unimax:E", "weights:FILE")
 SAMPLERS = ("proportional", "equal")
 ELIGIBLE = ("all", "top:P")
-CODE_BITS = 15          # codes are SMALLINT (< 2^15); a level-M key packs the code prefix into an int64
 SMALL_POOL = 30          # a level-M cell with fewer eligible documents than this is a small pool
 
 
@@ -93,7 +93,7 @@ def parse_eligible(text: str) -> float | None:
 
 def check_levels(level: int, to_level: int) -> None:
     for name, v in (("--level", level), ("--to-level", to_level)):
-        if v not in (1, 2, 3):
+        if v not in LEVELS:
             raise HermesError(f"{name} {v} is not a level; levels are 1 (L1), 2 (L12), 3 (L123)")
     if to_level < level:
         raise HermesError(f"--to-level {to_level} is below --level {level}",
@@ -246,11 +246,8 @@ class Docs:
         return len(self.n_tokens)
 
     def keys(self, level: int) -> np.ndarray:
-        """An int64 key per document for its level-`level` cell."""
-        k = self.c[:, 0].astype(np.int64)
-        for s in range(1, level):
-            k = (k << CODE_BITS) | self.c[:, s].astype(np.int64)
-        return k
+        """An int64 key per document for its level-`level` cell (cellkeys.pack)."""
+        return pack(self.c, level)
 
 
 def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,15 +257,6 @@ def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     codes, uniques = pd.factorize(keys, sort=True)
     return np.asarray(uniques), codes.astype(np.int64)
-
-
-def key_text(keys: np.ndarray, level: int, names: dict[int, list[str]] | None = None) -> list[str]:
-    """The text key of each packed level-`level` key (`17.203`; a named stage shows its class name)."""
-    mask = (1 << CODE_BITS) - 1
-    names = names or {}
-    parts = [(keys >> (CODE_BITS * (level - 1 - s))) & mask for s in range(level)]
-    text = [[names[s][int(v)] for v in p] if s in names else [str(int(v)) for v in p] for s, p in enumerate(parts)]
-    return [".".join(t[i] for t in text) for i in range(len(keys))]
 
 
 def priorities(doc_hash: np.ndarray, seed: int) -> np.ndarray:
@@ -443,11 +431,11 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
     total_tokens = float(tokens.sum())
     budget = float(spec.budget_tokens) if spec.budget_tokens else total_tokens
 
-    cells_at = {level: factorize(docs.keys(level)) for level in (1, 2, 3)}   # once, for Stage 1/2 and diagnostics
+    cells_at = {level: factorize(docs.keys(level)) for level in LEVELS}   # once, for Stage 1/2 and diagnostics
     uL, cell_L = cells_at[L]
     uM, cell_M = cells_at[M]
     tok_L = np.bincount(cell_L, weights=tokens, minlength=len(uL))
-    parent = np.searchsorted(uL, uM >> (CODE_BITS * (M - L)))
+    parent = np.searchsorted(uL, parent_keys(uM, M, L))
 
     if top is None:
         eligible = np.ones(len(docs), dtype=bool)
@@ -516,7 +504,7 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
     sel = tokens * repeats
     selected = float(sel.sum())
     levels = {}
-    for level in (1, 2, 3):
+    for level in LEVELS:
         inv = cell_index[level]
         nat = np.bincount(inv, weights=tokens)
         mix = np.bincount(inv, weights=sel, minlength=len(nat))
@@ -524,7 +512,7 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
         q = mix / selected if selected > 0 else np.zeros_like(mix)
         nz = q > 0
         h = _entropy(q)
-        levels[f"L{'123'[:level]}"] = {
+        levels[level_name(level)] = {
             "cells": int(len(nat)), "cells_covered": int(nz.sum()),
             "entropy": round(h, 4), "effective_cells": round(math.exp(h), 2),
             "natural_effective_cells": round(math.exp(_entropy(p)), 2),

@@ -10,8 +10,6 @@ A mixture folder holds
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,10 @@ import pyarrow.parquet as pq
 
 from hermes._version import __version__
 from hermes.errors import HermesError
-from hermes.mixers import CODE_BITS, Docs, Mixture, MixSpec, key_text, make_mixture, parse_rule
-from hermes.store import LEVELS, connect, key_sql, stage_names
+from hermes.files import replacing
+from hermes.cellkeys import key_sql, key_text, level_name, parent_keys
+from hermes.mixers import Docs, Mixture, MixSpec, make_mixture, parse_rule
+from hermes.store import connect, stage_names
 
 
 def store_substrate(con) -> str:
@@ -92,7 +92,7 @@ def read_weights_file(path: str | Path, level: int, known: set[str]) -> dict[str
         if not value >= 0 or value == float("inf"):
             raise HermesError(f"{p}:{line}: weight of cell {cell} is {value:g}; weights must be >= 0 (field 'weight')")
         if cell not in known:
-            raise HermesError(f"{p}:{line}: cell '{cell}' is not an L{'123'[:level]} cell of this store (field 'cell')",
+            raise HermesError(f"{p}:{line}: cell '{cell}' is not an {level_name(level)} cell of this store (field 'cell')",
                               hint=f"keys look like {', '.join(sorted(known)[:3])}; see `hermes cells --level {level}`")
         out[cell] = value
     if not out or sum(out.values()) <= 0:
@@ -115,36 +115,32 @@ def build(db: str | Path, spec: MixSpec, loaded: tuple[Docs, str] | None = None)
 def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Path:
     """Write the mixture folder (to a temporary name, renamed when complete)."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    spec = mix.spec
-    c = mix.cells
-    rows = np.flatnonzero(mix.repeats > 0)
-    con = connect(db)
-    try:
-        names = stage_names(con)
-        sel = pa.table({"row": rows.astype(np.int64), "repeats": mix.repeats[rows].astype(np.int32)})
-        con.register("selected", sel)
-        key_expr, joins = key_sql(spec.m, names, "l")
-        manifest = con.sql(f"SELECT l.doc_id, s.repeats, l.n_tokens, {key_expr} AS cell FROM selected s "
-                           f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
-    finally:
-        con.close()
-    cell_keys = key_text(c["key"], spec.m, names)
-    parent_keys = key_text(c["key"] >> (CODE_BITS * (spec.m - spec.level)), spec.level, names)
-    pq.write_table(pa.table({
-        "cell": cell_keys, "level": pa.array([spec.m] * len(cell_keys), pa.int8()), "parent": parent_keys,
-        "stage1_weight": c["stage1_weight"], "weight": c["weight"],
-        "target_tokens": np.round(c["target_tokens"]).astype(np.int64),
-        "available_tokens": c["available_tokens"].astype(np.int64), "eligible_docs": c["eligible_docs"],
-        "selected_tokens": c["selected_tokens"].astype(np.int64), "quality_threshold": c["quality_threshold"],
-        "epochs": c["epochs"]}), tmp / "weights.parquet")
-    pq.write_table(manifest, tmp / "manifest.parquet")
-    (tmp / "mixture.json").write_text(json.dumps(describe(mix, db, fingerprint), indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replacing(out) as (tmp,):
+        tmp.mkdir()
+        spec = mix.spec
+        c = mix.cells
+        rows = np.flatnonzero(mix.repeats > 0)
+        con = connect(db)
+        try:
+            names = stage_names(con)
+            sel = pa.table({"row": rows.astype(np.int64), "repeats": mix.repeats[rows].astype(np.int32)})
+            con.register("selected", sel)
+            key_expr, joins = key_sql(spec.m, names, "l")
+            manifest = con.sql(f"SELECT l.doc_id, s.repeats, l.n_tokens, {key_expr} AS cell FROM selected s "
+                               f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
+        finally:
+            con.close()
+        cell_keys = key_text(c["key"], spec.m, names)
+        parent_text = key_text(parent_keys(c["key"], spec.m, spec.level), spec.level, names)
+        pq.write_table(pa.table({
+            "cell": cell_keys, "level": pa.array([spec.m] * len(cell_keys), pa.int8()), "parent": parent_text,
+            "stage1_weight": c["stage1_weight"], "weight": c["weight"],
+            "target_tokens": np.round(c["target_tokens"]).astype(np.int64),
+            "available_tokens": c["available_tokens"].astype(np.int64), "eligible_docs": c["eligible_docs"],
+            "selected_tokens": c["selected_tokens"].astype(np.int64), "quality_threshold": c["quality_threshold"],
+            "epochs": c["epochs"]}), tmp / "weights.parquet")
+        pq.write_table(manifest, tmp / "manifest.parquet")
+        (tmp / "mixture.json").write_text(json.dumps(describe(mix, db, fingerprint), indent=2) + "\n")
     return out
 
 
@@ -158,5 +154,3 @@ def describe(mix: Mixture, db: str | Path, fingerprint: str) -> dict[str, Any]:
             "diagnostics": mix.diagnostics, "warnings": mix.warnings}
 
 
-def level_name(level: int) -> str:
-    return LEVELS[level].upper()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from hermes._version import __version__
 from hermes.config import Config
 from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
 from hermes.errors import HermesError
+from hermes.files import replacing, write_json, write_parquet
 from hermes.progress import Progress
 from hermes.read import Fields, Shard, read_shard
 from hermes.stages import file_id
@@ -278,20 +278,6 @@ def _reject_table(bad: list) -> pa.Table:
     return pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA)
 
 
-def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_atomic_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_marker(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -328,11 +314,10 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
     cfg = stages.cfg
     layout.embeddings.mkdir(parents=True, exist_ok=True)
     layout.rejects.mkdir(parents=True, exist_ok=True)
-    tmp = {name: path.with_name(path.name + ".tmp") for name, path in
-           (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)), ("rejects", layout.reject_file(shard)))}
     seq, n_rejects, dim = 0, 0, 0
-    with pq.ParquetWriter(tmp["docs"], DOCS_SCHEMA) as docs_out, \
-            pq.ParquetWriter(tmp["rejects"], REJECT_FILE_SCHEMA) as rejects_out, open(tmp["emb"], "wb") as emb_out:
+    with replacing(layout.docs_file(shard), layout.emb_file(shard), layout.reject_file(shard)) as tmp, \
+            pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, \
+            pq.ParquetWriter(tmp[2], REJECT_FILE_SCHEMA) as rejects_out, open(tmp[1], "wb") as emb_out:
         for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
             if bad:
                 rejects_out.write_table(_reject_table(bad))
@@ -368,11 +353,8 @@ def embed_shard(shard: Shard, stages: Stages, layout: Layout, progress: Progress
             docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq, n_tokens),
                                           schema=DOCS_SCHEMA))
             seq += n
-    for name, path in (("docs", layout.docs_file(shard)), ("emb", layout.emb_file(shard)),
-                       ("rejects", layout.reject_file(shard))):
-        os.replace(tmp[name], path)
-    _write_atomic_json({"cache_key": key, "embed_key": stages.embed_key(), "shard": shard.stat(), "name": shard.name,
-                        "n_docs": seq, "n_rejects": n_rejects, "dim": dim, "dtype": "float16"}, marker_path)
+    write_json(marker_path, {"cache_key": key, "embed_key": stages.embed_key(), "shard": shard.stat(), "name": shard.name,
+                             "n_docs": seq, "n_rejects": n_rejects, "dim": dim, "dtype": "float16"})
     if progress:
         progress.shard_done()
     result = ShardResult(shard, seq, n_rejects, skipped=False)
@@ -386,29 +368,24 @@ def _refresh_documents(shard: Shard, stages: Stages, layout: Layout, marker: dic
     read the shard again and rewrite only its document columns and rejects, keeping the embeddings,
     if the same documents are accepted in the same order. None if they are not (embed again)."""
     cached_ids = pq.read_table(layout.docs_file(shard), columns=["doc_id"]).column("doc_id")
-    tmp_docs = layout.docs_file(shard).with_name(layout.docs_file(shard).name + ".tmp")
-    tmp_rejects = layout.reject_file(shard).with_name(layout.reject_file(shard).name + ".tmp")
-    layout.rejects.mkdir(parents=True, exist_ok=True)
     seq, n_rejects, same = 0, 0, True
-    with pq.ParquetWriter(tmp_docs, DOCS_SCHEMA) as docs_out, pq.ParquetWriter(tmp_rejects, REJECT_FILE_SCHEMA) as rej:
-        for docs, bad in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
-            if bad:
-                rej.write_table(_reject_table(bad))
-                n_rejects += len(bad)
-            n = docs.num_rows
-            if seq + n > len(cached_ids) or not docs.column("doc_id").equals(cached_ids.slice(seq, n)):
-                same = False
-                break
-            texts = docs.column("text").to_pylist()
-            docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq), schema=DOCS_SCHEMA))
-            seq += n
-    if not same or seq != len(cached_ids):
-        tmp_docs.unlink(missing_ok=True)
-        tmp_rejects.unlink(missing_ok=True)
-        return None
-    os.replace(tmp_docs, layout.docs_file(shard))
-    os.replace(tmp_rejects, layout.reject_file(shard))
-    _write_atomic_json({**marker, "cache_key": stages.cache_key(), "n_rejects": n_rejects}, layout.emb_marker(shard))
+    with replacing(layout.docs_file(shard), layout.reject_file(shard)) as tmp:
+        with pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as rej:
+            for docs, bad in read_shard(shard, reading_fields(stages.cfg), stages.cfg.read_batch_size):
+                if bad:
+                    rej.write_table(_reject_table(bad))
+                    n_rejects += len(bad)
+                n = docs.num_rows
+                if seq + n > len(cached_ids) or not docs.column("doc_id").equals(cached_ids.slice(seq, n)):
+                    same = False
+                    break
+                texts = docs.column("text").to_pylist()
+                docs_out.write_table(pa.table(document_columns(shard, docs, texts, stages, seq), schema=DOCS_SCHEMA))
+                seq += n
+        if not same or seq != len(cached_ids):
+            tmp.discard()
+            return None
+    write_json(layout.emb_marker(shard), {**marker, "cache_key": stages.cache_key(), "n_rejects": n_rejects})
     if progress:
         progress.advance(seq + n_rejects, counted=False)
         progress.shard_done()
@@ -501,7 +478,7 @@ def _taxonomy_labels(shard: Shard, stages: Stages, layout: Layout) -> pa.Table:
         for i, names in stages.fixed.taxonomy_labels(texts).items():
             columns[f"stage_{i}"].extend(names)
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}).replace_schema_metadata({CLASSES_KEY: key})
-    _write_atomic_parquet(table, path)
+    write_parquet(path, table)
     return table
 
 
@@ -646,14 +623,14 @@ def fit_substrate(shards: list[Shard], counts: list[int], stages: Stages, layout
 
 def substrate_stack(stages: Stages, classes: dict[int, list[str]]) -> list[dict[str, Any]]:
     """The stage stack as a substrate records it: what each fixed stage labels by, and its classes."""
-    from hermes.stages import file_sha256
+    from hermes.files import sha256
 
     out = []
     for i, stage in enumerate(stages.stack):
         if stage["kind"] == "source":
             out.append({"kind": "source", "source_field": stages.cfg.source_field, "classes": classes[i]})
         elif stage["kind"] == "fasttext":
-            out.append({"kind": "fasttext", "model": stage["model"], "model_sha256": file_sha256(stage["model"]),
+            out.append({"kind": "fasttext", "model": stage["model"], "model_sha256": sha256(stage["model"]),
                         "classes": classes[i]})
         else:
             out.append({"kind": stage["kind"]})
@@ -699,13 +676,10 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
                           f"substrate's {substrate.embedding.get('dim')}", hint=f"delete {layout.embeddings} and rerun")
     fixed, known = _fixed_codes(shard, substrate, stages, layout, n)
     codes = np.zeros((n, N_CODES), np.int16)      # 6 bytes a document, kept for the term counts
-    label_tmp = layout.label_file(shard).with_name(layout.label_file(shard).name + ".tmp")
-    unknown_tmp = layout.unknown_file(shard).with_name(layout.unknown_file(shard).name + ".tmp")
-    layout.labels.mkdir(parents=True, exist_ok=True)
-    layout.rejects.mkdir(parents=True, exist_ok=True)
     start, n_unknown = 0, 0
-    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, \
-            pq.ParquetWriter(unknown_tmp, REJECT_FILE_SCHEMA) as unknown_out:
+    # the label file goes last: it is complete only once the others are
+    with replacing(layout.terms_file(shard), layout.unknown_file(shard), layout.label_file(shard)) as tmp, \
+            pq.ParquetWriter(tmp[2], LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as unknown_out:
         for batch in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
             stop = start + batch.num_rows
             keep = known[start:stop]
@@ -719,13 +693,11 @@ def quantize_shard(shard: Shard, substrate: Substrate, stages: Stages, layout: L
             out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[rows],
                                         substrate.fingerprint))
             start = stop
-    _write_atomic_parquet(_term_counts(shard, stages, codes, known, layout), layout.terms_file(shard))
-    os.replace(unknown_tmp, layout.unknown_file(shard))
-    os.replace(label_tmp, layout.label_file(shard))
+        pq.write_table(_term_counts(shard, stages, codes, known, layout), tmp[0])
     n_rejects = emb_marker.get("n_rejects", 0) + n_unknown
-    _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
-                        "shard": shard.stat(), "name": shard.name, "n_docs": n - n_unknown,
-                        "n_rejects": n_rejects}, layout.label_marker(shard))
+    write_json(layout.label_marker(shard), {"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
+                                            "shard": shard.stat(), "name": shard.name, "n_docs": n - n_unknown,
+                                            "n_rejects": n_rejects})
     result = ShardResult(shard, n - n_unknown, n_rejects, skipped=False)
     if progress:
         progress.advance(result.n_docs + result.n_rejects)
@@ -813,13 +785,11 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
     if marker:
         return _skipped("label", shard, marker, layout, progress, t0)
     cfg = stages.cfg
-    for folder in (layout.labels, layout.rejects, layout.terms_file(shard).parent):
-        folder.mkdir(parents=True, exist_ok=True)
-    label_tmp = layout.label_file(shard).with_name(layout.label_file(shard).name + ".tmp")
-    reject_tmp = layout.reject_file(shard).with_name(layout.reject_file(shard).name + ".tmp")
     terms = TermCounter()
     seq, n_rejects = 0, 0
-    with pq.ParquetWriter(label_tmp, LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(reject_tmp, REJECT_FILE_SCHEMA) as rej, \
+    # the label file goes last: it is complete only once the others are
+    with replacing(layout.terms_file(shard), layout.reject_file(shard), layout.label_file(shard)) as tmp, \
+            pq.ParquetWriter(tmp[2], LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as rej, \
             ThreadPoolExecutor(1) as pool:
         batches = read_shard(shard, reading_fields(cfg), cfg.read_batch_size)
         for docs, bad, encoded in (_encoded_ahead(batches, stages.embedder) if stages.static else
@@ -865,13 +835,11 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
                 seq += docs.num_rows
             if progress:
                 progress.advance(n + len(bad))
-    _write_atomic_parquet(terms.table(), layout.terms_file(shard))
+        pq.write_table(terms.table(), tmp[0])
     layout.unknown_file(shard).unlink(missing_ok=True)     # this path writes unknown classes to the rejects
-    os.replace(reject_tmp, layout.reject_file(shard))
-    os.replace(label_tmp, layout.label_file(shard))
-    _write_atomic_json({"substrate": substrate.fingerprint, "cache_key": stages.cache_key(), "shard": shard.stat(),
-                        "name": shard.name, "n_docs": seq, "n_rejects": n_rejects, "path": "text"},
-                       layout.label_marker(shard))
+    write_json(layout.label_marker(shard), {"substrate": substrate.fingerprint, "cache_key": stages.cache_key(),
+                                            "shard": shard.stat(), "name": shard.name, "n_docs": seq,
+                                            "n_rejects": n_rejects, "path": "text"})
     if progress:
         progress.shard_done()
     result = ShardResult(shard, seq, n_rejects, skipped=False)

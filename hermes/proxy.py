@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hermes.errors import HermesError
+from hermes.files import replacing, write_json
 
 MODELS = ("ridge", "gbm")
 
@@ -50,7 +51,7 @@ def spread_out(pool: np.ndarray, n: int, start: np.ndarray) -> np.ndarray:
 
 
 def write_weights(path: Path, cells: list[str], w: np.ndarray) -> None:
-    with open(path, "w", newline="") as f:
+    with replacing(path) as (tmp,), open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["cell", "weight"])
         for c, x in zip(cells, w):
@@ -289,14 +290,11 @@ def rank(est, mix: Mixtures, out: Path, measured: dict[str, float] | None = None
     same runs, how well the prediction ranks them (Spearman) and where the predicted best really stands."""
     pred = est.predict(mix.X)
     order = np.argsort(pred, kind="stable")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(out) as (tmp,), open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["run", "predicted_loss"])
         for i in order:
             wr.writerow([mix.runs[i], f"{pred[i]:.10g}"])
-    tmp.replace(out)
     rep: dict[str, Any] = {"file": str(out), "runs": len(mix.runs),
                            "best_predicted": {"run": mix.runs[int(order[0])], "predicted_loss": float(pred[order[0]])}}
     if measured is not None:
@@ -336,5 +334,5 @@ def optimize(mix: Mixtures, y: np.ndarray, out: Path, center: np.ndarray | None 
               "search_center": center_name, "tv_to_center": round(0.5 * float(np.abs(best - center).sum()), 4)}
     if ranked is not None:
         report["rank"] = rank(est, ranked, r_out, measured)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), report, indent=2)
     return report

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hermes.errors import HermesError
+from hermes.files import write_text
 from hermes.read import lookup
 from hermes.store import connect, info_fields, store_info
 
@@ -151,9 +152,6 @@ def report(db: str | Path, out: str | Path, mixtures: list[str | Path] = (), cor
     data = gather(db, mixtures, corpus)
     page = render(data)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, page)
     return {"out": str(out), "bytes": len(page.encode()), "l1_cells": len(data["hierarchy"]),
             "mixtures": len(data["mixtures"])}

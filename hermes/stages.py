@@ -29,7 +29,6 @@ and on the command line a comma-separated list: `--stages source,learned,learned
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -93,14 +92,6 @@ def is_fixed(stage: dict[str, Any]) -> bool:
 
 def fixed_indices(stack: list[dict[str, Any]]) -> list[int]:
     return [i for i, s in enumerate(stack) if is_fixed(s)]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TaxonomyLabeler:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,7 +34,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hermes.errors import HermesError
-from hermes.stages import file_sha256
+from hermes.files import sha256
+from hermes.files import replacing
 from hermes.vectors import unit_rows
 
 MANIFEST = "hermes_encoder.json"
@@ -91,7 +91,7 @@ def sif_weights(counts: np.ndarray, a: float = SIF_A) -> np.ndarray:
 
 
 def _checksums(folder: Path) -> dict[str, str]:
-    return {name: file_sha256(folder / name) for name in FILES}
+    return {name: sha256(folder / name) for name in FILES}
 
 
 def fingerprint(checksums: dict[str, str]) -> str:
@@ -136,21 +136,17 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
     rows = rows.astype(np.float32)
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=torch.from_numpy(rows)), Normalize()],
                                 device="cpu")
-    model.save(str(tmp))
-    checksums = _checksums(tmp)
-    manifest = {"format": FORMAT, "format_version": 1, **recipe,
-                "weighting": {"kind": "sif", "a": SIF_A, "counted_over": "the sample's whole texts"},
-                "alignment": alignment,
-                "vocab": vocab, "dim": int(rows.shape[1]), "token_ids_seen": int((seen > 0).sum()),
-                "files": checksums, "fingerprint": fingerprint(checksums)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replacing(out) as (tmp,):
+        model.save(str(tmp))
+        checksums = _checksums(tmp)
+        manifest = {"format": FORMAT, "format_version": 1, **recipe,
+                    "weighting": {"kind": "sif", "a": SIF_A, "counted_over": "the sample's whole texts"},
+                    "alignment": alignment,
+                    "vocab": vocab, "dim": int(rows.shape[1]), "token_ids_seen": int((seen > 0).sum()),
+                    "files": checksums, "fingerprint": fingerprint(checksums)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 

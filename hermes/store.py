@@ -7,18 +7,18 @@ database that is renamed into place at the end, so `labels.duckdb` is complete o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
 from hermes._version import __version__
+from hermes.cellkeys import LEVELS, key_sql, level_name, view_suffix
 from hermes.errors import HermesError
+from hermes.files import remove, replacing
 
-LEVELS = {1: "l1", 2: "l12", 3: "l123"}
 CODES = ("c1", "c2", "c3")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
 
@@ -31,22 +31,6 @@ LABEL_FILE_SCHEMA = pa.schema([
 ])
 REJECT_FILE_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("doc_id", pa.string()),
                                 ("reason", pa.string())])
-
-
-def key_sql(level: int, named: Iterable[int] = (), alias: str = "") -> tuple[str, str]:
-    """SQL for the text key of a level's cell (`17.203.5`; a fixed stage's class name in place of
-    its code, `comp.203.5`) over the code columns of table alias `alias`, and the joins it needs
-    (on table stage_classes). `named` holds the 0-based indices of the stages with names."""
-    named = set(named)
-    parts, joins = [], []
-    for i in range(level):
-        col = f"{alias}.c{i + 1}" if alias else f"c{i + 1}"
-        if i in named:
-            parts.append(f"k{i + 1}.name")
-            joins.append(f"LEFT JOIN stage_classes k{i + 1} ON k{i + 1}.stage = {i + 1} AND k{i + 1}.code = {col}")
-        else:
-            parts.append(f"CAST({col} AS VARCHAR)")
-    return " || '.' || ".join(parts), " ".join(joins)
 
 
 def named_stages(con) -> list[int]:
@@ -78,7 +62,7 @@ def _level_table(level: int, named: list[int]) -> str:
     parent, _ = key_sql(level - 1, named, "a") if level > 1 else ("CAST(NULL AS VARCHAR)", "")
     children = "CAST(NULL AS BIGINT)" if level == 3 else f"count(DISTINCT {CODES[level]})"
     return f"""
-CREATE TABLE cells_{LEVELS[level]}_data AS
+CREATE TABLE cells_{view_suffix(level)}_data AS
 SELECT {", ".join(f"a.{c}" for c in codes)}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
        n_docs / sum(n_docs) OVER () AS share_docs,
        n_tokens / sum(n_tokens) OVER () AS share_tokens,
@@ -93,10 +77,10 @@ FROM (
 
 def _stacked_view() -> str:
     parts = []
-    for level in (1, 2, 3):
+    for level in LEVELS:
         codes = ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
         parts.append(f"SELECT {level} AS level, {codes}, cell, parent, n_docs, n_tokens, share_docs, "
-                     f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{LEVELS[level]}")
+                     f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{view_suffix(level)}")
     return "CREATE VIEW cells AS\n" + "\nUNION ALL\n".join(parts)
 
 
@@ -104,16 +88,16 @@ def create_views(con) -> None:
     """Tables cells_l*_data (the per-level aggregates, computed once) and the views of the contract
     over them: cells_l1, cells_l12, cells_l123 and cells."""
     named = named_stages(con)
-    for level in (1, 2, 3):
+    for level in LEVELS:
         con.execute(_level_table(level, named))
         if named:      # names must keep cells apart: 'a.b' + 'c' and 'a' + 'b.c' would not
-            dup = con.execute(f"SELECT cell FROM cells_{LEVELS[level]}_data GROUP BY cell HAVING count(*) > 1 "
+            dup = con.execute(f"SELECT cell FROM cells_{view_suffix(level)}_data GROUP BY cell HAVING count(*) > 1 "
                               "LIMIT 1").fetchall()
             if dup:
-                raise HermesError(f"two L{'123'[:level]} cells share the key '{dup[0][0]}' (field 'stages')",
+                raise HermesError(f"two {level_name(level)} cells share the key '{dup[0][0]}' (field 'stages')",
                                   hint="class names of fixed stages must not make the same dotted key; "
                                        "rename the classes or make one stage learned")
-        con.execute(f"CREATE VIEW cells_{LEVELS[level]} AS SELECT * FROM cells_{LEVELS[level]}_data")
+        con.execute(f"CREATE VIEW cells_{view_suffix(level)} AS SELECT * FROM cells_{view_suffix(level)}_data")
     con.execute(_stacked_view())
 
 
@@ -145,75 +129,71 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
     import duckdb
 
     db_path = Path(db_path)
-    tmp = db_path.with_name(db_path.name + ".tmp")
-    for p in (tmp, Path(str(tmp) + ".wal")):
-        if p.exists():
-            p.unlink()
-    fingerprint = substrate_manifest["fingerprint"]
-    spill = db_path.with_name(db_path.name + ".spill")
-    con = duckdb.connect(str(tmp), config={"temp_directory": str(spill),
-                                           **({"memory_limit": memory_limit} if memory_limit else {})})
-    try:
-        con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
-        con.executemany("INSERT INTO shard_order VALUES (?, ?)", [(str(f), i) for i, f in enumerate(label_files)])
-        files = [str(f) for f in label_files]
-        con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
-                    "JOIN shard_order o USING (filename)", [files])
-        found = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()]
-        foreign = sorted(set(found) - {fingerprint})
-        if foreign:
-            raise HermesError(
-                f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} (field 'substrate')",
-                hint="a store holds the labels of one substrate; relabel with --substrate or use another --out")
-        con.execute("""
-            CREATE TEMP TABLE ranked AS
-            SELECT *, row_number() OVER w AS rn,
-                   first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
-            FROM raw WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
-        con.execute("""
-            CREATE TABLE labels AS
-            SELECT doc_id, source, n_chars, n_tokens, quality,
-                   CAST(c1 AS SMALLINT) AS c1, CAST(c2 AS SMALLINT) AS c2, CAST(c3 AS SMALLINT) AS c3, substrate
-            FROM ranked WHERE rn = 1 ORDER BY ord, seq""")
-        con.execute("CREATE TABLE rejects (file VARCHAR, line BIGINT, doc_id VARCHAR, reason VARCHAR)")
-        if reject_files:
-            con.execute("INSERT INTO rejects SELECT file, line, doc_id, reason FROM read_parquet(?)",
-                        [[str(f) for f in reject_files]])
-        con.execute("""
-            INSERT INTO rejects
-            SELECT file, line, doc_id, 'duplicate doc_id (first at ' || first_at || ')'
-            FROM ranked WHERE rn > 1 ORDER BY ord, seq""")
-        m = substrate_manifest
-        con.execute("""
-            CREATE TABLE substrates (fingerprint VARCHAR, created_at TIMESTAMP, hermes_version VARCHAR,
-                embedding_model VARCHAR, embedding JSON, transform JSON, rvq JSON, fit_sample_size BIGINT,
-                stages JSON)""")
-        stack = [{k: v for k, v in st.items() if k != "classes"} for st in m.get("stages") or []]
-        con.execute("INSERT INTO substrates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [m["fingerprint"], m["created_at"].replace("T", " ").rstrip("Z"), m["hermes_version"],
-                     m["embedding"]["model"], json.dumps(m["embedding"]), json.dumps(m["transform"]),
-                     json.dumps(m["rvq"]), m["fit_sample_size"], json.dumps(stack or None)])
-        _stage_classes_table(con, m.get("stages") or [])
-        con.execute("CREATE TABLE store_info (key VARCHAR, value VARCHAR)")
-        info = {"hermes_version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **(info or {})}
-        con.executemany("INSERT INTO store_info VALUES (?, ?)",
-                        [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
-        create_views(con)
-        from hermes.terms import create_cell_terms
+    with replacing(db_path) as (tmp,):
+        wal = Path(str(tmp) + ".wal")
+        remove(wal)
+        fingerprint = substrate_manifest["fingerprint"]
+        spill = db_path.with_name(db_path.name + ".spill")
+        con = duckdb.connect(str(tmp), config={"temp_directory": str(spill),
+                                               **({"memory_limit": memory_limit} if memory_limit else {})})
+        try:
+            con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
+            con.executemany("INSERT INTO shard_order VALUES (?, ?)", [(str(f), i) for i, f in enumerate(label_files)])
+            files = [str(f) for f in label_files]
+            con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
+                        "JOIN shard_order o USING (filename)", [files])
+            found = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()]
+            foreign = sorted(set(found) - {fingerprint})
+            if foreign:
+                raise HermesError(
+                    f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} (field 'substrate')",
+                    hint="a store holds the labels of one substrate; relabel with --substrate or use another --out")
+            con.execute("""
+                CREATE TEMP TABLE ranked AS
+                SELECT *, row_number() OVER w AS rn,
+                       first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
+                FROM raw WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
+            con.execute("""
+                CREATE TABLE labels AS
+                SELECT doc_id, source, n_chars, n_tokens, quality,
+                       CAST(c1 AS SMALLINT) AS c1, CAST(c2 AS SMALLINT) AS c2, CAST(c3 AS SMALLINT) AS c3, substrate
+                FROM ranked WHERE rn = 1 ORDER BY ord, seq""")
+            con.execute("CREATE TABLE rejects (file VARCHAR, line BIGINT, doc_id VARCHAR, reason VARCHAR)")
+            if reject_files:
+                con.execute("INSERT INTO rejects SELECT file, line, doc_id, reason FROM read_parquet(?)",
+                            [[str(f) for f in reject_files]])
+            con.execute("""
+                INSERT INTO rejects
+                SELECT file, line, doc_id, 'duplicate doc_id (first at ' || first_at || ')'
+                FROM ranked WHERE rn > 1 ORDER BY ord, seq""")
+            m = substrate_manifest
+            con.execute("""
+                CREATE TABLE substrates (fingerprint VARCHAR, created_at TIMESTAMP, hermes_version VARCHAR,
+                    embedding_model VARCHAR, embedding JSON, transform JSON, rvq JSON, fit_sample_size BIGINT,
+                    stages JSON)""")
+            stack = [{k: v for k, v in st.items() if k != "classes"} for st in m.get("stages") or []]
+            con.execute("INSERT INTO substrates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [m["fingerprint"], m["created_at"].replace("T", " ").rstrip("Z"), m["hermes_version"],
+                         m["embedding"]["model"], json.dumps(m["embedding"]), json.dumps(m["transform"]),
+                         json.dumps(m["rvq"]), m["fit_sample_size"], json.dumps(stack or None)])
+            _stage_classes_table(con, m.get("stages") or [])
+            con.execute("CREATE TABLE store_info (key VARCHAR, value VARCHAR)")
+            info = {"hermes_version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **(info or {})}
+            con.executemany("INSERT INTO store_info VALUES (?, ?)",
+                            [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
+            create_views(con)
+            from hermes.terms import create_cell_terms
 
-        create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con))
-        counts = summary(con)
-        con.close()
-    except BaseException:
-        con.close()
-        for p in (tmp, Path(str(tmp) + ".wal")):
-            if p.exists():
-                p.unlink()
-        raise
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
-    os.replace(tmp, db_path)
+            create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con))
+            counts = summary(con)
+            con.close()
+        except BaseException:
+            con.close()
+            remove(wal)
+            raise
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
     return counts
 
 
@@ -236,7 +216,8 @@ def summary(con) -> dict[str, Any]:
                     ELSE reason END AS r, count(*)
         FROM rejects GROUP BY r ORDER BY count(*) DESC, r""").fetchall()
     cells = {}
-    for level, name in LEVELS.items():
+    for level in LEVELS:
+        name = view_suffix(level)
         cells[name] = con.execute(f"SELECT count(*) FROM cells_{name}").fetchall()[0][0]
     return {"labeled": labeled, "rejected": sum(n for _, n in reasons),
             "reject_reasons": {r: n for r, n in reasons}, "cells": cells}

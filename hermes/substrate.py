@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 
 from hermes._version import __version__
 from hermes.errors import HermesError
+from hermes.files import replacing
 from hermes.rvq import ResidualQuantizer
 from hermes.stages import LEARNED, N_STAGES, fixed_indices
 from hermes.transform import TRANSFORMS, transform_class
@@ -116,22 +116,18 @@ class Substrate:
     def save(self, path: str | Path) -> Path:
         """Write to a temporary folder and rename it into place, so a folder is whole or absent."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, arr in self._arrays().items():
-            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-        if self.static:
-            if self.encoder_dir is None or not Path(self.encoder_dir).is_dir():
-                raise HermesError(f"{path}: the substrate of a static encoder needs the encoder's folder to save",
-                                  hint="fit with --encoder static")
-            shutil.copytree(self.encoder_dir, tmp / "encoder")
-        manifest = self.manifest()
+        if self.static and (self.encoder_dir is None or not Path(self.encoder_dir).is_dir()):
+            raise HermesError(f"{path}: the substrate of a static encoder needs the encoder's folder to save",
+                              hint="fit with --encoder static")
+        with replacing(path) as (tmp,):
+            tmp.mkdir()
+            for name, arr in self._arrays().items():
+                np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+            if self.static:
+                shutil.copytree(self.encoder_dir, tmp / "encoder")
+            manifest = self.manifest()
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         self.fingerprint = manifest["fingerprint"]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
         if self.static:
             self.encoder_dir = path / "encoder"
         return path

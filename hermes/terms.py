@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hermes.cellkeys import LEVELS, view_suffix
 from hermes.quality import STOP_WORDS, as_strings
 
 TOP_PER_CELL = 100
@@ -154,7 +155,7 @@ def _level_sql(level: int, named: list[int]) -> str:
                CASE WHEN d.median_chars < {SHORT_CHARS} THEN '[short texts]' END,
                CASE WHEN tot.top_n > 0.2 * tot.words THEN '[repetitive]' END,
                coalesce(top.words, '[no words]')) AS terms
-    FROM cells_{['l1', 'l12', 'l123'][level - 1]} v
+    FROM cells_{view_suffix(level)} v
     LEFT JOIN top USING ({cs}) LEFT JOIN tot USING ({cs}) LEFT JOIN docs d USING ({cs})"""
 
 
@@ -166,6 +167,6 @@ def create_cell_terms(con, term_files: list[str], named: list[int]) -> None:
     else:
         con.execute("CREATE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, count BIGINT)")
     con.execute("CREATE TABLE cell_terms (level INTEGER, cell VARCHAR, terms VARCHAR)")
-    for level in (1, 2, 3):
+    for level in LEVELS:
         con.execute(f"INSERT INTO cell_terms {_level_sql(level, named)} ORDER BY cell")
     con.execute("DROP TABLE term_counts")
