@@ -14,9 +14,9 @@ import pyarrow as pa
 from hermes.config import FIT_KEYS, Config, load_config, refuse_fit_keys
 from hermes.errors import HermesError
 from hermes.files import replacing
-from hermes.pipeline import (Layout, Stages, drop_cached_embeddings, embed_shard, fit_substrate,
-                             label_one_shard, quantize_shard, reading_fields, stages_for)
-from hermes.progress import Progress, say
+from hermes.engines import run_step
+from hermes.pipeline import Layout, Stages, fit_substrate, reading_fields, stages_for
+from hermes.progress import say
 from hermes.read import Shard, check_fields, discover
 from hermes.cellkeys import LEVELS, view_suffix
 from hermes.store import build_store
@@ -53,13 +53,6 @@ def _plan(inputs: Iterable[str | Path] | None, cfg: Config) -> tuple[list[str], 
 def codebook_rule(substrate: Substrate) -> str:
     """How the substrate's codebook sizes were chosen, in words (as its fit recorded it)."""
     return substrate.training.get("codebook_rule") or f"{'/'.join(map(str, substrate.sizes))} codewords"
-
-
-def _embed_all(shards: list[Shard], stages: Stages, layout: Layout, quiet: bool):
-    progress = Progress("embed", total_shards=len(shards), quiet=quiet)
-    results = [embed_shard(s, stages, layout, progress) for s in shards]
-    progress.close()
-    return results
 
 
 def _no_documents(results) -> HermesError:
@@ -108,7 +101,7 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
     return build(teacher, texts, layout.encoder, {**recipe, "docs": len(texts)}, say=lambda m: say(m, quiet))
 
 
-def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
+def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local", address: str | None = None):
     """Embed every shard (into the cache), then fit the substrate on a sample: the first half of
     `run`, and all of `fit`. With `encoder: static`, the static encoder is built (or found) first."""
     t0 = time.perf_counter()
@@ -118,13 +111,16 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool):
     stages.quality_scorer          # a bad quality or taxonomy model fails here, before anything is written
     stages.fixed.setup()
     timings = {}
+    encoder_folder = None
     if cfg.encoder == "static" or is_static_encoder(cfg.model):
         if cfg.encoder != "static":
             raise HermesError(f"{cfg.model}: --model is a static encoder, but encoder = transformer (field 'encoder')",
                               hint="pass --encoder static, or a transformer folder to --model")
-        stages.use_static(static_encoder(shards, cfg, layout, quiet))
+        encoder_folder = static_encoder(shards, cfg, layout, quiet)
+        stages.use_static(encoder_folder)
         timings["encoder"] = time.perf_counter() - t0
-    results = _embed_all(shards, stages, layout, quiet)
+    results = run_step(engine, "embed", shards, cfg, layout, "embed", stages=stages, address=address, quiet=quiet,
+                       static_encoder=str(Path(encoder_folder).resolve()) if encoder_folder else None)
     timings["embed"] = time.perf_counter() - t0 - timings.get("encoder", 0.0)
     counts = [r.n_docs for r in results]
     if sum(counts) == 0:
@@ -245,20 +241,19 @@ def _check_encoder(sub: Substrate, overrides: dict[str, Any], path) -> None:
 
 
 def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-out", *,
-        config: Config | str | Path | None = None, quiet: bool = False, **settings: Any) -> dict[str, Any]:
+        config: Config | str | Path | None = None, quiet: bool = False, engine: str = "local",
+        address: str | None = None, **settings: Any) -> dict[str, Any]:
     """The main job: embed every document once, fit a substrate on a sample, label all, build the store.
     `settings`: any config key (configs/default.yaml), e.g. `max_length=128, quality="none"`; they
-    override `config` (a file, a packaged config's name, or a Config), which overrides the defaults."""
+    override `config` (a file, a packaged config's name, or a Config), which overrides the defaults.
+    `engine="ray"` embeds and labels the shards on Ray Data (`address` of a cluster, or local); the
+    substrate is fitted and the store built here."""
     t0 = time.perf_counter()
     cfg = _config(config, settings)
-    inputs, shards, layout, stages, _, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet)
+    inputs, shards, layout, stages, _, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet, engine, address)
     t = time.perf_counter()
-    progress = Progress("label", total_shards=len(shards), quiet=quiet)
-    for shard in shards:
-        quantize_shard(shard, substrate, stages, layout, progress)
-        if not cfg.keep_embeddings:
-            drop_cached_embeddings(shard, layout)
-    progress.close()
+    run_step(engine, "quantize", shards, cfg, layout, "label", stages=stages, substrate=substrate, address=address,
+             quiet=quiet)
     timings["quantize"] = time.perf_counter() - t
     return _finish("run", inputs, shards, substrate, layout, cfg, t0, timings)
 
@@ -291,18 +286,10 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     stages = stages_for(cfg, sub)
     stages.quality_scorer
     stages.fixed.setup()
-    if engine == "ray":
-        from hermes.engines import run_on_ray
-
-        results = run_on_ray(shards, cfg, layout, address=address, quiet=quiet)
-    elif engine == "local":
-        # one shard at a time: embed, quantize, drop its cached embeddings (unless kept), so the
-        # disk holds at most one shard's embeddings and a relaunch redoes only unfinished shards
-        progress = Progress("embed+label", total_shards=len(shards), quiet=quiet)
-        results = [label_one_shard(shard, sub, stages, layout, progress) for shard in shards]
-        progress.close()
-    else:
-        raise HermesError(f"unknown engine '{engine}'", hint="valid engines: local, ray")
+    # one shard at a time: embed, quantize, drop its cached embeddings (unless kept), so the disk
+    # holds at most one shard's embeddings and a relaunch redoes only unfinished shards
+    results = run_step(engine, "label", shards, cfg, layout, "embed+label", stages=stages, substrate=sub,
+                       address=address, quiet=quiet)
     timings = {"embed": time.perf_counter() - t0}
     done = [r for r in results if not r.skipped]
     if done and len(done) == len(shards) and sum(r.n_docs for r in done) == 0:

@@ -135,6 +135,9 @@ EncoderOpt = typer.Option(None, "--encoder", help="transformer: the model embeds
 EncoderDocsOpt = typer.Option(None, "--encoder-docs", help="Documents the static encoder is built on, a seeded "
                                                            "sample (default: 2000).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
+EngineOpt = typer.Option(Engine.local, "--engine", help="local | ray (Ray Data, one task per shard).")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address HOST:PORT (with --engine ray; default: "
+                          "start Ray on this machine).")
 SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or json (on stdout).")
 
 
@@ -295,6 +298,8 @@ def run(
     quality_model: Optional[str] = QualityModelOpt,
     quality_label: Optional[str] = QualityLabelOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
+    engine: Engine = EngineOpt,
+    address: Optional[str] = AddressOpt,
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
@@ -306,6 +311,9 @@ def run(
     A source first stage (one L1 cell per source, named by it, learned stages below):
     hermes run corpus/ --out out --stages source,learned,learned
 
+    --engine ray embeds and labels the shards on Ray Data (on a cluster with --address); the
+    substrate is fitted and the store built here.
+
     Example: hermes run corpus/*.jsonl.gz --out out --text-field text
     """
     from hermes import api
@@ -314,7 +322,7 @@ def run(
                                   encoder_docs, codebook_sizes),
                  **_read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer,
                                    keep_embeddings, quality, quality_field, quality_model, quality_label)}
-    summary = api.run(inputs, out=out, config=config, quiet=quiet, **overrides)
+    summary = api.run(inputs, out=out, config=config, quiet=quiet, engine=engine.value, address=address, **overrides)
     _print_summary(summary, fmt)
 
 
@@ -380,8 +388,8 @@ def label(
     quality_model: Optional[str] = QualityModelOpt,
     quality_label: Optional[str] = QualityLabelOpt,
     keep_embeddings: Optional[bool] = KeepOpt,
-    engine: Engine = typer.Option(Engine.local, "--engine", help="local | ray (Ray Data, one task per shard)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start Ray here)."),
+    engine: Engine = EngineOpt,
+    address: Optional[str] = AddressOpt,
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:

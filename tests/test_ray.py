@@ -1,29 +1,74 @@
-"""The Ray engine (local mode) writes the same label files as the local engine."""
+"""The Ray engine (Ray Data on this machine) gives the same outputs as the local engine, for
+`hermes label` and for `hermes run`, on a corpus whose large file is cut into several shards."""
 
 from __future__ import annotations
+
+import json
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import invoke, write_jsonl
+from hermes.engines import collect
+from hermes.read import Shard
+from tests.conftest import FAST, invoke, write_jsonl
 
 ray = pytest.importorskip("ray")
 
 
-def test_ray_and_local_engines_give_identical_label_files(e2e, tmp_path):
-    for i in range(3):
-        write_jsonl(tmp_path / "corpus" / f"p{i}.jsonl", e2e["records"][i * 30:(i + 1) * 30])
-    substrate = e2e["out"] / "substrate"
+@pytest.fixture(scope="module")
+def split_corpus(e2e, tmp_path_factory):
+    """Three files, one of them large enough to be cut into row ranges (shard_bytes 20 kB)."""
+    root = tmp_path_factory.mktemp("split")
+    write_jsonl(root / "corpus" / "big.jsonl", e2e["records"][:120])
+    for i in range(2):
+        write_jsonl(root / "corpus" / f"p{i}.jsonl", e2e["records"][120 + i * 20:140 + i * 20])
+    (root / "small-shards.yaml").write_text("shard_bytes: 20000\n")
+    return root
+
+
+def label_files(out):
+    return {p.name: pq.read_table(p) for p in sorted((out / "labels").glob("*.parquet"))}
+
+
+def assert_same_labels(a, b):
+    files_a, files_b = label_files(a), label_files(b)
+    assert sorted(files_a) == sorted(files_b) and len(files_a) > 3          # the big file is in parts
+    for name in files_a:
+        assert files_a[name].equals(files_b[name]), name
+
+
+def test_label_on_ray_equals_local(e2e, split_corpus, tmp_path):
     outs = {}
     for engine in ("local", "ray"):
         out = tmp_path / engine
-        r = invoke("label", tmp_path / "corpus", "--substrate", substrate, "--out", out, "--engine", engine, "--quiet")
+        r = invoke("label", split_corpus / "corpus", "--substrate", e2e["out"] / "substrate", "--out", out,
+                   "--config", split_corpus / "small-shards.yaml", "--engine", engine, "--quiet", "--format", "json")
         assert r.exit_code == 0, r.output
-        outs[engine] = out
-    local_files = sorted(p.name for p in (outs["local"] / "labels").glob("*.parquet"))
-    assert local_files == sorted(p.name for p in (outs["ray"] / "labels").glob("*.parquet")) and len(local_files) == 3
-    for name in local_files:
-        a = pq.read_table(outs["local"] / "labels" / name)
-        b = pq.read_table(outs["ray"] / "labels" / name)
-        assert a.equals(b), name
+        outs[engine] = json.loads(r.stdout)
+        assert outs[engine]["labeled"] == 160
+    assert outs["local"]["shards"] == outs["ray"]["shards"] > 3
+    assert_same_labels(tmp_path / "local", tmp_path / "ray")
+
+
+def test_run_on_ray_equals_local(split_corpus, tmp_path):
     ray.shutdown()
+    summaries = {}
+    for engine in ("local", "ray"):
+        r = invoke("run", split_corpus / "corpus", "--out", tmp_path / engine, "--config",
+                   split_corpus / "small-shards.yaml", "--engine", engine, "--codebook-sizes", "3,2,2", "--format",
+                   "json", *FAST)
+        assert r.exit_code == 0, r.output
+        assert ray.is_initialized() == (engine == "ray")        # the local run does not touch Ray
+        summaries[engine] = json.loads(r.stdout)
+    assert summaries["local"]["substrate"] == summaries["ray"]["substrate"]      # the same fit on the same vectors
+    assert summaries["local"]["cells"] == summaries["ray"]["cells"]
+    assert_same_labels(tmp_path / "local", tmp_path / "ray")
+    ray.shutdown()
+
+
+def test_results_are_matched_by_shard_key_not_name():
+    parts = [Shard(path="/c/big.jsonl", name="big.jsonl", fmt="jsonl", start=i, end=i + 10) for i in (0, 10)]
+    assert parts[0].key != parts[1].key
+    rows = [{"shard": json.dumps(s.__dict__), "docs": n, "rejects": 0, "skipped": False}
+            for s, n in zip(parts[::-1], (7, 3))]
+    assert [r.n_docs for r in collect(parts, rows)] == [3, 7]
