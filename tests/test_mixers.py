@@ -334,3 +334,23 @@ def test_a_negative_seed_draws_deterministically():
     docs = random_docs(4, n=300)
     a, b = (make_mixture(docs, MixSpec(rule="uniform", budget_tokens=50_000, seed=-3)).repeats for _ in range(2))
     assert np.array_equal(a, b)
+
+
+def test_stage1_formulas():
+    tokens = np.array([100.0, 400.0, 1600.0])
+    assert stage1_weights(tokens, parse_rule("natural")) == pytest.approx(tokens / tokens.sum())
+    assert stage1_weights(tokens, parse_rule("uniform")) == pytest.approx([1 / 3] * 3)
+    root = np.sqrt(tokens)                                  # temperature 2: tokens^(1/2)
+    assert stage1_weights(tokens, parse_rule("temperature:2")) == pytest.approx(root / root.sum())
+    # UniMax: budget 1,200 over three cells, at most 1 epoch, smallest first: 100 (capped from 400),
+    # 400 (capped from 550), and the largest takes the rest, 700
+    assert stage1_weights(tokens, parse_rule("unimax:1"), budget=1200) == pytest.approx(
+        np.array([100, 400, 700]) / 1200)
+
+
+def test_proportional_and_equal_split_a_parent_differently():
+    parent, mass = np.array([0, 0, 0, 1]), np.array([10.0, 30.0, 0.0, 5.0])
+    w, _ = stage2_weights(parent, np.array([0.8, 0.2]), mass, "proportional")
+    assert w == pytest.approx([0.2, 0.6, 0.0, 0.2])         # by eligible tokens
+    w, _ = stage2_weights(parent, np.array([0.8, 0.2]), mass, "equal")
+    assert w == pytest.approx([0.4, 0.4, 0.0, 0.2])         # the same for each child with an eligible document

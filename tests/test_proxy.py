@@ -42,7 +42,8 @@ def test_propose_then_optimize_finds_a_better_mixture(e2e, tmp_path):
                "--out", tmp_path / "best.csv", "--format", "json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["held_out"]["mae"] >= 0 and rep["held_out"]["folds"] == 5
+    assert rep["held_out"]["folds"] == 5
+    assert rep["held_out"]["spearman"] > 0.5             # the held-out predictions rank the known surface
     best = read_weights(tmp_path / "best.csv")
     assert true_loss(best) < np.median([true_loss(w) for w in cands])
     # the weights file is accepted by the weights:FILE rule
