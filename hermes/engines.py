@@ -110,8 +110,8 @@ def run_on_ray(step: str, shards: list[Shard], cfg: Config, layout: Layout, addr
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+        else:       # a new Ray on this machine, never a cluster that `ray start` once recorded in /tmp/ray
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     cpus = ray.cluster_resources().get("CPU", 1)
     say(f"ray: {step} {len(shards)} shards on {cpus:g} CPUs", quiet)
     workers = max(1, min(len(shards), int(cpus) // 2 or 1))
