@@ -73,3 +73,27 @@ def test_the_lst_is_an_estimator(real_embeddings):
         lst.transform(real_embeddings)
     assert lst.fit(real_embeddings) is lst
     assert lst.W_.shape == (384, 384) and lst.quantizer_.sizes_ == [4, 4, 4] and len(lst.history_) == 1
+
+
+def test_the_lst_starts_at_the_identity(real_embeddings):
+    """With no training step, W is the identity and b zero: the transform is the unit embedding."""
+    lst = LearnedSemanticTransform(LSTSettings(epochs=1, max_steps=0),
+                                   ResidualQuantizer(codebook_size=4, min_points_per_code=5)).fit(real_embeddings)
+    assert np.array_equal(lst.W_, np.eye(384, dtype=np.float32)) and not lst.b_.any()
+    np.testing.assert_allclose(lst.transform(real_embeddings), real_embeddings, atol=1e-6)
+
+
+def test_config_lst_settings_reach_the_fitted_transform(sample_records, tmp_path):
+    """lst_weights and the training length in a config file are what the substrate was fitted with."""
+    from hermes.substrate import Substrate
+    from tests.conftest import invoke, write_jsonl
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:120])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lst_weights: {structure: 3.5, commitment: 0.5}\nlst_epochs: 2\nlst_lr: 0.002\n")
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--config", cfg, "--max-length", "32", "--quiet")
+    assert r.exit_code == 0, r.output
+    sub = Substrate.load(tmp_path / "f" / "substrate")
+    s = sub.transform.settings
+    assert (s.w_structure, s.w_commitment, s.w_reconstruction, s.epochs, s.lr) == (3.5, 0.5, 1.0, 2, 0.002)
+    assert len(sub.training["history"]) <= 2

@@ -107,3 +107,27 @@ def test_a_store_that_needs_more_than_the_build_budget_is_built_without_it(e2e, 
     monkeypatch.setattr(store, "BUILD_MEMORY", "4MB")
     counts = store.build_store(tmp_path / "s.duckdb", labels, [], manifest, term_files=terms)
     assert counts["labeled"] == e2e["summary"]["labeled"]
+
+
+def test_the_store_refuses_label_files_of_another_substrate(e2e, tmp_path):
+    """A label file whose rows name another substrate is refused, and the previous store stays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hermes import store
+    from hermes.substrate import Substrate
+
+    out = e2e["out"]
+    labels = sorted((out / "labels").glob("*.parquet"))
+    manifest = Substrate.load(out / "substrate").manifest()
+    t = pq.read_table(labels[0])
+    other = tmp_path / "other.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("substrate"), "substrate",
+                                pa.array(["0123456789abcdef"] * t.num_rows)), other)
+    db = tmp_path / "s.duckdb"
+    store.build_store(db, labels, [], manifest)
+    before = db.read_bytes()
+    with pytest.raises(HermesError, match="label files were made by substrate\\(s\\) 0123456789abcdef, not "
+                                          f"{manifest['fingerprint']}"):
+        store.build_store(db, [*labels, other], [], manifest)
+    assert db.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

@@ -60,3 +60,27 @@ def test_damaged_substrate_is_refused_with_a_clear_error(saved, damage, message)
     damage(path)
     with pytest.raises(HermesError, match=message):
         Substrate.load(path)
+
+
+def test_the_identity_transform_end_to_end(sample_records, tmp_path):
+    """transform: identity (plain RVQ) through `hermes run`: the substrate says so, and every stored
+    code is the plain quantizer's code of the document's unit embedding."""
+    import duckdb
+
+    from hermes.pipeline import cached_embeddings
+    from tests.conftest import invoke, write_jsonl
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:150])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("transform: identity\n")
+    r = invoke("run", corpus, "--out", tmp_path / "o", "--config", cfg, "--keep-embeddings", "--max-length", "32",
+               "--codebook-sizes", "3,2,2", "--quiet")
+    assert r.exit_code == 0, r.output
+    sub = Substrate.load(tmp_path / "o" / "substrate")
+    assert sub.transform.kind == "identity" and "history" not in sub.training
+    con = duckdb.connect(str(tmp_path / "o" / "labels.duckdb"), read_only=True)
+    rows = con.execute("SELECT doc_id, c1, c2, c3 FROM labels").fetchall()
+    con.close()
+    E = cached_embeddings(tmp_path / "o" / "embeddings", [d for d, *_ in rows])
+    unit = E / np.linalg.norm(E, axis=1, keepdims=True)
+    assert np.array_equal(sub.quantizer.encode(unit), np.array([c for _, *c in rows]))
