@@ -344,6 +344,10 @@ def compare(db: str | Path, levels: Iterable[int] = LEVELS, rules: Iterable[str]
     from hermes import mixture
     from hermes.mixers import MixSpec
 
+    levels = list(levels)
+    bad = [m for m in levels if m not in LEVELS]
+    if bad:
+        raise HermesError(f"--levels {bad[0]} is not a level; levels are 1 (L1), 2 (L12), 3 (L123)")
     specs = [MixSpec(level=level, rule=r, to_level=m, sampler=s, eligible=e, budget_tokens=budget_tokens,
                      seed=seed, max_epochs=max_epochs).validate()
              for m in levels for r in rules for s in samplers for e in eligible]

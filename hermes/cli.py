@@ -143,7 +143,7 @@ SummaryOpt = typer.Option(SummaryFmt.text, "--format", help="Summary as text or 
 
 CodebookSizeOpt = typer.Option(None, "--codebook-size", help="Codewords at every learned stage (at most fit sample "
                                "// min_points_per_code). Default: the size rule, from the corpus size (see "
-                               "the README).")
+                               "docs/guide.md, How a document gets its code).")
 CodebookSizesOpt = typer.Option(None, "--codebook-sizes", help="Codewords per stage, e.g. 32,16,64 ('-' for a fixed "
                                 "stage). Default: the size rule.")
 
@@ -496,7 +496,7 @@ def mix(
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
     """One mixture: a Stage-1 rule over level-L cells, a Stage-2 sampler inside each of them down to
-    level M, a token budget and a seed. Writes weights.parquet, manifest.parquet (doc_id, repeats)
+    level M, a token budget and a seed. Writes weights.parquet, manifest.parquet (doc_id, repeats, n_tokens, cell)
     and mixture.json (spec, substrate, diagnostics) to OUT.
 
     Example: hermes mix --db out/labels.duckdb --rule uniform --to-level 2 --eligible top:0.3 --out mix-u-l12
@@ -625,8 +625,8 @@ def propose(
 @app.command()
 @guarded
 def optimize(
-    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write (CSV: cell, weight), "
-                             "with the report beside it (.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The weights file to write (CSV: cell, weight; with "
+                             "--weights, keyed by its weight columns), with the report beside it (.json)."),
     candidates: Optional[Path] = typer.Option(None, "--candidates", help="The folder `hermes propose` wrote "
                                               "(or use --weights)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A weights table instead of --candidates: CSV "

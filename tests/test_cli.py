@@ -223,3 +223,31 @@ def test_the_python_api_takes_settings_as_keyword_arguments(e2e, tmp_path):
     assert load_config(overrides={"quality_model": "m.bin"}).quality == "fasttext"
     assert load_config(overrides={"quality_field": "meta.q"}).quality == "field"
     assert not (tmp_path / "o").exists() and not (tmp_path / "l").exists()
+
+
+def test_progress_and_notes_go_to_stderr_unless_quiet(e2e, tmp_path):
+    """Without --quiet: the per-step progress (documents, shards) on stderr, the summary alone on stdout."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", e2e["records"][:40])
+    r = invoke("label", corpus, "--substrate", e2e["out"] / "substrate", "--out", tmp_path / "o", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["labeled"] == 40                            # stdout is the summary only
+    assert "embed+label: 40 docs" in r.stderr and "shards 1/1" in r.stderr
+    r = invoke("label", corpus, "--substrate", e2e["out"] / "substrate", "--out", tmp_path / "q", "--quiet")
+    assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_reading_flags_reach_the_store(e2e, tmp_path):
+    """--id-field, --quality-field and --tokenizer through the command line."""
+    from hermes.embed import resolve_model
+
+    recs = [{"key": f"k{i}", "score": i / 10, "text": r["text"]} for i, r in enumerate(e2e["records"][:10])]
+    corpus = write_jsonl(tmp_path / "c.jsonl", recs)
+    r = invoke("label", corpus, "--substrate", e2e["out"] / "substrate", "--out", tmp_path / "o", "--id-field", "key",
+               "--quality-field", "score", "--tokenizer", resolve_model("all-MiniLM-L6-v2"), "--quiet")
+    assert r.exit_code == 0, r.output
+    con = duckdb.connect(str(tmp_path / "o" / "labels.duckdb"), read_only=True)
+    rows = con.execute("SELECT doc_id, quality FROM labels ORDER BY doc_id").fetchall()
+    info = dict(con.execute("SELECT key, value FROM store_info").fetchall())
+    con.close()
+    assert rows == sorted((r["key"], r["score"]) for r in recs)
+    assert info["quality"] == "field" and info["tokenizer"] == str(resolve_model("all-MiniLM-L6-v2"))

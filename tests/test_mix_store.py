@@ -175,3 +175,9 @@ def test_compare_with_a_weights_file_writes_one_folder_per_mixture(e2e, tmp_path
     folders = sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir())
     assert folders == ["L1-natural-to-L1-proportional-all", "L1-weights-w-to-L1-proportional-all"]
     assert (tmp_path / "cmp" / folders[1] / "mixture.json").is_file()
+
+
+def test_compare_names_the_levels_option_for_a_bad_level(e2e, tmp_path):
+    r = invoke("compare", "--db", e2e["db"], "--levels", "1,4", "--out", tmp_path / "cmp")
+    assert r.exit_code == 1 and "--levels 4 is not a level" in r.stderr, r.output
+    assert not (tmp_path / "cmp").exists()
