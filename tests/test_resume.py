@@ -67,3 +67,37 @@ def test_label_survives_sigkill_and_resumes(e2e, tmp_path):
     log = (out / "run.log").read_text().splitlines()
     skipped = [line for line in log if '"skipped": true' in line]
     assert len(skipped) >= len(finished_before)          # the rerun did only the missing shards
+
+
+def kill_when(args: list[str], ready, timeout: float = 240) -> None:
+    """Start `hermes ARGS`, SIGKILL it once `ready()` is true."""
+    proc = subprocess.Popen([sys.executable, "-m", "hermes", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_run_survives_sigkill_and_resumes(e2e, tmp_path):
+    """`hermes run` killed while embedding, and again while labeling: the rerun gives the labels of an
+    uninterrupted run, and leaves no temporary file behind."""
+    src = corpus(tmp_path, e2e["records"][:180])
+    common = ["--max-length", "32", "--codebook-sizes", "3,2,2", "--quiet"]
+    whole = tmp_path / "whole"
+    assert invoke("run", src, "--out", whole, *common).exit_code == 0
+    expected = labels(whole / "labels.duckdb")
+
+    out = tmp_path / "killed"
+    args = ["run", str(src), "--out", str(out), *common]
+    kill_when(args, lambda: len(list((out / "embeddings").glob("*.done.json"))) >= 2)
+    assert not (out / "labels.duckdb").exists()         # killed while embedding: no store, and no half of one
+    kill_when(args, lambda: len(list((out / "labels" / "_done").glob("*.json"))) >= 1)
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert labels(out / "labels.duckdb") == expected
+    assert not [p for p in out.rglob("*.tmp")]
