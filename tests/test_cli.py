@@ -251,3 +251,27 @@ def test_reading_flags_reach_the_store(e2e, tmp_path):
     con.close()
     assert rows == sorted((r["key"], r["score"]) for r in recs)
     assert info["quality"] == "field" and info["tokenizer"] == str(resolve_model("all-MiniLM-L6-v2"))
+
+
+def test_label_redoes_a_shard_whose_input_or_settings_changed(e2e, tmp_path):
+    """A rerun skips an unchanged shard, redoes one whose file changed, and redoes all when a setting
+    that changes the labels' columns (the quality source) changed."""
+    for name in ("a", "b"):
+        write_jsonl(tmp_path / "c" / f"{name}.jsonl", e2e["records"][:20] if name == "a" else e2e["records"][20:40])
+    args = ["label", tmp_path / "c", "--substrate", e2e["out"] / "substrate", "--out", tmp_path / "o", "--quiet"]
+    assert invoke(*args).exit_code == 0
+    markers = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "labels" / "_done").glob("*.json")}
+    write_jsonl(tmp_path / "c" / "b.jsonl", e2e["records"][20:45])                    # b gets 5 more records
+    assert invoke(*args).exit_code == 0
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "labels" / "_done").glob("*.json")}
+    changed = sorted(k for k in now if now[k] != markers[k])
+    assert len(changed) == 1 and "b.jsonl" in changed[0]
+    con = duckdb.connect(str(tmp_path / "o" / "labels.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM labels").fetchall()[0][0] == 45
+    con.close()
+    assert invoke(*args, "--quality", "none").exit_code == 0                           # another quality source
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "labels" / "_done").glob("*.json")}
+    assert all(again[k] != now[k] for k in now)
+    con = duckdb.connect(str(tmp_path / "o" / "labels.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM labels WHERE quality IS NOT NULL").fetchall()[0][0] == 0
+    con.close()
