@@ -74,3 +74,29 @@ def test_export_errors(e2e, mixture, tmp_path):
     r = invoke("export", mixture[0], "--format", "jsonl", "--out", tmp_path / "y", "--corpus", empty)
     assert r.exit_code == 1 and "were not found in the corpus" in r.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_export_reads_a_corpus_that_moved(e2e, mixture, tmp_path):
+    """--corpus points export at the corpus's new place: the texts come from there."""
+    import shutil
+
+    mix_dir, manifest = mixture
+    moved = tmp_path / "moved"
+    shutil.copytree(e2e["corpus"], moved)
+    for p in moved.glob("*.jsonl"):                      # the moved copy's texts are marked, to tell them apart
+        lines = []
+        for line in p.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                lines.append(line)
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                rec["text"] = "MOVED " + rec["text"]
+            lines.append(json.dumps(rec))
+        p.write_text("\n".join(lines) + "\n")
+    r = invoke("export", mix_dir, "--format", "jsonl", "--out", tmp_path / "x", "--corpus", moved)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for p in sorted((tmp_path / "x").glob("part-*.jsonl")) for line in p.open()]
+    assert records and {x["doc_id"] for x in records} == set(manifest)
+    assert all(x["text"] == "MOVED " + texts_by_id(e2e)[x["doc_id"]] for x in records)
