@@ -97,3 +97,17 @@ def test_config_lst_settings_reach_the_fitted_transform(sample_records, tmp_path
     s = sub.transform.settings
     assert (s.w_structure, s.w_commitment, s.w_reconstruction, s.epochs, s.lr) == (3.5, 0.5, 1.0, 2, 0.002)
     assert len(sub.training["history"]) <= 2
+
+
+def test_codewords_follow_the_ema_and_dead_ones_are_reset(real_embeddings):
+    """After training, a stage-1 codeword is an exponential moving average of unit vectors (norm
+    below 1, and moved from its k-means start); with every codeword counted dead at every step,
+    each is reset to one residual of the batch (a unit vector at stage 1)."""
+    q = ResidualQuantizer(codebook_size=6, min_points_per_code=5, seed=2)
+    start = ResidualQuantizer(codebook_size=6, min_points_per_code=5, seed=2).fit(real_embeddings).codebooks_[0]
+    ema = LearnedSemanticTransform(LSTSettings(epochs=3, batch_size=64), q, seed=2).fit(real_embeddings)
+    norms = np.linalg.norm(ema.quantizer_.codebooks_[0], axis=1)
+    assert np.all(norms < 0.999) and not np.allclose(ema.quantizer_.codebooks_[0], start, atol=1e-3)
+    reset = LearnedSemanticTransform(LSTSettings(epochs=1, batch_size=64, dead_threshold=1e9), q,
+                                     seed=2).fit(real_embeddings)
+    np.testing.assert_allclose(np.linalg.norm(reset.quantizer_.codebooks_[0], axis=1), 1.0, atol=1e-5)
