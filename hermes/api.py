@@ -11,18 +11,18 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from hermes.cellkeys import LEVELS, view_suffix
 from hermes.config import FIT_KEYS, Config, load_config, refuse_fit_keys
+from hermes.distill import load_labeler
+from hermes.engines import run_step
 from hermes.errors import HermesError
 from hermes.files import replacing
-from hermes.engines import run_step
 from hermes.pipeline import Layout, Stages, fit_substrate, reading_fields, stages_for
 from hermes.progress import say
 from hermes.read import Shard, check_fields, discover
-from hermes.cellkeys import LEVELS, view_suffix
+from hermes.static import is_static_encoder
 from hermes.store import build_store
 from hermes.store import query as _query
-from hermes.static import is_static_encoder
-from hermes.distill import load_labeler
 from hermes.substrate import Substrate
 
 SAMPLE = "sample.jsonl.gz"
@@ -84,8 +84,8 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
     for folder in (layout.encoder, layout.substrate / "encoder"):
         if is_static_encoder(folder) and {k: read_manifest(folder).get(k) for k in recipe} == recipe:
             if folder != layout.encoder:
-                shutil.rmtree(layout.encoder, ignore_errors=True)
-                shutil.copytree(folder, layout.encoder)
+                with replacing(layout.encoder) as (tmp,):
+                    shutil.copytree(folder, tmp)
             say(f"encoder: reusing the static encoder in {folder} (same teacher, sample and corpus)", quiet)
             return layout.encoder
     fields = reading_fields(cfg)

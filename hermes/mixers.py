@@ -344,18 +344,11 @@ def balanced_round(p: np.ndarray, size: np.ndarray, rng: np.random.Generator,
     return out
 
 
-def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
-         targets: np.ndarray, rng: np.random.Generator, group: np.ndarray | None = None) -> np.ndarray:
-    """Repeats per document so that each cell's selected tokens are within one document of its
-    target and the total is within about one small document of the sum of the targets.
-
-    Per cell: whole passes over its eligible documents while the target exceeds what it has, then
-    its documents in priority order while they fit; a document that would overshoot is passed
-    over and later ones that still fit are taken, until none fits. The gap left is smaller than
-    every document left; the smallest of them joins with probability gap / its tokens, so the
-    cell's expected tokens are its target. Those last draws are made jointly over cells by
-    `balanced_round`, so their roundings do not add up across cells (nor across the cells of one
-    `group`: a Stage-1 cell)."""
+def passes(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray, targets: np.ndarray
+           ) -> tuple[np.ndarray, ...]:
+    """The eligible documents in draw order (by cell, then priority): their indices, cells and
+    tokens; per cell the whole passes its target takes and the rest of the target after them; and
+    per document the tokens of its cell that come before it in that order."""
     n_cells = len(targets)
     idx = np.flatnonzero(eligible)
     cc, tt = cell[idx], tokens[idx].astype(np.float64)
@@ -369,6 +362,23 @@ def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.nd
     csum = np.cumsum(tt)
     starts = np.concatenate([[0], np.cumsum(np.bincount(cc, minlength=n_cells))[:-1]])
     before = csum - tt - np.concatenate([[0.0], csum])[starts][cc]
+    return idx, cc, tt, full, rest, before
+
+
+def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
+         targets: np.ndarray, rng: np.random.Generator, group: np.ndarray | None = None) -> np.ndarray:
+    """Repeats per document so that each cell's selected tokens are within one document of its
+    target and the total is within about one small document of the sum of the targets.
+
+    Per cell: whole passes over its eligible documents while the target exceeds what it has, then
+    its documents in priority order while they fit; a document that would overshoot is passed
+    over and later ones that still fit are taken, until none fits. The gap left is smaller than
+    every document left; the smallest of them joins with probability gap / its tokens, so the
+    cell's expected tokens are its target. Those last draws are made jointly over cells by
+    `balanced_round`, so their roundings do not add up across cells (nor across the cells of one
+    `group`: a Stage-1 cell)."""
+    n_cells = len(targets)
+    idx, cc, tt, full, rest, before = passes(cell, eligible, tokens, prio, targets)
     take = before + tt <= rest[cc] + 1e-9                     # the prefix that fits
     gap = rest - np.bincount(cc, weights=tt * take, minlength=n_cells)
     # the fill, as a walk in priority order that takes each document that still fits, done in rounds:

@@ -38,19 +38,7 @@ SPECS = [
 def previous_draw(cell, eligible, tokens, prio, targets, rng, group=None):
     """The draw before budgets were balanced: a prefix in priority order, then the document that
     straddles the target on its own coin per cell."""
-    n_cells = len(targets)
-    idx = np.flatnonzero(eligible)
-    cc, tt = cell[idx], tokens[idx].astype(np.float64)
-    order = np.lexsort((prio[idx], cc))
-    idx, cc, tt = idx[order], cc[order], tt[order]
-    avail = np.bincount(cc, weights=tt, minlength=n_cells)
-    full = np.zeros(n_cells)
-    pos = avail > 0
-    full[pos] = np.floor(targets[pos] / avail[pos])
-    rest = targets - full * avail
-    csum = np.cumsum(tt)
-    starts = np.concatenate([[0], np.cumsum(np.bincount(cc, minlength=n_cells))[:-1]])
-    before = csum - tt - np.concatenate([[0.0], csum])[starts][cc]
+    idx, cc, tt, full, rest, before = mixers.passes(cell, eligible, tokens, prio, targets)
     r = rest[cc]
     fits = before + tt <= r + 1e-9
     straddles = ~fits & (before < r)

@@ -32,13 +32,16 @@ def labels(db: Path) -> list[tuple]:
 
 def kill_after(args: list[str], out: Path, done_shards: int, timeout: float = 240) -> None:
     """Start `hermes ARGS`, SIGKILL it once `done_shards` label markers exist."""
+    kill_when(args, lambda: len(list((out / "labels" / "_done").glob("*.json"))) >= done_shards, timeout)
+
+
+def kill_when(args: list[str], ready, timeout: float = 240) -> None:
+    """Start `hermes ARGS`, SIGKILL it once `ready()` is true."""
     proc = subprocess.Popen([sys.executable, "-m", "hermes", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "labels" / "_done").glob("*.json"))) >= done_shards:
-                break
+        while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
@@ -68,19 +71,6 @@ def test_label_survives_sigkill_and_resumes(e2e, tmp_path):
     skipped = [line for line in log if '"skipped": true' in line]
     assert len(skipped) >= len(finished_before)          # the rerun did only the missing shards
 
-
-def kill_when(args: list[str], ready, timeout: float = 240) -> None:
-    """Start `hermes ARGS`, SIGKILL it once `ready()` is true."""
-    proc = subprocess.Popen([sys.executable, "-m", "hermes", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline and proc.poll() is None and not ready():
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_run_survives_sigkill_and_resumes(e2e, tmp_path):
