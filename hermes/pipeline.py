@@ -217,29 +217,31 @@ def reading_fields(cfg: Config) -> Fields:
 
 
 def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray | pa.Array,
-                   scorer=None) -> pa.Array:
-    """The quality score of each document, by the configured source."""
+                   scorer=None, words=None) -> pa.Array:
+    """The quality score of each document, by the configured source (`words`: the texts split
+    already, for the heuristic)."""
     if source == "fasttext":
         return pa.array(scorer.scores(texts), pa.float64())
     if source == "heuristic":
         from hermes.quality import heuristic_scores
 
-        return pa.array(heuristic_scores(texts), pa.float64())      # texts: a list or an Arrow column
+        return pa.array(heuristic_scores(texts, words), pa.float64())      # texts: a list or an Arrow column
     if source == "field":
         return field_values
     return pa.nulls(len(texts), pa.float64())
 
 
 def document_columns(shard: Shard, docs: pa.Table, texts: list[str], stages: Stages, seq: int,
-                     n_tokens: np.ndarray | None = None) -> dict[str, Any]:
+                     n_tokens: np.ndarray | None = None, words=None) -> dict[str, Any]:
     """The per-document columns of one read batch: counts, quality, where it came from, its seq.
-    `n_tokens` where the encoder has counted them already (one tokenization)."""
+    `n_tokens` where the encoder has counted them already (one tokenization), `words` where the
+    texts are split into words already (hermes.words.Words)."""
     cfg, n = stages.cfg, len(texts)
     return {"doc_id": docs.column("doc_id"), "source": docs.column("source"),
             "n_chars": pc.utf8_length(docs.column("text")).cast(pa.int32()),
             "n_tokens": pa.array(stages.counter.count(texts) if n_tokens is None else n_tokens, pa.int32()),
             "quality": quality_column(cfg.quality, texts if cfg.quality == "fasttext" else docs.column("text"),
-                                      docs.column("quality"), stages.quality_scorer),
+                                      docs.column("quality"), stages.quality_scorer, words),
             "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
             "seq": pa.array(np.arange(seq, seq + n), pa.int64())}
 
@@ -779,6 +781,7 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
     quality and codes from the text, with no embedding cache. A static encoder's vectors are rounded
     to float16 first, as `run` caches them, so both give the same codes."""
     from hermes.terms import TermCounter
+    from hermes.words import Words
 
     t0 = time.perf_counter()
     marker = label_is_current(shard, substrate, stages, layout)
@@ -826,10 +829,12 @@ def label_shard_from_text(shard: Shard, substrate, stages: Stages, layout: Layou
                 texts = docs.column("text").to_pylist()
                 codes = substrate.encode_texts(texts, fixed)
             if docs.num_rows:
-                # term counts in a second thread while this one scores quality (Arrow's kernels
-                # release the GIL), so the two take the time of one
-                counting = pool.submit(terms.add, docs.column("text"), codes)
-                columns = document_columns(shard, docs, texts, stages, seq, n_tokens)
+                # the words once for both; term counts in a second thread while this one scores
+                # quality (Arrow's kernels release the GIL), so the two take the time of one
+                words = Words.of(docs.column("text"))
+                counting = pool.submit(terms.add, words.texts, codes, words)
+                columns = document_columns(shard, docs, texts, stages, seq, n_tokens,
+                                           words if cfg.quality == "heuristic" else None)
                 counting.result()
                 out.write_table(label_table(columns, codes, substrate.fingerprint))
                 seq += docs.num_rows

@@ -35,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hermes.words import Words
+
 SOURCES = ("none", "heuristic", "field")
 
 STOP_WORDS = frozenset("""the be to of and a in that have i it for not on with he as you do at this but his by
@@ -80,13 +82,6 @@ def _per_text(parents: np.ndarray, n: int, weights: np.ndarray | None = None) ->
     return np.bincount(parents, weights=weights, minlength=n).astype(np.float64)
 
 
-def as_strings(texts) -> pa.Array:
-    """Texts as one Arrow string array: a list of str, an Arrow array or a chunked column."""
-    if isinstance(texts, pa.ChunkedArray):
-        return texts.combine_chunks()
-    return texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
-
-
 def _pieces(lists: pa.ListArray) -> tuple[pa.Array, np.ndarray]:
     """The non-empty pieces of split texts, flattened, and each one's text index (a text that
     starts or ends with a separator gives an empty piece there)."""
@@ -95,15 +90,26 @@ def _pieces(lists: pa.ListArray) -> tuple[pa.Array, np.ndarray]:
     return flat.filter(keep), parents.filter(keep).to_numpy()
 
 
-def heuristic_scores(texts) -> np.ndarray:
-    """`heuristic_score` of each text (a list of str or an Arrow string array), vectorised."""
-    arr = as_strings(texts)
+def heuristic_scores(texts, words: Words | None = None) -> np.ndarray:
+    """`heuristic_score` of each text (a list of str or an Arrow string array), vectorised. The
+    word signals are computed once per distinct word and summed per text (`words`, if the caller
+    has split the texts already)."""
+    words = words if words is not None else Words.of(texts)
+    arr = words.texts
     size = len(arr)
     if size == 0:
         return np.zeros(0, dtype=np.float64)
-    words, wp = _pieces(pc.utf8_split_whitespace(arr))      # Arrow follows Python's str.isspace()
-    n = _per_text(wp, size)
-    nonspace = _per_text(wp, size, pc.utf8_length(words).to_numpy().astype(np.float64))
+    distinct = words.distinct
+    stripped = pc.utf8_trim(pc.utf8_lower(distinct), characters=".,;:!?\"'()")
+    per_word = np.stack([
+        words.is_word(),
+        pc.utf8_length(distinct).to_numpy(),
+        pc.match_substring_regex(distinct, r"\pL").to_numpy(zero_copy_only=False),
+        pc.is_in(stripped, value_set=_STOP_SET).to_numpy(zero_copy_only=False),
+        pc.utf8_length(pc.replace_substring_regex(distinct, r"\PL+", "")).to_numpy(),      # letters
+        pc.count_substring_regex(distinct, r"#|\.\.\.|…|•").to_numpy(),    # never spans whitespace
+    ], axis=1).astype(np.float64)
+    n, nonspace, alpha, stop, letters, symbols = words.per_text(per_word).T
     has = n > 0
     safe_n = np.where(has, n, 1)
     with np.errstate(divide="ignore"):
@@ -111,14 +117,9 @@ def heuristic_scores(texts) -> np.ndarray:
     mean_len = nonspace / safe_n
     s_wlen = np.where((mean_len >= 3) & (mean_len <= 10), 1.0,
                       np.clip(1 - np.minimum(np.abs(mean_len - 3), np.abs(mean_len - 10)) / 3, 0, 1))
-    symbols = pc.count_substring_regex(arr, r"#|\.\.\.|…|•").to_numpy().astype(np.float64)
     s_sym = np.clip(1 - symbols / safe_n / 0.2, 0, 1)
-    alpha = _per_text(wp, size, pc.match_substring_regex(words, r"\pL").to_numpy(zero_copy_only=False).astype(np.float64))
     s_alpha_words = np.clip((alpha / safe_n - 0.5) / 0.3, 0, 1)
-    stripped = pc.utf8_trim(pc.utf8_lower(words), characters=".,;:!?\"'()")
-    stop = _per_text(wp, size, pc.is_in(stripped, value_set=_STOP_SET).to_numpy(zero_copy_only=False).astype(np.float64))
     s_stop = np.clip(stop / safe_n / 0.2, 0, 1)
-    letters = pc.utf8_length(pc.replace_substring_regex(arr, r"\PL+", "")).to_numpy().astype(np.float64)
     s_letters = np.clip((letters / np.maximum(1, nonspace) - 0.4) / 0.35, 0, 1)
     lines, lp = _pieces(pc.split_pattern_regex(pc.utf8_trim_whitespace(arr), _LINE_BREAK))
     lines = pc.utf8_trim_whitespace(lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -42,7 +43,9 @@ MANIFEST = "hermes_encoder.json"
 FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
 FORMAT = "hermes-static-encoder"
 SIF_A = 1e-3                 # SIF's a: an id as frequent as a / (1 - w) of all tokens gets weight w
-ENCODE_BATCH = 1024          # texts per tokenizer call
+ENCODE_BATCH = 8192          # texts per bag product
+PIECE_CACHE = 1_000_000      # distinct pieces of text whose token ids are kept (about 150 MB)
+JOIN_PIECES = 256            # pieces per tokenizer input when new pieces are tokenized
 NO_TOKENS = ("no token the static encoder knows (binary, or only unknown and special tokens): it would get no "
              "vector")
 
@@ -269,6 +272,8 @@ class StaticEncoder:
         tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         tok.no_truncation()
         tok.no_padding()
+        self.pieces_ = piece_cache(tok, json.loads((self.folder / "tokenizer.json").read_text()), len(self.rows_),
+                                   self.known_)
         self._tok = tok
         return self
 
@@ -285,7 +290,8 @@ class StaticEncoder:
                 "fingerprint": m["fingerprint"], "dtype": "fp32", "max_length": None}
 
     def token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Every text's token ids over the whole text, concatenated, and each text's count."""
+        """Every text's token ids over the whole text, concatenated, and each text's count: one
+        tokenizer call on the whole texts (the reference `encode_counted` is tested against)."""
         self.setup()
         with tokenizer_threads():
             enc = self._tok.encode_batch_fast(texts, add_special_tokens=False) \
@@ -294,35 +300,206 @@ class StaticEncoder:
         ids = np.fromiter((i for e in enc for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
         return ids, lengths
 
-    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool): `ok` is False for a
-        text with no known token, whose vector row is then zero (it must be rejected, not labeled)."""
-        self.setup()
-        vecs = np.zeros((len(texts), self.dim_), dtype=np.float32)
-        counts = np.zeros(len(texts), dtype=np.int64)
-        ok = np.zeros(len(texts), dtype=bool)
-        for start in range(0, len(texts), ENCODE_BATCH):
-            part = texts[start:start + ENCODE_BATCH]
-            ids, lengths = self.token_ids(part)
-            v = np.asarray(_bag_matrix(ids, lengths, len(self.rows_), np.float32) @ self.rows_, dtype=np.float32)
-            known = np.bincount(np.repeat(np.arange(len(part)), lengths), weights=self.known_[ids],
-                                minlength=len(part))      # known tokens per text (0 for a text of none)
-            norm = np.linalg.norm(v, axis=1)
-            good = (known > 0) & (norm > 0)
-            v[good] /= norm[good, None]
-            v[~good] = 0.0
-            vecs[start:start + len(part)] = v
-            counts[start:start + len(part)] = lengths
-            ok[start:start + len(part)] = good
-        return vecs, counts, ok
+    def encode_counted(self, texts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool) of `texts` (a list of
+        str or an Arrow string array): `ok` is False for a text with no known token, whose vector row
+        is then zero (it must be rejected, not labeled)."""
+        return self._encode(texts, vectors=True)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts) -> np.ndarray:
         """Unit-norm vectors; a text with no known token gets a zero row (labeling rejects it)."""
         return self.encode_counted(texts)[0]
 
-    def count(self, texts: list[str]) -> np.ndarray:
+    def count(self, texts) -> np.ndarray:
         """Tokens of each whole text (the teacher's tokenizer, no special tokens), as n_tokens counts."""
-        return self.token_ids(texts)[1]
+        return self._encode(texts, vectors=False)[1]
+
+    def _encode(self, texts, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        from hermes.words import as_strings
+
+        self.setup()
+        arr = as_strings(texts)
+        n = len(arr)
+        vecs = np.zeros((n, self.dim_), dtype=np.float32) if vectors else None
+        counts = np.zeros(n, dtype=np.int64)
+        ok = np.zeros(n, dtype=bool)
+        for start in range(0, n, ENCODE_BATCH):
+            part = arr.slice(start, ENCODE_BATCH)
+            if self.pieces_ is None:            # a tokenizer the piece cache cannot serve: whole texts
+                ids, lengths = self.token_ids(part.to_pylist())
+                bags = _bag_matrix(ids, lengths, len(self.rows_), np.float32)
+                known = bags @ self.known_.astype(np.float32)
+            else:
+                bags, lengths, known = self.pieces_.bags(part)
+            stop = start + len(part)
+            counts[start:stop] = lengths
+            if vectors:
+                v = np.asarray(bags @ self.rows_, dtype=np.float32)
+                norm = np.linalg.norm(v, axis=1)
+                good = (known > 0) & (norm > 0)
+                v[good] /= norm[good, None]
+                v[~good] = 0.0
+                vecs[start:stop] = v
+                ok[start:stop] = good
+            else:
+                ok[start:stop] = known > 0
+        return vecs, counts, ok
+
+
+_WHITESPACE_SPLITS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+_FINER_SPLITS = {"Punctuation", "Digits"}
+_WORD_KEEPING = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip"}
+
+
+def piece_cache(tok, spec: dict[str, Any], vocab: int, known: np.ndarray) -> "PieceCache | None":
+    """A PieceCache for a tokenizer (its loaded object and its tokenizer.json) whose tokens of a text
+    are the tokens of its whitespace-separated pieces; None for any other (encode whole texts)."""
+    def kinds(part: dict | None, key: str) -> list[str]:
+        if not part:
+            return []
+        if part.get("type") == "Sequence":
+            return [k for p in part.get(key, []) for k in kinds(p, key)]
+        return [part.get("type")]
+
+    pre, norm = kinds(spec.get("pre_tokenizer"), "pretokenizers"), kinds(spec.get("normalizer"), "normalizers")
+    if not set(pre) & _WHITESPACE_SPLITS or not set(pre) <= _WHITESPACE_SPLITS | _FINER_SPLITS \
+            or not set(norm) <= _WORD_KEEPING:
+        return None
+    if any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens", [])):
+        return None
+    norm = spec.get("normalizer") or {}
+    drop = any(p.get("type") == "BertNormalizer" and p.get("clean_text", True)
+               for p in ([norm] + norm.get("normalizers", [])))
+    # a special token with no whitespace in it joins pieces into one tokenizer input
+    seps = [(t["content"], t["id"]) for t in spec.get("added_tokens", []) if t.get("special") and t["content"]]
+    unk = (spec.get("model") or {}).get("unk_token")
+    seps = [s for s in seps if s[0] != unk]
+    return PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=seps[-1] if seps else None)
+
+
+class PieceCache:
+    """Each text's token ids as a bag, tokenizing every distinct piece of text only once.
+
+    A piece is a run of the text between ASCII whitespace (space, tab, newline, carriage return).
+    For a tokenizer that splits words at whitespace and drops it (BERT's and the `Whitespace`
+    pre-tokenizers, behind normalizers that never join two words; `piece_cache` checks), a text's
+    tokens are those of its pieces in order, so the bag of ids built from the pieces equals the
+    whole text's, and so do the vectors and `n_tokens`. Pieces repeat (Zipf): a batch's distinct
+    pieces are looked up here and only the new ones are tokenized, so the tokenizer sees a small
+    share of the text. Up to `limit` pieces are kept (then the table starts again), so memory
+    stays bounded on any corpus.
+
+    Written here because the tokenizers library keeps no cache across calls; the splitting runs
+    on Arrow's kernels and the bags are scipy sparse products.
+    """
+
+    def __init__(self, tok, vocab: int, known: np.ndarray, drop_vt_ff: bool, separator: tuple[str, int] | None,
+                 limit: int = PIECE_CACHE):
+        self.tok, self.vocab, self.known, self.limit = tok, vocab, known, limit
+        self.drop_vt_ff = drop_vt_ff          # the normaliser deletes \v and \f (control) rather than split there
+        self.separator = separator            # (text, id) of a token that joins pieces into one tokenizer input
+        self._lock = threading.Lock()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids = np.empty(1 << 16, dtype=np.int32)       # the pieces' ids, concatenated
+        self.start = np.zeros(1 << 12, dtype=np.int64)     # piece i's ids: ids[start[i]:start[i] + length[i]]
+        self.length = np.zeros(1 << 12, dtype=np.int64)
+        self.n_known = np.zeros(1 << 12, dtype=np.float64)  # of those, ids the encoder has a vector for
+        self.used = 0                                        # ids stored
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _tokenize(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the order of the result: its i-th piece is pieces[order[i]], their token ids
+        concatenated, each one's count). The tokenizer's cost is per input as much as per token, so
+        pieces go to it joined into long inputs with the separator token between them; a piece that
+        holds the separator's text goes alone."""
+        sep = self.separator
+        in_order = np.arange(len(pieces))
+        if sep is None:
+            return in_order, *_ids_of(self._encode(pieces))
+        is_alone = np.fromiter((sep[0] in p for p in pieces), dtype=bool, count=len(pieces))
+        joined = [pieces[i] for i in np.flatnonzero(~is_alone)] if is_alone.any() else pieces
+        alone = [pieces[i] for i in np.flatnonzero(is_alone)]
+        inputs = [f" {sep[0]} ".join(joined[i:i + JOIN_PIECES]) for i in range(0, len(joined), JOIN_PIECES)]
+        enc = self._encode(inputs + alone)
+        # a separator after each input too: then every piece ends at one
+        flat = np.fromiter((i for e in enc[:len(inputs)] for i in (*e.ids, sep[1])), dtype=np.int32,
+                           count=sum(len(e) + 1 for e in enc[:len(inputs)]))
+        ends = np.flatnonzero(flat == sep[1])
+        if len(ends) != len(joined):            # the separator's id came out of a piece after all
+            return in_order, *_ids_of(self._encode(pieces))
+        ids, lengths = flat[flat != sep[1]], np.diff(ends, prepend=-1) - 1
+        if alone:
+            lone_ids, lone_lengths = _ids_of(enc[len(inputs):])
+            ids, lengths = np.concatenate([ids, lone_ids]), np.concatenate([lengths, lone_lengths])
+        return np.concatenate([np.flatnonzero(~is_alone), np.flatnonzero(is_alone)]), ids.astype(np.int32), \
+            lengths.astype(np.int64)
+
+    def _encode(self, texts: list[str]) -> list:
+        with tokenizer_threads():
+            return self.tok.encode_batch_fast(texts, add_special_tokens=False)
+
+    def _add(self, pieces: list[str]) -> np.ndarray:
+        """Tokenize and store new pieces; their positions in the table."""
+        order, ids, lengths = self._tokenize(pieces)
+        first, k = len(self.index), len(pieces)
+        if first + k > len(self.start):
+            size = max(2 * len(self.start), first + k)
+            self.start, self.length, self.n_known = (np.resize(a, size) for a in (self.start, self.length, self.n_known))
+        if self.used + len(ids) > len(self.ids):
+            self.ids = np.resize(self.ids, max(2 * len(self.ids), self.used + len(ids)))
+        self.ids[self.used:self.used + len(ids)] = ids
+        self.start[first:first + k] = self.used + np.cumsum(lengths) - lengths
+        self.length[first:first + k] = lengths
+        self.n_known[first:first + k] = np.bincount(np.repeat(np.arange(k), lengths), weights=self.known[ids],
+                                                    minlength=k)
+        self.used += len(ids)
+        self.index.update(zip((pieces[i] for i in order), range(first, first + k)))
+        where = np.empty(k, dtype=np.int64)
+        where[order] = np.arange(first, first + k)
+        return where
+
+    def bags(self, texts) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(bags, token counts, known-token counts) of an Arrow string array: `bags` is a CSR
+        (len(texts), vocab) matrix of each text's token-id counts."""
+        import pyarrow.compute as pc
+        import scipy.sparse as sp
+
+        if self.drop_vt_ff and pc.any(pc.match_substring_regex(texts, r"[\v\f]")).as_py():
+            texts = pc.replace_substring_regex(texts, r"[\v\f]", "")
+        lists = pc.ascii_split_whitespace(texts)
+        per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+        distinct = pc.dictionary_encode(pc.list_flatten(lists))
+        words = distinct.dictionary.to_pylist()
+        with self._lock:
+            if len(self.index) + len(words) > self.limit:
+                self._clear()
+            where = np.fromiter((self.index.get(w, -1) for w in words), dtype=np.int64, count=len(words))
+            new = np.flatnonzero(where < 0)
+            if len(new):
+                where[new] = self._add([words[i] for i in new])
+            length = self.length[where]
+            offsets = np.concatenate([[0], np.cumsum(length)])
+            ids = self.ids[np.repeat(self.start[where] - offsets[:-1], length) + np.arange(offsets[-1])]
+            n_known = self.n_known[where]
+        # texts x distinct pieces (occurrences; a repeated piece is a repeated entry, summed by the
+        # products), then pieces x token ids
+        occurrences = sp.csr_matrix((np.ones(len(distinct.indices), np.float32), distinct.indices.to_numpy(),
+                                     np.concatenate([[0], np.cumsum(per_text)])), shape=(len(texts), len(words)))
+        pieces = sp.csr_matrix((np.ones(len(ids), np.float32), ids, offsets), shape=(len(words), self.vocab))
+        counts = np.rint(occurrences @ length.astype(np.float64)).astype(np.int64)
+        bags = occurrences @ pieces
+        bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
+        return bags, counts, occurrences @ n_known
+
+
+def _ids_of(encodings: list) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+    return np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
 def reservoir_texts(batches: Iterable[list[str]], n: int, seed: int) -> tuple[list[str], int]:

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hermes.cellkeys import LEVELS, view_suffix
-from hermes.quality import STOP_WORDS, as_strings
+from hermes.quality import STOP_WORDS
+from hermes.words import Words
 
 TOP_PER_CELL = 100
 TERMS_PER_CELL = 8
@@ -97,13 +98,28 @@ class TermCounter:
         self._parts: list[pa.Table] = []
         self._since_prune = 0
 
-    def add(self, texts, codes: np.ndarray) -> None:
-        """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`."""
+    def add(self, texts, codes: np.ndarray, words: Words | None = None) -> None:
+        """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`.
+        A text's counted words are those of its whitespace-separated words (a run of letters never
+        spans whitespace), so they are found once per distinct word (`words`, if the caller has
+        split the texts already) and summed per cell by sparse products."""
+        import scipy.sparse as sp
+
         if len(codes) == 0:
             return
-        flat, parents = _word_lists(as_strings(texts))
+        words = words if words is not None else Words.of(texts)
+        flat, parents = _word_lists(words.distinct)                # counted words of each distinct word
+        terms = pc.dictionary_encode(flat)
+        in_word = sp.csr_matrix((np.ones(len(flat)), (parents.to_numpy(), terms.indices.to_numpy())),
+                                shape=(len(words.distinct), max(len(terms.dictionary), 1)))
         cells, cell_of_doc = np.unique(np.asarray(codes, dtype=np.int64), axis=0, return_inverse=True)
-        self._parts.append(_summed(cells, cell_of_doc.reshape(-1)[parents.to_numpy()], flat, None))
+        cell_of_doc = cell_of_doc.reshape(-1)
+        in_cell = sp.csr_matrix((np.ones(len(cell_of_doc)), (cell_of_doc, np.arange(len(cell_of_doc)))),
+                                shape=(len(cells), len(cell_of_doc)))
+        counts = ((in_cell @ words.occurrences) @ in_word).tocoo()
+        self._parts.append(pa.table({**{f"c{i + 1}": pa.array(cells[counts.row, i], pa.int16()) for i in range(3)},
+                                     "term": terms.dictionary.take(pa.array(counts.col)),
+                                     "count": pa.array(np.rint(counts.data).astype(np.int64), pa.int64())}))
         self._since_prune += len(codes)
         if self._since_prune >= self.PRUNE_EVERY:
             self._parts = [_top_per_cell(self._merged(), self.KEEP)]

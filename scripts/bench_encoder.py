@@ -112,11 +112,12 @@ def parts(corpus: Path, substrate: Path) -> dict:
     from hermes.static import StaticEncoder
     from hermes.substrate import Substrate
     from hermes.terms import TermCounter
+    from hermes.words import Words
 
     cfg = load_config()
     sub = Substrate.load(substrate)
     enc = StaticEncoder(sub.encoder_dir).setup()
-    spent = dict.fromkeys(("read", "tokenize_embed", "quality", "terms", "quantize"), 0.0)
+    spent = dict.fromkeys(("read", "tokenize_embed", "words", "quality", "terms", "quantize"), 0.0)
     terms, n = TermCounter(), 0
     for shard in discover([str(corpus)]):
         it = read_shard(shard, reading_fields(cfg), cfg.read_batch_size)
@@ -126,19 +127,22 @@ def parts(corpus: Path, substrate: Path) -> dict:
                 docs, _ = next(it)
             except StopIteration:
                 break
-            texts = docs.column("text").to_pylist()
+            texts = docs.column("text")
             spent["read"] += time.perf_counter() - t
             t = time.perf_counter()
             emb, _, ok = enc.encode_counted(texts)
             spent["tokenize_embed"] += time.perf_counter() - t
             t = time.perf_counter()
-            heuristic_scores(docs.column("text"))
+            words = Words.of(texts)          # split once, for the heuristic and the term counts
+            spent["words"] += time.perf_counter() - t
+            t = time.perf_counter()
+            heuristic_scores(texts, words)
             spent["quality"] += time.perf_counter() - t
             t = time.perf_counter()
             codes = sub.encode(emb.astype(np.float16).astype(np.float32))
             spent["quantize"] += time.perf_counter() - t
             t = time.perf_counter()
-            terms.add(docs.column("text"), codes)
+            terms.add(texts, codes, words)
             spent["terms"] += time.perf_counter() - t
             n += len(texts)
     t = time.perf_counter()

@@ -267,3 +267,53 @@ def test_label_quantizes_the_float16_values_run_caches(static_run, tmp_path, mon
     monkeypatch.setattr(Substrate, "encode", recording)
     api.label([static_run["corpus"]], substrate=static_run["out"] / "substrate", out=tmp_path / "o", quiet=True)
     assert seen and all(np.array_equal(x, x.astype(np.float16).astype(np.float32)) for x in seen)
+
+
+TRICKY = ["a\vb c\fd", "x[CLS]y [SEP] [UNK]", "two[MASK]words [MASK]", "café naïve 中文字", "\x00\x01", "", "   ",
+          "\u200b", "a" * 150 + " b", "tab\tsep\r\nline\u00a0nbsp\u2003em", "\x1cfoo\x1dbar\x85baz", "emoji 😀👍🏽",
+          "don't stop-believing (now)!", "repeat repeat repeat. Repeat"]
+
+
+def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run):
+    """The piece cache's bags of ids give the same counts and vectors as tokenizing each whole text,
+    on real documents and on texts built to break the split (controls, special tokens in the text,
+    the separator's own text, CJK, long words), also when its table fills and starts again."""
+    from hermes.static import StaticEncoder, _bag_matrix
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
+    assert enc.pieces_ is not None and enc.pieces_.separator == ("[MASK]", 103)
+    texts = [r["text"] for r in static_run["records"]] + TRICKY
+    for limit in (1_000_000, 500):
+        enc.pieces_.limit = limit
+        enc.pieces_._clear()
+        for part in (texts[:40], texts, TRICKY):            # cold, partly warm, warm
+            vecs, counts, ok = enc.encode_counted(part)
+            ids, lengths = enc.token_ids(part)
+            bags = _bag_matrix(ids, lengths, len(enc.rows_), np.float32)
+            whole = np.asarray(bags @ enc.rows_)
+            norm = np.linalg.norm(whole, axis=1)
+            good = (bags @ enc.known_.astype(np.float32) > 0) & (norm > 0)
+            whole[good] /= norm[good, None]
+            whole[~good] = 0
+            assert counts.tolist() == lengths.tolist()
+            assert ok.tolist() == good.tolist()
+            np.testing.assert_allclose(vecs, whole, atol=2e-5)
+            # at most the limit, or one batch's distinct pieces (the empty piece of edge whitespace too)
+            assert len(enc.pieces_) <= max(limit, len({w for t in part for w in t.split()} | {""}))
+    assert enc.count(TRICKY).tolist() == enc.token_ids(TRICKY)[1].tolist()
+    alone = enc.encode(texts[:7])                    # a text's vector does not depend on its batch
+    assert np.array_equal(alone, enc.encode(texts)[:7]) and np.array_equal(alone[3:], enc.encode(texts[3:7]))
+
+
+def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
+    from hermes.static import piece_cache
+
+    bert = {"normalizer": {"type": "BertNormalizer", "clean_text": True}, "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "added_tokens": [{"id": 102, "content": "[SEP]", "special": True}], "model": {"unk_token": "[UNK]"}}
+    assert piece_cache(None, bert, 10, np.ones(10, bool)).separator == ("[SEP]", 102)
+    byte_level = {**bert, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}
+    metaspace = {**bert, "pre_tokenizer": {"type": "Metaspace"}}
+    joining = {**bert, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Replace"}]}}
+    spaced_token = {**bert, "added_tokens": [{"id": 5, "content": "new york", "special": False}]}
+    for spec in (byte_level, metaspace, joining, spaced_token):
+        assert piece_cache(None, spec, 10, np.ones(10, bool)) is None
