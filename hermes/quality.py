@@ -6,8 +6,8 @@ Sources (config key `quality`):
 - `field`: a numeric field of each record (`quality_field`, a dotted path); a record whose field is
   missing or not a number is rejected with the reason.
 
-`heuristic_scores` computes it for a batch with Arrow's compute kernels (RE2, C++), so that it
-keeps pace with a fast encoder; `heuristic_score` is the same score for one text in plain Python,
+`heuristic_scores` computes it for a batch with Arrow's compute kernels (RE2, C++), the word
+signals once per distinct word (`hermes.words`), so that it keeps pace with a fast encoder; `heuristic_score` is the same score for one text in plain Python,
 the reference it is tested against. They agree on every text but where lowercasing differs:
 Python lowercases `İ` to two characters (`i̇`), Arrow to `i` (a stop word).
 

@@ -18,8 +18,9 @@ Built once, from a seeded sample of the corpus's documents:
 The folder is a sentence-transformers model (a `StaticEmbedding` module, then `Normalize`), so
 `SentenceTransformer(folder)` loads it without hermes and gives the same vectors, plus
 `hermes_encoder.json`, how it was built and the checksums of its files. hermes encodes with the
-`tokenizers` library and a sparse product (no torch): tokenizing is most of the time, and the same
-token ids give `n_tokens`.
+`tokenizers` library and sparse products (no torch). Tokenizing would be most of the time, so each
+distinct whitespace-separated piece of text is tokenized once and its ids reused (`PieceCache`,
+exact for tokenizers that split words at whitespace); the same token ids give `n_tokens`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ SHORT_CHARS = 100
 TERM_SCHEMA = pa.schema([("c1", pa.int16()), ("c2", pa.int16()), ("c3", pa.int16()),
                          ("term", pa.string()), ("count", pa.int64())])
 # A word: a run of 3 to 30 letters (Unicode category L) of the lowercased text, found by Arrow's
-# compute kernels (RE2) so that counting keeps pace with a fast encoder. Runs of over 30 letters
+# compute kernels (RE2) in each distinct whitespace-separated word once (hermes.words), so that
+# counting keeps pace with a fast encoder. Runs of over 30 letters
 # are not words; number-letters (Roman numerals, superscripts) are not letters.
 _NOT_LETTERS = r"[^\p{L}]+"
 MIN_LETTERS, MAX_LETTERS = 3, 30
@@ -70,19 +71,16 @@ def _top_per_cell(counts: pa.Table, k: int) -> pa.Table:
     return t.filter(pa.array(rank < k))
 
 
-def _summed(cells: np.ndarray, cell_of_row: np.ndarray, terms, counts: np.ndarray | None) -> pa.Table:
+def _summed(cells: np.ndarray, cell_of_row: np.ndarray, terms, counts: np.ndarray) -> pa.Table:
     """Rows summed per cell and term, on integer keys: `cells` (k, 3) the distinct codes, `cell_of_row`
     each row's index among them, `terms` each row's term (numbered by one dictionary), `counts` each
-    row's count (None: one each)."""
+    row's count."""
     terms = pc.dictionary_encode(terms)
     terms = terms.combine_chunks() if isinstance(terms, pa.ChunkedArray) else terms
     n_terms = max(len(terms.dictionary), 1)
     keys = cell_of_row.astype(np.int64) * n_terms + terms.indices.to_numpy(zero_copy_only=False)
-    if counts is None:
-        pairs, summed = np.unique(keys, return_counts=True)
-    else:
-        pairs, inverse = np.unique(keys, return_inverse=True)
-        summed = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(pairs)).astype(np.int64)
+    pairs, inverse = np.unique(keys, return_inverse=True)
+    summed = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(pairs)).astype(np.int64)
     cell, term = np.divmod(pairs, n_terms)
     return pa.table({**{f"c{i + 1}": pa.array(cells[cell, i], pa.int16()) for i in range(3)},
                      "term": terms.dictionary.take(pa.array(term)), "count": pa.array(summed, pa.int64())})
