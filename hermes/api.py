@@ -13,11 +13,13 @@ import pyarrow as pa
 
 from hermes.cellkeys import LEVELS, view_suffix
 from hermes.config import FIT_KEYS, Config, load_config, refuse_fit_keys
-from hermes.distill import load_labeler
+from hermes.distilled import load_labeler
 from hermes.engines import run_step
 from hermes.errors import HermesError
 from hermes.files import replacing
-from hermes.pipeline import Layout, Stages, fit_substrate, reading_fields, stages_for
+from hermes.fit import fit_substrate
+from hermes.layout import Layout
+from hermes.models import Models, models_for, reading_fields
 from hermes.progress import say
 from hermes.read import Shard, check_fields, discover
 from hermes.static import is_static_encoder
@@ -107,9 +109,9 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local",
     t0 = time.perf_counter()
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
-    stages = Stages(cfg)
-    stages.quality_scorer          # a bad quality or taxonomy model fails here, before anything is written
-    stages.fixed.setup()
+    models = Models(cfg)
+    models.quality_scorer          # a bad quality or taxonomy model fails here, before anything is written
+    models.fixed.setup()
     timings = {}
     encoder_folder = None
     if cfg.encoder == "static" or is_static_encoder(cfg.model):
@@ -117,18 +119,18 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local",
             raise HermesError(f"{cfg.model}: --model is a static encoder, but encoder = transformer (field 'encoder')",
                               hint="pass --encoder static, or a transformer folder to --model")
         encoder_folder = static_encoder(shards, cfg, layout, quiet)
-        stages.use_static(encoder_folder)
+        models.use_static(encoder_folder)
         timings["encoder"] = time.perf_counter() - t0
-    results = run_step(engine, "embed", shards, cfg, layout, "embed", stages=stages, address=address, quiet=quiet,
+    results = run_step(engine, "embed", shards, cfg, layout, "embed", models=models, address=address, quiet=quiet,
                        static_encoder=str(Path(encoder_folder).resolve()) if encoder_folder else None)
     timings["embed"] = time.perf_counter() - t0 - timings.get("encoder", 0.0)
     counts = [r.n_docs for r in results]
     if sum(counts) == 0:
         raise _no_documents(results)
     t = time.perf_counter()
-    substrate = fit_substrate(shards, counts, stages, layout, progress_note=None if quiet else say)
+    substrate = fit_substrate(shards, counts, models, layout, progress_note=None if quiet else say)
     timings["fit"] = time.perf_counter() - t
-    return inputs, shards, layout, stages, results, substrate, timings
+    return inputs, shards, layout, models, results, substrate, timings
 
 
 def fit(inputs: Iterable[str | Path] | None, out: str | Path, *, config: Config | str | Path | None = None,
@@ -250,9 +252,9 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
     substrate is fitted and the store built here."""
     t0 = time.perf_counter()
     cfg = _config(config, settings)
-    inputs, shards, layout, stages, _, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet, engine, address)
+    inputs, shards, layout, models, _, substrate, timings = _embed_and_fit(inputs, out, cfg, quiet, engine, address)
     t = time.perf_counter()
-    run_step(engine, "quantize", shards, cfg, layout, "label", stages=stages, substrate=substrate, address=address,
+    run_step(engine, "quantize", shards, cfg, layout, "label", models=models, substrate=substrate, address=address,
              quiet=quiet)
     timings["quantize"] = time.perf_counter() - t
     return _finish("run", inputs, shards, substrate, layout, cfg, t0, timings)
@@ -283,12 +285,12 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     if Path(substrate).resolve() != layout.substrate.resolve():
         with replacing(layout.substrate) as (tmp,):
             shutil.copytree(substrate, tmp)
-    stages = stages_for(cfg, sub)
-    stages.quality_scorer
-    stages.fixed.setup()
+    models = models_for(cfg, sub)
+    models.quality_scorer
+    models.fixed.setup()
     # one shard at a time: embed, quantize, drop its cached embeddings (unless kept), so the disk
     # holds at most one shard's embeddings and a relaunch redoes only unfinished shards
-    results = run_step(engine, "label", shards, cfg, layout, "embed+label", stages=stages, substrate=sub,
+    results = run_step(engine, "label", shards, cfg, layout, "embed+label", models=models, substrate=sub,
                        address=address, quiet=quiet)
     timings = {"embed": time.perf_counter() - t0}
     done = [r for r in results if not r.skipped]

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 LEVELS = (1, 2, 3)
+N_CODES = len(LEVELS)   # a document's code has c1, c2, c3
 CODE_BITS = 15          # codes are SMALLINT (< 2^15); a level-l key packs the code prefix into an int64
 
 

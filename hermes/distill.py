@@ -31,6 +31,7 @@ Held-out agreement with the teacher substrate is measured at each level and kept
 with the held-out doc_ids (holdout.json) so a benchmark can time the same documents.
 """
 
+
 from __future__ import annotations
 
 import hashlib
@@ -45,172 +46,16 @@ from typing import Any
 import numpy as np
 
 from hermes._version import __version__
-from hermes.cellkeys import LEVELS, view_suffix
+from hermes.cellkeys import LEVELS
+from hermes.distilled import (LEVEL_KEYS, STUDENTS, DecisionRule, DistilledSubstrate, PairBlock, TokenBags,
+                              level_key, static_part, token_pairs, weigh)
 from hermes.errors import HermesError
-from hermes.fasttext_quality import _fasttext, normalise, train_supervised
+from hermes.fasttext_quality import normalise, train_supervised
 from hermes.files import replacing, sha256
-from hermes.static import context_vectors, tokenizer_threads
-from hermes.substrate import FORMAT, FORMAT_VERSION, Substrate, load_for_store, read_manifest
+from hermes.ridge import logistic, ridge
+from hermes.static import context_vectors
+from hermes.substrate import FORMAT, FORMAT_VERSION, load_for_store
 
-LEVEL_KEYS = tuple(view_suffix(level) for level in LEVELS)     # the fasttext student's models
-TOP_K = 20
-STUDENTS = ("linear", "fasttext")
-
-
-def _key(codes, level: int) -> str:
-    return ".".join(str(int(c)) for c in codes[:level])
-
-
-class DistilledSubstrate:
-    kind = "distilled"
-
-    def __init__(self, path: Path, manifest: dict[str, Any]):
-        self.path = path
-        self.m = manifest
-        self.student = manifest.get("student", "fasttext")
-        self.fingerprint = manifest["fingerprint"]
-        self.fit_sample_size = manifest["data"]["train_docs"]
-        self.embedding = None
-        self.training = {"agreement": manifest["agreement"]}
-        self._models: dict[str, Any] = {}
-
-    @property
-    def sizes(self) -> list[int]:
-        return self.m["classes"]
-
-    @property
-    def n_tokens_tokenizer(self) -> str | None:
-        """What counted n_tokens in the teacher's store (a tokenizer folder, or the teacher's model),
-        so that labeling counts the same way; None in a folder of an earlier hermes."""
-        value = self.m.get("n_tokens_tokenizer")
-        if value is None or Path(value).is_dir():
-            return value
-        from hermes.embed import resolve_model
-
-        return str(resolve_model(value))
-
-    @property
-    def stages(self) -> list[dict[str, Any]]:
-        """The teacher's stage stack (with a fixed stage's class names)."""
-        return self.m.get("stages") or [{"kind": "learned"} for _ in LEVEL_KEYS]
-
-    @property
-    def fixed(self) -> list[int]:
-        """The fixed stages whose codes labeling must supply (the linear student takes them from the
-        document, as the teacher did; the fastText student predicts every code)."""
-        from hermes.stages import fixed_indices
-
-        return fixed_indices(self.stages) if self.student == "linear" else []
-
-    def setup(self) -> "DistilledSubstrate":
-        if self._models:
-            return self
-        if self.student == "linear":
-            from hermes.rvq import ResidualQuantizer
-
-            if "tokenizer.json" not in self.m["files"]:
-                raise HermesError(f"{self.path}: a linear student of an earlier hermes (words, not the "
-                                  "teacher's tokens)", hint="run `hermes distill` again")
-            q = ResidualQuantizer(stages=len(LEVEL_KEYS),
-                                  fixed={i: len(self.stages[i]["classes"]) for i in self.fixed})
-            q.codebooks_ = [np.load(self.path / f"codebook_{i + 1}.npy", allow_pickle=False)
-                            for i in range(len(LEVEL_KEYS))]
-            names = ["idf", "W", "static", "W_static", "b"]
-            if "W_fine.npy" in self.m["files"]:           # older students: one prediction for every stage
-                names += ["W_fine", "W_static_fine", "b_fine", "W_pairs_fine"]
-            if "context.npy" in self.m["files"]:          # older students: no context part
-                names += ["context"]
-            arrays = {name: np.load(self.path / f"{name}.npy", allow_pickle=False).astype(np.float32)
-                      for name in names}
-            st = self.m["settings"]
-            bags = TokenBags((self.path / "tokenizer.json").read_text(encoding="utf-8"), st["window"], st["vocab"])
-            if "pairs.npy" in self.m["files"]:            # older students read tokens only
-                arrays["pairs"] = PairBlock(np.load(self.path / "pairs.npy", allow_pickle=False),
-                                            np.load(self.path / "pair_idf.npy", allow_pickle=False),
-                                            st["pair_other_idf"], st["vocab"], st["pair_scale"])
-                arrays["W_pairs"] = np.load(self.path / "W_pairs.npy", allow_pickle=False).astype(np.float32)
-            choose = {}
-            if "decision_W.npy" in self.m["files"]:
-                rule = DecisionRule(np.load(self.path / "decision_W.npy", allow_pickle=False),
-                                    np.load(self.path / "decision_b.npy", allow_pickle=False))
-                choose = {st["decision"]["stage"]: rule}
-            self._models = {"bags": bags, "quantizer": q, "choose": choose, **arrays}
-        else:
-            ft = _fasttext()
-            self._models = {k: ft.load_model(str(self.path / f"{k}.bin")) for k in LEVEL_KEYS}
-        return self
-
-    def encode_texts(self, texts: list[str], fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
-        """Codes (n, 3) from the texts; `fixed` gives the class index of each fixed stage per text
-        (the linear student of a teacher with fixed stages)."""
-        self.setup()
-        if self.student == "linear":
-            return self._encode_linear(texts, fixed)
-        clean = [normalise(t) for t in texts]
-        fb = self.m["fallback"]
-        l1, _ = self._models["l1"].predict(clean, k=1)
-        l12, _ = self._models["l12"].predict(clean, k=TOP_K)
-        l123, _ = self._models["l123"].predict(clean, k=TOP_K)
-        out = np.zeros((len(texts), 3), dtype=np.int16)
-        for i in range(len(texts)):
-            c1 = l1[i][0][len("__label__"):]
-            k12 = next((lab[9:] for lab in l12[i] if lab[9:].split(".")[0] == c1), fb["l12"][c1])
-            k123 = next((lab[9:] for lab in l123[i] if lab[9:].rsplit(".", 1)[0] == k12), fb["l123"][k12])
-            out[i] = [int(x) for x in k123.split(".")]
-        return out
-
-    def _encode_linear(self, texts: list[str], fixed: dict[int, np.ndarray] | None) -> np.ndarray:
-        from hermes.vectors import unit_rows
-
-        m = self._models
-        ids = m["bags"].ids(texts)
-        X = weigh(m["bags"].counts(ids=ids), m["idf"])
-        S = _static_part(X, m["static"], m.get("context"))
-        XP = m["pairs"].matrix(ids) if "pairs" in m else None
-
-        def predict(suffix: str = "") -> np.ndarray:
-            h = np.asarray(X @ m[f"W{suffix}"]) + S @ m[f"W_static{suffix}"] + m[f"b{suffix}"]
-            if XP is not None:
-                h += np.asarray(XP @ m[f"W_pairs{suffix}"])
-            return unit_rows(h.astype(np.float32))
-
-        codes = m["quantizer"].encode(predict(), fixed=fixed, choose=m["choose"])
-        if "W_fine" in m:      # the stages after the first learned one quantize the finer prediction
-            first = self.m["settings"]["fine"]["after_stage"]
-            keep = codes[:, first].astype(np.int64)
-            codes = m["quantizer"].encode(predict("_fine"), fixed=fixed, choose={first: lambda R: keep})
-        return codes
-
-    def manifest(self) -> dict[str, Any]:
-        """In the shape the store's substrates table reads."""
-        m = self.m
-        return {**m, "embedding": {"model": f"distilled {self.student} (teacher {m['teacher']})", "dtype": None,
-                                   "max_length": None},
-                "transform": {"kind": "distilled", "student": self.student},
-                "rvq": {"sizes": m["classes"], "kind": self.student}, "fit_sample_size": self.fit_sample_size}
-
-
-def load_labeler(path: str | Path) -> "Substrate | DistilledSubstrate":
-    """What `hermes label` labels with: an embedding substrate or a distilled labeler folder."""
-    path = Path(path)
-    m = read_manifest(path)
-    if m.get("kind") != "distilled":
-        return Substrate.load(path)
-    if m.get("format_version") != FORMAT_VERSION:
-        raise HermesError(f"{path / 'manifest.json'}: distilled labeler format_version {m.get('format_version')} was "
-                          f"written by hermes {m.get('hermes_version')}; this hermes {__version__} reads version "
-                          f"{FORMAT_VERSION}", hint="run `hermes distill` again with this version of hermes")
-    return load(path, m)
-
-
-def load(path: Path, manifest: dict[str, Any]) -> DistilledSubstrate:
-    for name, checksum in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise HermesError(f"{f}: missing", hint="the distilled substrate is incomplete; run `hermes distill` again")
-        if sha256(f) != checksum:
-            raise HermesError(f"{f}: checksum does not match the manifest", hint="run `hermes distill` again")
-    return DistilledSubstrate(path, manifest)
 
 
 def _teacher_stack(con) -> list[dict[str, Any]] | None:
@@ -291,7 +136,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
             classes = list(teacher.sizes)
         else:
             settings, extra = _train_fasttext(train, tmp, epochs or 25, seed, say)
-            classes = [len(set(_key(c, lv) for _, _, c in train)) for lv in LEVELS]
+            classes = [len(set(level_key(c, lv) for _, _, c in train)) for lv in LEVELS]
         train_seconds = time.perf_counter() - t0
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distilled", "student": student,
@@ -322,8 +167,6 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
             "holdout_docs_per_s": manifest["holdout_docs_per_s"]}
 
 
-# --------------------------------------------------------------------------- the fastText student
-
 def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tuple[dict, dict]:
     # unigrams and 25 epochs: on the dev corpus (256 L1 cells) bigrams or 10 epochs underfit badly
     settings = {"epoch": epochs, "dim": 100, "bucket": 200_000, "wordNgrams": 1, "minCount": 2, "lr": 0.5,
@@ -333,7 +176,7 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
         say(f"distill: training the {key.upper()} classifier on {len(train):,} documents")
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
             for _, text, c in train:
-                f.write(f"__label__{_key(c, level)} {normalise(text)}\n")
+                f.write(f"__label__{level_key(c, level)} {normalise(text)}\n")
             name = f.name
         try:
             _, used_seed[key] = train_supervised(name, tmp / f"{key}.bin", loss="softmax" if level == 1 else "hs",
@@ -343,7 +186,7 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
     counts12: dict[str, dict[str, int]] = {}
     counts123: dict[str, dict[str, int]] = {}
     for _, _, c in train:
-        k1, k12, k123 = _key(c, 1), _key(c, 2), _key(c, 3)
+        k1, k12, k123 = level_key(c, 1), level_key(c, 2), level_key(c, 3)
         counts12.setdefault(k1, {}).setdefault(k12, 0)
         counts12[k1][k12] += 1
         counts123.setdefault(k12, {}).setdefault(k123, 0)
@@ -354,162 +197,14 @@ def _train_fasttext(train: list, tmp: Path, epochs: int, seed: int, say) -> tupl
     return {**settings, "seed_used": used_seed}, {"fallback": fallback}
 
 
-# --------------------------------------------------------------------------- the linear student
-
-# On the dev corpus (teacher 256x256x256, 17k training docs), held-out L1 agreement of ridge
-# students: TF-IDF of words over the whole text 0.704; of words in the teacher's window 0.740; of
-# the teacher's tokens in its window 0.755 (alpha 0.1 / 0.3 / 1 gave 0.749 / 0.755 / 0.728); with
-# the static part 0.771 at alpha 0.3, 0.777 at 0.6; hashed token bigrams in the tokens' own block
-# lowered it (0.732). The decision rule of the first stage raised it to 0.786 (on out-of-fold
-# predictions: 0.758 -> 0.779). Token pairs as a block of their own, unit length apart from the
-# tokens' (PairBlock), raised it to 0.795 with the 64,000 most frequent (L12 0.417 -> 0.445) and
-# 0.7985 with 24,000 (the teacher's rule on out-of-fold predictions of all 16.9k training
-# documents: 0.767 and 0.766). In 5-fold cross-validation over all 18.8k documents, without the
-# decision rule: tokens only 0.760; pairs, 24,000 / 64,000 / 128,000 / all 265k of 2+ documents:
-# 0.769 / 0.773 / 0.773 / 0.775; pairs at distance 2 as a third block added nothing (+0.001).
-# Neither did a quadratic kernel, static parts of mean-pooled or random-feature token vectors, the
-# teacher's embeddings of half-length crops or of the text after the window as more training
-# documents, or one-hot c1 targets (all within -0.01..+0.003 at L1). A smaller alpha does help the
-# finer stages: with c1 from alpha 0.6, c2 and c3 from alpha 0.1 / 0.2 / 0.3 gave L12 0.409 /
-# 0.409 / 0.408 against 0.399 and L123 0.219 / 0.217 / 0.216 against 0.206 (3-fold CV over the
-# 16.9k training documents, 11.3k per fit), hence `fine_alpha` 0.15 at the full size: on the
-# held-out split, L12 0.445 -> 0.457 and L123 0.244 -> 0.253, L1 unchanged. A context part
-# (_context_vectors, from 5,000 training documents) beside the static part raised L1 0.761 ->
-# 0.772 and 0.753 -> 0.765, L12 0.404 -> 0.425 and 0.409 -> 0.427, L123 0.209 -> 0.226 and
-# 0.215 -> 0.234 (two splits of the 11.9k training documents outside those 5,000, 12.96k per fit,
-# one prediction, the teacher's rule); static vectors of the first 32 or 64 tokens of the window,
-# or their bag of ids, as parts of their own lowered L1 (0.787 - 0.790 against 0.793 held out).
+# The linear student's settings, chosen on the dev corpus's training split (the variants tried
+# and their held-out agreement are in docs/benchmarks.md, "The distilled student").
 LINEAR_SETTINGS = {"alpha": 0.6, "min_df": 2, "max_terms": 24_000, "max_pairs": 64_000, "pair_scale": 1.0,
                    "static_scale": 3.0, "max_system": 40_000, "fine_alpha": 0.15, "context_docs": 5_000}
 MIN_SYSTEM = 2_000          # the least --max-system: the static and context parts' dimensions and some token ids
 # The decision rule of the first learned stage (DecisionRule): fitted on out-of-fold predictions
 # of `folds` ridge fits; its penalty is chosen among `lambdas` on a fifth of them held out.
 DECISION_SETTINGS = {"folds": 5, "scale": 40.0, "lambdas": [1e-4, 3e-4, 1e-3]}
-
-
-class TokenBags:
-    """What the linear student reads of a text: the teacher's own tokenizer over the teacher's own
-    window (the first `window` content tokens, all the encoder sees), as a bag of token ids."""
-
-    def __init__(self, tokenizer_json: str, window: int, vocab: int):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.tok.no_truncation()
-        self.tok.no_padding()
-        self.window = window
-        self.vocab = vocab
-        self.cut = window * 5          # characters tokenized first (about 4 per token in English prose)
-
-    def ids(self, texts: list[str]) -> list[np.ndarray]:
-        """The first `window` token ids of each text, exactly as the tokenizer gives them for the
-        whole text. Only a head of each text is tokenized: `cut` characters, then four times as
-        many, then the whole text, until the window ends before the word the cut split."""
-        out: list[np.ndarray | None] = [None] * len(texts)
-        todo, cut = list(range(len(texts))), self.cut
-        while todo:
-            heads = [texts[i][:cut] if cut else texts[i] for i in todo]
-            again = []
-            with tokenizer_threads():
-                encoded = self.tok.encode_batch(heads, add_special_tokens=False)
-            for i, head, enc in zip(todo, heads, encoded):
-                if len(head) < len(texts[i]):
-                    last_word = max(head.rfind(c) for c in " \n\t\r") + 1
-                    if len(enc.ids) < self.window or enc.offsets[self.window - 1][1] > last_word:
-                        again.append(i)
-                        continue
-                out[i] = np.asarray(enc.ids[:self.window], dtype=np.int64)
-            todo, cut = again, (cut * 4 if cut and cut < 64 * self.window else 0)
-        return out
-
-    def counts(self, texts: list[str] | None = None, ids: list[np.ndarray] | None = None):
-        """(n, vocab) CSR of sublinear term frequencies, 1 + log(count), of the texts (or of their
-        token ids, when already read)."""
-        import scipy.sparse as sp
-
-        ids = self.ids(texts) if ids is None else ids
-        rows = np.repeat(np.arange(len(ids)), [len(i) for i in ids])
-        cols = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-        X = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(ids), self.vocab))
-        X.sum_duplicates()
-        X.data = 1 + np.log(X.data)
-        return X
-
-
-def token_pairs(ids: list[np.ndarray], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each document's adjacent token pairs (a, b) as keys a * vocab + b: (row, key, count), one entry
-    per distinct pair of a row, sorted by row then key."""
-    lens = np.array([len(i) for i in ids], dtype=np.int64)
-    if not len(ids) or lens.sum() < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    flat = np.concatenate(ids).astype(np.int64)
-    doc = np.repeat(np.arange(len(ids), dtype=np.int64), lens)
-    same = doc[:-1] == doc[1:]
-    rows, keys = doc[:-1][same], flat[:-1][same] * vocab + flat[1:][same]
-    span = vocab * vocab
-    if len(ids) < np.iinfo(np.int64).max // span:     # one sort of a combined key
-        pairs, counts = np.unique(rows * span + keys, return_counts=True)
-        return pairs // span, pairs % span, counts
-    order = np.lexsort((keys, rows))
-    rows, keys = rows[order], keys[order]
-    first = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]) | (rows[1:] != rows[:-1])])
-    return rows[first], keys[first], np.diff(np.r_[first, len(keys)])
-
-
-class PairBlock:
-    """The linear student's second block of terms: adjacent token pairs (bigrams of the teacher's
-    tokens), the `kept` ones (sorted keys) with their idf. A document's pairs weigh 1 + log(count)
-    times idf, a pair not kept weighing as one seen in a single training document; the row is
-    scaled to unit length over all its pairs, then only the kept columns remain, times `scale`."""
-
-    def __init__(self, kept: np.ndarray, idf: np.ndarray, other_idf: float, vocab: int, scale: float):
-        self.kept, self.idf, self.other_idf = kept, idf.astype(np.float32), float(other_idf)
-        self.vocab, self.scale = vocab, float(scale)
-
-    @classmethod
-    def fit(cls, ids: list[np.ndarray], vocab: int, min_df: int, max_pairs: int, scale: float,
-            found: tuple | None = None) -> "PairBlock":
-        """`found`: token_pairs(ids, vocab), when already computed."""
-        _, keys, _ = token_pairs(ids, vocab) if found is None else found
-        uniq, df = np.unique(keys, return_counts=True)
-        frequent = np.flatnonzero(df >= min_df)
-        top = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:max_pairs]])
-        n = len(ids)
-        idf = np.log((1 + n) / (1 + df[top])) + 1                 # smooth idf, as the tokens'
-        return cls(uniq[top], idf, np.log((1 + n) / 2) + 1, vocab, scale)
-
-    def matrix(self, ids: list[np.ndarray], found: tuple | None = None):
-        """(n, len(kept)) CSR. `found`: token_pairs(ids, vocab), when already computed."""
-        import scipy.sparse as sp
-
-        rows, keys, counts = token_pairs(ids, self.vocab) if found is None else found
-        shape = (len(ids), len(self.kept))
-        if not len(self.kept):
-            return sp.csr_matrix(shape, dtype=np.float32)
-        at = np.minimum(np.searchsorted(self.kept, keys), len(self.kept) - 1)
-        hit = self.kept[at] == keys
-        w = (1 + np.log(counts)) * np.where(hit, self.idf[at], self.other_idf)
-        norm = np.sqrt(np.bincount(rows, weights=w * w, minlength=len(ids)))
-        w = w / np.where(norm > 0, norm, 1)[rows] * self.scale
-        indptr = np.r_[0, np.cumsum(np.bincount(rows[hit], minlength=len(ids)))]   # rows come sorted
-        return sp.csr_matrix((w[hit].astype(np.float32), at[hit], indptr), shape=shape)
-
-
-def weigh(counts, idf: np.ndarray):
-    """Sublinear term frequencies (CSR) times idf, each row of unit length (empty rows stay zero)."""
-    from sklearn.preprocessing import normalize as l2
-
-    return l2(counts.multiply(idf[None, :]).tocsr().astype(np.float32))
-
-
-def _static_part(X, static: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
-    """The document's static vector: the tf-idf-weighted sum of its tokens' static vectors, of unit
-    length; with `context`, the same sum of its tokens' context vectors (_context_vectors) beside
-    it. It reaches every token of the vocabulary, seen in training or not."""
-    from hermes.vectors import unit_rows
-
-    parts = [static] if context is None else [static, context]
-    return np.hstack([unit_rows(np.asarray(X @ v, dtype=np.float32)) for v in parts])
 
 
 def _context_vectors(encoder, texts: list[str], static: np.ndarray, say) -> tuple[np.ndarray, dict[str, Any]]:
@@ -526,7 +221,7 @@ def _context_vectors(encoder, texts: list[str], static: np.ndarray, say) -> tupl
 def _teacher_points(teacher, db: Path, train: list, say) -> np.ndarray:
     """The teacher's transformed point h of every training document: from the kept embeddings,
     else embedded again with the teacher's encoder settings."""
-    from hermes.pipeline import cached_embeddings
+    from hermes.layout import cached_embeddings
 
     E = cached_embeddings(db.parent / "embeddings", [d for d, _, _ in train])
     if E is None:
@@ -559,7 +254,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
     df = np.bincount(C.indices, minlength=C.shape[1])
     idf = (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)        # smooth idf, as scikit-learn's
     X = weigh(C, idf)
-    D = _static_part(X, static, context) * s["static_scale"]
+    D = static_part(X, static, context) * s["static_scale"]
     max_terms, max_pairs = _caps(n, D.shape[1], s)
     frequent = np.flatnonzero(df >= s["min_df"])
     keep = np.sort(frequent[np.argsort(-df[frequent], kind="stable")[:max_terms]])
@@ -568,7 +263,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
     Xk = sp.hstack([X[:, keep], pairs.matrix(ids, found)], format="csr")
     say(f"distill: ridge regression over {len(keep):,} token ids, {len(pairs.kept):,} token pairs and "
         f"{D.shape[1]} static{' and context' if context is not None else ''} dimensions, {n:,} documents")
-    W_terms, W_static, b = _ridge(Xk, D, H, s["alpha"])
+    W_terms, W_static, b = ridge(Xk, D, H, s["alpha"])
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     arrays = {"idf": idf, "static": static.astype(np.float16), "pairs": pairs.kept, "pair_idf": pairs.idf,
               **({} if context is None else {"context": context.astype(np.float16)}),
@@ -585,7 +280,7 @@ def _train_linear(train: list, teacher, db: Path, tmp: Path, seed: int, say,
     stage = next((i for i in range(stages) if i not in teacher.quantizer.fixed), None)
     if stage is not None and any(i not in teacher.quantizer.fixed for i in range(stage + 1, stages)):
         say(f"distill: ridge regression for the finer stages (alpha {s['fine_alpha']:g})")
-        W_terms, W_static, b = _ridge(Xk, D, H, s["fine_alpha"])
+        W_terms, W_static, b = ridge(Xk, D, H, s["fine_alpha"])
         arrays.update(_weights(W_terms, W_static * s["static_scale"], b, keep, static.shape[0], "_fine"))
         settings["fine"] = {"alpha": s["fine_alpha"], "after_stage": stage}
     for name, arr in arrays.items():
@@ -622,20 +317,6 @@ def _caps(n: int, dims: int, s: dict[str, Any]) -> tuple[int, int]:
     return terms, pairs
 
 
-class DecisionRule:
-    """A learned stage's code from its input residual r: argmax_j (W_j . r/|r| + b_j). With W = scale
-    times the unit codewords and b = 0 it is the teacher's own rule (the cosine argmax); fitted, it
-    accounts for the student's errors, which the teacher's rule, made for exact points, does not."""
-
-    def __init__(self, W: np.ndarray, b: np.ndarray):
-        self.W, self.b = np.asarray(W, dtype=np.float32), np.asarray(b, dtype=np.float32)
-
-    def __call__(self, R: np.ndarray) -> np.ndarray:
-        from hermes.vectors import unit_rows
-
-        return np.argmax(unit_rows(R) @ self.W.T + self.b, axis=1)
-
-
 def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codebooks: list, stage: int, tmp: Path,
                     seed: int, say) -> dict[str, Any]:
     """Fit the DecisionRule of the first learned stage on out-of-fold predictions: each fold's points
@@ -652,7 +333,7 @@ def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codeboo
     for f in range(k):
         say(f"distill: decision rule, out-of-fold ridge fit {f + 1}/{k}")
         fit, out = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        W, W_static, b = _ridge(Xs[fit], D[fit], H[fit], LINEAR_SETTINGS["alpha"])
+        W, W_static, b = ridge(Xs[fit], D[fit], H[fit], LINEAR_SETTINGS["alpha"])
         P[out] = np.asarray(Xs[out] @ W) + D[out] @ W_static + b
     R = unit_rows(P)
     for s in range(stage):                        # the fixed stages before it: the document's own codes
@@ -663,124 +344,14 @@ def _train_decision(Xs, D: np.ndarray, H: np.ndarray, codes: np.ndarray, codeboo
     val = fold == 0                                # a fifth, as a fold: every fold's errors are alike
     scores = {}
     for lam in ds["lambdas"]:
-        W, b = _logistic(R[~val], y[~val], prior, lam)
+        W, b = logistic(R[~val], y[~val], prior, lam)
         scores[lam] = float(np.mean(DecisionRule(W, b)(R[val]) == y[val]))
     lam = max(ds["lambdas"], key=lambda v: (scores[v], -v))
     say(f"distill: decision rule, penalty {lam:g} (held-out fifth: {scores[lam]:.3f} against "
         f"{np.mean(teacher_rule(R[val]) == y[val]):.3f} for the teacher's rule)")
-    W, b = _logistic(R, y, prior, lam)
+    W, b = logistic(R, y, prior, lam)
     np.save(tmp / "decision_W.npy", W, allow_pickle=False)
     np.save(tmp / "decision_b.npy", b, allow_pickle=False)
     return {"stage": stage, "folds": k, "scale": ds["scale"], "lambda": lam,
             "out_of_fold_agreement": {"teacher_rule": round(float(np.mean(teacher_rule(R) == y)), 4),
                                       "decision_rule": round(float(np.mean(DecisionRule(W, b)(R) == y)), 4)}}
-
-
-def _logistic(R: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression of y on the rows of R, minimising the mean cross-entropy plus
-    lam/2 (|W - prior|^2 + |b|^2), by L-BFGS in float64 from W = prior, b = 0."""
-    import torch
-
-    Rt, yt = torch.from_numpy(R.astype(np.float64)), torch.from_numpy(y.astype(np.int64))
-    W0 = torch.from_numpy(prior.astype(np.float64))
-    W = W0.clone().requires_grad_(True)
-    b = torch.zeros(len(W0), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def loss():
-        opt.zero_grad()
-        value = (torch.nn.functional.cross_entropy(Rt @ W.T + b, yt)
-                 + lam / 2 * (((W - W0) ** 2).sum() + (b ** 2).sum()))
-        value.backward()
-        return value
-
-    opt.step(loss)
-    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
-
-
-def _ridge(Xs, D: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ridge regression with an intercept of Y on the columns [Xs (sparse), D (dense)]: returns the
-    weights of each part and the intercept. Solved exactly, in float64, by a Cholesky factorisation
-    in the smaller of the two spaces: features (k x k) when there are fewer features than
-    documents, else documents (n x n). That one matrix is the memory bound: it is summed from
-    sparse products of row blocks, centred and factorised in place. Dense products run in torch:
-    numpy's bundled OpenBLAS crashed (segfault) on products of this size on the development
-    machine."""
-    import torch
-
-    n, ks = Xs.shape
-    k = ks + D.shape[1]
-    Xs = Xs.astype(np.float64).tocsr()
-    Dt = torch.from_numpy(D.astype(np.float64))
-    mu = torch.cat([torch.from_numpy(np.asarray(Xs.mean(axis=0)).ravel()), Dt.mean(0)])
-    Yt = torch.from_numpy(Y.astype(np.float64))
-    ybar = Yt.mean(0)
-    Yc = Yt - ybar
-    if k <= n:
-        G = torch.zeros((k, k), dtype=torch.float64)
-        _add_gram(G[:ks, :ks].numpy(), Xs)                 # a view: G's own memory
-        XtD = torch.from_numpy(np.asarray(Xs.T @ Dt.numpy()))
-        G[:ks, ks:] = XtD
-        G[ks:, :ks] = XtD.T
-        G[ks:, ks:] = Dt.T @ Dt
-        del XtD
-        G.addr_(mu, mu, alpha=-n)
-        G.diagonal().add_(alpha)
-        W = _cholesky_solve(G, torch.cat([torch.from_numpy(np.asarray(Xs.T @ Yc.numpy())), Dt.T @ Yc]))
-    else:
-        K = Dt @ Dt.T
-        _add_outer(K.numpy(), Xs)
-        r = K.mean(1)
-        K -= r[:, None]
-        K -= (r - r.mean())[None, :]                         # the Gram matrix of the centred rows
-        K.diagonal().add_(alpha)
-        A = _cholesky_solve(K, Yc)
-        # the rows of A sum to zero, so the centred and plain products agree
-        W = torch.cat([torch.from_numpy(np.asarray(Xs.T @ A.numpy())), Dt.T @ A])
-    b = ybar - mu @ W
-    W = W.numpy().astype(np.float32)
-    return W[:ks], W[ks:], b.numpy().astype(np.float32)
-
-
-def _add_gram(G: np.ndarray, A, budget: int = 20_000_000) -> None:
-    """G += A^T A for a sparse CSR A, in place (G may be a view), summed over blocks of rows so that
-    no sparse product holds more than about `budget` entries."""
-    upto = np.cumsum(np.diff(A.indptr).astype(np.int64) ** 2)       # product entries up to each row, at most
-    start = 0
-    while start < A.shape[0]:
-        done = upto[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(upto, done + budget, side="right")))
-        P = (A[start:stop].T @ A[start:stop]).tocoo()
-        G[P.row, P.col] += P.data                       # a product's entries are distinct
-        start = stop
-
-
-def _add_outer(K: np.ndarray, A, block: int = 1024) -> None:
-    """K += A A^T for a sparse CSR A, in place, a block of rows at a time."""
-    At = A.T.tocsc()
-    for start in range(0, A.shape[0], block):
-        K[start:start + block] += (A[start:start + block] @ At).toarray()
-
-
-def _cholesky_solve(A, B):
-    """A X = B for a symmetric positive definite torch matrix A (float64), which it overwrites with
-    its Cholesky factor (lower triangle; the upper one is left as garbage), so the solve needs no
-    second matrix of A's size. A blocked right-looking factorisation in torch: LAPACK's own potrf
-    through scipy (numpy's bundled OpenBLAS) crashed (segfault) at 17k on the development machine
-    when threaded, and torch.linalg.cholesky copies."""
-    import torch
-
-    n, block = A.shape[0], 1024
-    for j in range(0, n, block):
-        e = min(j + block, n)
-        L, info = torch.linalg.cholesky_ex(A[j:e, j:e])
-        if info.item() != 0:
-            raise HermesError(f"ridge regression: the system is not positive definite (pivot {j + info.item()})")
-        A[j:e, j:e] = L
-        if e < n:
-            below = torch.linalg.solve_triangular(L.T, A[e:, j:e], upper=True, left=False)
-            A[e:, j:e] = below
-            A[e:, e:].addmm_(below, below.T, alpha=-1)
-    Y = torch.linalg.solve_triangular(A, B, upper=False)             # reads the lower triangle only
-    return torch.linalg.solve_triangular(A.T, Y, upper=True)

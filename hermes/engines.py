@@ -19,7 +19,8 @@ from typing import Callable
 
 from hermes.config import Config
 from hermes.errors import HermesError
-from hermes.pipeline import Layout, ShardResult, Stages
+from hermes.layout import Layout, ShardResult
+from hermes.models import Models
 from hermes.progress import Progress, say
 from hermes.read import Shard
 
@@ -29,37 +30,38 @@ STEPS = ("embed", "quantize", "label")
 
 class ShardStep:
     """One named step over shards, with the models it needs loaded once. In this process it can
-    reuse the Stages already loaded (`stages`); a Ray worker builds them from the config."""
+    reuse the Models already loaded (`models`); a Ray worker builds them from the config."""
 
     def __init__(self, step: str, config: dict, root: str, static_encoder: str | None = None,
-                 stages: Stages | None = None, substrate=None):
-        from hermes.distill import load_labeler
-        from hermes.pipeline import stages_for
+                 models: Models | None = None, substrate=None):
+        from hermes.distilled import load_labeler
+        from hermes.models import models_for
 
         if step not in STEPS:
             raise HermesError(f"unknown step '{step}'", hint=f"valid steps: {', '.join(STEPS)}")
         self.step, self.cfg, self.layout = step, Config(**config), Layout(Path(root))
         self.substrate = None if step == "embed" else substrate or load_labeler(self.layout.substrate)
-        if stages is not None:
-            self.stages = stages
+        if models is not None:
+            self.models = models
         elif step == "embed":
-            self.stages = Stages(self.cfg)
+            self.models = Models(self.cfg)
             if static_encoder:
-                self.stages.use_static(Path(static_encoder))
+                self.models.use_static(Path(static_encoder))
         else:
-            self.stages = stages_for(self.cfg, self.substrate)
+            self.models = models_for(self.cfg, self.substrate)
 
     def __call__(self, shard: Shard, progress: Progress | None = None) -> ShardResult:
-        from hermes.pipeline import drop_cached_embeddings, embed_shard, label_one_shard, quantize_shard
+        from hermes.layout import drop_cached_embeddings
+        from hermes.pipeline import embed_shard, label_one_shard, quantize_shard
 
         if self.step == "embed":
-            return embed_shard(shard, self.stages, self.layout, progress)
+            return embed_shard(shard, self.models, self.layout, progress)
         if self.step == "quantize":
-            result = quantize_shard(shard, self.substrate, self.stages, self.layout, progress)
+            result = quantize_shard(shard, self.substrate, self.models, self.layout, progress)
             if not self.cfg.keep_embeddings:
                 drop_cached_embeddings(shard, self.layout)
             return result
-        return label_one_shard(shard, self.substrate, self.stages, self.layout, progress)
+        return label_one_shard(shard, self.substrate, self.models, self.layout, progress)
 
 
 def run_local(step: Callable[[Shard, Progress | None], ShardResult], shards: list[Shard], title: str,
@@ -124,7 +126,7 @@ def run_on_ray(step: str, shards: list[Shard], cfg: Config, layout: Layout, addr
 
 
 def run_step(engine: str, step: str, shards: list[Shard], cfg: Config, layout: Layout, title: str,
-             stages: Stages | None = None, substrate=None, address: str | None = None, quiet: bool = False,
+             models: Models | None = None, substrate=None, address: str | None = None, quiet: bool = False,
              static_encoder: str | None = None) -> list[ShardResult]:
     """A step over every shard on `engine`; locally it reuses `stages` and `substrate` (loaded
     already), on Ray each worker loads its own from `layout` and the config."""
@@ -134,5 +136,5 @@ def run_step(engine: str, step: str, shards: list[Shard], cfg: Config, layout: L
         raise HermesError(f"unknown engine '{engine}'", hint=f"valid engines: {', '.join(ENGINES)}")
     if address:
         raise HermesError("--address is the address of a Ray cluster: it needs --engine ray")
-    runner = ShardStep(step, cfg.to_dict(), str(layout.root), static_encoder, stages=stages, substrate=substrate)
+    runner = ShardStep(step, cfg.to_dict(), str(layout.root), static_encoder, models=models, substrate=substrate)
     return run_local(runner, shards, title, quiet)

@@ -108,7 +108,7 @@ def _sample_rows(db: Path, n: int, seed: int) -> tuple[list[str], np.ndarray]:
 def evaluate(db: str | Path, gold: list[str] | None = None, sample: int = 20_000, seed: int = 0,
              corpus: list[str] | None = None, substrate: str | Path | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from hermes.pipeline import cached_embeddings
+    from hermes.layout import cached_embeddings
     from hermes.rvq import ResidualQuantizer, fit_codebook, assign
     from hermes.substrate import load_for_store
 

@@ -135,7 +135,7 @@ class FixedLabelers:
 
     def __init__(self, stack: list[dict[str, Any]]):
         self.stack = stack
-        self.fixed = fixed_indices(stack)
+        self.indices = fixed_indices(stack)        # the stack's positions of its fixed stages
         self._taxonomy: dict[int, TaxonomyLabeler] = {}
 
     def setup(self) -> "FixedLabelers":
@@ -147,7 +147,7 @@ class FixedLabelers:
     def key(self) -> list:
         """What decides the class names: the stage kinds and the taxonomy models' contents."""
         out = []
-        for i in self.fixed:
+        for i in self.indices:
             s = self.stack[i]
             out.append([i, s["kind"]] + ([s["model"], file_id(s["model"])] if s["kind"] == "fasttext" else []))
         return out
@@ -155,7 +155,7 @@ class FixedLabelers:
     @property
     def taxonomy(self) -> list[int]:
         """The fixed stages labeled by a fastText taxonomy (the others by the source)."""
-        return [i for i in self.fixed if self.stack[i]["kind"] == "fasttext"]
+        return [i for i in self.indices if self.stack[i]["kind"] == "fasttext"]
 
     def taxonomy_labels(self, texts: list[str]) -> dict[int, list[str]]:
         self.setup()
@@ -164,7 +164,7 @@ class FixedLabelers:
     def labels(self, sources: list[str], texts: list[str]) -> dict[int, list[str]]:
         """Each fixed stage's class name per document."""
         taxonomy = self.taxonomy_labels(texts)
-        return {i: taxonomy[i] if i in taxonomy else list(sources) for i in self.fixed}
+        return {i: taxonomy[i] if i in taxonomy else list(sources) for i in self.indices}
 
     def known_classes(self, i: int) -> list[str] | None:
         """A taxonomy stage's full label set (every label the model can give); None for source."""

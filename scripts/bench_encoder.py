@@ -106,7 +106,7 @@ def parts(corpus: Path, substrate: Path) -> dict:
     import numpy as np
 
     from hermes.config import load_config
-    from hermes.pipeline import reading_fields
+    from hermes.models import reading_fields
     from hermes.quality import heuristic_scores
     from hermes.read import discover, read_shard
     from hermes.static import StaticEncoder

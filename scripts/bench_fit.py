@@ -36,7 +36,7 @@ def main() -> None:
     from sklearn.cluster import KMeans
 
     from hermes.config import load_config
-    from hermes.lst import LSTSettings, fit_lst_rvq
+    from hermes.lst import LearnedSemanticTransform, LSTSettings
     from hermes.rvq import ResidualQuantizer
 
     cfg = load_config()
@@ -49,9 +49,10 @@ def main() -> None:
         X = data(n)
         row = {"n": n, "dim": X.shape[1], "codewords_per_stage": 256}
         t = time.perf_counter()
-        lst, q, hist = fit_lst_rvq(X, ResidualQuantizer(codebook_size=256, seed=0), settings, seed=0)
+        lst = LearnedSemanticTransform(settings, ResidualQuantizer(codebook_size=256, seed=0), seed=0).fit(X)
+        q = lst.quantizer_
         row["hermes_lst_rvq_s"] = round(time.perf_counter() - t, 1)
-        row["lst_epochs_run"] = len(hist)
+        row["lst_epochs_run"] = len(lst.history_)
         row["lst_orthogonality_error"] = lst.orthogonality_error()
         row["hermes_lst_rvq_reconstruction"] = [round(x, 4) for x in q.reconstruction_errors(lst.transform(X[:100_000]))]
         t = time.perf_counter()

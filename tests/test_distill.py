@@ -23,7 +23,7 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
     a = d["agreement"]
     assert d["holdout_docs"] == 60
     # the reported agreement is what the labeler does on the held-out documents, recounted here
-    from hermes.distill import load_labeler
+    from hermes.distilled import load_labeler
 
     held = json.loads((tmp_path / "fast" / "holdout.json").read_text())
     texts = {r["id"]: r["text"] for r in e2e["records"]}
@@ -47,7 +47,7 @@ def test_distill_then_label_without_the_encoder(e2e, tmp_path, monkeypatch, stud
         assert settings["fine"] == {"alpha": settings["fine_alpha"], "after_stage": 0}
         assert settings["context"]["docs"] == 240 and settings["context"]["token_ids"] > 1000   # < context_docs
         assert "context.npy" in manifest["files"]
-        from hermes.distill import DistilledSubstrate   # folders of earlier hermes: one prediction; tokens only
+        from hermes.distilled import DistilledSubstrate   # folders of earlier hermes: one prediction; tokens only
 
         fine = ("W_fine.npy", "W_static_fine.npy", "b_fine.npy", "W_pairs_fine.npy")
         one = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in fine}}
@@ -118,7 +118,7 @@ def encoder():
 def test_token_bags_read_exactly_the_teachers_window(encoder, sample_records, monkeypatch):
     from tokenizers import Tokenizer
 
-    from hermes.distill import TokenBags, weigh
+    from hermes.distilled import TokenBags, weigh
 
     window = encoder.content_window()
     assert window == 62                                   # 64 less [CLS] and [SEP]
@@ -188,13 +188,13 @@ def test_ridge_matches_scikit_learn_in_both_spaces(n):
     import scipy.sparse as sp
     from sklearn.linear_model import Ridge
 
-    from hermes.distill import _ridge
+    from hermes.ridge import ridge
 
     rng = np.random.default_rng(0)
     Xs = sp.random(n, 120, density=0.1, random_state=1, format="csr", dtype=np.float64)
     D = rng.normal(size=(n, 8))
     Y = rng.normal(size=(n, 5))
-    Ws, Wd, b = _ridge(Xs, D, Y, 0.5)
+    Ws, Wd, b = ridge(Xs, D, Y, 0.5)
     ref = Ridge(alpha=0.5).fit(np.hstack([Xs.toarray(), D]), Y)
     np.testing.assert_allclose(np.vstack([Ws, Wd]), ref.coef_.T, atol=1e-4)
     np.testing.assert_allclose(b, ref.intercept_, atol=1e-4)
@@ -203,34 +203,34 @@ def test_ridge_matches_scikit_learn_in_both_spaces(n):
 def test_the_in_place_cholesky_solve_spans_blocks_and_refuses_an_indefinite_system():
     import torch
 
-    from hermes.distill import _cholesky_solve
+    from hermes.ridge import cholesky_solve
     from hermes.errors import HermesError
 
     rng = np.random.default_rng(3)
     X = rng.normal(size=(2500, 40))
     A = X @ X.T + 0.5 * np.eye(2500)                     # 3 blocks of 1024
     B = rng.normal(size=(2500, 6))
-    got = _cholesky_solve(torch.from_numpy(A.copy()), torch.from_numpy(B)).numpy()
+    got = cholesky_solve(torch.from_numpy(A.copy()), torch.from_numpy(B)).numpy()
     np.testing.assert_allclose(A @ got, B, atol=1e-8)
     bad = A.copy()
     bad[2000, 2000] = -1.0
     with pytest.raises(HermesError, match="not positive definite"):
-        _cholesky_solve(torch.from_numpy(bad), torch.from_numpy(B))
+        cholesky_solve(torch.from_numpy(bad), torch.from_numpy(B))
 
 
 def test_gram_matrices_summed_by_blocks_equal_the_products():
     import scipy.sparse as sp
 
-    from hermes.distill import _add_gram, _add_outer
+    from hermes.ridge import add_gram, add_outer
 
     A = sp.random(300, 40, density=0.2, random_state=2, format="csr", dtype=np.float64)
     G = np.ones((50, 50))
-    _add_gram(G[5:45, 5:45], A, budget=60)               # a view, many blocks of rows
+    add_gram(G[5:45, 5:45], A, budget=60)               # a view, many blocks of rows
     want = np.ones((50, 50))
     want[5:45, 5:45] += (A.T @ A).toarray()
     np.testing.assert_allclose(G, want, atol=1e-12)
     K = np.zeros((300, 300))
-    _add_outer(K, A, block=7)
+    add_outer(K, A, block=7)
     np.testing.assert_allclose(K, (A @ A.T).toarray(), atol=1e-12)
 
 
@@ -245,7 +245,7 @@ def test_the_ridge_system_stays_within_its_size_when_documents_are_many():
 
 
 def test_token_pairs_weigh_like_tfidf_and_keep_the_frequent_ones():
-    from hermes.distill import PairBlock, token_pairs
+    from hermes.distilled import PairBlock, token_pairs
 
     V = 10
     ids = [np.array([1, 2, 1, 2, 3]), np.array([1, 2]), np.array([5]), np.array([], dtype=np.int64),
@@ -266,7 +266,7 @@ def test_token_pairs_weigh_like_tfidf_and_keep_the_frequent_ones():
 
 
 def test_a_linear_student_of_an_earlier_hermes_is_refused(tmp_path):
-    from hermes.distill import DistilledSubstrate
+    from hermes.distilled import DistilledSubstrate
     from hermes.errors import HermesError
 
     manifest = {"student": "linear", "fingerprint": "x", "data": {"train_docs": 1}, "agreement": {},
@@ -276,7 +276,8 @@ def test_a_linear_student_of_an_earlier_hermes_is_refused(tmp_path):
 
 
 def test_the_decision_rule_starts_at_the_teachers_rule_and_learns_the_students_errors():
-    from hermes.distill import DecisionRule, _logistic
+    from hermes.distilled import DecisionRule
+    from hermes.ridge import logistic
     from hermes.vectors import unit_rows as normalize
 
     rng = np.random.default_rng(0)
@@ -290,9 +291,9 @@ def test_the_decision_rule_starts_at_the_teachers_rule_and_learns_the_students_e
     R, y = sample(3000)
     teacher = DecisionRule(prior, np.zeros(6))
     assert np.array_equal(teacher(R), np.argmax(R @ U.T, axis=1))          # scale times unit codewords: the cosine rule
-    W, b = _logistic(R, y, prior, 1e6)                                        # a huge penalty keeps the prior
+    W, b = logistic(R, y, prior, 1e6)                                        # a huge penalty keeps the prior
     np.testing.assert_allclose(W, prior, atol=1e-3)
-    W, b = _logistic(R, y, prior, 1e-4)
+    W, b = logistic(R, y, prior, 1e-4)
     R2, y2 = sample(3000)
     assert np.mean(DecisionRule(W, b)(R2) == y2) > np.mean(teacher(R2) == y2) + 0.03   # it learned the skew
 

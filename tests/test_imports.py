@@ -65,3 +65,19 @@ def test_import_hermes_and_help_load_neither_numpy_nor_pyarrow():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == ""
+
+
+def test_every_name_the_scripts_import_from_hermes_exists():
+    """The benchmark scripts import hermes names inside functions, where only running them would
+    show a name that moved or was removed."""
+    import importlib
+
+    missing = []
+    for script in sorted((PACKAGE.parent / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hermes":
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not (node.module == "hermes" and
+                                                                    (PACKAGE / f"{a.name}.py").is_file())]
+    assert not missing

@@ -132,7 +132,7 @@ def test_source_stage_store_keeps_its_invariants(source_run):
 
 
 def test_source_codeword_is_the_class_mean_in_transformed_space(source_run):
-    from hermes.pipeline import open_embeddings
+    from hermes.layout import open_embeddings
     from hermes.substrate import Substrate
 
     sub = Substrate.load(source_run["out"] / "substrate")

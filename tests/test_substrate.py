@@ -67,7 +67,7 @@ def test_the_identity_transform_end_to_end(sample_records, tmp_path):
     code is the plain quantizer's code of the document's unit embedding."""
     import duckdb
 
-    from hermes.pipeline import cached_embeddings
+    from hermes.layout import cached_embeddings
     from tests.conftest import invoke, write_jsonl
 
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:150])
