@@ -183,7 +183,7 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
         "codebook_sizes": substrate.sizes, "stages": _stack_text(substrate),
         "codebook_rule": codebook_rule(substrate) if substrate.kind == "embedding" else
-        f"distilled {substrate.student} labeler of substrate {substrate.m['teacher']} "
+        f"distilled {substrate.student} labeler of substrate {substrate.recorded['teacher']} "
         f"({'/'.join(map(str, substrate.sizes))} classes)",
         "fit_sample_size": substrate.fit_sample_size, "substrate": substrate.fingerprint,
         "embedding": substrate.embedding or {"model": "none (distilled)", "dtype": "-", "max_length": "-"},
@@ -367,7 +367,7 @@ def compare(db: str | Path, levels: Iterable[int] = LEVELS, rules: Iterable[str]
         if out is not None:
             mixture.write(m, db, fp, Path(out) / spec.name())
         d = m.diagnostics
-        row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.m,
+        row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.draw_level,
                "sampler": spec.sampler, "eligible": spec.eligible, "unique_docs": d["unique_docs"],
                "selected_tokens": d["selected_tokens"]}
         for name, lv in d["levels"].items():

@@ -40,7 +40,7 @@ class DistilledSubstrate:
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
-        self.m = manifest
+        self.recorded = manifest            # its manifest.json, as read
         self.student = manifest.get("student", "fasttext")
         self.fingerprint = manifest["fingerprint"]
         self.fit_sample_size = manifest["data"]["train_docs"]
@@ -50,13 +50,13 @@ class DistilledSubstrate:
 
     @property
     def sizes(self) -> list[int]:
-        return self.m["classes"]
+        return self.recorded["classes"]
 
     @property
     def n_tokens_tokenizer(self) -> str | None:
         """What counted n_tokens in the teacher's store (a tokenizer folder, or the teacher's model),
         so that labeling counts the same way; None in a folder of an earlier hermes."""
-        value = self.m.get("n_tokens_tokenizer")
+        value = self.recorded.get("n_tokens_tokenizer")
         if value is None or Path(value).is_dir():
             return value
         from hermes.embed import resolve_model
@@ -66,7 +66,7 @@ class DistilledSubstrate:
     @property
     def stages(self) -> list[dict[str, Any]]:
         """The teacher's stage stack (with a fixed stage's class names)."""
-        return self.m.get("stages") or [{"kind": "learned"} for _ in LEVEL_KEYS]
+        return self.recorded.get("stages") or [{"kind": "learned"} for _ in LEVEL_KEYS]
 
     @property
     def fixed(self) -> list[int]:
@@ -82,7 +82,7 @@ class DistilledSubstrate:
         if self.student == "linear":
             from hermes.rvq import ResidualQuantizer
 
-            if "tokenizer.json" not in self.m["files"]:
+            if "tokenizer.json" not in self.recorded["files"]:
                 raise HermesError(f"{self.path}: a linear student of an earlier hermes (words, not the "
                                   "teacher's tokens)", hint="run `hermes distill` again")
             q = ResidualQuantizer(stages=len(LEVEL_KEYS),
@@ -90,21 +90,21 @@ class DistilledSubstrate:
             q.codebooks_ = [np.load(self.path / f"codebook_{i + 1}.npy", allow_pickle=False)
                             for i in range(len(LEVEL_KEYS))]
             names = ["idf", "W", "static", "W_static", "b"]
-            if "W_fine.npy" in self.m["files"]:           # older students: one prediction for every stage
+            if "W_fine.npy" in self.recorded["files"]:           # older students: one prediction for every stage
                 names += ["W_fine", "W_static_fine", "b_fine", "W_pairs_fine"]
-            if "context.npy" in self.m["files"]:          # older students: no context part
+            if "context.npy" in self.recorded["files"]:          # older students: no context part
                 names += ["context"]
             arrays = {name: np.load(self.path / f"{name}.npy", allow_pickle=False).astype(np.float32)
                       for name in names}
-            st = self.m["settings"]
+            st = self.recorded["settings"]
             bags = TokenBags((self.path / "tokenizer.json").read_text(encoding="utf-8"), st["window"], st["vocab"])
-            if "pairs.npy" in self.m["files"]:            # older students read tokens only
+            if "pairs.npy" in self.recorded["files"]:            # older students read tokens only
                 arrays["pairs"] = PairBlock(np.load(self.path / "pairs.npy", allow_pickle=False),
                                             np.load(self.path / "pair_idf.npy", allow_pickle=False),
                                             st["pair_other_idf"], st["vocab"], st["pair_scale"])
                 arrays["W_pairs"] = np.load(self.path / "W_pairs.npy", allow_pickle=False).astype(np.float32)
             choose = {}
-            if "decision_W.npy" in self.m["files"]:
+            if "decision_W.npy" in self.recorded["files"]:
                 rule = DecisionRule(np.load(self.path / "decision_W.npy", allow_pickle=False),
                                     np.load(self.path / "decision_b.npy", allow_pickle=False))
                 choose = {st["decision"]["stage"]: rule}
@@ -121,7 +121,7 @@ class DistilledSubstrate:
         if self.student == "linear":
             return self._encode_linear(texts, fixed)
         clean = [normalise(t) for t in texts]
-        fb = self.m["fallback"]
+        fb = self.recorded["fallback"]
         l1, _ = self._models["l1"].predict(clean, k=1)
         l12, _ = self._models["l12"].predict(clean, k=TOP_K)
         l123, _ = self._models["l123"].predict(clean, k=TOP_K)
@@ -150,14 +150,14 @@ class DistilledSubstrate:
 
         codes = m["quantizer"].encode(predict(), fixed=fixed, choose=m["choose"])
         if "W_fine" in m:      # the stages after the first learned one quantize the finer prediction
-            first = self.m["settings"]["fine"]["after_stage"]
+            first = self.recorded["settings"]["fine"]["after_stage"]
             keep = codes[:, first].astype(np.int64)
             codes = m["quantizer"].encode(predict("_fine"), fixed=fixed, choose={first: lambda R: keep})
         return codes
 
     def manifest(self) -> dict[str, Any]:
         """In the shape the store's substrates table reads."""
-        m = self.m
+        m = self.recorded
         return {**m, "embedding": {"model": f"distilled {self.student} (teacher {m['teacher']})", "dtype": None,
                                    "max_length": None},
                 "transform": {"kind": "distilled", "student": self.student},

@@ -112,11 +112,12 @@ class MixSpec:
     max_epochs: float | None = None      # None = no cap
 
     @property
-    def m(self) -> int:
+    def draw_level(self) -> int:
+        """The level whose cells a mixture draws from (`to_level`, else `level`)."""
         return self.level if self.to_level is None else self.to_level
 
     def validate(self) -> "MixSpec":
-        check_levels(self.level, self.m)
+        check_levels(self.level, self.draw_level)
         parse_rule(self.rule)
         parse_sampler(self.sampler)
         parse_eligible(self.eligible)
@@ -130,7 +131,8 @@ class MixSpec:
         """A folder name for the mixture: one path component (a weights file shows by its stem)."""
         rule = parse_rule(self.rule)
         text = f"weights-{Path(rule.path).stem}" if rule.kind == "weights" else self.rule
-        return re.sub(r"[^A-Za-z0-9._-]", "", f"L{self.level}-{text}-to-L{self.m}-{self.sampler}-{self.eligible}")
+        name = f"L{self.level}-{text}-to-L{self.draw_level}-{self.sampler}-{self.eligible}"
+        return re.sub(r"[^A-Za-z0-9._-]", "", name)
 
 
 # --------------------------------------------------------------------------- Stage 1
@@ -236,7 +238,7 @@ def cap_epochs(weights: np.ndarray, available: np.ndarray, budget: float, max_ep
 class Docs:
     """The label table as arrays, in store order."""
 
-    c: np.ndarray            # (n, 3) int codes
+    codes: np.ndarray        # (n, 3) int codes
     n_tokens: np.ndarray     # (n,) int64
     quality: np.ndarray      # (n,) float64, NaN where NULL
     doc_hash: np.ndarray     # (n,) uint64, a hash of doc_id (seeded priorities derive from it)
@@ -247,7 +249,7 @@ class Docs:
 
     def keys(self, level: int) -> np.ndarray:
         """An int64 key per document for its level-`level` cell (cellkeys.pack)."""
-        return pack(self.c, level)
+        return pack(self.codes, level)
 
 
 def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -433,7 +435,7 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
                  external_source: str = "weights file") -> Mixture:
     """Stage 1 + Stage 2 + draw, all from arrays. `external` maps level-L cell keys to weights."""
     spec.validate()
-    L, M = spec.level, spec.m
+    L, M = spec.level, spec.draw_level
     rule = parse_rule(spec.rule)
     top = parse_eligible(spec.eligible)
     warnings: list[str] = []
@@ -541,7 +543,7 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
         "stage1": {"cells": int(len(w_L)), "entropy": round(h_L, 4), "effective_cells": round(math.exp(h_L), 2),
                    "max_weight": round(float(w_L.max()), 4)},
         "levels": levels,
-        "pool": {"level": spec.m, "cells_with_target": int(active.sum()),
+        "pool": {"level": spec.draw_level, "cells_with_target": int(active.sum()),
                  "median_eligible_docs": float(np.median(pool)) if len(pool) else 0.0,
                  "p10_eligible_docs": float(np.percentile(pool, 10)) if len(pool) else 0.0,
                  "share_cells_under_30": round(float((pool < SMALL_POOL).mean()), 4) if len(pool) else 0.0},
@@ -551,7 +553,7 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
     }
     warn = []
     if d["pool"]["median_eligible_docs"] < SMALL_POOL:
-        warn.append(f"small candidate pools: the median level-{spec.m} cell has "
+        warn.append(f"small candidate pools: the median level-{spec.draw_level} cell has "
                     f"{d['pool']['median_eligible_docs']:g} eligible documents (under {SMALL_POOL})")
     if len(w_L) >= 4 and (w_L.max() > 0.5 or math.exp(h_L) < 0.1 * len(w_L)):
         warn.append(f"weights collapse: the largest L{spec.level} cell has {w_L.max():.0%} of the weight and the "

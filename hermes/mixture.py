@@ -46,7 +46,7 @@ def load_docs(db: str | Path) -> tuple[Docs, str]:
         con.close()
     c = np.stack([t.column(n).to_numpy(zero_copy_only=False).astype(np.int64) for n in ("c1", "c2", "c3")], axis=1)
     quality = t.column("quality").cast(pa.float64()).to_numpy(zero_copy_only=False)   # NULL -> NaN
-    return Docs(c=c, n_tokens=t.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64),
+    return Docs(codes=c, n_tokens=t.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64),
                 quality=quality, doc_hash=t.column("h").to_numpy(zero_copy_only=False).astype(np.uint64),
                 names=names), fp
 
@@ -125,15 +125,15 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Pa
             names = stage_names(con)
             sel = pa.table({"row": rows.astype(np.int64), "repeats": mix.repeats[rows].astype(np.int32)})
             con.register("selected", sel)
-            key_expr, joins = key_sql(spec.m, names, "l")
+            key_expr, joins = key_sql(spec.draw_level, names, "l")
             manifest = con.sql(f"SELECT l.doc_id, s.repeats, l.n_tokens, {key_expr} AS cell FROM selected s "
                                f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
         finally:
             con.close()
-        cell_keys = key_text(c["key"], spec.m, names)
-        parent_text = key_text(parent_keys(c["key"], spec.m, spec.level), spec.level, names)
+        cell_keys = key_text(c["key"], spec.draw_level, names)
+        parent_text = key_text(parent_keys(c["key"], spec.draw_level, spec.level), spec.level, names)
         pq.write_table(pa.table({
-            "cell": cell_keys, "level": pa.array([spec.m] * len(cell_keys), pa.int8()), "parent": parent_text,
+            "cell": cell_keys, "level": pa.array([spec.draw_level] * len(cell_keys), pa.int8()), "parent": parent_text,
             "stage1_weight": c["stage1_weight"], "weight": c["weight"],
             "target_tokens": np.round(c["target_tokens"]).astype(np.int64),
             "available_tokens": c["available_tokens"].astype(np.int64), "eligible_docs": c["eligible_docs"],
@@ -146,7 +146,7 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Pa
 
 def describe(mix: Mixture, db: str | Path, fingerprint: str) -> dict[str, Any]:
     s = mix.spec
-    return {"spec": {"level": s.level, "rule": s.rule, "to_level": s.m, "sampler": s.sampler,
+    return {"spec": {"level": s.level, "rule": s.rule, "to_level": s.draw_level, "sampler": s.sampler,
                      "eligible": s.eligible, "budget_tokens": s.budget_tokens, "seed": s.seed,
                      "max_epochs": s.max_epochs},
             "store": str(db), "substrate": fingerprint, "hermes_version": __version__,

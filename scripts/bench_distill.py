@@ -77,7 +77,7 @@ def main() -> None:
         "agreement": {name: round(float((codes_fast[:, :lv] == codes_teacher[:, :lv]).all(1).mean()), 4)
                       for lv, name in ((1, "L1"), (2, "L12"), (3, "L123"))},
         "agreement_target_0.8_at_L1_met": bool((codes_fast[:, 0] == codes_teacher[:, 0]).mean() >= 0.8),
-        "agreement_recorded_at_distillation": fast.m["agreement"],
+        "agreement_recorded_at_distillation": fast.recorded["agreement"],
     }, indent=2))
 
 

@@ -66,7 +66,7 @@ def measure(docs, spec: dict, seeds: int) -> dict:
         c = mix.cells
         sel = c["selected_tokens"]
         errors.append(abs(sel.sum() - spec["budget_tokens"]) / spec["budget_tokens"])
-        keys = docs.keys(mix.spec.m)
+        keys = docs.keys(mix.spec.draw_level)
         uniq, inv = np.unique(keys, return_inverse=True)
         biggest = np.zeros(len(uniq))
         np.maximum.at(biggest, inv, docs.n_tokens)

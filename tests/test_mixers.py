@@ -20,7 +20,7 @@ def random_docs(seed: int, n: int = 400, k: int = 4, with_nulls: bool = False) -
     quality = rng.random(n)
     if with_nulls:
         quality[rng.random(n) < 0.1] = np.nan
-    return Docs(c=c, n_tokens=rng.integers(1, 2000, n), quality=quality,
+    return Docs(codes=c, n_tokens=rng.integers(1, 2000, n), quality=quality,
                 doc_hash=rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64))
 
 
@@ -172,7 +172,7 @@ def heavy_tailed_docs(seed: int, n: int, k: tuple[int, int, int], sigma: float =
     rng = np.random.default_rng(seed)
     c = np.stack([rng.zipf(1.6, n) % k[0], rng.integers(0, k[1], n), rng.integers(0, k[2], n)], axis=1)
     n_tokens = np.maximum(1, rng.lognormal(6.0, sigma, n)).astype(np.int64)
-    return Docs(c=c, n_tokens=n_tokens, quality=rng.random(n),
+    return Docs(codes=c, n_tokens=n_tokens, quality=rng.random(n),
                 doc_hash=rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64))
 
 
@@ -225,7 +225,7 @@ def test_natural_mixture_keeps_natural_shares():
     """natural + proportional + all, with at least 50 documents' worth of budget per L1 cell: TV to
     natural at L1 stays within 0.05 for every seed."""
     docs = heavy_tailed_docs(2, 20000, (40, 16, 8))
-    n_l1 = len(np.unique(docs.c[:, 0]))
+    n_l1 = len(np.unique(docs.codes[:, 0]))
     budget = int(50 * n_l1 * np.mean(docs.n_tokens))
     for seed in range(20):
         for m in (1, 2):
