@@ -18,12 +18,12 @@ from hermes.engines import run_step
 from hermes.errors import HermesError
 from hermes.files import replacing
 from hermes.fit import fit_substrate
-from hermes.layout import Layout
+from hermes.layout import Layout, read_marker
 from hermes.models import Models, models_for, reading_fields
 from hermes.progress import say
 from hermes.read import Shard, check_fields, discover
 from hermes.static import is_static_encoder
-from hermes.store import build_store
+from hermes.store import append_store, build_store, store_counts, store_fingerprint, store_info, store_shards
 from hermes.store import query as _query
 from hermes.substrate import Substrate
 
@@ -149,26 +149,34 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, *, config: Config 
 
 
 def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Substrate, layout: Layout,
-            cfg: Config, t0: float, timings: dict[str, float]) -> dict[str, Any]:
-    """Build the store from the shards' label files (all labeled by now) and summarise the run."""
+            cfg: Config, t0: float, timings: dict[str, float], append: list[str] | None = None) -> dict[str, Any]:
+    """Build the store from the shards' label files (all labeled by now) and summarise the run.
+    `append`: the label files (names) the store in OUT holds already; the shards' files are added
+    to it instead, and no file of an earlier shard is removed."""
     t = time.perf_counter()
-    current = {layout.label_file(s).name for s in shards}
-    for folder in (layout.labels, layout.root / "terms"):   # files of shards no longer in the input
-        for stale in folder.glob("*.parquet"):
-            if stale.name not in current:
-                stale.unlink()
     rejects = [layout.reject_file(s) for s in shards] + \
         [layout.unknown_file(s) for s in shards if layout.unknown_file(s).is_file()]
+    info = {"command": command, "inputs": inputs,
+            "quality": cfg.quality, "quality_field": cfg.quality_field,
+            "quality_model": cfg.quality_model if cfg.quality == "fasttext" else None,
+            "quality_label": cfg.quality_label if cfg.quality == "fasttext" else None,
+            "tokenizer": cfg.tokenizer or "the embedding model's",
+            "stages": _stack_text(substrate),
+            "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}}
     pa.default_memory_pool().release_unused()     # what labeling freed goes back before the store is built
-    counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
-                         info={"command": command, "inputs": inputs,
-                               "quality": cfg.quality, "quality_field": cfg.quality_field,
-                               "quality_model": cfg.quality_model if cfg.quality == "fasttext" else None,
-                               "quality_label": cfg.quality_label if cfg.quality == "fasttext" else None,
-                               "tokenizer": cfg.tokenizer or "the embedding model's",
-                               "stages": _stack_text(substrate),
-                               "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}},
-                         term_files=[layout.terms_file(s) for s in shards])
+    if append is not None:
+        info["inputs"] = list(store_info(layout.db).get("inputs") or []) + [i for i in inputs]
+        terms = [layout.root / "terms" / name for name in append] + [layout.terms_file(s) for s in shards]
+        counts = append_store(layout.db, layout.labels, [layout.label_file(s) for s in shards], rejects,
+                              substrate.manifest(), info, terms) if shards else store_counts(layout.db)
+    else:
+        current = {layout.label_file(s).name for s in shards}
+        for folder in (layout.labels, layout.root / "terms"):   # files of shards no longer in the input
+            for stale in folder.glob("*.parquet"):
+                if stale.name not in current:
+                    stale.unlink()
+        counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
+                             info=info, term_files=[layout.terms_file(s) for s in shards])
     timings["store"] = time.perf_counter() - t
     if not cfg.keep_embeddings and layout.embeddings.is_dir() and not any(layout.embeddings.iterdir()):
         layout.embeddings.rmdir()
@@ -262,9 +270,11 @@ def run(inputs: Iterable[str | Path] | None = None, out: str | Path = "hermes-ou
 
 def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, *,
           config: Config | str | Path | None = None, quiet: bool = False, engine: str = "local",
-          address: str | None = None, **settings: Any) -> dict[str, Any]:
+          address: str | None = None, append: bool = False, **settings: Any) -> dict[str, Any]:
     """Label a corpus with an existing substrate. Resumable: shards already labeled are skipped.
     `engine="ray"` runs the same per-shard function on Ray Data (`address` of a cluster, or local).
+    `append=True` adds the shards to the store already in `out` (same substrate) instead of
+    rebuilding it from these shards alone; shards it holds already are left as they are.
     `settings`: reading and quality config keys (what the substrate fixes is its own)."""
     t0 = time.perf_counter()
     if isinstance(config, (str, Path)):
@@ -282,6 +292,12 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     _check_encoder(sub, settings, substrate)
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
+    held = _held_shards(layout, sub, shards) if append and layout.db.is_file() else None
+    if held is not None:
+        shards = [s for s in shards if layout.label_file(s).name not in held]
+        if not shards:          # appended already (a rerun): the store as it is
+            say(f"hermes label: every input shard is in {layout.db} already; nothing to append", quiet)
+            return _finish("label", inputs, [], sub, layout, cfg, t0, {}, append=held)
     if Path(substrate).resolve() != layout.substrate.resolve():
         with replacing(layout.substrate) as (tmp,):
             shutil.copytree(substrate, tmp)
@@ -296,7 +312,28 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     done = [r for r in results if not r.skipped]
     if done and len(done) == len(shards) and sum(r.n_docs for r in done) == 0:
         raise _no_documents(done)
-    return _finish("label", inputs, shards, sub, layout, cfg, t0, timings)
+    return _finish("label", inputs, shards, sub, layout, cfg, t0, timings, append=held)
+
+
+def _held_shards(layout: Layout, sub, shards: list[Shard]) -> list[str]:
+    """The label files the store in OUT holds, checked for an append: the same substrate, and no
+    input shard that is in the store but changed since it was labeled."""
+    found = store_fingerprint(layout.db)
+    if found != sub.fingerprint:
+        raise HermesError(f"{layout.db}: the store holds labels of substrate {found}; --append with substrate "
+                          f"{sub.fingerprint} is refused (field 'substrate')",
+                          hint="append with the store's own substrate, or label into another --out")
+    held = store_shards(layout.db)
+    if held is None:
+        raise HermesError(f"{layout.db}: this store does not record its label files, so it cannot be appended to",
+                          hint="label once without --append to rebuild it; later appends then work")
+    for shard in shards:
+        if layout.label_file(shard).name in held:
+            marker = read_marker(layout.label_marker(shard)) or {}
+            if marker.get("shard") != shard.stat():
+                raise HermesError(f"{shard.path}: in the store already, and changed since it was labeled",
+                                  hint="relabel the whole store without --append")
+    return held
 
 
 def query(db: str | Path, sql: str) -> pa.Table:

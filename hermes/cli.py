@@ -390,6 +390,8 @@ def label(
     keep_embeddings: Optional[bool] = KeepOpt,
     engine: Engine = EngineOpt,
     address: Optional[str] = AddressOpt,
+    append: bool = typer.Option(False, "--append", help="Add INPUT to the store already in --out (same "
+                                "substrate) instead of rebuilding it from INPUT alone; shards it holds are skipped."),
     quiet: bool = QuietOpt,
     fmt: SummaryFmt = SummaryOpt,
 ) -> None:
@@ -397,7 +399,9 @@ def label(
     command after an interruption and only unfinished shards are done again.
 
     The embedding model, dtype and max length are the substrate's own. --engine ray runs the same
-    per-shard function on Ray Data (on a cluster with --address); the store is built here.
+    per-shard function on Ray Data (on a cluster with --address); the store is built here. With
+    --append the new shards' labels are added to the store in --out in one transaction, its rows
+    untouched: a doc_id it holds already goes to rejects as a duplicate.
 
     Example: hermes label more/*.parquet --substrate out/substrate --out out-more
     """
@@ -406,7 +410,7 @@ def label(
     overrides = _read_overrides(text_field, id_field, source_field, device, batch_size, tokenizer, keep_embeddings,
                                 quality, quality_field, quality_model, quality_label)
     summary = api.label(inputs, substrate=substrate, out=out, config=config, quiet=quiet, **overrides,
-                        engine=engine.value, address=address)
+                        engine=engine.value, address=address, append=append)
     _print_summary(summary, fmt)
 
 

@@ -1,7 +1,10 @@
-"""The DuckDB store: table `labels`, views per granularity, `substrates`, `rejects`, `stage_classes`.
+"""The DuckDB store: table `labels`, views per granularity, `substrates`, `rejects`, `stage_classes`,
+`shards`.
 
-The store is always rebuilt from the label files (one Parquet file per shard) into a temporary
-database that is renamed into place at the end, so `labels.duckdb` is complete or absent.
+The label files (one Parquet file per shard) are the source of truth. `build_store` builds the
+store from all of them into a temporary database renamed into place at the end, so
+`labels.duckdb` is complete or absent. `append_store` adds new shards' label files to a store in
+one transaction, without rewriting its rows: complete, or as it was.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ def stage_names(con) -> dict[int, list[str]]:
 
 
 def _level_table(level: int, named: list[int]) -> str:
-    """The aggregate of one level, materialized when the store is built (the store is immutable
-    afterwards), so that the views answer at once even over hundreds of millions of labels."""
+    """The aggregate of one level, materialized when the store is built or appended to, so that the
+    views answer at once even over hundreds of millions of labels."""
     codes = CODES[:level]
     cols = ", ".join(codes)
     key, joins = key_sql(level, named, "a")
@@ -158,6 +161,7 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
                 SELECT doc_id, source, n_chars, n_tokens, quality,
                        CAST(c1 AS SMALLINT) AS c1, CAST(c2 AS SMALLINT) AS c2, CAST(c3 AS SMALLINT) AS c3, substrate
                 FROM ranked WHERE rn = 1 ORDER BY ord, seq""")
+            _add_shards(con, label_files, 0)
             con.execute("CREATE TABLE rejects (file VARCHAR, line BIGINT, doc_id VARCHAR, reason VARCHAR)")
             if reject_files:
                 con.execute("INSERT INTO rejects SELECT file, line, doc_id, reason FROM read_parquet(?)",
@@ -194,6 +198,140 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
             raise
         finally:
             shutil.rmtree(spill, ignore_errors=True)
+    return counts
+
+
+def _add_shards(con, label_files: list[Path], first_ord: int) -> None:
+    """Table shards (ord, label_file): the label files whose rows the store holds, in corpus order
+    (an append adds its files after the others)."""
+    con.execute("CREATE TABLE IF NOT EXISTS shards (ord INTEGER, label_file VARCHAR)")
+    if label_files:
+        con.executemany("INSERT INTO shards VALUES (?, ?)", [(first_ord + i, Path(f).name)
+                                                             for i, f in enumerate(label_files)])
+
+
+def store_shards(db_path: str | Path) -> list[str] | None:
+    """The label files (names) a store holds, in corpus order; None for a store built before the
+    store recorded them."""
+    con = connect(db_path)
+    try:
+        if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shards'").fetchall()[0][0]:
+            return None
+        return [r[0] for r in con.execute("SELECT label_file FROM shards ORDER BY ord").fetchall()]
+    finally:
+        con.close()
+
+
+def store_counts(db_path: str | Path) -> dict[str, Any]:
+    """A store's counts (labeled, rejected by reason, cells per level), as a build returns them."""
+    con = connect(db_path)
+    try:
+        return summary(con)
+    finally:
+        con.close()
+
+
+def store_fingerprint(db_path: str | Path) -> str | None:
+    """The fingerprint of the substrate whose labels a store holds."""
+    con = connect(db_path)
+    try:
+        rows = con.execute("SELECT fingerprint FROM substrates").fetchall()
+    finally:
+        con.close()
+    return rows[0][0] if rows else None
+
+
+def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Path], new_reject_files: list[Path],
+                 substrate_manifest: dict[str, Any], info: dict[str, Any], term_files: list[Path]) -> dict[str, Any]:
+    """Add label files to an existing store of the same substrate, in one transaction: their rows
+    are inserted after the store's (a doc_id the store or an earlier new row already has goes to
+    rejects as a duplicate, naming its first copy), the rejects added, and the per-level aggregates
+    and cell_terms computed again (`term_files`: every shard's, old and new). The rows already in
+    the store are not rewritten. Any failure rolls the transaction back: the store stays as it was.
+    Returns the store's counts."""
+    import duckdb
+
+    db_path = Path(db_path)
+    fingerprint = substrate_manifest["fingerprint"]
+    old = store_shards(db_path)
+    if old is None:
+        raise HermesError(f"{db_path}: this store does not record its label files, so it cannot be appended to",
+                          hint="label once without --append to rebuild it; later appends then work")
+    found = store_fingerprint(db_path)
+    if found != fingerprint:
+        raise HermesError(f"{db_path}: the store holds labels of substrate {found}, not {fingerprint} (field 'substrate')",
+                          hint="append with the store's own substrate, or label into another --out")
+    spill = db_path.with_name(db_path.name + ".spill")
+    con = duckdb.connect(str(db_path), config={"temp_directory": str(spill), "memory_limit": BUILD_MEMORY})
+    try:
+        con.execute("BEGIN TRANSACTION")
+        first = len(old)
+        con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
+        con.executemany("INSERT INTO shard_order VALUES (?, ?)",
+                        [(str(f), first + i) for i, f in enumerate(new_label_files)])
+        con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
+                    "JOIN shard_order o USING (filename)", [[str(f) for f in new_label_files]])
+        foreign = sorted({r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()} - {fingerprint})
+        if foreign:
+            raise HermesError(f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} "
+                              "(field 'substrate')", hint="relabel them with the store's substrate")
+        con.execute("""
+            CREATE TEMP TABLE ranked AS
+            SELECT *, row_number() OVER w AS rn,
+                   first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
+            FROM raw WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
+        con.execute("CREATE TEMP TABLE in_store AS SELECT r.doc_id FROM ranked r SEMI JOIN labels l "
+                    "ON r.doc_id = l.doc_id WHERE r.rn = 1")
+        # where the store's copy of such a doc_id came from: its label file, read for those ids only
+        con.execute("CREATE TEMP TABLE old_order (filename VARCHAR, ord INTEGER)")
+        con.executemany("INSERT INTO old_order VALUES (?, ?)", [(str(labels_dir / name), i) for i, name in enumerate(old)])
+        has_dups = con.execute("SELECT count(*) FROM in_store").fetchall()[0][0] > 0
+        con.execute("CREATE TEMP TABLE old_first (doc_id VARCHAR, first_at VARCHAR)")
+        if has_dups and old:
+            con.execute("""
+                INSERT INTO old_first
+                SELECT r.doc_id, first(r.file || CASE WHEN r.line IS NULL THEN '' ELSE ':' || r.line END
+                                       ORDER BY o.ord, r.seq)
+                FROM read_parquet(?, filename = true) r JOIN old_order o USING (filename)
+                SEMI JOIN in_store s ON r.doc_id = s.doc_id GROUP BY r.doc_id""", [[str(labels_dir / n) for n in old]])
+        con.execute("""
+            INSERT INTO labels
+            SELECT doc_id, source, n_chars, n_tokens, quality,
+                   CAST(c1 AS SMALLINT), CAST(c2 AS SMALLINT), CAST(c3 AS SMALLINT), substrate
+            FROM ranked r ANTI JOIN in_store s ON r.doc_id = s.doc_id WHERE r.rn = 1 ORDER BY ord, seq""")
+        if new_reject_files:
+            con.execute("INSERT INTO rejects SELECT file, line, doc_id, reason FROM read_parquet(?)",
+                        [[str(f) for f in new_reject_files]])
+        con.execute("""
+            INSERT INTO rejects
+            SELECT r.file, r.line, r.doc_id, 'duplicate doc_id (first at ' || coalesce(o.first_at, r.first_at) || ')'
+            FROM ranked r LEFT JOIN old_first o ON r.doc_id = o.doc_id
+            WHERE r.rn > 1 OR r.doc_id IN (SELECT doc_id FROM in_store) ORDER BY r.ord, r.seq""")
+        _add_shards(con, new_label_files, first)
+        con.execute("DROP VIEW cells")
+        for level in LEVELS:
+            con.execute(f"DROP VIEW cells_{view_suffix(level)}")
+            con.execute(f"DROP TABLE cells_{view_suffix(level)}_data")
+        con.execute("DROP TABLE cell_terms")
+        create_views(con)
+        from hermes.terms import create_cell_terms
+
+        create_cell_terms(con, [str(f) for f in term_files], named_stages(con))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for key, value in {**info, "hermes_version": __version__, "appended_at": stamp}.items():
+            con.execute("DELETE FROM store_info WHERE key = ?", [key])
+            con.execute("INSERT INTO store_info VALUES (?, ?)", [key, value if isinstance(value, str) else json.dumps(value)])
+        counts = summary(con)
+        con.execute("COMMIT")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+        raise
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
     return counts
 
 
