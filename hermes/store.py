@@ -261,8 +261,22 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
     if found != fingerprint:
         raise HermesError(f"{db_path}: the store holds labels of substrate {found}, not {fingerprint} (field 'substrate')",
                           hint="append with the store's own substrate, or label into another --out")
+    try:
+        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
+                       BUILD_MEMORY)
+    except duckdb.OutOfMemoryException:        # rolled back: again with DuckDB's default budget
+        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
+                       None)
+
+
+def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: list[Path],
+            new_reject_files: list[Path], fingerprint: str, info: dict[str, Any], term_files: list[Path],
+            memory_limit: str | None) -> dict[str, Any]:
+    import duckdb
+
     spill = db_path.with_name(db_path.name + ".spill")
-    con = duckdb.connect(str(db_path), config={"temp_directory": str(spill), "memory_limit": BUILD_MEMORY})
+    con = duckdb.connect(str(db_path), config={"temp_directory": str(spill),
+                                               **({"memory_limit": memory_limit} if memory_limit else {})})
     try:
         con.execute("BEGIN TRANSACTION")
         first = len(old)

@@ -1,11 +1,17 @@
-"""Benchmark the store's views and one mixture over a large synthetic label table.
+"""Benchmark the store at scale: building it from label files, appending 1% more, its views, and
+one mixture, over synthetic label files of N rows.
 
-Builds a DuckDB store of N label rows (default 10M) with a realistic hierarchy (256 L1 cells with
-Zipf-like sizes, up to 256 children each, lognormal token counts, uniform quality), then times
-- each granularity view (`SELECT * FROM cells_l1`, `cells_l12`, `cells_l123`, fully read);
-- one mixture (`hermes mix`: uniform at L1, equal down to L12, top:0.3, budget = 10% of tokens),
-  from loading the label arrays to the written folder;
-and, as the baseline in the same run, a plain DuckDB scan of the same table (`SELECT count(*),
+Writes N label rows as Parquet label files (the files `hermes label` writes, 1M rows each) with a
+realistic hierarchy (256 L1 cells with Zipf-like sizes, up to 256 children each, lognormal token
+counts, uniform quality), then times, in one run:
+- `build_seconds`: `store.build_store` over all of them (the store of `hermes run`/`label`);
+- `append_seconds`: `store.append_store` of N/100 more rows in a new file (`hermes label
+  --append`), and `append_share_of_build`;
+- `view_seconds`: each granularity view, fully read (`SELECT * FROM cells_l1` ...; best of 3);
+- `mix_seconds`, `mix_peak_rss_mb`: one mixture (`hermes mix` in a fresh process: uniform at L1,
+  equal down to L12, top:0.3, budget = 10% of tokens), its wall time and peak RSS;
+- `store_bytes` (labels.duckdb) and `label_file_bytes` (the Parquet label files, the source of truth);
+and, as the baseline in the same run, a plain DuckDB scan of the labels (`SELECT count(*),
 sum(n_tokens) FROM labels`). Prints JSON.
 
     python scripts/bench_store.py --rows 10000000 --workdir /tmp/bench-store
@@ -15,39 +21,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import duckdb
 
-from hermes import api
-from hermes.store import create_views
+from hermes.store import append_store, build_store
+
+SHARD_ROWS = 1_000_000
+FINGERPRINT = "synthetic0000000"
 
 
-def build(db: Path, rows: int, seed: int) -> float:
-    t = time.perf_counter()
-    con = duckdb.connect(str(db))
+def write_labels(path: Path, first: int, rows: int, seed: int) -> None:
+    """`rows` synthetic label rows (doc ids first .. first + rows - 1) as one label file."""
+    con = duckdb.connect()
     con.execute(f"SELECT setseed({(seed % 1000) / 1000})")
     # c1 Zipf-like over 256 cells, c2 and c3 skewed within; tokens lognormal; quality uniform
     con.execute(f"""
-        CREATE TABLE labels AS
+        COPY (
         SELECT 'doc-' || i AS doc_id, 'synthetic' AS source,
                CAST(n_tok * 4 AS INTEGER) AS n_chars, CAST(n_tok AS INTEGER) AS n_tokens,
                random() AS quality,
                CAST(floor(256 * pow(random(), 2.0)) AS SMALLINT) AS c1,
                CAST(floor(256 * pow(random(), 3.0)) AS SMALLINT) AS c2,
                CAST(floor(256 * pow(random(), 3.0)) AS SMALLINT) AS c3,
-               'synthetic0000000' AS substrate
+               '{FINGERPRINT}' AS substrate, '{path.stem}' AS file, i - {first} + 1 AS line, i - {first} AS seq
         FROM (SELECT i, greatest(1, exp(6 + 1.0 * sqrt(-2 * ln(random())) * cos(2 * pi() * random()))) AS n_tok
-              FROM range({rows}) t(i))""")
-    con.execute("CREATE TABLE rejects (file VARCHAR, line BIGINT, doc_id VARCHAR, reason VARCHAR)")
-    con.execute("CREATE TABLE store_info (key VARCHAR, value VARCHAR)")
-    con.execute("INSERT INTO store_info VALUES ('inputs', '[]'), ('fields', '{}')")
-    create_views(con)
+              FROM range({first}, {first + rows}) t(i))
+        ) TO '{path}' (FORMAT parquet)""")
     con.close()
-    return time.perf_counter() - t
+
+
+def manifest() -> dict:
+    return {"fingerprint": FINGERPRINT, "created_at": "2026-01-01T00:00:00Z", "hermes_version": "bench",
+            "embedding": {"model": "synthetic"}, "transform": {"kind": "none"}, "rvq": {}, "fit_sample_size": 0,
+            "stages": None}
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -59,6 +71,21 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
+def mix_in_process(db: Path, out: Path, budget: int) -> dict:
+    """`hermes mix` in a fresh process: wall seconds and peak RSS (os.wait4)."""
+    cmd = [sys.executable, "-m", "hermes", "mix", "--db", str(db), "--out", str(out), "--rule", "uniform",
+           "--to-level", "2", "--sampler", "equal", "--eligible", "top:0.3", "--budget-tokens", str(budget),
+           "--seed", "1", "--format", "json"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"hermes mix failed:\n{stderr[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "summary": json.loads(stdout)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -66,34 +93,47 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
+    labels = args.workdir / "labels"
+    labels.mkdir(parents=True)
+    files = []
+    for k, first in enumerate(range(0, args.rows, SHARD_ROWS)):
+        files.append(labels / f"shard-{k:05d}.parquet")
+        write_labels(files[-1], first, min(SHARD_ROWS, args.rows - first), args.seed + k)
+    extra = labels / "appended.parquet"
+    write_labels(extra, args.rows, max(1, args.rows // 100), args.seed + len(files))
     db = args.workdir / "labels.duckdb"
-    build_s = build(db, args.rows, args.seed)
+
+    t = time.perf_counter()
+    build_store(db, files, [], manifest(), info={"command": "bench"}, term_files=[])
+    build_s = time.perf_counter() - t
+    store_bytes = db.stat().st_size
+    label_bytes = sum(f.stat().st_size for f in files)
 
     con = duckdb.connect(str(db), read_only=True)
     baseline = timed(lambda: con.execute("SELECT count(*), sum(n_tokens) FROM labels").fetchall())
     views = {}
-    for name in ("cells_l1", "cells_l12", "cells_l123"):
-        n_cells = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
-        views[name] = {"cells": n_cells,
-                       "seconds": round(timed(lambda: con.sql(f"SELECT * FROM {name}").to_arrow_table()), 3)}
+    for level in ("l1", "l12", "l123"):
+        views[level] = round(timed(lambda: con.sql(f"SELECT * FROM cells_{level}").to_arrow_table()), 3)
+    cells = {level: con.execute(f"SELECT count(*) FROM cells_{level}").fetchall()[0][0] for level in views}
     total_tokens = con.execute("SELECT sum(n_tokens) FROM labels").fetchall()[0][0]
     con.close()
 
+    mix = mix_in_process(db, args.workdir / "mixture", int(total_tokens) // 10)
+
     t = time.perf_counter()
-    d = api.mix(db, args.workdir / "mixture", rule="uniform", to_level=2, sampler="equal", eligible="top:0.3",
-                budget_tokens=int(total_tokens) // 10, seed=1)
-    mix_s = time.perf_counter() - t
+    append_store(db, labels, [extra], [], manifest(), {"command": "bench append"}, [])
+    append_s = time.perf_counter() - t
     print(json.dumps({
-        "rows": args.rows, "build_seconds": round(build_s, 1),
-        "baseline_scan_seconds": round(baseline, 3),
-        "views": views, "views_under_1s": all(v["seconds"] < 1 for v in views.values()),
-        "mixture": {"seconds": round(mix_s, 2), "under_30s": mix_s < 30,
-                    "spec": "uniform L1 -> equal L12, top:0.3, budget 10% of tokens",
-                    "unique_docs": d["diagnostics"]["unique_docs"],
-                    "selected_tokens": d["diagnostics"]["selected_tokens"],
-                    "budget_tokens": d["diagnostics"]["budget_tokens"]},
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rows": args.rows, "build_seconds": round(build_s, 1), "append_rows": max(1, args.rows // 100),
+        "append_seconds": round(append_s, 2), "append_share_of_build": round(append_s / build_s, 3),
+        "view_seconds": views, "cells": cells, "baseline_scan_seconds": round(baseline, 3),
+        "mix_seconds": round(mix["seconds"], 1), "mix_peak_rss_mb": round(mix["peak_rss_mb"], 1),
+        "mix": {"spec": "uniform L1 -> equal L12, top:0.3, budget 10% of tokens",
+                "selected_tokens": mix["summary"]["diagnostics"]["selected_tokens"],
+                "budget_tokens": mix["summary"]["diagnostics"]["budget_tokens"]},
+        "store_bytes": store_bytes, "label_file_bytes": label_bytes,
+        "store_bytes_per_million_docs": round(store_bytes / args.rows * 1e6),
+        "label_file_bytes_per_million_docs": round(label_bytes / args.rows * 1e6),
     }, indent=2))
 
 
