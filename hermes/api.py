@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -156,16 +157,12 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
     t = time.perf_counter()
     rejects = [layout.reject_file(s) for s in shards] + \
         [layout.unknown_file(s) for s in shards if layout.unknown_file(s).is_file()]
-    info = {"command": command, "inputs": inputs,
-            "quality": cfg.quality, "quality_field": cfg.quality_field,
-            "quality_model": cfg.quality_model if cfg.quality == "fasttext" else None,
-            "quality_label": cfg.quality_label if cfg.quality == "fasttext" else None,
-            "tokenizer": cfg.tokenizer or "the embedding model's",
-            "stages": _stack_text(substrate),
-            "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}}
+    info = {"command": command, "inputs": inputs, **_store_settings(cfg), "stages": _stack_text(substrate)}
     pa.default_memory_pool().release_unused()     # what labeling freed goes back before the store is built
     if append is not None:
-        info["inputs"] = list(store_info(layout.db).get("inputs") or []) + [i for i in inputs]
+        before = store_counts(layout.db)
+        held_inputs = list(store_info(layout.db).get("inputs") or [])
+        info["inputs"] = held_inputs + [i for i in inputs if i not in held_inputs]
         terms = [layout.root / "terms" / name for name in append] + [layout.terms_file(s) for s in shards]
         counts = append_store(layout.db, layout.labels, [layout.label_file(s) for s in shards], rejects,
                               substrate.manifest(), info, terms) if shards else store_counts(layout.db)
@@ -184,8 +181,13 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         shutil.rmtree(layout.encoder, ignore_errors=True)     # the substrate holds its copy
     seconds = time.perf_counter() - t0
     read = counts["labeled"] + counts["rejected"]
+    appended = None
+    if append is not None:      # this run's share of the store
+        appended = {"shards": len(shards), "labeled": counts["labeled"] - before["labeled"],
+                    "rejected": counts["rejected"] - before["rejected"]}
+        read = appended["labeled"] + appended["rejected"]
     db = str(layout.db)
-    return {
+    return {**({"appended": appended} if appended else {}),
         "command": command, "out": str(layout.root), "shards": len(shards),
         "read": read, "labeled": counts["labeled"], "rejected": counts["rejected"],
         "reject_reasons": counts["reject_reasons"], "cells": counts["cells"],
@@ -292,7 +294,9 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     _check_encoder(sub, settings, substrate)
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
-    held = _held_shards(layout, sub, shards) if append and layout.db.is_file() else None
+    held = _held_shards(layout, sub, shards, cfg) if append and layout.db.is_file() else None
+    if append and held is None:
+        _no_store_to_append_to(layout, shards)
     if held is not None:
         shards = [s for s in shards if layout.label_file(s).name not in held]
         if not shards:          # appended already (a rerun): the store as it is
@@ -315,14 +319,57 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     return _finish("label", inputs, shards, sub, layout, cfg, t0, timings, append=held)
 
 
-def _held_shards(layout: Layout, sub, shards: list[Shard]) -> list[str]:
-    """The label files the store in OUT holds, checked for an append: the same substrate, and no
-    input shard that is in the store but changed since it was labeled."""
+def _no_store_to_append_to(layout: Layout, shards: list[Shard]) -> None:
+    """--append where OUT has no store yet: the first append builds it, unless label files of other
+    shards are there (a store lost or never built): those would not be in it."""
+    mine = {layout.label_file(s).name for s in shards}
+    others = sorted(p.name for p in layout.labels.glob("*.parquet") if p.name not in mine) \
+        if layout.labels.is_dir() else []
+    if others:
+        raise HermesError(f"{layout.db}: no store to append to, but {layout.labels} holds {len(others)} label "
+                          f"file(s) of other shards ({others[0]}, ...)",
+                          hint="rerun the command that labeled them to rebuild the store, then append; or use "
+                               "another --out")
+
+
+APPEND_KEYS = ("quality", "quality_field", "quality_model", "quality_label", "tokenizer", "fields")
+
+
+def _store_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of a label run that its store records (table store_info)."""
+    return {"quality": cfg.quality, "quality_field": cfg.quality_field,
+            "quality_model": cfg.quality_model if cfg.quality == "fasttext" else None,
+            "quality_label": cfg.quality_label if cfg.quality == "fasttext" else None,
+            "tokenizer": cfg.tokenizer or "the embedding model's",
+            "fields": {"text": cfg.text_field, "id": cfg.id_field, "source": cfg.source_field}}
+
+
+def _loaded(value: Any) -> Any:
+    """A store_info value as it was given (the table keeps non-strings as JSON)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _held_shards(layout: Layout, sub, shards: list[Shard], cfg: Config) -> list[str]:
+    """The label files the store in OUT holds, checked for an append: the same substrate, the same
+    reading and quality settings, and no input shard that is in the store but changed since it
+    was labeled."""
     found = store_fingerprint(layout.db)
     if found != sub.fingerprint:
         raise HermesError(f"{layout.db}: the store holds labels of substrate {found}; --append with substrate "
                           f"{sub.fingerprint} is refused (field 'substrate')",
                           hint="append with the store's own substrate, or label into another --out")
+    info = store_info(layout.db)
+    mine = _store_settings(cfg)
+    for key in APPEND_KEYS:
+        if key in info and _loaded(info[key]) != mine[key]:
+            raise HermesError(f"{layout.db}: the store was labeled with {key} {_loaded(info[key])!r}; this --append "
+                              f"would add rows made with {mine[key]!r} (field '{key}')",
+                              hint="append with the store's settings, or relabel everything without --append")
     held = store_shards(layout.db)
     if held is None:
         raise HermesError(f"{layout.db}: this store does not record its label files, so it cannot be appended to",

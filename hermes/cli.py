@@ -204,8 +204,14 @@ def _print_summary(summary: dict[str, Any], fmt: SummaryFmt) -> None:
         typer.echo(f"  substrate: {s['substrate']}")
         typer.echo(f"next:\n  hermes label CORPUS... --substrate {s['substrate']} --out DIR")
         return
-    typer.echo(f"hermes {s['command']}: labeled {s['labeled']:,} of {s['read']:,} documents read, "
-               f"in {s['seconds']:.1f} s ({s['docs_per_s']:,} docs/s)")
+    if "appended" in s:
+        a = s["appended"]
+        typer.echo(f"hermes {s['command']} --append: added {a['labeled']:,} of {s['read']:,} documents read "
+                   f"({a['shards']:,} shard{'' if a['shards'] == 1 else 's'}), in {s['seconds']:.1f} s ({s['docs_per_s']:,} docs/s); "
+                   f"the store now holds {s['labeled']:,}")
+    else:
+        typer.echo(f"hermes {s['command']}: labeled {s['labeled']:,} of {s['read']:,} documents read, "
+                   f"in {s['seconds']:.1f} s ({s['docs_per_s']:,} docs/s)")
     if s["rejected"]:
         reasons = ", ".join(f"{r}: {n:,}" for r, n in s["reject_reasons"].items())
         typer.echo(f"  rejected: {s['rejected']:,} ({reasons})")

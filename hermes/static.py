@@ -45,7 +45,8 @@ FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, 
 FORMAT = "hermes-static-encoder"
 SIF_A = 1e-3                 # SIF's a: an id as frequent as a / (1 - w) of all tokens gets weight w
 ENCODE_BATCH = 8192          # texts per bag product
-PIECE_CACHE = 1_000_000      # distinct pieces of text whose token ids are kept (about 150 MB)
+PIECE_CACHE = 1_000_000      # distinct pieces of text whose token ids are kept (about 150 MB of short ones)
+PIECE_CHARS = 64_000_000     # ... and at most this many characters of them (long pieces: CJK text, base64)
 JOIN_PIECES = 256            # pieces per tokenizer input when new pieces are tokenized
 NO_TOKENS = ("no token the static encoder knows (binary, or only unknown and special tokens): it would get no "
              "vector")
@@ -387,8 +388,8 @@ class PieceCache:
     tokens are those of its pieces in order, so the bag of ids built from the pieces equals the
     whole text's, and so do the vectors and `n_tokens`. Pieces repeat (Zipf): a batch's distinct
     pieces are looked up here and only the new ones are tokenized, so the tokenizer sees a small
-    share of the text. Up to `limit` pieces are kept (then the table starts again), so memory
-    stays bounded on any corpus.
+    share of the text. Up to `limit` pieces and PIECE_CHARS characters of them are kept (then
+    the table starts again), so memory stays bounded on any corpus.
 
     Written here because the tokenizers library keeps no cache across calls; the splitting runs
     on Arrow's kernels and the bags are scipy sparse products.
@@ -409,6 +410,7 @@ class PieceCache:
         self.length = np.zeros(1 << 12, dtype=np.int64)
         self.n_known = np.zeros(1 << 12, dtype=np.float64)  # of those, ids the encoder has a vector for
         self.used = 0                                        # ids stored
+        self.chars = 0                                       # characters of the pieces stored
 
     def __len__(self) -> int:
         return len(self.index)
@@ -441,8 +443,9 @@ class PieceCache:
             lengths.astype(np.int64)
 
     def _encode(self, texts: list[str]) -> list:
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         with tokenizer_threads():
-            return self.tok.encode_batch_fast(texts, add_special_tokens=False)
+            return encode(texts, add_special_tokens=False)
 
     def _add(self, pieces: list[str]) -> np.ndarray:
         """Tokenize and store new pieces; their positions in the table."""
@@ -459,6 +462,7 @@ class PieceCache:
         self.n_known[first:first + k] = np.bincount(np.repeat(np.arange(k), lengths), weights=self.known[ids],
                                                     minlength=k)
         self.used += len(ids)
+        self.chars += sum(map(len, pieces))
         self.index.update(zip((pieces[i] for i in order), range(first, first + k)))
         where = np.empty(k, dtype=np.int64)
         where[order] = np.arange(first, first + k)
@@ -471,13 +475,16 @@ class PieceCache:
         import scipy.sparse as sp
 
         if self.drop_vt_ff and pc.any(pc.match_substring_regex(texts, r"[\v\f]")).as_py():
-            texts = pc.replace_substring_regex(texts, r"[\v\f]", "")
-        lists = pc.ascii_split_whitespace(texts)
+            # the normaliser drops \v and \f (controls) rather than split there, after it has matched
+            # special tokens: keep them inside the pieces (a rare batch splits by a slower regex)
+            lists = pc.split_pattern_regex(texts, r"[ \t\n\r]+")
+        else:
+            lists = pc.ascii_split_whitespace(texts)
         per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
         words = distinct.dictionary.to_pylist()
         with self._lock:
-            if len(self.index) + len(words) > self.limit:
+            if len(self.index) + len(words) > self.limit or self.chars > PIECE_CHARS:
                 self._clear()
             where = np.fromiter((self.index.get(w, -1) for w in words), dtype=np.int64, count=len(words))
             new = np.flatnonzero(where < 0)

@@ -56,26 +56,38 @@ def stage_names(con) -> dict[int, list[str]]:
     return out
 
 
-def _level_table(level: int, named: list[int]) -> str:
+def _level_table(level: int, named: list[int], touched: str | None = None) -> str:
     """The aggregate of one level, materialized when the store is built or appended to, so that the
-    views answer at once even over hundreds of millions of labels."""
+    views answer at once even over hundreds of millions of labels. `touched`: a table of the
+    level's code prefixes that an append added rows to; only those cells are aggregated again
+    from `labels`, the others are kept as they were (the shares are then computed over all)."""
     codes = CODES[:level]
     cols = ", ".join(codes)
     key, joins = key_sql(level, named, "a")
     parent, _ = key_sql(level - 1, named, "a") if level > 1 else ("CAST(NULL AS VARCHAR)", "")
     children = "CAST(NULL AS BIGINT)" if level == 3 else f"count(DISTINCT {CODES[level]})"
+    name = f"cells_{view_suffix(level)}_data"
+    fresh = f"""
+    SELECT {", ".join(f"a.{c}" for c in codes)}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
+           quality_mean, quality_p70, n_children
+    FROM (
+        SELECT {cols}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+               avg(quality) AS quality_mean, quantile_cont(quality, 0.7) AS quality_p70,
+               {children} AS n_children
+        FROM labels {f"SEMI JOIN {touched} USING ({cols})" if touched else ""} GROUP BY {cols}
+    ) a {joins}"""
+    if touched:
+        fresh += f"""
+    UNION ALL
+    SELECT {cols}, cell, parent, n_docs, n_tokens, quality_mean, quality_p70, n_children
+    FROM {name} ANTI JOIN {touched} USING ({cols})"""
     return f"""
-CREATE TABLE cells_{view_suffix(level)}_data AS
-SELECT {", ".join(f"a.{c}" for c in codes)}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
+CREATE OR REPLACE TABLE {name} AS
+SELECT {cols}, cell, parent, n_docs, n_tokens,
        n_docs / sum(n_docs) OVER () AS share_docs,
        n_tokens / sum(n_tokens) OVER () AS share_tokens,
        quality_mean, quality_p70, n_children
-FROM (
-    SELECT {cols}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
-           avg(quality) AS quality_mean, quantile_cont(quality, 0.7) AS quality_p70,
-           {children} AS n_children
-    FROM labels GROUP BY {cols}
-) a {joins} ORDER BY {", ".join(f"a.{c}" for c in codes)}"""
+FROM ({fresh}) ORDER BY {cols}"""
 
 
 def _stacked_view() -> str:
@@ -322,12 +334,13 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
             FROM ranked r LEFT JOIN old_first o ON r.doc_id = o.doc_id
             WHERE r.rn > 1 OR r.doc_id IN (SELECT doc_id FROM in_store) ORDER BY r.ord, r.seq""")
         _add_shards(con, new_label_files, first)
-        con.execute("DROP VIEW cells")
-        for level in LEVELS:
-            con.execute(f"DROP VIEW cells_{view_suffix(level)}")
-            con.execute(f"DROP TABLE cells_{view_suffix(level)}_data")
+        named = named_stages(con)
+        for level in LEVELS:        # the cells the new rows fall in, aggregated again; the rest kept
+            cols = ", ".join(CODES[:level])
+            con.execute(f"CREATE TEMP TABLE touched_{level} AS SELECT DISTINCT {cols} FROM ranked r "
+                        f"ANTI JOIN in_store s ON r.doc_id = s.doc_id WHERE r.rn = 1")
+            con.execute(_level_table(level, named, f"touched_{level}"))
         con.execute("DROP TABLE cell_terms")
-        create_views(con)
         from hermes.terms import create_cell_terms
 
         create_cell_terms(con, [str(f) for f in term_files], named_stages(con))

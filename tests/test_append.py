@@ -65,8 +65,9 @@ def test_an_append_leaves_the_rows_of_the_store_and_the_earlier_label_files_alon
     shutil.copytree(grown["db"].parent, out)
     before = _tables(out / "labels.duckdb")
     files = sorted(p.name for p in (out / "labels").glob("*.parquet"))
-    r = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
+    r = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", out, "--append")
     assert r.exit_code == 0, r.output
+    assert "added 30 of 31 documents read (1 shard)" in r.stdout and "the store now holds" in r.stdout
     after = _tables(out / "labels.duckdb")
     n = len(before["labels"])
     assert after["labels"][:n] == before["labels"] and len(after["labels"]) == n + 30
@@ -134,3 +135,17 @@ def test_a_driver_killed_during_an_append_is_finished_by_the_rerun(grown, tmp_pa
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     assert _tables(out / "labels.duckdb") == _tables(grown["full"])
+
+
+def test_an_append_with_other_settings_or_without_a_store_is_refused(grown, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grown["db"].parent, out)
+    r = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", out, "--append", "--quality", "none")
+    assert r.exit_code == 1 and "field 'quality'" in r.stderr and "'heuristic'" in r.stderr
+    (out / "labels.duckdb").unlink()                      # label files of earlier shards, but no store
+    r = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", out, "--append")
+    assert r.exit_code == 1 and "no store to append to" in r.stderr
+    assert len(list((out / "labels").glob("*.parquet"))) == 2        # nothing deleted
+    fresh = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", tmp_path / "first", "--append")
+    assert fresh.exit_code == 0, fresh.output                         # the first append builds the store
+    assert "labeled 31 of 31 documents read" in fresh.stdout

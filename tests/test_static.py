@@ -271,7 +271,7 @@ def test_label_quantizes_the_float16_values_run_caches(static_run, tmp_path, mon
 
 TRICKY = ["a\vb c\fd", "x[CLS]y [SEP] [UNK]", "two[MASK]words [MASK]", "café naïve 中文字", "\x00\x01", "", "   ",
           "\u200b", "a" * 150 + " b", "tab\tsep\r\nline\u00a0nbsp\u2003em", "\x1cfoo\x1dbar\x85baz", "emoji 😀👍🏽",
-          "don't stop-believing (now)!", "repeat repeat repeat. Repeat"]
+          "don't stop-believing (now)!", "repeat repeat repeat. Repeat", "[SE\vP] hi", "a [MAS\fK] b"]
 
 
 def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run):
