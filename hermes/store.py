@@ -120,6 +120,7 @@ def create_views(con) -> None:
 # to disk. A per-cell quantile must hold its cell's values in memory; where that does not fit, the
 # build runs again with DuckDB's default budget (80% of RAM).
 BUILD_MEMORY = "512MB"
+APPEND_MEMORY = "2GB"      # an append's transaction holds its changes: a larger first budget
 
 
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
@@ -275,7 +276,7 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
                           hint="append with the store's own substrate, or label into another --out")
     try:
         return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
-                       BUILD_MEMORY)
+                       APPEND_MEMORY)
     except duckdb.OutOfMemoryException:        # rolled back: again with DuckDB's default budget
         return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
                        None)

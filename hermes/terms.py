@@ -7,9 +7,9 @@ L1 cells for L1), BERTopic's class-based TF-IDF:
 
     score(t, c) = tf(t, c) / words(c) * ln(1 + mean words per sibling cell / count of t in the siblings)
 
-A cell whose documents are mostly very short gets the flag `[short texts]` before its words; one
-whose most frequent word is over a fifth of its words gets `[repetitive]`; one with no words at
-all (digits, symbols, markup) shows `[no words]`.
+A cell whose documents are mostly very short (over half under SHORT_CHARS characters) gets the
+flag `[short texts]` before its words; one whose most frequent word is over a fifth of its words
+gets `[repetitive]`; one with no words at all (digits, symbols, markup) shows `[no words]`.
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ def _level_sql(level: int, named: list[int]) -> str:
                FROM scored),
     top AS (SELECT {cs}, string_agg(term, ', ' ORDER BY rk) AS words FROM ranked
             WHERE rk <= {TERMS_PER_CELL} GROUP BY ALL),
-    docs AS (SELECT {cs}, median(n_chars) AS median_chars FROM labels GROUP BY ALL)
+    docs AS (SELECT {cs}, count_if(n_chars < {SHORT_CHARS}) * 2 > count(*) AS short FROM labels GROUP BY ALL)
     SELECT {level} AS level, v.cell,
            concat_ws(' ',
-               CASE WHEN d.median_chars < {SHORT_CHARS} THEN '[short texts]' END,
+               CASE WHEN d.short THEN '[short texts]' END,
                CASE WHEN tot.top_n > 0.2 * tot.words THEN '[repetitive]' END,
                coalesce(top.words, '[no words]')) AS terms
     FROM cells_{view_suffix(level)} v
