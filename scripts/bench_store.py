@@ -30,7 +30,6 @@ from pathlib import Path
 
 import duckdb
 
-from hermes.store import append_store, build_store
 
 SHARD_ROWS = 1_000_000
 FINGERPRINT = "synthetic0000000"
@@ -86,6 +85,17 @@ def mix_in_process(db: Path, out: Path, budget: int) -> dict:
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "summary": json.loads(stdout)}
 
 
+def in_child(code: str) -> dict:
+    """Run a Python snippet in a fresh process (it prints JSON): each step's memory is its own, and
+    this process stays small, so the mixture's peak RSS is not inherited from the build (a forked
+    child's maximum RSS starts at its parent's)."""
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % str(Path(__file__).parent)
+                          + code], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"bench step failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -95,38 +105,58 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     labels = args.workdir / "labels"
     labels.mkdir(parents=True)
-    files = []
-    for k, first in enumerate(range(0, args.rows, SHARD_ROWS)):
-        files.append(labels / f"shard-{k:05d}.parquet")
-        write_labels(files[-1], first, min(SHARD_ROWS, args.rows - first), args.seed + k)
+    files = [labels / f"shard-{k:05d}.parquet" for k in range(-(-args.rows // SHARD_ROWS))]
     extra = labels / "appended.parquet"
-    write_labels(extra, args.rows, max(1, args.rows // 100), args.seed + len(files))
+    n_extra = max(1, args.rows // 100)
+    in_child(f"""
+import json
+from pathlib import Path
+from bench_store import write_labels
+for k, first in enumerate(range(0, {args.rows}, {SHARD_ROWS})):
+    write_labels(Path({str(labels)!r}) / f"shard-{{k:05d}}.parquet", first, min({SHARD_ROWS}, {args.rows} - first),
+                 {args.seed} + k)
+write_labels(Path({str(extra)!r}), {args.rows}, {n_extra}, {args.seed} + {len(files)})
+print(json.dumps({{}}))""")
     db = args.workdir / "labels.duckdb"
-
-    t = time.perf_counter()
-    build_store(db, files, [], manifest(), info={"command": "bench"}, term_files=[])
-    build_s = time.perf_counter() - t
+    build = in_child(f"""
+import json, resource, time
+from pathlib import Path
+from bench_store import manifest
+from hermes.store import build_store
+t = time.perf_counter()
+build_store(Path({str(db)!r}), {[str(f) for f in files]!r}, [], manifest(), info={{"command": "bench"}}, term_files=[])
+print(json.dumps({{"seconds": time.perf_counter() - t,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))""")
     store_bytes = db.stat().st_size
     label_bytes = sum(f.stat().st_size for f in files)
-
-    con = duckdb.connect(str(db), read_only=True)
-    baseline = timed(lambda: con.execute("SELECT count(*), sum(n_tokens) FROM labels").fetchall())
-    views = {}
-    for level in ("l1", "l12", "l123"):
-        views[level] = round(timed(lambda: con.sql(f"SELECT * FROM cells_{level}").to_arrow_table()), 3)
-    cells = {level: con.execute(f"SELECT count(*) FROM cells_{level}").fetchall()[0][0] for level in views}
-    total_tokens = con.execute("SELECT sum(n_tokens) FROM labels").fetchall()[0][0]
-    con.close()
-
-    mix = mix_in_process(db, args.workdir / "mixture", int(total_tokens) // 10)
-
-    t = time.perf_counter()
-    append_store(db, labels, [extra], [], manifest(), {"command": "bench append"}, [])
-    append_s = time.perf_counter() - t
+    views = in_child(f"""
+import json
+import duckdb
+from bench_store import timed
+con = duckdb.connect({str(db)!r}, read_only=True)
+out = {{"baseline": timed(lambda: con.execute("SELECT count(*), sum(n_tokens) FROM labels").fetchall())}}
+for level in ("l1", "l12", "l123"):
+    out[level] = timed(lambda: con.sql(f"SELECT * FROM cells_{{level}}").to_arrow_table())
+    out["cells_" + level] = con.execute(f"SELECT count(*) FROM cells_{{level}}").fetchall()[0][0]
+out["tokens"] = int(con.execute("SELECT sum(n_tokens) FROM labels").fetchall()[0][0])
+print(json.dumps(out))""")
+    mix = mix_in_process(db, args.workdir / "mixture", views["tokens"] // 10)
+    append = in_child(f"""
+import json, time
+from pathlib import Path
+from bench_store import manifest
+from hermes.store import append_store
+t = time.perf_counter()
+append_store(Path({str(db)!r}), Path({str(labels)!r}), [Path({str(extra)!r})], [], manifest(),
+             {{"command": "bench append"}}, [])
+print(json.dumps({{"seconds": time.perf_counter() - t}}))""")
+    levels = ("l1", "l12", "l123")
     print(json.dumps({
-        "rows": args.rows, "build_seconds": round(build_s, 1), "append_rows": max(1, args.rows // 100),
-        "append_seconds": round(append_s, 2), "append_share_of_build": round(append_s / build_s, 3),
-        "view_seconds": views, "cells": cells, "baseline_scan_seconds": round(baseline, 3),
+        "rows": args.rows, "build_seconds": round(build["seconds"], 1), "build_peak_rss_mb": round(build["peak_rss_mb"]),
+        "append_rows": n_extra, "append_seconds": round(append["seconds"], 2),
+        "append_share_of_build": round(append["seconds"] / build["seconds"], 3),
+        "view_seconds": {k: round(views[k], 3) for k in levels}, "cells": {k: views["cells_" + k] for k in levels},
+        "baseline_scan_seconds": round(views["baseline"], 3),
         "mix_seconds": round(mix["seconds"], 1), "mix_peak_rss_mb": round(mix["peak_rss_mb"], 1),
         "mix": {"spec": "uniform L1 -> equal L12, top:0.3, budget 10% of tokens",
                 "selected_tokens": mix["summary"]["diagnostics"]["selected_tokens"],
