@@ -96,7 +96,7 @@ def _stacked_view() -> str:
         codes = ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
         parts.append(f"SELECT {level} AS level, {codes}, cell, parent, n_docs, n_tokens, share_docs, "
                      f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{view_suffix(level)}")
-    return "CREATE VIEW cells AS\n" + "\nUNION ALL\n".join(parts)
+    return "CREATE OR REPLACE VIEW cells AS\n" + "\nUNION ALL\n".join(parts)
 
 
 def create_views(con) -> None:
@@ -112,13 +112,14 @@ def create_views(con) -> None:
                 raise HermesError(f"two {level_name(level)} cells share the key '{dup[0][0]}' (field 'stages')",
                                   hint="class names of fixed stages must not make the same dotted key; "
                                        "rename the classes or make one stage learned")
-        con.execute(f"CREATE VIEW cells_{view_suffix(level)} AS SELECT * FROM cells_{view_suffix(level)}_data")
+        con.execute(f"CREATE OR REPLACE VIEW cells_{view_suffix(level)} AS SELECT * FROM cells_{view_suffix(level)}_data")
     con.execute(_stacked_view())
 
 
 # DuckDB's memory budget while building a store: past it, sorts, joins and temporary tables spill
 # to disk. A per-cell quantile must hold its cell's values in memory; where that does not fit, the
-# build runs again with DuckDB's default budget (80% of RAM).
+# aggregates are computed with DuckDB's default budget (80% of RAM), and where anything else does
+# not, the whole build runs again with it.
 BUILD_MEMORY = "512MB"
 APPEND_MEMORY = "2GB"      # an append's transaction holds its changes: a larger first budget
 
@@ -164,16 +165,18 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
                 raise HermesError(
                     f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} (field 'substrate')",
                     hint="a store holds the labels of one substrate; relabel with --substrate or use another --out")
+            # the copies of a repeated doc_id, ranked: the first one (by shard, then row) is kept
+            con.execute("CREATE TEMP TABLE repeated AS SELECT doc_id FROM raw GROUP BY doc_id HAVING count(*) > 1")
             con.execute("""
                 CREATE TEMP TABLE ranked AS
                 SELECT *, row_number() OVER w AS rn,
                        first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
-                FROM raw WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
+                FROM raw SEMI JOIN repeated USING (doc_id) WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
             con.execute("""
                 CREATE TABLE labels AS
                 SELECT doc_id, source, n_chars, n_tokens, quality,
                        CAST(c1 AS SMALLINT) AS c1, CAST(c2 AS SMALLINT) AS c2, CAST(c3 AS SMALLINT) AS c3, substrate
-                FROM ranked WHERE rn = 1 ORDER BY ord, seq""")
+                FROM raw ANTI JOIN (SELECT ord, seq FROM ranked WHERE rn > 1) USING (ord, seq) ORDER BY ord, seq""")
             _add_shards(con, label_files, 0)
             con.execute("CREATE TABLE rejects (file VARCHAR, line BIGINT, doc_id VARCHAR, reason VARCHAR)")
             if reject_files:
@@ -199,10 +202,10 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
                     **(info or {})}
             con.executemany("INSERT INTO store_info VALUES (?, ?)",
                             [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
-            create_views(con)
             from hermes.terms import create_cell_terms
 
-            create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con))
+            _roomy(con, lambda: create_views(con))
+            _roomy(con, lambda: create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con)))
             counts = summary(con)
             con.close()
         except BaseException:
@@ -212,6 +215,19 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
         finally:
             shutil.rmtree(spill, ignore_errors=True)
     return counts
+
+
+def _roomy(con, step) -> None:
+    """Run a step of the build; if it does not fit the memory budget (a per-cell quantile holds its
+    cell's values), run it again with DuckDB's default budget. Its statements replace what they
+    create, so a step that failed half-way runs again cleanly."""
+    import duckdb
+
+    try:
+        step()
+    except duckdb.OutOfMemoryException:
+        con.execute("RESET memory_limit")
+        step()
 
 
 def _add_shards(con, label_files: list[Path], first_ord: int) -> None:

@@ -177,10 +177,11 @@ def create_cell_terms(con, term_files: list[str], named: list[int]) -> None:
     """Table cell_terms (level, cell, terms) from the shards' term-count files; `named`: the stages
     whose codes show as class names in cell keys (the store's fixed stages)."""
     if term_files:
-        con.execute("CREATE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
+        con.execute("CREATE OR REPLACE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
     else:
-        con.execute("CREATE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, count BIGINT)")
-    con.execute("CREATE TABLE cell_terms (level INTEGER, cell VARCHAR, terms VARCHAR)")
+        con.execute("CREATE OR REPLACE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, "
+                    "count BIGINT)")
+    con.execute("CREATE OR REPLACE TABLE cell_terms (level INTEGER, cell VARCHAR, terms VARCHAR)")
     for level in LEVELS:
         con.execute(f"INSERT INTO cell_terms {_level_sql(level, named)} ORDER BY cell")
     con.execute("DROP TABLE term_counts")
