@@ -121,7 +121,6 @@ def create_views(con) -> None:
 # aggregates are computed with DuckDB's default budget (80% of RAM), and where anything else does
 # not, the whole build runs again with it.
 BUILD_MEMORY = "512MB"
-APPEND_MEMORY = "2GB"      # an append's transaction holds its changes: a larger first budget
 
 
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
@@ -278,8 +277,6 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
     and cell_terms computed again (`term_files`: every shard's, old and new). The rows already in
     the store are not rewritten. Any failure rolls the transaction back: the store stays as it was.
     Returns the store's counts."""
-    import duckdb
-
     db_path = Path(db_path)
     fingerprint = substrate_manifest["fingerprint"]
     old = store_shards(db_path)
@@ -290,22 +287,18 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
     if found != fingerprint:
         raise HermesError(f"{db_path}: the store holds labels of substrate {found}, not {fingerprint} (field 'substrate')",
                           hint="append with the store's own substrate, or label into another --out")
-    try:
-        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
-                       APPEND_MEMORY)
-    except duckdb.OutOfMemoryException:        # rolled back: again with DuckDB's default budget
-        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
-                       None)
+    return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files)
 
 
 def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: list[Path],
-            new_reject_files: list[Path], fingerprint: str, info: dict[str, Any], term_files: list[Path],
-            memory_limit: str | None) -> dict[str, Any]:
+            new_reject_files: list[Path], fingerprint: str, info: dict[str, Any], term_files: list[Path]
+            ) -> dict[str, Any]:
     import duckdb
 
     spill = db_path.with_name(db_path.name + ".spill")
-    con = duckdb.connect(str(db_path), config={"temp_directory": str(spill),
-                                               **({"memory_limit": memory_limit} if memory_limit else {})})
+    # an append's work is mostly aggregates (per-cell quantiles) inside one transaction, which an
+    # out-of-memory error would abort: DuckDB's default budget (80% of RAM), not BUILD_MEMORY
+    con = duckdb.connect(str(db_path), config={"temp_directory": str(spill)})
     try:
         con.execute("BEGIN TRANSACTION")
         first = len(old)
