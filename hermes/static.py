@@ -38,7 +38,7 @@ import numpy as np
 from hermes.errors import HermesError
 from hermes.files import sha256
 from hermes.files import replacing
-from hermes.vectors import unit_rows
+from hermes.vectors import count_rows, unit_rows
 
 MANIFEST = "hermes_encoder.json"
 FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
@@ -159,18 +159,10 @@ ALIGN_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 ALIGN_MIN_DOCS = 100        # fewer sample documents than this: no map (rows as they are)
 
 
-def _bag_matrix(ids: np.ndarray, lengths: np.ndarray, vocab: int, dtype=np.float64):
-    """(len(lengths), vocab) CSR counts of each text's token ids (`ids` concatenated, `lengths` per text)."""
-    import scipy.sparse as sp
-
-    indptr = np.concatenate([[0], np.cumsum(lengths)])
-    return sp.csr_matrix((np.ones(len(ids), dtype=dtype), ids, indptr), shape=(len(lengths), vocab))
-
-
 def _bags(ids: list[list[int]], vocab: int):
     lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter((i for e in ids for i in e), dtype=np.int64, count=int(lengths.sum()))
-    return _bag_matrix(flat, lengths, vocab)
+    return count_rows(flat, lengths, vocab)
 
 
 def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -295,12 +287,7 @@ class StaticEncoder:
         """Every text's token ids over the whole text, concatenated, and each text's count: one
         tokenizer call on the whole texts (the reference `encode_counted` is tested against)."""
         self.setup()
-        with tokenizer_threads():
-            enc = self._tok.encode_batch_fast(texts, add_special_tokens=False) \
-                if hasattr(self._tok, "encode_batch_fast") else self._tok.encode_batch(texts, add_special_tokens=False)
-        lengths = np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc))
-        ids = np.fromiter((i for e in enc for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
-        return ids, lengths
+        return _ids_of(_encode_batch(self._tok, texts))
 
     def encode_counted(self, texts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool) of `texts` (a list of
@@ -329,7 +316,7 @@ class StaticEncoder:
             part = arr.slice(start, ENCODE_BATCH)
             if self.pieces_ is None:            # a tokenizer the piece cache cannot serve: whole texts
                 ids, lengths = self.token_ids(part.to_pylist())
-                bags = _bag_matrix(ids, lengths, len(self.rows_), np.float32)
+                bags = count_rows(ids, lengths, len(self.rows_), np.float32)
                 known = bags @ self.known_.astype(np.float32)
             else:
                 bags, lengths, known = self.pieces_.bags(part)
@@ -423,29 +410,24 @@ class PieceCache:
         sep = self.separator
         in_order = np.arange(len(pieces))
         if sep is None:
-            return in_order, *_ids_of(self._encode(pieces))
+            return in_order, *_ids_of(_encode_batch(self.tok, pieces))
         is_alone = np.fromiter((sep[0] in p for p in pieces), dtype=bool, count=len(pieces))
         joined = [pieces[i] for i in np.flatnonzero(~is_alone)] if is_alone.any() else pieces
         alone = [pieces[i] for i in np.flatnonzero(is_alone)]
         inputs = [f" {sep[0]} ".join(joined[i:i + JOIN_PIECES]) for i in range(0, len(joined), JOIN_PIECES)]
-        enc = self._encode(inputs + alone)
+        enc = _encode_batch(self.tok, inputs + alone)
         # a separator after each input too: then every piece ends at one
         flat = np.fromiter((i for e in enc[:len(inputs)] for i in (*e.ids, sep[1])), dtype=np.int32,
                            count=sum(len(e) + 1 for e in enc[:len(inputs)]))
         ends = np.flatnonzero(flat == sep[1])
         if len(ends) != len(joined):            # the separator's id came out of a piece after all
-            return in_order, *_ids_of(self._encode(pieces))
+            return in_order, *_ids_of(_encode_batch(self.tok, pieces))
         ids, lengths = flat[flat != sep[1]], np.diff(ends, prepend=-1) - 1
         if alone:
             lone_ids, lone_lengths = _ids_of(enc[len(inputs):])
             ids, lengths = np.concatenate([ids, lone_ids]), np.concatenate([lengths, lone_lengths])
         return np.concatenate([np.flatnonzero(~is_alone), np.flatnonzero(is_alone)]), ids.astype(np.int32), \
             lengths.astype(np.int64)
-
-    def _encode(self, texts: list[str]) -> list:
-        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        with tokenizer_threads():
-            return encode(texts, add_special_tokens=False)
 
     def _add(self, pieces: list[str]) -> np.ndarray:
         """Tokenize and store new pieces; their positions in the table."""
@@ -472,7 +454,6 @@ class PieceCache:
         """(bags, token counts, known-token counts) of an Arrow string array: `bags` is a CSR
         (len(texts), vocab) matrix of each text's token-id counts."""
         import pyarrow.compute as pc
-        import scipy.sparse as sp
 
         if self.drop_vt_ff and pc.any(pc.match_substring_regex(texts, r"[\v\f]")).as_py():
             # the normaliser drops \v and \f (controls) rather than split there, after it has matched
@@ -496,16 +477,23 @@ class PieceCache:
             n_known = self.n_known[where]
         # texts x distinct pieces (occurrences; a repeated piece is a repeated entry, summed by the
         # products), then pieces x token ids
-        occurrences = sp.csr_matrix((np.ones(len(distinct.indices), np.float32), distinct.indices.to_numpy(),
-                                     np.concatenate([[0], np.cumsum(per_text)])), shape=(len(texts), len(words)))
-        pieces = sp.csr_matrix((np.ones(len(ids), np.float32), ids, offsets), shape=(len(words), self.vocab))
+        occurrences = count_rows(distinct.indices.to_numpy(), per_text, len(words), np.float32)
+        pieces = count_rows(ids, length, self.vocab, np.float32)
         counts = np.rint(occurrences @ length.astype(np.float64)).astype(np.int64)
         bags = occurrences @ pieces
         bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
         return bags, counts, occurrences @ n_known
 
 
+def _encode_batch(tok, texts: list[str]) -> list:
+    """The tokenizer's encodings of `texts` (no special tokens added), on every core."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    with tokenizer_threads():
+        return encode(texts, add_special_tokens=False)
+
+
 def _ids_of(encodings: list) -> tuple[np.ndarray, np.ndarray]:
+    """The encodings' token ids, concatenated, and each one's count."""
     lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
     return np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(lengths.sum())), lengths
 

@@ -153,24 +153,7 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
         con = duckdb.connect(str(tmp), config={"temp_directory": str(spill),
                                                **({"memory_limit": memory_limit} if memory_limit else {})})
         try:
-            con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
-            con.executemany("INSERT INTO shard_order VALUES (?, ?)", [(str(f), i) for i, f in enumerate(label_files)])
-            files = [str(f) for f in label_files]
-            con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
-                        "JOIN shard_order o USING (filename)", [files])
-            found = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()]
-            foreign = sorted(set(found) - {fingerprint})
-            if foreign:
-                raise HermesError(
-                    f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} (field 'substrate')",
-                    hint="a store holds the labels of one substrate; relabel with --substrate or use another --out")
-            # the copies of a repeated doc_id, ranked: the first one (by shard, then row) is kept
-            con.execute("CREATE TEMP TABLE repeated AS SELECT doc_id FROM raw GROUP BY doc_id HAVING count(*) > 1")
-            con.execute("""
-                CREATE TEMP TABLE ranked AS
-                SELECT *, row_number() OVER w AS rn,
-                       first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
-                FROM raw SEMI JOIN repeated USING (doc_id) WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
+            _read_label_files(con, label_files, 0, fingerprint)
             con.execute("""
                 CREATE TABLE labels AS
                 SELECT doc_id, source, n_chars, n_tokens, quality,
@@ -227,6 +210,30 @@ def _roomy(con, step) -> None:
     except duckdb.OutOfMemoryException:
         con.execute("RESET memory_limit")
         step()
+
+
+def _read_label_files(con, label_files: list[Path], first_ord: int, fingerprint: str) -> None:
+    """Temp table `raw`: the label files' rows, each with its file's position `ord` (from
+    `first_ord`, in the order given), refused if any was made by another substrate; and `ranked`:
+    the copies of each doc_id that repeats among them, numbered `rn` by (ord, seq), each with where
+    the first copy is (`first_at`). The first copy is the one kept."""
+    con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
+    con.executemany("INSERT INTO shard_order VALUES (?, ?)",
+                    [(str(f), first_ord + i) for i, f in enumerate(label_files)])
+    con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
+                "JOIN shard_order o USING (filename)", [[str(f) for f in label_files]])
+    found = {r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()}
+    foreign = sorted(found - {fingerprint})
+    if foreign:
+        raise HermesError(f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} "
+                          "(field 'substrate')",
+                          hint="a store holds the labels of one substrate; relabel with --substrate or use another --out")
+    con.execute("CREATE TEMP TABLE repeated AS SELECT doc_id FROM raw GROUP BY doc_id HAVING count(*) > 1")
+    con.execute("""
+        CREATE TEMP TABLE ranked AS
+        SELECT *, row_number() OVER w AS rn,
+               first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
+        FROM raw SEMI JOIN repeated USING (doc_id) WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
 
 
 def _add_shards(con, label_files: list[Path], first_ord: int) -> None:
@@ -302,22 +309,8 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
     try:
         con.execute("BEGIN TRANSACTION")
         first = len(old)
-        con.execute("CREATE TEMP TABLE shard_order (filename VARCHAR, ord INTEGER)")
-        con.executemany("INSERT INTO shard_order VALUES (?, ?)",
-                        [(str(f), first + i) for i, f in enumerate(new_label_files)])
-        con.execute("CREATE TEMP TABLE raw AS SELECT r.*, o.ord FROM read_parquet(?, filename = true) r "
-                    "JOIN shard_order o USING (filename)", [[str(f) for f in new_label_files]])
-        foreign = sorted({r[0] for r in con.execute("SELECT DISTINCT substrate FROM raw").fetchall()} - {fingerprint})
-        if foreign:
-            raise HermesError(f"label files were made by substrate(s) {', '.join(foreign)}, not {fingerprint} "
-                              "(field 'substrate')", hint="relabel them with the store's substrate")
-        con.execute("""
-            CREATE TEMP TABLE ranked AS
-            SELECT *, row_number() OVER w AS rn,
-                   first_value(file || CASE WHEN line IS NULL THEN '' ELSE ':' || line END) OVER w AS first_at
-            FROM raw WINDOW w AS (PARTITION BY doc_id ORDER BY ord, seq)""")
-        con.execute("CREATE TEMP TABLE in_store AS SELECT r.doc_id FROM ranked r SEMI JOIN labels l "
-                    "ON r.doc_id = l.doc_id WHERE r.rn = 1")
+        _read_label_files(con, new_label_files, first, fingerprint)
+        con.execute("CREATE TEMP TABLE in_store AS SELECT DISTINCT doc_id FROM raw SEMI JOIN labels USING (doc_id)")
         # where the store's copy of such a doc_id came from: its label file, read for those ids only
         con.execute("CREATE TEMP TABLE old_order (filename VARCHAR, ord INTEGER)")
         con.executemany("INSERT INTO old_order VALUES (?, ?)", [(str(labels_dir / name), i) for i, name in enumerate(old)])
@@ -330,30 +323,32 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
                                        ORDER BY o.ord, r.seq)
                 FROM read_parquet(?, filename = true) r JOIN old_order o USING (filename)
                 SEMI JOIN in_store s ON r.doc_id = s.doc_id GROUP BY r.doc_id""", [[str(labels_dir / n) for n in old]])
+        # the new rows kept: the first copy of each doc_id, unless the store holds it
+        con.execute("""
+            CREATE TEMP TABLE fresh AS
+            SELECT * FROM raw ANTI JOIN (SELECT ord, seq FROM ranked WHERE rn > 1) USING (ord, seq)
+            ANTI JOIN in_store USING (doc_id)""")
         con.execute("""
             INSERT INTO labels
             SELECT doc_id, source, n_chars, n_tokens, quality,
                    CAST(c1 AS SMALLINT), CAST(c2 AS SMALLINT), CAST(c3 AS SMALLINT), substrate
-            FROM ranked r ANTI JOIN in_store s ON r.doc_id = s.doc_id WHERE r.rn = 1 ORDER BY ord, seq""")
+            FROM fresh ORDER BY ord, seq""")
         if new_reject_files:
             con.execute("INSERT INTO rejects SELECT file, line, doc_id, reason FROM read_parquet(?)",
                         [[str(f) for f in new_reject_files]])
         con.execute("""
             INSERT INTO rejects
-            SELECT r.file, r.line, r.doc_id, 'duplicate doc_id (first at ' || coalesce(o.first_at, r.first_at) || ')'
-            FROM ranked r LEFT JOIN old_first o ON r.doc_id = o.doc_id
-            WHERE r.rn > 1 OR r.doc_id IN (SELECT doc_id FROM in_store) ORDER BY r.ord, r.seq""")
+            SELECT r.file, r.line, r.doc_id, 'duplicate doc_id (first at ' || coalesce(o.first_at, k.first_at) || ')'
+            FROM raw r LEFT JOIN ranked k USING (ord, seq) LEFT JOIN old_first o ON r.doc_id = o.doc_id
+            WHERE k.rn > 1 OR r.doc_id IN (SELECT doc_id FROM in_store) ORDER BY r.ord, r.seq""")
         _add_shards(con, new_label_files, first)
         named = named_stages(con)
         for level in LEVELS:        # the cells the new rows fall in, aggregated again; the rest kept
-            cols = ", ".join(CODES[:level])
-            con.execute(f"CREATE TEMP TABLE touched_{level} AS SELECT DISTINCT {cols} FROM ranked r "
-                        f"ANTI JOIN in_store s ON r.doc_id = s.doc_id WHERE r.rn = 1")
+            con.execute(f"CREATE TEMP TABLE touched_{level} AS SELECT DISTINCT {', '.join(CODES[:level])} FROM fresh")
             con.execute(_level_table(level, named, f"touched_{level}"))
-        con.execute("DROP TABLE cell_terms")
         from hermes.terms import create_cell_terms
 
-        create_cell_terms(con, [str(f) for f in term_files], named_stages(con))
+        create_cell_terms(con, [str(f) for f in term_files], named)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key, value in {**info, "hermes_version": __version__, "appended_at": stamp}.items():
             con.execute("DELETE FROM store_info WHERE key = ?", [key])

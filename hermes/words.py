@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hermes.vectors import count_rows
+
 
 def as_strings(texts) -> pa.Array:
     """Texts as one Arrow string array: a list of str, an Arrow array or a chunked column."""
@@ -32,15 +34,11 @@ class Words:
 
     @classmethod
     def of(cls, texts) -> "Words":
-        import scipy.sparse as sp
-
         arr = as_strings(texts)
         lists = pc.utf8_split_whitespace(arr)
         per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         coded = pc.dictionary_encode(pc.list_flatten(lists))
-        indices = coded.indices.to_numpy()
-        occurrences = sp.csr_matrix((np.ones(len(indices)), indices, np.concatenate([[0], np.cumsum(per_text)])),
-                                    shape=(len(arr), len(coded.dictionary)))
+        occurrences = count_rows(coded.indices.to_numpy(), per_text, len(coded.dictionary))
         return cls(arr, coded.dictionary, occurrences)
 
     def per_text(self, values: np.ndarray) -> np.ndarray:

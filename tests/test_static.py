@@ -278,7 +278,8 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
     """The piece cache's bags of ids give the same counts and vectors as tokenizing each whole text,
     on real documents and on texts built to break the split (controls, special tokens in the text,
     the separator's own text, CJK, long words), also when its table fills and starts again."""
-    from hermes.static import StaticEncoder, _bag_matrix
+    from hermes.static import StaticEncoder
+    from hermes.vectors import count_rows
 
     enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
     assert enc.pieces_ is not None and enc.pieces_.separator == ("[MASK]", 103)
@@ -289,7 +290,7 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
         for part in (texts[:40], texts, TRICKY):            # cold, partly warm, warm
             vecs, counts, ok = enc.encode_counted(part)
             ids, lengths = enc.token_ids(part)
-            bags = _bag_matrix(ids, lengths, len(enc.rows_), np.float32)
+            bags = count_rows(ids, lengths, len(enc.rows_), np.float32)
             whole = np.asarray(bags @ enc.rows_)
             norm = np.linalg.norm(whole, axis=1)
             good = (bags @ enc.known_.astype(np.float32) > 0) & (norm > 0)
