@@ -1,6 +1,6 @@
-"""The fixed stages' classes of documents: each document's class name (its source, or a fastText
-taxonomy's label, cached beside its embeddings), a corpus's class list per stage, and the codes of
-those names under a substrate."""
+"""The fixed stages' classes of cached documents: each document's class name (its source, or a
+fastText taxonomy's label, cached beside its embeddings) and a corpus's class list per stage. The
+codes of those names under a substrate are the `Classes` labeler's (hermes.labelers)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hermes.files import write_parquet
+from hermes.labelers import class_indices
 from hermes.layout import Layout, cached_texts
 from hermes.models import Models
 from hermes.read import Shard
 from hermes.stages import check_class_count
-from hermes.substrate import Substrate
 
 
 CLASSES_KEY = b"hermes_classes_key"
@@ -52,12 +52,6 @@ def shard_classes(shard: Shard, models: Models, layout: Layout) -> dict[int, pa.
     return out
 
 
-def class_indices(names: pa.Array, classes: list[str]) -> np.ndarray:
-    """Each name's position among `classes`, -1 where it is not one of them."""
-    idx = pc.index_in(names, value_set=pa.array(classes, pa.string()))
-    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def corpus_classes(shards: list[Shard], counts: list[int], models: Models, layout: Layout
                    ) -> tuple[dict[int, list[str]], dict[int, np.ndarray]]:
     """For each fixed stage: its sorted class names (a taxonomy model's labels, or every source in
@@ -80,19 +74,3 @@ def corpus_classes(shards: list[Shard], counts: list[int], models: Models, layou
         for i, known in classes.items():
             codes[i].append(class_indices(names[i], known).astype(np.int32))
     return classes, {i: np.concatenate(c) for i, c in codes.items()}
-
-
-def class_codes(names: dict[int, pa.Array], substrate) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """Each fixed stage's class index per document from its class names, and which documents have
-    a class of the substrate in every fixed stage."""
-    fixed = {i: class_indices(names[i], substrate.stages[i]["classes"]) for i in substrate.fixed}
-    return fixed, np.logical_and.reduce([c >= 0 for c in fixed.values()])
-
-
-def fixed_codes(shard: Shard, substrate: Substrate, models: Models, layout: Layout, n: int
-                 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """The substrate's fixed stages' class index per cached document of the shard, and which
-    documents have a class the substrate knows (the others are rejected, not guessed)."""
-    if not substrate.fixed or not n:
-        return {}, np.ones(n, bool)
-    return class_codes(shard_classes(shard, models, layout), substrate)

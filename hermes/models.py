@@ -1,16 +1,18 @@
-"""The models a run labels with, loaded once per process on first use, and the keys of what
-they decide (the embedding cache's and the label markers' settings)."""
+"""The models a run labels with, loaded once per process on first use; the labelers over them
+(hermes.labelers); and the keys of what they decide, made of those labelers' keys (the embedding
+cache's and the label markers' settings)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hermes._version import __version__
 from hermes.config import Config
 from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
+from hermes.labelers import ClassNames, Counts, Quality, StaticVectors, TransformerVectors
 from hermes.read import Fields
 from hermes.stages import FixedLabelers, file_id
 from hermes.static import StaticEncoder
@@ -75,27 +77,48 @@ class Models:
         return {"model": self.embedder.model, "dtype": resolve_dtype(self.embedder.dtype, device),
                 "max_length": self.embedder.max_length}
 
-    def cache_key(self) -> str:
-        """What decides the whole cache of a shard: its embeddings and its document columns."""
+    # ------------------------------------------------------------------ labelers
+    def vectors(self, on_slice: Callable[[int], None] | None = None) -> StaticVectors | TransformerVectors:
+        """The embedding labeler: the static encoder (which counts n_tokens too, unless --tokenizer
+        names another), or the transformer (`on_slice(n)` after each slice it embeds)."""
+        if self.static:
+            return StaticVectors(self.embedder, counts=self.counts_with_encoder)
+        return TransformerVectors(self.embedder, self.embedding_settings(), ENCODE_SLICE, on_slice)
+
+    def counts(self) -> Counts:
+        return Counts(lambda: self.counter, self.cfg.tokenizer)
+
+    def quality(self) -> Quality:
         c = self.cfg
-        blob = json.dumps({"embed": self.embed_key(), "tokenizer": c.tokenizer, "source_field": c.source_field,
-                           "quality": [c.quality, c.quality_field] + (
-                               [c.quality_model, file_id(c.quality_model), c.quality_label]
-                               if c.quality == "fasttext" else [])}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return Quality(c.quality, c.quality_field, c.quality_model, c.quality_label,
+                       file_id(c.quality_model) if c.quality == "fasttext" else None, lambda: self.quality_scorer)
+
+    def class_names(self) -> ClassNames:
+        return ClassNames(self.fixed)
+
+    # ------------------------------------------------------------------ keys
+    def cache_key(self) -> str:
+        """What decides the whole cache of a shard: its embeddings and its document columns (the
+        counts' and the quality's keys, and which field is the source)."""
+        return _digest({"embed": self.embed_key(), "source_field": self.cfg.source_field,
+                        **self.counts().key(), **self.quality().key()})
 
     def embed_key(self) -> str:
-        """What decides the embeddings alone: the encoder settings and the text and id fields. The
-        other columns of the cache (source, counts, quality) can be redone without re-embedding."""
+        """What decides the embeddings alone: the vectors labeler's key and the text and id fields.
+        The other columns of the cache (source, counts, quality) can be redone without re-embedding."""
         c = self.cfg
-        blob = json.dumps({"embedding": self.embedding_settings(), "fields": [c.text_field, c.id_field],
-                           "hermes": __version__}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest({"embedding": self.vectors().key(), "fields": [c.text_field, c.id_field], "hermes": __version__})
 
     def classes_key(self) -> str:
         """What decides the taxonomy stages' labels of a shard: its documents and the models."""
-        blob = json.dumps({"cache": self.cache_key(), "fixed": self.fixed.key()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest({"cache": self.cache_key(), **self.class_names().key()})
+
+
+ENCODE_SLICE = 512       # documents per transformer call (a progress line moves while a read batch is embedded)
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def models_for(cfg: Config, substrate) -> Models:

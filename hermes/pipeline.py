@@ -1,85 +1,70 @@
-"""The per-shard work of `run` and `label`, the same on every engine (hermes.engines).
+"""The per-shard work of `run` and `label`, the same on every engine (hermes.engines). Each
+per-shard function is one loop (`labelers.label_batches`) over the labelers it needs, with its
+output files as sinks:
 
-    embed_shard:      read -> n_chars, n_tokens, quality -> embed -> embeddings/<shard>.{docs.parquet,emb.f16}
-                                                                    + rejects/<shard>.parquet
+    embed_shard:      read -> [vectors, counts, quality] -> embeddings/<shard>.{docs.parquet,emb.f16}
+                                                           + rejects/<shard>.parquet
     (hermes.fit:      a seeded sample of the cached embeddings -> transform + RVQ -> substrate/)
-    quantize_shard:   cached embeddings -> codes -> labels/<shard>.parquet + terms/<shard>.parquet
-    label_shard_from_text: with a distilled substrate or a static encoder, all of it in one pass
-                      over the text, with no embedding cache
+    quantize_shard:   the cache -> [classes, codes] -> labels/<shard>.parquet + terms/<shard>.parquet
+    label_shard_from_text: with a distilled substrate or a static encoder, read ->
+                      [class names, classes, vectors, codes (or distilled codes), counts, quality]
+                      in one pass over the text, with no embedding cache
 
 Each per-shard function is idempotent: it writes under a temporary name, renames when the shard
-is complete, and records a marker naming the settings it ran with, so a rerun skips what is done
-and redoes what changed. Embeddings are cached as float16 and the codes are always computed from
-those float16 values, so labeling straight after embedding and labeling from the cache agree.
+is complete, and records a marker naming the settings it ran with (its labelers' keys,
+hermes.models), so a rerun skips what is done and redoes what changed. Embeddings are cached as
+float16 and the codes are always computed from float16 values, so labeling straight after
+embedding and labeling from the cache agree.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hermes.cellkeys import N_CODES
-from hermes.classes import class_codes, fixed_codes
+from hermes.classes import shard_classes
 from hermes.errors import HermesError
 from hermes.files import replacing, write_json
+from hermes.labelers import (EMBEDDING, Batch, Classes, Codes, DistilledCodes, Labeler, class_name_column, codes_of,
+                             label_batches)
 from hermes.layout import (DOCS_SCHEMA, Layout, ShardResult, cached_texts, drop_cached_embeddings,
                            load_cached_embeddings, read_marker)
 from hermes.models import Models, reading_fields
 from hermes.progress import Progress
 from hermes.read import Shard, read_shard
-from hermes.static import NO_TOKENS, StaticEncoder
 from hermes.store import LABEL_FILE_SCHEMA, REJECT_FILE_SCHEMA
 from hermes.substrate import Substrate
 
 QUANTIZE_BATCH = 16384   # documents per quantizer call from the embedding cache
 
 
-ENCODE_SLICE = 512   # documents per encoder call from embed_shard (the encoder sorts each by length)
+def read_batches(shard: Shard, cfg) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(documents, rejects found while reading) for each read batch of a shard."""
+    for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+        yield docs, (pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA) if bad
+                     else REJECT_FILE_SCHEMA.empty_table())
 
 
-def quality_column(source: str, texts: list[str], field_values: pa.ChunkedArray | pa.Array,
-                   scorer=None, words=None) -> pa.Array:
-    """The quality score of each document, by the configured source (`words`: the texts split
-    already, for the heuristic)."""
-    if source == "fasttext":
-        return pa.array(scorer.scores(texts), pa.float64())
-    if source == "heuristic":
-        from hermes.quality import heuristic_scores
+def rows_of(batch: Batch, schema: pa.Schema, seq: int = 0, **constants: str) -> pa.Table:
+    """A labeled batch as rows of an output file: its columns named in `schema`, the `constants`
+    given, and, where the batch has none yet, where each document came from (the shard, and its
+    position in the shard's accepted documents from `seq` on)."""
+    n = len(batch)
+    made = {"file": lambda: pa.array([batch.file] * n, pa.string()),
+            "seq": lambda: pa.array(np.arange(seq, seq + n), pa.int64())}
 
-        return pa.array(heuristic_scores(texts, words), pa.float64())      # texts: a list or an Arrow column
-    if source == "field":
-        return field_values
-    return pa.nulls(len(texts), pa.float64())
+    def column(name: str):
+        if name in constants:
+            return pa.array([constants[name]] * n, pa.string())
+        return batch.column(name) if batch.has(name) else made[name]()
 
-
-def document_columns(shard: Shard, docs: pa.Table, texts: list[str], models: Models, seq: int,
-                     n_tokens: np.ndarray | None = None, words=None) -> dict[str, Any]:
-    """The per-document columns of one read batch: counts, quality, where it came from, its seq.
-    `n_tokens` where the encoder has counted them already (one tokenization), `words` where the
-    texts are split into words already (hermes.words.Words)."""
-    cfg, n = models.cfg, len(texts)
-    return {"doc_id": docs.column("doc_id"), "source": docs.column("source"),
-            "n_chars": pc.utf8_length(docs.column("text")).cast(pa.int32()),
-            "n_tokens": pa.array(models.counter.count(texts) if n_tokens is None else n_tokens, pa.int32()),
-            "quality": quality_column(cfg.quality, texts if cfg.quality == "fasttext" else docs.column("text"),
-                                      docs.column("quality"), models.quality_scorer, words),
-            "file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line"),
-            "seq": pa.array(np.arange(seq, seq + n), pa.int64())}
-
-
-def label_table(columns: Any, codes: np.ndarray, fingerprint: str) -> pa.Table:
-    """A label-file batch: the document columns (anything indexable by name) plus the codes."""
-    names = ("doc_id", "source", "n_chars", "n_tokens", "quality")
-    return pa.table({**{k: columns[k] for k in names},
-                     **{c: pa.array(codes[:, i], pa.int16()) for i, c in enumerate(("c1", "c2", "c3"))},
-                     "substrate": pa.array([fingerprint] * len(codes), pa.string()),
-                     **{k: columns[k] for k in ("file", "line", "seq")}}, schema=LABEL_FILE_SCHEMA)
+    return pa.table({name: column(name) for name in schema.names}, schema=schema)
 
 
 def _skipped(step: str, shard: Shard, marker: dict, layout: Layout, progress: Progress | None,
@@ -91,20 +76,6 @@ def _skipped(step: str, shard: Shard, marker: dict, layout: Layout, progress: Pr
         progress.shard_done()
     layout.log(step, result, time.perf_counter() - t0)
     return result
-
-
-def no_token_rejects(shard: Shard, docs: pa.Table, ok: np.ndarray) -> pa.Table:
-    """Reject rows for the documents of a read batch that the static encoder has no token for."""
-    bad = pa.array(~ok)
-    n = int((~ok).sum())
-    return pa.table({"file": pa.array([shard.name] * n, pa.string()), "line": docs.column("line").filter(bad),
-                     "doc_id": docs.column("doc_id").filter(bad), "reason": pa.array([NO_TOKENS] * n, pa.string())},
-                    schema=REJECT_FILE_SCHEMA)
-
-
-def _reject_table(bad: list) -> pa.Table:
-    """Rejected records of a read batch (read.Reject) as rows of a reject file."""
-    return pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA)
 
 
 def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress | None = None) -> ShardResult:
@@ -125,48 +96,28 @@ def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress
         if result is not None:
             return result
 
-    cfg = models.cfg
     layout.embeddings.mkdir(parents=True, exist_ok=True)
     layout.rejects.mkdir(parents=True, exist_ok=True)
+    vectors = models.vectors(on_slice=progress.advance if progress else None)
+    ticks = not models.static         # the transformer moves the progress line itself, slice by slice
     seq, n_rejects, dim = 0, 0, 0
     with replacing(layout.docs_file(shard), layout.emb_file(shard), layout.reject_file(shard)) as tmp, \
             pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, \
             pq.ParquetWriter(tmp[2], REJECT_FILE_SCHEMA) as rejects_out, open(tmp[1], "wb") as emb_out:
-        for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
-            if bad:
-                rejects_out.write_table(_reject_table(bad))
-                n_rejects += len(bad)
-                if progress:
-                    progress.advance(len(bad))
-            n = docs.num_rows
-            if not n:
-                continue
-            texts = docs.column("text").to_pylist()
-            n_tokens = None
-            if models.static:         # one tokenization: the vectors, n_tokens, and which texts have a known token
-                emb, counted, ok = models.embedder.encode_counted(texts)
-                if not ok.all():
-                    rejects_out.write_table(no_token_rejects(shard, docs, ok))
-                    n_rejects += int((~ok).sum())
-                    docs, texts, emb, counted = docs.filter(pa.array(ok)), [t for t, k in zip(texts, ok) if k], \
-                        emb[ok], counted[ok]
-                n_tokens = counted if models.counts_with_encoder else None
+        for batch, rejects, n_read in label_batches(read_batches(shard, models.cfg), shard.name,
+                                                    [vectors, models.counts(), models.quality()],
+                                                    ahead=0 if ticks else 1):
+            if rejects.num_rows:
+                rejects_out.write_table(rejects)
+                n_rejects += rejects.num_rows
+            if len(batch):
+                emb = batch.vectors().astype(np.float16)
                 dim = emb.shape[1]
-                emb_out.write(np.ascontiguousarray(emb.astype(np.float16)).tobytes())
-                if progress:
-                    progress.advance(n)
-                n = docs.num_rows
-            else:
-                # encode in slices so progress moves while a large read batch is embedded
-                for i in range(0, n, ENCODE_SLICE):
-                    emb = models.embedder.encode(texts[i:i + ENCODE_SLICE]).astype(np.float16)
-                    dim = emb.shape[1]
-                    emb_out.write(np.ascontiguousarray(emb).tobytes())
-                    if progress:
-                        progress.advance(min(ENCODE_SLICE, n - i))
-            docs_out.write_table(pa.table(document_columns(shard, docs, texts, models, seq, n_tokens),
-                                          schema=DOCS_SCHEMA))
-            seq += n
+                emb_out.write(np.ascontiguousarray(emb).tobytes())
+                docs_out.write_table(rows_of(batch, DOCS_SCHEMA, seq))
+                seq += len(batch)
+            if progress:
+                progress.advance(rejects.num_rows if ticks else n_read)
     write_json(marker_path, {"cache_key": key, "embed_key": models.embed_key(), "shard": shard.stat(), "name": shard.name,
                              "n_docs": seq, "n_rejects": n_rejects, "dim": dim, "dtype": "float16"})
     if progress:
@@ -185,16 +136,16 @@ def _refresh_documents(shard: Shard, models: Models, layout: Layout, marker: dic
     seq, n_rejects, same = 0, 0, True
     with replacing(layout.docs_file(shard), layout.reject_file(shard)) as tmp:
         with pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as rej:
-            for docs, bad in read_shard(shard, reading_fields(models.cfg), models.cfg.read_batch_size):
-                if bad:
-                    rej.write_table(_reject_table(bad))
-                    n_rejects += len(bad)
-                n = docs.num_rows
-                if seq + n > len(cached_ids) or not docs.column("doc_id").equals(cached_ids.slice(seq, n)):
+            for batch, rejects, _ in label_batches(read_batches(shard, models.cfg), shard.name,
+                                                   [models.counts(), models.quality()]):
+                if rejects.num_rows:
+                    rej.write_table(rejects)
+                    n_rejects += rejects.num_rows
+                n = len(batch)
+                if seq + n > len(cached_ids) or not batch.column("doc_id").equals(cached_ids.slice(seq, n)):
                     same = False
                     break
-                texts = docs.column("text").to_pylist()
-                docs_out.write_table(pa.table(document_columns(shard, docs, texts, models, seq), schema=DOCS_SCHEMA))
+                docs_out.write_table(rows_of(batch, DOCS_SCHEMA, seq))
                 seq += n
         if not same or seq != len(cached_ids):
             tmp.discard()
@@ -245,25 +196,33 @@ def quantize_shard(shard: Shard, substrate: Substrate, models: Models, layout: L
     if n and emb.shape[1] != substrate.embedding.get("dim", emb.shape[1]):
         raise HermesError(f"{layout.emb_file(shard)}: embedding dimension {emb.shape[1]} does not match the "
                           f"substrate's {substrate.embedding.get('dim')}", hint=f"delete {layout.embeddings} and rerun")
-    fixed, known = fixed_codes(shard, substrate, models, layout, n)
+    names = shard_classes(shard, models, layout) if substrate.fixed and n else {}
+
+    def cached_batches() -> Iterator[tuple[pa.Table, pa.Table]]:
+        """The cached documents with their embeddings, class names and position in the cache."""
+        start = 0
+        for part in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
+            stop = start + part.num_rows
+            batch = Batch(pa.Table.from_batches([part]), shard.name).with_columns(
+                **{EMBEDDING: np.asarray(emb[start:stop]), "row": pa.array(np.arange(start, stop), pa.int64())},
+                **{class_name_column(i): names[i].slice(start, stop - start) for i in names})
+            yield batch.table, REJECT_FILE_SCHEMA.empty_table()
+            start = stop
+
     codes = np.zeros((n, N_CODES), np.int16)      # 6 bytes a document, kept for the term counts
-    start, n_unknown = 0, 0
+    known = np.zeros(n, bool)
+    labelers = ([Classes(substrate)] if substrate.fixed else []) + [Codes(substrate)]
+    n_unknown = 0
     # the label file goes last: it is complete only once the others are
     with replacing(layout.terms_file(shard), layout.unknown_file(shard), layout.label_file(shard)) as tmp, \
             pq.ParquetWriter(tmp[2], LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as unknown_out:
-        for batch in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
-            stop = start + batch.num_rows
-            keep = known[start:stop]
-            if not keep.all():
-                unknown_out.write_table(_unknown_rejects(batch, ~keep, fixed, start, substrate))
-                n_unknown += int((~keep).sum())
-                batch = batch.filter(pa.array(keep))
-            rows = slice(start, stop) if keep.all() else np.flatnonzero(keep) + start
-            codes[rows] = substrate.encode(np.asarray(emb[rows], dtype=np.float32),
-                                           fixed={i: c[rows] for i, c in fixed.items()})
-            out.write_table(label_table({k: batch.column(k) for k in batch.schema.names}, codes[rows],
-                                        substrate.fingerprint))
-            start = stop
+        for batch, unknown, _ in label_batches(cached_batches(), shard.name, labelers):
+            if unknown.num_rows:
+                unknown_out.write_table(unknown)
+                n_unknown += unknown.num_rows
+            rows = batch.column("row").to_numpy()
+            codes[rows], known[rows] = codes_of(batch), True
+            out.write_table(rows_of(batch, LABEL_FILE_SCHEMA, substrate=substrate.fingerprint))
         pq.write_table(_term_counts(shard, models, codes, known, layout), tmp[0])
     n_rejects = emb_marker.get("n_rejects", 0) + n_unknown
     write_json(layout.label_marker(shard), {"substrate": substrate.fingerprint, "cache_key": emb_marker.get("cache_key"),
@@ -275,21 +234,6 @@ def quantize_shard(shard: Shard, substrate: Substrate, models: Models, layout: L
         progress.shard_done()
     layout.log("label", result, time.perf_counter() - t0)
     return result
-
-
-def _unknown_rejects(batch: pa.RecordBatch | pa.Table, bad: np.ndarray, fixed: dict[int, np.ndarray], start: int,
-                     substrate: Substrate) -> pa.Table:
-    rows = np.flatnonzero(bad)
-    reasons = []
-    for r in rows:
-        i = next(i for i, c in fixed.items() if c[start + r] < 0)
-        stage = substrate.stages[i]
-        what = f"source (field '{stage['source_field']}')" if stage["kind"] == "source" else "taxonomy label"
-        reasons.append(f"{what} is not a class of stage {i + 1} of substrate {substrate.fingerprint} "
-                       f"(it has {len(stage['classes'])}); refit with this corpus to include it")
-    return pa.table({"file": batch.column("file").take(rows), "line": batch.column("line").take(rows),
-                     "doc_id": batch.column("doc_id").take(rows), "reason": pa.array(reasons, pa.string())},
-                    schema=REJECT_FILE_SCHEMA)
 
 
 def _term_counts(shard: Shard, models: Models, codes: np.ndarray, keep: np.ndarray, layout: Layout) -> pa.Table:
@@ -330,69 +274,45 @@ def label_one_shard(shard: Shard, substrate: Substrate, models: Models, layout: 
 
 def label_shard_from_text(shard: Shard, substrate, models: Models, layout: Layout,
                           progress: Progress | None = None) -> ShardResult:
-    """One pass over a shard with a distilled substrate, or a substrate of a static encoder: counts,
-    quality and codes from the text, with no embedding cache. A static encoder's vectors are rounded
-    to float16 first, as `run` caches them, so both give the same codes."""
+    """One pass over a shard with a distilled substrate, or a substrate of a static encoder: classes,
+    codes, counts and quality from the text, with no embedding cache (a static encoder's vectors are
+    rounded to float16 first, as `run` caches them, so both give the same codes)."""
     from hermes.terms import TermCounter
-    from hermes.words import Words
 
     t0 = time.perf_counter()
     marker = label_is_current(shard, substrate, models, layout)
     if marker:
         return _skipped("label", shard, marker, layout, progress, t0)
-    cfg = models.cfg
+    labelers: list[Labeler] = [models.class_names(), Classes(substrate)] if substrate.fixed else []
+    if models.static:       # classes and vectors of the next batch in a second thread
+        labelers += [models.vectors(), Codes(substrate)]
+        ahead = len(labelers) - 1
+    else:
+        labelers += [DistilledCodes(substrate)]
+        ahead = 0
+    labelers += [models.counts(), models.quality()]
     terms = TermCounter()
-    seq, n_rejects = 0, 0
+    seq, n_rejects, counting = 0, 0, None
     # the label file goes last: it is complete only once the others are
     with replacing(layout.terms_file(shard), layout.reject_file(shard), layout.label_file(shard)) as tmp, \
             pq.ParquetWriter(tmp[2], LABEL_FILE_SCHEMA) as out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as rej, \
             ThreadPoolExecutor(1) as pool:
-        batches = read_shard(shard, reading_fields(cfg), cfg.read_batch_size)
-        for docs, bad, encoded in (_encoded_ahead(batches, models.embedder) if models.static else
-                                   ((d, b, None) for d, b in batches)):
-            if bad:
-                rej.write_table(_reject_table(bad))
-                n_rejects += len(bad)
-            n = docs.num_rows
-            if n and substrate.fixed:          # a fixed stage's class comes from the document
-                names = models.fixed.labels(docs.column("source").to_pylist(), docs.column("text").to_pylist())
-                fixed, known = class_codes({i: pa.array(v, pa.string()) for i, v in names.items()}, substrate)
-                if not known.all():
-                    where = docs.select(["doc_id", "line"]).append_column("file", pa.array([shard.name] * n, pa.string()))
-                    rej.write_table(_unknown_rejects(where, ~known, fixed, 0, substrate))
-                    n_rejects += int((~known).sum())
-                    docs = docs.filter(pa.array(known))
-                    fixed = {i: c[known] for i, c in fixed.items()}
-                    if encoded is not None:
-                        encoded = ([t for t, k in zip(encoded[0], known) if k], *(x[known] for x in encoded[1:]))
-            else:
-                fixed = None
-            n_tokens = None
-            if docs.num_rows and models.static:
-                texts, emb, counted, ok = encoded
-                if not ok.all():
-                    rej.write_table(no_token_rejects(shard, docs, ok))
-                    n_rejects += int((~ok).sum())
-                    docs, emb, counted = docs.filter(pa.array(ok)), emb[ok], counted[ok]
-                    texts = [t for t, k in zip(texts, ok) if k]
-                    fixed = {i: c[ok] for i, c in fixed.items()} if fixed else fixed
-                n_tokens = counted if models.counts_with_encoder else None
-                codes = substrate.encode(emb.astype(np.float16).astype(np.float32), fixed=fixed)
-            elif docs.num_rows:
-                texts = docs.column("text").to_pylist()
-                codes = substrate.encode_texts(texts, fixed)
-            if docs.num_rows:
-                # the words once for both; term counts in a second thread while this one scores
-                # quality (Arrow's kernels release the GIL), so the two take the time of one
-                words = Words.of(docs.column("text"))
-                counting = pool.submit(terms.add, words.texts, codes, words)
-                columns = document_columns(shard, docs, texts, models, seq, n_tokens,
-                                           words if cfg.quality == "heuristic" else None)
-                counting.result()
-                out.write_table(label_table(columns, codes, substrate.fingerprint))
-                seq += docs.num_rows
+        for batch, rejects, n_read in label_batches(read_batches(shard, models.cfg), shard.name, labelers, ahead):
+            if rejects.num_rows:
+                rej.write_table(rejects)
+                n_rejects += rejects.num_rows
+            if len(batch):
+                # term counts in a third thread, while this one labels the next batch (Arrow's
+                # kernels release the GIL); one worker, so the counts are added in order
+                if counting is not None:
+                    counting.result()
+                counting = pool.submit(_count_terms, terms, batch)
+                out.write_table(rows_of(batch, LABEL_FILE_SCHEMA, seq, substrate=substrate.fingerprint))
+                seq += len(batch)
             if progress:
-                progress.advance(n + len(bad))
+                progress.advance(n_read)
+        if counting is not None:
+            counting.result()
         pq.write_table(terms.table(), tmp[0])
     layout.unknown_file(shard).unlink(missing_ok=True)     # this path writes unknown classes to the rejects
     write_json(layout.label_marker(shard), {"substrate": substrate.fingerprint, "cache_key": models.cache_key(),
@@ -405,20 +325,6 @@ def label_shard_from_text(shard: Shard, substrate, models: Models, layout: Layou
     return result
 
 
-def _encoded_ahead(batches: Iterator, encoder: StaticEncoder) -> Iterator:
-    """(docs, rejects, (texts, vectors, counts, ok)) for each read batch, the next batch's encoding
-    running in a second thread while the caller scores, counts and writes this one: the tokenizer
-    releases the GIL, and the parts of the work that run on one core leave the other one free."""
-    def encode(docs: pa.Table):
-        texts = docs.column("text").to_pylist()
-        return (texts, *encoder.encode_counted(texts))
-
-    with ThreadPoolExecutor(1) as ahead:
-        pending = None
-        for docs, bad in batches:
-            job = ahead.submit(encode, docs)
-            if pending is not None:
-                yield pending[0], pending[1], pending[2].result()
-            pending = (docs, bad, job)
-        if pending is not None:
-            yield pending[0], pending[1], pending[2].result()
+def _count_terms(terms, batch: Batch) -> None:
+    words = batch.words            # split once already if the quality heuristic ran
+    terms.add(words.texts, codes_of(batch), words)
