@@ -30,6 +30,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -417,7 +418,7 @@ class PieceCache:
         inputs = [f" {sep[0]} ".join(joined[i:i + JOIN_PIECES]) for i in range(0, len(joined), JOIN_PIECES)]
         enc = _encode_batch(self.tok, inputs + alone)
         # a separator after each input too: then every piece ends at one
-        flat = np.fromiter((i for e in enc[:len(inputs)] for i in (*e.ids, sep[1])), dtype=np.int32,
+        flat = np.fromiter(chain.from_iterable(e.ids + [sep[1]] for e in enc[:len(inputs)]), dtype=np.int32,
                            count=sum(len(e) + 1 for e in enc[:len(inputs)]))
         ends = np.flatnonzero(flat == sep[1])
         if len(ends) != len(joined):            # the separator's id came out of a piece after all
@@ -467,7 +468,7 @@ class PieceCache:
         with self._lock:
             if len(self.index) + len(words) > self.limit or self.chars > PIECE_CHARS:
                 self._clear()
-            where = np.fromiter((self.index.get(w, -1) for w in words), dtype=np.int64, count=len(words))
+            where = np.fromiter(map(self.index.get, words, repeat(-1)), dtype=np.int64, count=len(words))
             new = np.flatnonzero(where < 0)
             if len(new):
                 where[new] = self._add([words[i] for i in new])
@@ -495,7 +496,7 @@ def _encode_batch(tok, texts: list[str]) -> list:
 def _ids_of(encodings: list) -> tuple[np.ndarray, np.ndarray]:
     """The encodings' token ids, concatenated, and each one's count."""
     lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-    return np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(lengths.sum())), lengths
+    return np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
 def reservoir_texts(batches: Iterable[list[str]], n: int, seed: int) -> tuple[list[str], int]:
