@@ -210,7 +210,7 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
 
 def _stack_text(substrate) -> str:
     """`source (7 classes), learned (76), learned (76)`: each stage and its codewords."""
-    from hermes.stages import stage_text
+    from hermes.stack import stage_text
 
     return ", ".join(f"{stage_text(st)} ({k}{' classes' if 'classes' in st else ''})"
                      for st, k in zip(substrate.stages, substrate.sizes))

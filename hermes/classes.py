@@ -14,7 +14,7 @@ from hermes.labelers import class_indices
 from hermes.layout import Layout, cached_texts
 from hermes.models import Models
 from hermes.read import Shard
-from hermes.stages import check_class_count
+from hermes.stack import check_class_count
 
 
 CLASSES_KEY = b"hermes_classes_key"

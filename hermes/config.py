@@ -141,7 +141,7 @@ def _validate(values: dict[str, Any], origin: str) -> None:
     if "device" in values and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(values["device"])):
         raise HermesError(f"{origin}: device = {values['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if "stages" in values:
-        from hermes.stages import parse_stages
+        from hermes.stack import parse_stages
 
         values["stages"] = parse_stages(values["stages"], origin)
     if "lst_weights" in values:

@@ -72,7 +72,7 @@ class DistilledSubstrate:
     def fixed(self) -> list[int]:
         """The fixed stages whose codes labeling must supply (the linear student takes them from the
         document, as the teacher did; the fastText student predicts every code)."""
-        from hermes.stages import fixed_indices
+        from hermes.stack import fixed_indices
 
         return fixed_indices(self.stages) if self.student == "linear" else []
 

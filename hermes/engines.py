@@ -128,7 +128,7 @@ def run_on_ray(step: str, shards: list[Shard], cfg: Config, layout: Layout, addr
 def run_step(engine: str, step: str, shards: list[Shard], cfg: Config, layout: Layout, title: str,
              models: Models | None = None, substrate=None, address: str | None = None, quiet: bool = False,
              static_encoder: str | None = None) -> list[ShardResult]:
-    """A step over every shard on `engine`; locally it reuses `stages` and `substrate` (loaded
+    """A step over every shard on `engine`; locally it reuses `models` and `substrate` (loaded
     already), on Ray each worker loads its own from `layout` and the config."""
     if engine == "ray":
         return run_on_ray(step, shards, cfg, layout, address=address, quiet=quiet, static_encoder=static_encoder)

@@ -244,7 +244,7 @@ def class_column(i: int) -> str:
 
 class ClassNames(Labeler):
     """Each fixed stage's class name: the document's source, or a fastText taxonomy's label of its
-    text (`fixed`: hermes.stages.FixedLabelers)."""
+    text (`fixed`: hermes.stack.FixedLabelers)."""
 
     def __init__(self, fixed):
         self.fixed = fixed

@@ -14,7 +14,7 @@ from hermes.config import Config
 from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
 from hermes.labelers import ClassNames, Counts, Quality, StaticVectors, TransformerVectors
 from hermes.read import Fields
-from hermes.stages import FixedLabelers, file_id
+from hermes.stack import FixedLabelers, file_id
 from hermes.static import StaticEncoder
 
 

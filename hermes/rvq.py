@@ -4,7 +4,7 @@ Stage s holds a codebook C_s (k_s x d). Encoding is a fixed argmax per stage (be
 
     r_0 = x;   c_s = argmax_j cos(r_{s-1}, C_s[j]);   r_s = r_{s-1} - C_s[c_s]
 
-so c1 is always the stage-1 codeword with the highest cosine to x. A fixed stage (hermes.stages)
+so c1 is always the stage-1 codeword with the highest cosine to x. A fixed stage (hermes.stack)
 takes its codes from outside (a source, a taxonomy class) instead of the argmax, and its codeword
 for a class is the mean of that class's residuals. Each learned codebook is fitted by
 Lloyd iterations with the same assignment rule on the previous stage's residuals (k-means++

@@ -29,7 +29,7 @@ from hermes._version import __version__
 from hermes.errors import HermesError
 from hermes.files import replacing
 from hermes.rvq import ResidualQuantizer
-from hermes.stages import LEARNED, N_STAGES, fixed_indices
+from hermes.stack import LEARNED, N_STAGES, fixed_indices
 from hermes.transform import TRANSFORMS, transform_class
 
 FORMAT = "hermes-substrate"
@@ -46,7 +46,7 @@ class Substrate:
     hermes_version: str = __version__
     fingerprint: str = ""
     training: dict[str, Any] = field(default_factory=dict)   # how the fit went (losses); not fingerprinted
-    # the stage stack (hermes.stages); a fixed stage also records its sorted class names, and
+    # the stage stack (hermes.stack); a fixed stage also records its sorted class names, and
     # a fasttext stage its model's path and sha256
     stages: list[dict[str, Any]] = field(default_factory=lambda: [dict(LEARNED) for _ in range(N_STAGES)])
     # a static encoder's folder (copied into the substrate's encoder/ on save); its recipe and

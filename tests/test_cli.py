@@ -158,9 +158,9 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(HermesError):
         invoke("--debug", "run", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
-    from hermes import cli
+    from hermes import console
 
-    cli._state["debug"] = False
+    console.STATE["debug"] = False
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -10,7 +10,7 @@ from hermes.labelers import (REJECT, Batch, Classes, ClassNames, Labeler, Static
                              class_name_column, label_batches)
 from hermes.models import Models
 from hermes.read import DOC_SCHEMA
-from hermes.stages import FixedLabelers
+from hermes.stack import FixedLabelers
 from hermes.store import REJECT_FILE_SCHEMA
 
 TEXTS = ["The cat sat on the mat.", "", "Quantum chromodynamics and gluons", "\x00\x01", "cat cat cat dog"]

@@ -333,9 +333,9 @@ def test_report_of_a_source_first_store(source_run, tmp_path):
 
 
 def test_a_source_field_with_too_many_values_is_refused(sample_records, tmp_path, monkeypatch):
-    import hermes.stages
+    import hermes.stack
 
-    monkeypatch.setattr(hermes.stages, "MAX_CLASSES", 5)     # the real limit is 32,767 (SMALLINT codes)
+    monkeypatch.setattr(hermes.stack, "MAX_CLASSES", 5)     # the real limit is 32,767 (SMALLINT codes)
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:40])
     r = invoke("run", corpus, "--out", tmp_path / "o", "--stages", "source,learned,learned",
                "--source-field", "leaf", *FAST)
