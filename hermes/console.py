@@ -103,7 +103,7 @@ class EncoderKind(str, Enum):
 EncoderOpt = typer.Option(None, "--encoder", help="transformer: the model embeds every document (its first "
                                                   "--max-length tokens). static: a static encoder is built from the "
                                                   "model on --encoder-docs documents of the corpus, then embeds every "
-                                                  "whole text, about 40x faster on 2 CPU cores (default: transformer).")
+                                                  "whole text, about 75x faster on 2 CPU cores (default: transformer).")
 EncoderDocsOpt = typer.Option(None, "--encoder-docs", help="Documents the static encoder is built on, a seeded "
                                                            "sample (default: 2000).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
