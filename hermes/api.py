@@ -24,7 +24,7 @@ from hermes.models import Models, models_for, reading_fields
 from hermes.progress import say
 from hermes.read import Shard, check_fields, discover
 from hermes.static import is_static_encoder
-from hermes.store import append_store, build_store, store_counts, store_fingerprint, store_info, store_shards
+from hermes.store import append_store, build_store, fold_wal, store_counts, store_fingerprint, store_info, store_shards
 from hermes.store import query as _query
 from hermes.substrate import Substrate
 
@@ -294,6 +294,8 @@ def label(inputs: Iterable[str | Path], substrate: str | Path, out: str | Path, 
     _check_encoder(sub, settings, substrate)
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
+    if append and layout.db.is_file():
+        fold_wal(layout.db)          # an earlier append that found no room for its checkpoint
     held = _held_shards(layout, sub, shards, cfg) if append and layout.db.is_file() else None
     if append and held is None:
         _no_store_to_append_to(layout, shards)

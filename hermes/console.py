@@ -17,6 +17,7 @@ from typing import Any, Callable
 import typer
 
 from hermes.errors import HermesError
+from hermes.files import out_of_room
 
 STATE = {"debug": os.environ.get("HERMES_DEBUG", "") not in ("", "0")}
 
@@ -68,6 +69,9 @@ def guarded(fn: Callable) -> Callable:
             if STATE["debug"]:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
+            if out_of_room(e):       # a full disk while writing shard files: what was written is kept
+                fail(f"no room to write ({first[:300]}); free space, then rerun the same command: finished shards "
+                     f"are kept")
             fail(f"unexpected {type(e).__name__}: {first} (hint: rerun with --debug for the traceback)")
 
     return wrapper

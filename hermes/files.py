@@ -7,6 +7,7 @@ complete. If the writing fails, the temporaries are removed and what was there b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,18 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_NO_ROOM_WORDS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def out_of_room(exc: BaseException) -> bool:
+    """True for a write that found no room: a full disk, a quota, a file-size limit (an OSError's
+    errno, or the system's words in another library's message: DuckDB's, pyarrow's, shutil's)."""
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+        return True
+    return any(w in str(exc) for w in _NO_ROOM_WORDS)
 
 
 def tmp_path(path: Path) -> Path:

@@ -9,6 +9,7 @@ one transaction, without rewriting its rows: complete, or as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -20,7 +21,7 @@ import pyarrow as pa
 from hermes._version import __version__
 from hermes.cellkeys import LEVELS, key_sql, level_name, view_suffix
 from hermes.errors import HermesError
-from hermes.files import remove, replacing
+from hermes.files import out_of_room, remove, replacing
 
 CODES = ("c1", "c2", "c3")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
@@ -134,9 +135,22 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
     import duckdb
 
     try:
-        return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, BUILD_MEMORY)
-    except duckdb.OutOfMemoryException:
-        return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, None)
+        try:
+            return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, BUILD_MEMORY)
+        except duckdb.OutOfMemoryException:
+            return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, None)
+    except Exception as e:
+        if out_of_room(e):
+            raise no_room(db_path, e, "the previous store is unchanged") from None
+        raise
+
+
+def no_room(db_path: str | Path, exc: BaseException, kept: str) -> HermesError:
+    """The one-line error of a store write that ran out of disk space (or hit a file-size limit)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return HermesError(f"{db_path}: no room to write the store ({first}); {kept}",
+                       hint=f"free space in {Path(db_path).resolve().parent}, then rerun the same command "
+                            f"(finished shards are kept)")
 
 
 def _build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
@@ -189,7 +203,12 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
             _roomy(con, lambda: create_views(con))
             _roomy(con, lambda: create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con)))
             counts = summary(con)
+            # the store must be whole in its file before it is renamed: a checkpoint that fails
+            # at close() (a full disk) is silent and would leave the rows in a WAL of the old name
+            con.execute("CHECKPOINT")
             con.close()
+            if wal.exists():
+                raise OSError(errno.ENOSPC, f"the checkpoint into {tmp} did not complete (its WAL remains)")
         except BaseException:
             con.close()
             remove(wal)
@@ -276,6 +295,24 @@ def store_fingerprint(db_path: str | Path) -> str | None:
     return rows[0][0] if rows else None
 
 
+def fold_wal(db_path: str | Path) -> None:
+    """Fold a WAL left beside the store (an append whose checkpoint found no room) into its file."""
+    import duckdb
+
+    db_path = Path(db_path)
+    if not Path(str(db_path) + ".wal").exists():
+        return
+    con = duckdb.connect(str(db_path))
+    try:
+        con.execute("CHECKPOINT")
+    except duckdb.Error as e:
+        if out_of_room(e):
+            raise no_room(db_path, e, f"its rows stay in {db_path.name}.wal, which the next open reads") from None
+        raise
+    finally:
+        con.close()
+
+
 def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Path], new_reject_files: list[Path],
                  substrate_manifest: dict[str, Any], info: dict[str, Any], term_files: list[Path]) -> dict[str, Any]:
     """Add label files to an existing store of the same substrate, in one transaction: their rows
@@ -294,7 +331,14 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
     if found != fingerprint:
         raise HermesError(f"{db_path}: the store holds labels of substrate {found}, not {fingerprint} (field 'substrate')",
                           hint="append with the store's own substrate, or label into another --out")
-    return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files)
+    try:
+        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files)
+    except HermesError:
+        raise
+    except Exception as e:
+        if out_of_room(e):
+            raise no_room(db_path, e, "the append was rolled back, the store is as it was") from None
+        raise
 
 
 def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: list[Path],
@@ -360,6 +404,21 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
             con.execute("ROLLBACK")
         except duckdb.Error:
             pass
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+        raise
+    try:
+        # committed: the rows are safe in the WAL, which DuckDB replays on the next open; a
+        # checkpoint that fails at close() (a full disk) is silent, so it is asked for here
+        con.execute("CHECKPOINT")
+    except duckdb.Error as e:
+        if out_of_room(e):
+            first = str(e).splitlines()[0]
+            raise HermesError(f"{db_path}: the append is committed but the store file could not take it ({first}); "
+                              f"its rows are in {db_path.name}.wal, which the next open of the store reads",
+                              hint=f"keep {db_path.name}.wal beside the store, free space in "
+                                   f"{db_path.resolve().parent}, then rerun the same command: it folds the WAL "
+                                   f"into the store") from None
         raise
     finally:
         con.close()

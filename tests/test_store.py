@@ -135,3 +135,52 @@ def test_the_store_refuses_label_files_of_another_substrate(e2e, tmp_path):
                                           f"{manifest['fingerprint']}"):
         store.build_store(db, [*labels, other], [], manifest)
     assert db.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def _no_room_after(limit: int):
+    """A child process whose writes fail past `limit` bytes per file (RLIMIT_FSIZE): a disk that
+    fills up, with EFBIG in place of ENOSPC, and without a filesystem to fill."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_disk_that_fills_up_leaves_the_previous_store(e2e, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "copy"
+    shutil.copytree(e2e["root"], root)
+    out, db = root / "out", root / "out" / "labels.duckdb"
+    label = [sys.executable, "-m", "hermes", "label", str(root / "corpus"), "--substrate", str(out / "substrate"),
+             "--out", str(out), "-q"]
+    assert subprocess.run(label, capture_output=True).returncode == 0      # the copy's shards are done
+    before = db.read_bytes()
+
+    # a rebuild: every shard is done, so the store is the only big file written
+    r = subprocess.run(label, capture_output=True, text=True, preexec_fn=_no_room_after(200_000))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{db}: no room to write the store" in r.stderr and "the previous store is unchanged" in r.stderr
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("labels.duckdb")) == ["labels.duckdb"]
+
+    # an append that commits but cannot checkpoint: its rows wait in the WAL, the rerun folds it in
+    new = root / "new" / "c.jsonl"
+    new.parent.mkdir()
+    new.write_text("".join(json.dumps({**r, "id": f"new-{i}"}) + "\n" for i, r in enumerate(e2e["records"][:50])))
+    append = label[:4] + [str(new)] + label[5:] + ["--append"]
+    r = subprocess.run(append, capture_output=True, text=True, preexec_fn=_no_room_after(100_000))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "the append is committed" in r.stderr and "labels.duckdb.wal" in r.stderr
+    r = subprocess.run(append, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "labels.duckdb.wal").exists()
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM labels WHERE doc_id LIKE 'new-%'").fetchall() == [(50,)]
+    con.close()
