@@ -167,13 +167,15 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         counts = append_store(layout.db, layout.labels, [layout.label_file(s) for s in shards], rejects,
                               substrate.manifest(), info, terms) if shards else store_counts(layout.db)
     else:
+        counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
+                             info=info, term_files=[layout.terms_file(s) for s in shards])
+        # files of shards no longer in the input, once the store no longer names them (a build
+        # that fails keeps the previous store, and so the files an append to it reads)
         current = {layout.label_file(s).name for s in shards}
-        for folder in (layout.labels, layout.root / "terms"):   # files of shards no longer in the input
+        for folder in (layout.labels, layout.root / "terms"):
             for stale in folder.glob("*.parquet"):
                 if stale.name not in current:
                     stale.unlink()
-        counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
-                             info=info, term_files=[layout.terms_file(s) for s in shards])
     timings["store"] = time.perf_counter() - t
     if not cfg.keep_embeddings and layout.embeddings.is_dir() and not any(layout.embeddings.iterdir()):
         layout.embeddings.rmdir()

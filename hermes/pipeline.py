@@ -110,10 +110,10 @@ def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress
             if rejects.num_rows:
                 rejects_out.write_table(rejects)
                 n_rejects += rejects.num_rows
+            if batch.has(EMBEDDING):          # (0, dim) when every document of the batch was refused
+                dim = batch.vectors().shape[1]
             if len(batch):
-                emb = batch.vectors().astype(np.float16)
-                dim = emb.shape[1]
-                emb_out.write(np.ascontiguousarray(emb).tobytes())
+                emb_out.write(np.ascontiguousarray(batch.vectors().astype(np.float16)).tobytes())
                 docs_out.write_table(rows_of(batch, DOCS_SCHEMA, seq))
                 seq += len(batch)
             if progress:

@@ -134,6 +134,7 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
     """
     import duckdb
 
+    fold_wal(db_path)       # a WAL an append left beside the store would not match the new file
     try:
         try:
             return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, BUILD_MEMORY)

@@ -184,3 +184,17 @@ def test_a_disk_that_fills_up_leaves_the_previous_store(e2e, tmp_path):
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT count(*) FROM labels WHERE doc_id LIKE 'new-%'").fetchall() == [(50,)]
     con.close()
+
+    # another append leaves its WAL; a full rebuild then folds it first (a WAL of the old file beside
+    # the new one would make the store unreadable)
+    newer = new.with_name("d.jsonl")
+    newer.write_text("".join(json.dumps({**r, "id": f"newer-{i}"}) + "\n" for i, r in enumerate(e2e["records"][50:80])))
+    r = subprocess.run(label[:4] + [str(newer)] + label[5:] + ["--append"], capture_output=True, text=True,
+                       preexec_fn=_no_room_after(100_000))
+    assert r.returncode == 1 and (out / "labels.duckdb.wal").exists(), r.stderr
+    r = subprocess.run(label[:4] + [str(root / "corpus"), str(new.parent)] + label[5:], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "labels.duckdb.wal").exists()
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM labels WHERE doc_id LIKE 'new%'").fetchall() == [(80,)]
+    con.close()
