@@ -9,6 +9,7 @@ labeler sees the batch, so no labeler ever gets a row another one refused.
 
     StaticVectors       text -> embedding, n_tokens (one tokenization); rejects: no known token
     TransformerVectors  text -> embedding
+    CachedVectors       row (a position in a shard's embedding cache) -> embedding
     Counts              text -> n_chars, n_tokens (unless the encoder counted them)
     Quality             text, or the quality field -> quality
     ClassNames          source, text -> class_name_<i> for each fixed stage i
@@ -184,6 +185,24 @@ class TransformerVectors(Labeler):
             if self.on_slice:
                 self.on_slice(len(parts[-1]))
         return batch.with_columns(**{EMBEDDING: np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)})
+
+
+class CachedVectors(Labeler):
+    """The vectors of a shard's embedding cache (float16, one row per cached document), by each
+    document's position in the cache (the `row` column): the embedding labeler of `run`'s second
+    half, once the first half has embedded and cached the shard. Its key is the cache's own
+    (hermes.models.Models.cache_key, in the shard's markers)."""
+
+    adds = (EMBEDDING,)
+
+    def __init__(self, cached: np.ndarray):
+        self.cached = cached           # (n, dim), a memory map of the cache file
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows = batch.column("row").to_numpy()
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1:       # consecutive: one slice of the file
+            return batch.with_columns(**{EMBEDDING: np.asarray(self.cached[rows[0]:rows[-1] + 1])})
+        return batch.with_columns(**{EMBEDDING: np.asarray(self.cached[rows])})
 
 
 class Counts(Labeler):

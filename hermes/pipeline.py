@@ -31,8 +31,8 @@ from hermes.cellkeys import N_CODES
 from hermes.classes import shard_classes
 from hermes.errors import HermesError
 from hermes.files import replacing, write_json
-from hermes.labelers import (EMBEDDING, Batch, Classes, Codes, DistilledCodes, Labeler, class_name_column, codes_of,
-                             label_batches)
+from hermes.labelers import (EMBEDDING, Batch, CachedVectors, Classes, Codes, DistilledCodes, Labeler,
+                             class_name_column, codes_of, label_batches)
 from hermes.layout import (DOCS_SCHEMA, Layout, ShardResult, cached_texts, drop_cached_embeddings,
                            load_cached_embeddings, read_marker)
 from hermes.models import Models, reading_fields
@@ -199,19 +199,19 @@ def quantize_shard(shard: Shard, substrate: Substrate, models: Models, layout: L
     names = shard_classes(shard, models, layout) if substrate.fixed and n else {}
 
     def cached_batches() -> Iterator[tuple[pa.Table, pa.Table]]:
-        """The cached documents with their embeddings, class names and position in the cache."""
+        """The cached documents with their class names and position in the cache."""
         start = 0
         for part in docs_file.iter_batches(batch_size=QUANTIZE_BATCH):
             stop = start + part.num_rows
             batch = Batch(pa.Table.from_batches([part]), shard.name).with_columns(
-                **{EMBEDDING: np.asarray(emb[start:stop]), "row": pa.array(np.arange(start, stop), pa.int64())},
+                row=pa.array(np.arange(start, stop), pa.int64()),
                 **{class_name_column(i): names[i].slice(start, stop - start) for i in names})
             yield batch.table, REJECT_FILE_SCHEMA.empty_table()
             start = stop
 
     codes = np.zeros((n, N_CODES), np.int16)      # 6 bytes a document, kept for the term counts
     known = np.zeros(n, bool)
-    labelers = ([Classes(substrate)] if substrate.fixed else []) + [Codes(substrate)]
+    labelers = [CachedVectors(emb)] + ([Classes(substrate)] if substrate.fixed else []) + [Codes(substrate)]
     n_unknown = 0
     # the label file goes last: it is complete only once the others are
     with replacing(layout.terms_file(shard), layout.unknown_file(shard), layout.label_file(shard)) as tmp, \

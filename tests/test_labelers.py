@@ -122,3 +122,13 @@ def test_static_vectors_refuse_texts_with_no_known_token():
     assert batch.column("doc_id").to_pylist() == ["d0", "d2"]
     assert batch.vectors().shape == (2, 4) and batch.column("n_tokens").to_pylist() == [0, 2]
     assert rejects[0].column("doc_id").to_pylist() == ["d1"]
+
+
+def test_cached_vectors_are_the_cache_rows_of_the_batch():
+    from hermes.labelers import CachedVectors
+
+    cache = np.arange(24, dtype=np.float16).reshape(6, 4)
+    for rows in ([2, 3, 4], [5, 0, 3], []):
+        batch = Batch(docs(["x"] * len(rows)), "f").with_columns(row=pa.array(rows, pa.int64()))
+        got = CachedVectors(cache)(batch).vectors()
+        assert got.shape == (len(rows), 4) and np.array_equal(got, cache[rows])
