@@ -367,18 +367,11 @@ def passes(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.
     return idx, cc, tt, full, rest, before
 
 
-def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
-         targets: np.ndarray, rng: np.random.Generator, group: np.ndarray | None = None) -> np.ndarray:
-    """Repeats per document so that each cell's selected tokens are within one document of its
-    target and the total is within about one small document of the sum of the targets.
-
-    Per cell: whole passes over its eligible documents while the target exceeds what it has, then
-    its documents in priority order while they fit; a document that would overshoot is passed
-    over and later ones that still fit are taken, until none fits. The gap left is smaller than
-    every document left; the smallest of them joins with probability gap / its tokens, so the
-    cell's expected tokens are its target. Those last draws are made jointly over cells by
-    `balanced_round`, so their roundings do not add up across cells (nor across the cells of one
-    `group`: a Stage-1 cell)."""
+def draw_prefix(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
+                targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Everything of `draw` but its joint last step, over any set of whole cells (`cell` indexes
+    `targets`): (repeats per document without the last draws; the last draws as the document of
+    each open cell that may join, in cell order, its cell, its probability and its tokens)."""
     n_cells = len(targets)
     idx, cc, tt, full, rest, before = passes(cell, eligible, tokens, prio, targets)
     take = before + tt <= rest[cc] + 1e-9                     # the prefix that fits
@@ -406,13 +399,31 @@ def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.nd
     left = cand[~take[cand] & (gap[cc[cand]] > 1e-9)]
     left = left[np.lexsort((left, tt[left], cc[left]))]
     last = left[np.unique(cc[left], return_index=True)[1]]
-    frac = gap[cc[last]] / tt[last]
-    g = None if group is None else group[cc[last]]
-    take[last[balanced_round(frac, tt[last], rng, g)]] = True
-    reps = full[cc] + take
     out = np.zeros(len(cell), dtype=np.int64)
-    out[idx] = reps.astype(np.int64)
+    out[idx] = (full[cc] + take).astype(np.int64)
+    return out, idx[last], cc[last], gap[cc[last]] / tt[last], tt[last]
+
+
+def draw(cell: np.ndarray, eligible: np.ndarray, tokens: np.ndarray, prio: np.ndarray,
+         targets: np.ndarray, rng: np.random.Generator, group: np.ndarray | None = None) -> np.ndarray:
+    """Repeats per document so that each cell's selected tokens are within one document of its
+    target and the total is within about one small document of the sum of the targets.
+
+    Per cell: whole passes over its eligible documents while the target exceeds what it has, then
+    its documents in priority order while they fit; a document that would overshoot is passed
+    over and later ones that still fit are taken, until none fits. The gap left is smaller than
+    every document left; the smallest of them joins with probability gap / its tokens, so the
+    cell's expected tokens are its target. Those last draws are made jointly over cells by
+    `balanced_round`, so their roundings do not add up across cells (nor across the cells of one
+    `group`: a Stage-1 cell). `group` is per cell."""
+    out, last, last_cell, frac, size = draw_prefix(cell, eligible, tokens, prio, targets)
+    out[last[balanced_round(frac, size, rng, None if group is None else group[last_cell])]] += 1
     return out
+
+
+def draw_rng(seed: int) -> np.random.Generator:
+    """The generator of a mixture's last draws (`balanced_round`)."""
+    return np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, 0x5BD1E995])
 
 
 # --------------------------------------------------------------------------- the mixture
@@ -431,43 +442,59 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = None,
-                 external_source: str = "weights file") -> Mixture:
-    """Stage 1 + Stage 2 + draw, all from arrays. `external` maps level-L cell keys to weights."""
-    spec.validate()
+@dataclass
+class CellStats:
+    """What Stage 1 and Stage 2 need of a store: per level-L cell its tokens, per level-M cell its
+    eligible tokens and documents and its quality threshold (keys sorted, as `factorize` gives)."""
+
+    keys_L: np.ndarray
+    tokens_L: np.ndarray
+    keys_M: np.ndarray
+    eligible_tokens: np.ndarray
+    eligible_docs: np.ndarray
+    threshold: np.ndarray           # NaN where every document is eligible (or the cell has no quality)
+
+
+@dataclass
+class Plan:
+    """Stage 1 and Stage 2 made concrete: per level-M cell its parent, weights and token target."""
+
+    parent: np.ndarray              # per level-M cell, its level-L cell's index
+    w_L: np.ndarray
+    w_M: np.ndarray
+    targets: np.ndarray
+    budget: float
+    warnings: list[str]
+    over_cap: bool
+
+
+def eligible_of(cell: np.ndarray, quality: np.ndarray, n_cells: int, top: float | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(each document's eligibility, each cell's quality threshold) for `eligible` = all (None) or
+    top:P: at least the (1 - P) quantile of the document's own cell."""
+    if top is None:
+        return np.ones(len(cell), dtype=bool), np.full(n_cells, np.nan)
+    thr = within_cell_threshold(cell, quality, n_cells, 1 - top)
+    return ~np.isnan(quality) & (quality >= thr[cell] - 1e-12), thr
+
+
+def plan(stats: CellStats, spec: MixSpec, total_tokens: float, names: dict[int, list[str]],
+         external: dict[str, float] | None = None, external_source: str = "weights file") -> Plan:
+    """Stage 1 (the rule's weights over level-L cells), Stage 2 (each one's weight split over its
+    level-M cells) and the token targets, from the cells' statistics alone."""
     L, M = spec.level, spec.draw_level
     rule = parse_rule(spec.rule)
-    top = parse_eligible(spec.eligible)
     warnings: list[str] = []
-    tokens = docs.n_tokens.astype(np.int64)
-    total_tokens = float(tokens.sum())
     budget = float(spec.budget_tokens) if spec.budget_tokens else total_tokens
-
-    cells_at = {level: factorize(docs.keys(level)) for level in LEVELS}   # once, for Stage 1/2 and diagnostics
-    uL, cell_L = cells_at[L]
-    uM, cell_M = cells_at[M]
-    tok_L = np.bincount(cell_L, weights=tokens, minlength=len(uL))
-    parent = np.searchsorted(uL, parent_keys(uM, M, L))
-
-    if top is None:
-        eligible = np.ones(len(docs), dtype=bool)
-        thr = np.full(len(uM), np.nan)
-    else:
-        if np.isnan(docs.quality).all():
-            raise HermesError(f"eligibility '{spec.eligible}' needs quality scores, and this store has none",
-                              hint="label with --quality heuristic or --quality-field NAME, or use --eligible all")
-        thr = within_cell_threshold(cell_M, docs.quality, len(uM), 1 - top)
-        eligible = ~np.isnan(docs.quality) & (docs.quality >= thr[cell_M] - 1e-12)
-    elig_tok = np.bincount(cell_M, weights=tokens * eligible, minlength=len(uM))
-    elig_docs = np.bincount(cell_M, weights=eligible, minlength=len(uM)).astype(np.int64)
-
+    uL, tok_L, elig_tok = stats.keys_L, stats.tokens_L, stats.eligible_tokens
+    parent = np.searchsorted(uL, parent_keys(stats.keys_M, M, L))
     ext = None
     if rule.kind == "weights":
-        names = key_text(uL, L, docs.names)
-        ext = np.array([external.get(n, 0.0) for n in names]) if external else None
-        missing = [n for n in names if n not in (external or {})]
+        keys = key_text(uL, L, names)
+        ext = np.array([external.get(n, 0.0) for n in keys]) if external else None
+        missing = [n for n in keys if n not in (external or {})]
         if missing:
-            warnings.append(f"{len(missing)} of {len(names)} L{L} cells are not in the {external_source} "
+            warnings.append(f"{len(missing)} of {len(keys)} L{L} cells are not in the {external_source} "
                             f"and get weight 0 (e.g. {', '.join(missing[:5])})")
     w_L = stage1_weights(tok_L, rule, budget, ext)
     over_cap = rule.kind == "unimax" and budget > rule.param * tok_L.sum()
@@ -494,18 +521,52 @@ def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = 
     if capped.any():
         warnings.append(f"{int(capped.sum())} cells hit the cap of {spec.max_epochs:g} epochs; "
                         f"their remainder went to the other cells")
-    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), targets,
-                   np.random.default_rng([spec.seed & 0xFFFFFFFFFFFFFFFF, 0x5BD1E995]), parent)
+    return Plan(parent, w_L, w_M, targets, budget, warnings, over_cap)
 
-    sel_tok = np.bincount(cell_M, weights=tokens * repeats, minlength=len(uM))
-    cells = {"key": uM, "parent": parent, "stage1_weight": w_L[parent], "weight": w_M,
-             "target_tokens": targets, "available_tokens": elig_tok, "eligible_docs": elig_docs,
-             "selected_tokens": sel_tok, "quality_threshold": thr,
-             "epochs": np.divide(targets, elig_tok, out=np.zeros(len(uM)), where=elig_tok > 0)}
-    diag = diagnostics(docs, spec, repeats, cells, budget, w_L, {lv: inv for lv, (_, inv) in cells_at.items()})
-    warnings += diag.pop("_warnings")
-    if rule.kind == "unimax":
-        diag["stage1"]["unimax_cap_exceeded"] = bool(over_cap)
+
+def cell_table(stats: CellStats, p: Plan, selected_tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """One entry per level-M cell: what `weights.parquet` holds."""
+    elig_tok = stats.eligible_tokens
+    return {"key": stats.keys_M, "parent": p.parent, "stage1_weight": p.w_L[p.parent], "weight": p.w_M,
+            "target_tokens": p.targets, "available_tokens": elig_tok, "eligible_docs": stats.eligible_docs,
+            "selected_tokens": selected_tokens, "quality_threshold": stats.threshold,
+            "epochs": np.divide(p.targets, elig_tok, out=np.zeros(len(elig_tok)), where=elig_tok > 0)}
+
+
+def make_mixture(docs: Docs, spec: MixSpec, external: dict[str, float] | None = None,
+                 external_source: str = "weights file") -> Mixture:
+    """Stage 1 + Stage 2 + draw, all from arrays. `external` maps level-L cell keys to weights."""
+    spec.validate()
+    L, M = spec.level, spec.draw_level
+    top = parse_eligible(spec.eligible)
+    tokens = docs.n_tokens.astype(np.int64)
+    cells_at = {level: factorize(docs.keys(level)) for level in LEVELS}   # once, for Stage 1/2 and diagnostics
+    uL, cell_L = cells_at[L]
+    uM, cell_M = cells_at[M]
+    if top is not None and np.isnan(docs.quality).all():
+        raise no_quality(spec)
+    eligible, thr = eligible_of(cell_M, docs.quality, len(uM), top)
+    stats = CellStats(uL, np.bincount(cell_L, weights=tokens, minlength=len(uL)), uM,
+                      np.bincount(cell_M, weights=tokens * eligible, minlength=len(uM)),
+                      np.bincount(cell_M, weights=eligible, minlength=len(uM)).astype(np.int64), thr)
+    p = plan(stats, spec, float(tokens.sum()), docs.names, external, external_source)
+    repeats = draw(cell_M, eligible, tokens, priorities(docs.doc_hash, spec.seed), p.targets, draw_rng(spec.seed),
+                   p.parent)
+    cells = cell_table(stats, p, np.bincount(cell_M, weights=tokens * repeats, minlength=len(uM)))
+    diag = diagnostics(docs, spec, repeats, cells, p.budget, p.w_L, {lv: inv for lv, (_, inv) in cells_at.items()})
+    return finish(spec, cells, repeats, diag, p)
+
+
+def no_quality(spec: MixSpec) -> HermesError:
+    return HermesError(f"eligibility '{spec.eligible}' needs quality scores, and this store has none",
+                       hint="label with --quality heuristic or --quality-field NAME, or use --eligible all")
+
+
+def finish(spec: MixSpec, cells: dict[str, np.ndarray], repeats: np.ndarray | None, diag: dict[str, Any],
+           p: Plan) -> Mixture:
+    warnings = p.warnings + diag.pop("_warnings")
+    if parse_rule(spec.rule).kind == "unimax":
+        diag["stage1"]["unimax_cap_exceeded"] = bool(p.over_cap)
     return Mixture(spec=spec, cells=cells, repeats=repeats, diagnostics=diag, warnings=warnings)
 
 
@@ -514,12 +575,38 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
     """`cell_index[level]`: each document's cell index at that level (from factorize)."""
     tokens = docs.n_tokens.astype(np.float64)
     sel = tokens * repeats
-    selected = float(sel.sum())
+    mass = {}
+    for level, inv in cell_index.items():
+        nat = np.bincount(inv, weights=tokens)
+        mass[level] = nat, np.bincount(inv, weights=sel, minlength=len(nat))
+    ok_q = ~np.isnan(docs.quality) & (repeats > 0)
+    return mixture_diagnostics(spec, cells, budget, w_L, mass, Totals(
+        selected=float(sel.sum()), unique_docs=int((repeats > 0).sum()), docs=int(len(repeats)),
+        max_repeats=int(repeats.max()) if len(repeats) else 0,
+        repeated=float((tokens * np.maximum(repeats - 1, 0)).sum()),
+        quality_tokens=float((docs.quality[ok_q] * sel[ok_q]).sum()), quality_weight=float(sel[ok_q].sum())))
+
+
+@dataclass
+class Totals:
+    """Sums over a mixture's documents that its diagnostics need (summed in any order)."""
+
+    selected: float = 0.0          # tokens selected, repeats counted
+    unique_docs: int = 0
+    docs: int = 0                  # documents in the store
+    max_repeats: int = 0
+    repeated: float = 0.0          # tokens of repeats beyond the first
+    quality_tokens: float = 0.0    # sum of quality x selected tokens, over documents with a quality
+    quality_weight: float = 0.0    # selected tokens of those documents
+
+
+def mixture_diagnostics(spec: MixSpec, cells: dict[str, np.ndarray], budget: float, w_L: np.ndarray,
+                        mass: dict[int, tuple[np.ndarray, np.ndarray]], t: Totals) -> dict[str, Any]:
+    """`mass[level]`: per cell of the level (keys sorted), its tokens in the store and in the mixture."""
+    selected = t.selected
     levels = {}
     for level in LEVELS:
-        inv = cell_index[level]
-        nat = np.bincount(inv, weights=tokens)
-        mix = np.bincount(inv, weights=sel, minlength=len(nat))
+        nat, mix = mass[level]
         p = nat / nat.sum()
         q = mix / selected if selected > 0 else np.zeros_like(mix)
         nz = q > 0
@@ -533,13 +620,11 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
         }
     active = cells["target_tokens"] > 0
     pool = cells["eligible_docs"][active]
-    ok_q = ~np.isnan(docs.quality) & (repeats > 0)
-    mean_q = float((docs.quality[ok_q] * sel[ok_q]).sum() / sel[ok_q].sum()) if sel[ok_q].sum() > 0 else None
-    repeated = float((tokens * np.maximum(repeats - 1, 0)).sum())
+    mean_q = t.quality_tokens / t.quality_weight if t.quality_weight > 0 else None
     h_L = _entropy(w_L)
     d = {
         "budget_tokens": int(budget), "selected_tokens": int(selected),
-        "unique_docs": int((repeats > 0).sum()), "docs_in_store": int(len(repeats)),
+        "unique_docs": t.unique_docs, "docs_in_store": t.docs,
         "stage1": {"cells": int(len(w_L)), "entropy": round(h_L, 4), "effective_cells": round(math.exp(h_L), 2),
                    "max_weight": round(float(w_L.max()), 4)},
         "levels": levels,
@@ -547,8 +632,8 @@ def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str,
                  "median_eligible_docs": float(np.median(pool)) if len(pool) else 0.0,
                  "p10_eligible_docs": float(np.percentile(pool, 10)) if len(pool) else 0.0,
                  "share_cells_under_30": round(float((pool < SMALL_POOL).mean()), 4) if len(pool) else 0.0},
-        "epochs": {"max": int(repeats.max()) if len(repeats) else 0,
-                   "share_tokens_repeated": round(repeated / selected, 4) if selected else 0.0},
+        "epochs": {"max": t.max_repeats,
+                   "share_tokens_repeated": round(t.repeated / selected, 4) if selected else 0.0},
         "mean_quality": None if mean_q is None else round(mean_q, 4),
     }
     warn = []
