@@ -409,14 +409,14 @@ def mix(db: str | Path, out: str | Path, level: int = 1, rule: str = "natural", 
         sampler: str = "proportional", eligible: str = "all", budget_tokens: int | None = None, seed: int = 0,
         max_epochs: float | None = None) -> dict[str, Any]:
     """One mixture: Stage-1 rule at `level`, Stage-2 sampler down to `to_level`, drawn with `seed`.
-    Writes the mixture folder `out` and returns its description (spec, diagnostics, warnings)."""
-    from hermes import mixture
+    Writes the mixture folder `out` and returns its description (spec, diagnostics, warnings).
+    Made cell by cell from the store (hermes.streaming): memory is set by the largest cell."""
+    from hermes import mixture, streaming
     from hermes.mixers import MixSpec
 
     spec = MixSpec(level=level, rule=rule, to_level=to_level, sampler=sampler, eligible=eligible,
                    budget_tokens=budget_tokens, seed=seed, max_epochs=max_epochs).validate()
-    result, fp = mixture.build(db, spec)
-    mixture.write(result, db, fp, out)
+    result, fp = streaming.build_and_write(db, spec, out)
     return {**mixture.describe(result, db, fp), "out": str(out)}
 
 

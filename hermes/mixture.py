@@ -118,7 +118,6 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Pa
     with replacing(out) as (tmp,):
         tmp.mkdir()
         spec = mix.spec
-        c = mix.cells
         rows = np.flatnonzero(mix.repeats > 0)
         con = connect(db)
         try:
@@ -130,18 +129,24 @@ def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Pa
                                f"JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row").to_arrow_table()
         finally:
             con.close()
-        cell_keys = key_text(c["key"], spec.draw_level, names)
-        parent_text = key_text(parent_keys(c["key"], spec.draw_level, spec.level), spec.level, names)
-        pq.write_table(pa.table({
-            "cell": cell_keys, "level": pa.array([spec.draw_level] * len(cell_keys), pa.int8()), "parent": parent_text,
-            "stage1_weight": c["stage1_weight"], "weight": c["weight"],
-            "target_tokens": np.round(c["target_tokens"]).astype(np.int64),
-            "available_tokens": c["available_tokens"].astype(np.int64), "eligible_docs": c["eligible_docs"],
-            "selected_tokens": c["selected_tokens"].astype(np.int64), "quality_threshold": c["quality_threshold"],
-            "epochs": c["epochs"]}), tmp / "weights.parquet")
+        write_weights(mix, names, tmp / "weights.parquet")
         pq.write_table(manifest, tmp / "manifest.parquet")
         (tmp / "mixture.json").write_text(json.dumps(describe(mix, db, fingerprint), indent=2) + "\n")
     return out
+
+
+def write_weights(mix: Mixture, names: dict[int, list[str]], path: Path) -> None:
+    """weights.parquet: one row per level-M cell of the mixture."""
+    spec, c = mix.spec, mix.cells
+    cell_keys = key_text(c["key"], spec.draw_level, names)
+    parent_text = key_text(parent_keys(c["key"], spec.draw_level, spec.level), spec.level, names)
+    pq.write_table(pa.table({
+        "cell": cell_keys, "level": pa.array([spec.draw_level] * len(cell_keys), pa.int8()), "parent": parent_text,
+        "stage1_weight": c["stage1_weight"], "weight": c["weight"],
+        "target_tokens": np.round(c["target_tokens"]).astype(np.int64),
+        "available_tokens": c["available_tokens"].astype(np.int64), "eligible_docs": c["eligible_docs"],
+        "selected_tokens": c["selected_tokens"].astype(np.int64), "quality_threshold": c["quality_threshold"],
+        "epochs": c["epochs"]}), path)
 
 
 def describe(mix: Mixture, db: str | Path, fingerprint: str) -> dict[str, Any]:

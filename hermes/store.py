@@ -453,14 +453,15 @@ def summary(con) -> dict[str, Any]:
             "reject_reasons": {r: n for r, n in reasons}, "cells": cells}
 
 
-def connect(db_path: str | Path):
+def connect(db_path: str | Path, config: dict[str, str] | None = None):
+    """A read-only connection to a store (`config`: DuckDB settings, e.g. a memory limit)."""
     import duckdb
 
     p = Path(db_path)
     if not p.is_file():
         raise HermesError(f"{p}: no such store", hint="pass the labels.duckdb that `hermes run` wrote")
     try:
-        return duckdb.connect(str(p), read_only=True)
+        return duckdb.connect(str(p), read_only=True, config=config or {})
     except duckdb.Error as e:
         raise HermesError(f"{p}: cannot open as a DuckDB store ({str(e).splitlines()[0]})",
                           hint="pass the labels.duckdb that `hermes run` wrote") from None
