@@ -39,7 +39,10 @@ _COLUMNS = "rowid AS row, c1, c2, c3, n_tokens, quality, hash(doc_id) AS h"
 
 
 class _Mass:
-    """Tokens per cell at each level, summed over groups (keys sorted at the end)."""
+    """Tokens per cell at each level, summed over groups. Groups come in cell order and hold whole
+    level-M cells, so each level's keys, group after group, are already sorted: a cell finer than
+    M lies in one group, a coarser one in consecutive groups. The total adds up neighbours; no
+    sort of the whole, and memory of about one entry per cell."""
 
     def __init__(self):
         self.parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {level: [] for level in LEVELS}
@@ -53,8 +56,11 @@ class _Mass:
         parts = self.parts[level]
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0)
-        keys, inv = np.unique(np.concatenate([k for k, _ in parts]), return_inverse=True)
-        return keys, np.bincount(inv.reshape(-1), weights=np.concatenate([w for _, w in parts]), minlength=len(keys))
+        keys, sums = np.concatenate([k for k, _ in parts]), np.concatenate([w for _, w in parts])
+        if len(keys) > 1 and not bool(np.all(keys[1:] >= keys[:-1])):
+            raise AssertionError("groups out of cell order")
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        return keys[starts], np.add.reduceat(sums, starts) if len(sums) else sums
 
 
 def _groups(con, level: int) -> Iterator[dict[str, np.ndarray]]:
@@ -150,9 +156,10 @@ def make_mixture(con, spec: MixSpec, names: dict[int, list[str]], repeats_file: 
                                   "repeats": np.ones(int(join.sum()), np.int32)}))
         # the last draws' documents: one repeat more (from 0 or from whole passes)
         b = last["base"][join].astype(np.int64)
-        _count(mixed, totals, last["codes"][join].astype(np.int64), last["size"][join].astype(np.int64),
+        extra = _Mass()
+        _count(extra, totals, last["codes"][join].astype(np.int64), last["size"][join].astype(np.int64),
                last["quality"][join], np.ones(len(b), np.int64), b + 1, before=b)
-    mass = {level: _aligned(natural.total(level), mixed.total(level)) for level in LEVELS}
+    mass = {level: _aligned(natural.total(level), mixed.total(level), extra.parts[level]) for level in LEVELS}
     cells = cell_table(stats, p, mass[M][1])
     diag = mixture_diagnostics(spec, cells, p.budget, p.w_L, mass, totals)
     return finish(spec, cells, None, diag, p)
@@ -174,12 +181,15 @@ def _count(mass: _Mass, t: Totals, codes: np.ndarray, tokens: np.ndarray, qualit
     t.quality_weight += float(sel[ok].sum())
 
 
-def _aligned(natural: tuple[np.ndarray, np.ndarray], mixed: tuple[np.ndarray, np.ndarray]
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(natural tokens, mixed tokens) over the natural cells (the mixed ones are among them)."""
+def _aligned(natural: tuple[np.ndarray, np.ndarray], mixed: tuple[np.ndarray, np.ndarray],
+             extra: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(natural tokens, mixed tokens) over the natural cells (the mixed ones are among them);
+    `extra`: the last draws' tokens, added last."""
     keys, nat = natural
     out = np.zeros(len(keys))
     out[np.searchsorted(keys, mixed[0])] = mixed[1]
+    for k, w in extra:
+        np.add.at(out, np.searchsorted(keys, k), w)
     return nat, out
 
 
