@@ -428,10 +428,12 @@ def compare(db: str | Path, levels: Iterable[int] = LEVELS, rules: Iterable[str]
     one row of diagnostics per mixture, plus pairwise TV at L1 and Jaccard of selected documents.
     With `out`, each mixture's folder is written under it, with compare.json beside them."""
     import json
+    import shutil
+    import tempfile
 
     import numpy as np
 
-    from hermes import mixture
+    from hermes import streaming
     from hermes.mixers import MixSpec
 
     levels = list(levels)
@@ -443,43 +445,39 @@ def compare(db: str | Path, levels: Iterable[int] = LEVELS, rules: Iterable[str]
              for m in levels for r in rules for s in samplers for e in eligible]
     if not specs:
         raise HermesError("the grid is empty", hint="give at least one of each: --levels, --rules, --samplers, --eligible")
-    loaded = mixture.load_docs(db)
-    docs = loaded[0]
-    from hermes.mixers import factorize
-
-    _, l1 = factorize(docs.keys(1))
-    tokens = docs.n_tokens.astype(np.float64)
-    rows, l1_dists, selected = [], [], []
-    for spec in specs:
-        m, fp = mixture.build(db, spec, loaded)
-        if out is not None:
-            mixture.write(m, db, fp, Path(out) / spec.name())
-        d = m.diagnostics
-        row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.draw_level,
-               "sampler": spec.sampler, "eligible": spec.eligible, "unique_docs": d["unique_docs"],
-               "selected_tokens": d["selected_tokens"]}
-        for name, lv in d["levels"].items():
-            row[f"eff_cells_{name}"] = lv["effective_cells"]
-            row[f"tv_{name}"] = lv["tv_to_natural"]
-            row[f"kl_{name}"] = lv["kl_to_natural"]
-            row[f"covered_{name}"] = lv["cells_covered"]
-        row.update({"pool_median": d["pool"]["median_eligible_docs"], "pool_p10": d["pool"]["p10_eligible_docs"],
-                    "pool_share_under_30": d["pool"]["share_cells_under_30"], "max_epochs": d["epochs"]["max"],
-                    "share_tokens_repeated": d["epochs"]["share_tokens_repeated"], "mean_quality": d["mean_quality"],
-                    "warnings": len(m.warnings)})
-        rows.append(row)
-        dist = np.bincount(l1, weights=tokens * m.repeats)
-        l1_dists.append(dist / dist.sum())
-        selected.append(m.repeats > 0)
-    pairs = []
-    for i in range(len(specs)):
-        for j in range(i + 1, len(specs)):
-            inter = int(np.sum(selected[i] & selected[j]))
-            union = int(np.sum(selected[i] | selected[j]))
-            pairs.append({"a": rows[i]["mixture"], "b": rows[j]["mixture"],
-                          "tv_L1": round(0.5 * float(np.abs(l1_dists[i] - l1_dists[j]).sum()), 4),
-                          "jaccard_docs": round(inter / union, 4) if union else 1.0})
-    result = {"store": str(db), "substrate": loaded[1], "mixtures": rows, "pairs": pairs}
+    rows, l1_dists, picked = [], [], []
+    fp = None
+    with tempfile.TemporaryDirectory(prefix="hermes-compare-") as work:
+        for k, spec in enumerate(specs):      # each one cell by cell (hermes.streaming), its repeats kept on disk
+            picked.append(Path(work) / f"repeats-{k}.parquet")
+            folder = Path(out) / spec.name() if out is not None else Path(work) / f"mixture-{k}"
+            m, fp = streaming.build_and_write(db, spec, folder, keep_repeats=picked[-1])
+            if out is None:
+                shutil.rmtree(folder)
+            d = m.diagnostics
+            row = {"mixture": spec.name(), "level": spec.level, "rule": spec.rule, "to_level": spec.draw_level,
+                   "sampler": spec.sampler, "eligible": spec.eligible, "unique_docs": d["unique_docs"],
+                   "selected_tokens": d["selected_tokens"]}
+            for name, lv in d["levels"].items():
+                row[f"eff_cells_{name}"] = lv["effective_cells"]
+                row[f"tv_{name}"] = lv["tv_to_natural"]
+                row[f"kl_{name}"] = lv["kl_to_natural"]
+                row[f"covered_{name}"] = lv["cells_covered"]
+            row.update({"pool_median": d["pool"]["median_eligible_docs"], "pool_p10": d["pool"]["p10_eligible_docs"],
+                        "pool_share_under_30": d["pool"]["share_cells_under_30"], "max_epochs": d["epochs"]["max"],
+                        "share_tokens_repeated": d["epochs"]["share_tokens_repeated"],
+                        "mean_quality": d["mean_quality"], "warnings": len(m.warnings)})
+            rows.append(row)
+            dist = m.masses[1][1]
+            l1_dists.append(dist / dist.sum())
+        pairs = []
+        for i in range(len(specs)):
+            for j in range(i + 1, len(specs)):
+                inter, union = streaming.shared_documents(picked[i], picked[j])
+                pairs.append({"a": rows[i]["mixture"], "b": rows[j]["mixture"],
+                              "tv_L1": round(0.5 * float(np.abs(l1_dists[i] - l1_dists[j]).sum()), 4),
+                              "jaccard_docs": round(inter / union, 4) if union else 1.0})
+    result = {"store": str(db), "substrate": fp, "mixtures": rows, "pairs": pairs}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")

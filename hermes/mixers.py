@@ -432,9 +432,10 @@ def draw_rng(seed: int) -> np.random.Generator:
 class Mixture:
     spec: MixSpec
     cells: dict[str, np.ndarray]           # one entry per level-M cell (see make_mixture)
-    repeats: np.ndarray                    # per document, in store order
+    repeats: np.ndarray | None             # per document, in store order (None: made cell by cell, on disk)
     diagnostics: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    masses: dict[int, tuple[np.ndarray, np.ndarray]] | None = None    # per level: cell tokens, natural and mixed
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -563,11 +564,11 @@ def no_quality(spec: MixSpec) -> HermesError:
 
 
 def finish(spec: MixSpec, cells: dict[str, np.ndarray], repeats: np.ndarray | None, diag: dict[str, Any],
-           p: Plan) -> Mixture:
+           p: Plan, masses: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Mixture:
     warnings = p.warnings + diag.pop("_warnings")
     if parse_rule(spec.rule).kind == "unimax":
         diag["stage1"]["unimax_cap_exceeded"] = bool(p.over_cap)
-    return Mixture(spec=spec, cells=cells, repeats=repeats, diagnostics=diag, warnings=warnings)
+    return Mixture(spec=spec, cells=cells, repeats=repeats, diagnostics=diag, warnings=warnings, masses=masses)
 
 
 def diagnostics(docs: Docs, spec: MixSpec, repeats: np.ndarray, cells: dict[str, np.ndarray], budget: float,

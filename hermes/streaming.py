@@ -162,7 +162,7 @@ def make_mixture(con, spec: MixSpec, names: dict[int, list[str]], repeats_file: 
     mass = {level: _aligned(natural.total(level), mixed.total(level), extra.parts[level]) for level in LEVELS}
     cells = cell_table(stats, p, mass[M][1])
     diag = mixture_diagnostics(spec, cells, p.budget, p.w_L, mass, totals)
-    return finish(spec, cells, None, diag, p)
+    return finish(spec, cells, None, diag, p, mass)
 
 
 def _count(mass: _Mass, t: Totals, codes: np.ndarray, tokens: np.ndarray, quality: np.ndarray, added: np.ndarray,
@@ -203,8 +203,10 @@ def write_manifest(con, repeats_file: Path, draw_level: int, named: list[int], o
         TO '{out}' (FORMAT PARQUET)""")
 
 
-def build_and_write(db: str | Path, spec: MixSpec, out: str | Path) -> tuple[Mixture, str]:
-    """`hermes mix`: the mixture of `spec` from the store `db`, written to the folder `out`."""
+def build_and_write(db: str | Path, spec: MixSpec, out: str | Path, keep_repeats: Path | None = None
+                    ) -> tuple[Mixture, str]:
+    """`hermes mix`: the mixture of `spec` from the store `db`, written to the folder `out`;
+    `keep_repeats`: where to leave its (row, repeats) file (`hermes compare` reads them)."""
     from hermes.mixture import describe, read_weights_file, store_substrate, write_weights
     from hermes.store import connect, named_stages, stage_names
 
@@ -224,11 +226,30 @@ def build_and_write(db: str | Path, spec: MixSpec, out: str | Path) -> tuple[Mix
             write_manifest(con, repeats, spec.draw_level, named_stages(con), tmp / "manifest.parquet")
         finally:
             con.close()
-        repeats.unlink()
+        if keep_repeats is not None:
+            repeats.replace(keep_repeats)
+        else:
+            repeats.unlink()
         write_weights(mix, names, tmp / "weights.parquet")
         (tmp / "mixture.json").write_text(json.dumps(describe(mix, db, fp), indent=2) + "\n")
         _remove_spill(tmp / "spill")
     return mix, fp
+
+
+def shared_documents(a: Path, b: Path) -> tuple[int, int]:
+    """(documents in both, documents in either) of two mixtures' repeats files."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        both, union = con.execute(f"""
+            WITH a AS (SELECT DISTINCT row FROM read_parquet('{a}')), b AS (SELECT DISTINCT row FROM read_parquet('{b}'))
+            SELECT (SELECT count(*) FROM a JOIN b USING (row)),
+                   (SELECT count(*) FROM a) + (SELECT count(*) FROM b) - (SELECT count(*) FROM a JOIN b USING (row))
+            """).fetchall()[0]
+    finally:
+        con.close()
+    return int(both), int(union)
 
 
 def _remove_spill(folder: Path) -> None:

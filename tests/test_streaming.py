@@ -53,3 +53,38 @@ def test_a_mixture_that_needs_quality_on_a_store_without_it(e2e, tmp_path):
     with pytest.raises(HermesError, match="needs quality scores"):
         streaming.build_and_write(db, MixSpec(eligible="top:0.3"), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_compare_equals_the_in_memory_grid(e2e, tmp_path):
+    """`hermes compare` (each mixture cell by cell, its repeats on disk) gives the rows and pairs
+    that the whole store in memory gives: the same diagnostics, TV at L1 and shared documents."""
+    import numpy as np
+
+    from hermes import api
+    from hermes.mixers import factorize
+
+    db = e2e["db"]
+    got = api.compare(db, levels=(1, 3), rules=("natural", "uniform"), samplers=("equal",),
+                      eligible=("all", "top:0.5"), budget_tokens=300_000, out=tmp_path / "grid")
+    loaded = mixture.load_docs(db)
+    docs = loaded[0]
+    _, l1 = factorize(docs.keys(1))
+    specs = [MixSpec(rule=r, to_level=m, sampler="equal", eligible=e, budget_tokens=300_000)
+             for m in (1, 3) for r in ("natural", "uniform") for e in ("all", "top:0.5")]
+    mixes = [mixture.build(db, s, loaded)[0] for s in specs]
+    assert [r["mixture"] for r in got["mixtures"]] == [s.name() for s in specs]
+    for row, m in zip(got["mixtures"], mixes):
+        d = m.diagnostics
+        assert (row["unique_docs"], row["selected_tokens"], row["tv_L123"], row["mean_quality"]) == \
+            (d["unique_docs"], d["selected_tokens"], d["levels"]["L123"]["tv_to_natural"], d["mean_quality"])
+    k = 0
+    for i in range(len(mixes)):
+        for j in range(i + 1, len(mixes)):
+            a, b = mixes[i].repeats > 0, mixes[j].repeats > 0
+            da = np.bincount(l1, weights=docs.n_tokens * mixes[i].repeats)
+            db_ = np.bincount(l1, weights=docs.n_tokens * mixes[j].repeats)
+            tv = round(0.5 * float(np.abs(da / da.sum() - db_ / db_.sum()).sum()), 4)
+            assert got["pairs"][k] == {"a": specs[i].name(), "b": specs[j].name(), "tv_L1": tv,
+                                       "jaccard_docs": round(int((a & b).sum()) / int((a | b).sum()), 4)}
+            k += 1
+    assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == sorted([s.name() for s in specs] + ["compare.json"])
