@@ -78,7 +78,7 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
             substrate: str | Path | None = None, max_system: int | None = None,
             progress=None) -> dict[str, Any]:
     from hermes.read import lookup
-    from hermes.store import connect, info_fields, store_info
+    from hermes.store import connect, info_fields, label_count, labels_at, store_info
 
     if student not in STUDENTS:
         raise HermesError(f"unknown student '{student}'", hint=f"valid: {', '.join(STUDENTS)}")
@@ -96,7 +96,10 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     con = connect(db)
     try:
         fps = [r[0] for r in con.execute("SELECT DISTINCT substrate FROM labels").fetchall()]
-        t = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
+        total = label_count(con)
+        rng = random.Random(seed)         # the sample, then the shuffle of the held-out split
+        rows = range(total) if total <= sample else sorted(rng.sample(range(total), sample))
+        t = labels_at(con, rows)          # the sample's rows only, not every doc_id of the store
         stack = _teacher_stack(con)
         embeddings = [json.loads(r[0]) for r in con.execute("SELECT embedding FROM substrates").fetchall()]
         encoders = [e.get("encoder") for e in embeddings]
@@ -113,12 +116,8 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
     # what counted n_tokens in the teacher's store: its --tokenizer, else its embedding model's tokenizer
     counted_with = info.get("tokenizer") if info.get("tokenizer") not in (None, "the embedding model's") \
         else embeddings[0].get("model")
-    rng = random.Random(seed)
-    rows = list(range(t.num_rows))
-    if len(rows) > sample:
-        rows = sorted(rng.sample(rows, sample))
-    ids = t.column("doc_id").take(rows).to_pylist()
-    codes = np.stack([t.column(c).take(rows).to_numpy() for c in ("c1", "c2", "c3")], axis=1)
+    ids = t.column("doc_id").to_pylist()
+    codes = np.stack([t.column(c).to_numpy() for c in ("c1", "c2", "c3")], axis=1)
     say(f"distill: reading the text of {len(ids):,} documents")
     found = lookup(corpus or info.get("inputs", []), info_fields(info), set(ids))
     docs = [(d, found[d]["text"], c) for d, c in zip(ids, codes) if d in found]

@@ -26,7 +26,7 @@ import numpy as np
 from hermes.cellkeys import LEVELS, level_name
 from hermes.errors import HermesError
 from hermes.read import lookup
-from hermes.store import connect, info_fields, store_info
+from hermes.store import connect, info_fields, label_count, labels_at, store_info
 from hermes.vectors import unit_rows
 
 
@@ -93,13 +93,13 @@ def gold_metrics(cells: np.ndarray, gold: list) -> dict[str, float] | None:
 def _sample_rows(db: Path, n: int, seed: int) -> tuple[list[str], np.ndarray]:
     con = connect(db)
     try:
-        t = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
+        total = label_count(con)
+        rows = np.arange(total) if total <= n else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+        t = labels_at(con, rows)          # the sample's rows only, not every doc_id of the store
     finally:
         con.close()
-    total = t.num_rows
-    rows = np.arange(total) if total <= n else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
-    ids = t.column("doc_id").take(rows).to_pylist()
-    codes = np.stack([t.column(c).take(rows).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
+    ids = t.column("doc_id").to_pylist()
+    codes = np.stack([t.column(c).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
     return ids, codes
 
 

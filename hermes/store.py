@@ -453,6 +453,28 @@ def summary(con) -> dict[str, Any]:
             "reject_reasons": {r: n for r, n in reasons}, "cells": cells}
 
 
+def label_count(con) -> int:
+    return int(con.execute("SELECT count(*) FROM labels").fetchall()[0][0])
+
+
+def labels_at(con, positions, columns: str = "doc_id, c1, c2, c3") -> pa.Table:
+    """The labels at these positions in store order (sorted), read without the others: by rowid
+    where the rowids are 0.. n-1 after the first (a store's labels are only ever inserted), else
+    by reading every row's `columns` once."""
+    import numpy as np
+
+    positions = np.asarray(positions, dtype=np.int64)
+    lo, hi, n = con.execute("SELECT min(rowid), max(rowid), count(*) FROM labels").fetchall()[0]
+    if n and hi - lo + 1 == n:
+        con.register("wanted_rows", pa.table({"rid": positions + lo}))
+        try:
+            return con.sql(f"SELECT {columns} FROM labels WHERE rowid IN (SELECT rid FROM wanted_rows) "
+                           f"ORDER BY rowid").to_arrow_table()
+        finally:
+            con.unregister("wanted_rows")
+    return con.sql(f"SELECT {columns} FROM labels ORDER BY rowid").to_arrow_table().take(pa.array(positions))
+
+
 def connect(db_path: str | Path, config: dict[str, str] | None = None):
     """A read-only connection to a store (`config`: DuckDB settings, e.g. a memory limit)."""
     import duckdb

@@ -88,3 +88,25 @@ def test_compare_equals_the_in_memory_grid(e2e, tmp_path):
                                        "jaccard_docs": round(int((a & b).sum()) / int((a | b).sum()), 4)}
             k += 1
     assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == sorted([s.name() for s in specs] + ["compare.json"])
+
+
+def test_a_sample_of_labels_is_read_by_position(e2e, tmp_path):
+    """eval and distill read their sample's rows only (by rowid), as the whole table would give."""
+    import duckdb
+    import numpy as np
+
+    from hermes.store import labels_at
+
+    con = duckdb.connect(str(e2e["db"]), read_only=True)
+    whole = con.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
+    rows = np.sort(np.random.default_rng(0).choice(whole.num_rows, 37, replace=False))
+    assert labels_at(con, rows).equals(whole.take(rows))
+    con.close()
+    gappy = duckdb.connect(str(tmp_path / "gappy.duckdb"))        # rowids with a gap: read whole, then taken
+    gappy.execute(f"ATTACH '{e2e['db']}' AS src (READ_ONLY)")
+    gappy.execute("CREATE TABLE labels AS SELECT * FROM src.labels ORDER BY rowid")
+    gappy.execute("DELETE FROM labels WHERE rowid = 3")
+    kept = gappy.sql("SELECT doc_id, c1, c2, c3 FROM labels ORDER BY rowid").to_arrow_table()
+    rows = np.array([0, 3, 4, kept.num_rows - 1])
+    assert labels_at(gappy, rows).equals(kept.take(rows))
+    gappy.close()
