@@ -12,7 +12,9 @@ A step is named, so that a Ray worker can build it where it runs (`ShardStep`):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -120,8 +122,12 @@ def run_on_ray(step: str, shards: list[Shard], cfg: Config, layout: Layout, addr
     ds = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in shards])
     step_args = {"step": step, "config": cfg.to_dict(), "root": str(layout.root.resolve()),
                  "static_encoder": static_encoder}
-    rows = ds.map_batches(_RayWorker, fn_constructor_kwargs=step_args, batch_size=1, batch_format="numpy",
-                          concurrency=workers, num_cpus=1).take_all()
+    # Ray prints a dead worker's error on stdout; it goes to stderr, so that stdout holds only what
+    # hermes prints (a --format json summary stays one JSON document). A dead worker is replaced
+    # and its shard done again from the start (the per-shard function writes beside, then renames).
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = ds.map_batches(_RayWorker, fn_constructor_kwargs=step_args, batch_size=1, batch_format="numpy",
+                              concurrency=workers, num_cpus=1).take_all()
     return collect(shards, rows)
 
 

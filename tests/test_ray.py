@@ -72,3 +72,52 @@ def test_results_are_matched_by_shard_key_not_name():
     rows = [{"shard": json.dumps(s.__dict__), "docs": n, "rejects": 0, "skipped": False}
             for s, n in zip(parts[::-1], (7, 3))]
     assert [r.n_docs for r in collect(parts, rows)] == [3, 7]
+
+
+def _ray_workers() -> list[int]:
+    """Process ids of this machine's hermes Ray workers (their process title names the actor)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"_RayWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_redone(e2e, split_corpus, tmp_path):
+    """SIGKILL to the Ray worker while a shard is half-embedded: Ray starts another, the shard is
+    done again from the start, and the labels equal the local engine's (no half-written file)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ray.shutdown()
+    args = [split_corpus / "corpus", "--substrate", e2e["out"] / "substrate", "--config",
+            split_corpus / "small-shards.yaml", "--quiet", "--format", "json"]
+    assert invoke("label", *args, "--out", tmp_path / "local").exit_code == 0
+    out = tmp_path / "ray"
+    result = {}
+    labeling = threading.Thread(target=lambda: result.update(r=invoke("label", *args, "--out", out, "--engine", "ray")))
+    labeling.start()
+    killed, deadline = None, time.time() + 300
+    while killed is None and labeling.is_alive() and time.time() < deadline:
+        half = list((out / "embeddings").glob("*.tmp")) if (out / "embeddings").is_dir() else []
+        workers = _ray_workers()
+        if half and workers:
+            os.kill(workers[0], signal.SIGKILL)
+            killed = workers[0]
+        time.sleep(0.02)
+    labeling.join(600)
+    assert killed is not None, "no shard was seen half-embedded"
+    r = result["r"]
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["labeled"] == 160
+    assert killed not in _ray_workers()
+    assert_same_labels(tmp_path / "local", out)
+    ray.shutdown()
