@@ -20,6 +20,7 @@ order, so it may differ in its last digits. DuckDB sorts within STREAM_MEMORY an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -57,6 +58,8 @@ class _Mass:
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0)
         keys, sums = np.concatenate([k for k, _ in parts]), np.concatenate([w for _, w in parts])
+        if not len(keys):                  # nothing of this kind in any group (no whole repeat drawn)
+            return keys.astype(np.int64), sums.astype(np.float64)
         if len(keys) > 1 and not bool(np.all(keys[1:] >= keys[:-1])):
             raise AssertionError("groups out of cell order")
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
@@ -70,23 +73,29 @@ def _groups(con, level: int) -> Iterator[dict[str, np.ndarray]]:
     rows = GROUP_ROWS
     order = ", ".join(f"c{i + 1}" for i in range(level))
     reader = con.sql(f"SELECT {_COLUMNS} FROM labels ORDER BY {order}, rowid").to_arrow_reader(rows)
-    pending: list[pa.RecordBatch] = []
-    held = 0
+    pending: list[dict[str, np.ndarray]] = []      # batches as arrays, each converted once
+    held, last_start, last_key = 0, 0, None        # last_start: where the last, maybe unfinished, cell starts
     for batch in reader:
-        pending.append(batch)
-        held += batch.num_rows
-        if held < rows:
+        if not batch.num_rows:
             continue
-        group = _arrays(pa.Table.from_batches(pending))
-        keys = pack(group["codes"], level)
-        cut = int(np.searchsorted(keys, keys[-1]))       # where the last, maybe unfinished, cell starts
-        if cut == 0:                                     # one cell so far: read on
+        part = _arrays(pa.Table.from_batches([batch]))
+        keys = pack(part["codes"], level)
+        if keys[0] != last_key:
+            last_start = held
+        changes = np.flatnonzero(keys[1:] != keys[:-1])
+        if len(changes):
+            last_start = held + int(changes[-1]) + 1
+        last_key = keys[-1]
+        pending.append(part)
+        held += len(keys)
+        if held < rows or last_start == 0:         # too few rows yet, or one cell so far: read on
             continue
-        yield {k: v[:cut] for k, v in group.items()}
-        rest = pa.Table.from_batches(pending).slice(cut)
-        pending, held = rest.to_batches(), rest.num_rows
+        group = {k: np.concatenate([p[k] for p in pending]) for k in part}
+        yield {k: v[:last_start] for k, v in group.items()}
+        pending = [{k: v[last_start:] for k, v in group.items()}]
+        held, last_start = held - last_start, 0
     if held:
-        yield _arrays(pa.Table.from_batches(pending))
+        yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
 
 
 def _arrays(t: pa.Table) -> dict[str, np.ndarray]:
@@ -193,14 +202,19 @@ def _aligned(natural: tuple[np.ndarray, np.ndarray], mixed: tuple[np.ndarray, np
     return nat, out
 
 
+def _quoted(path: Path) -> str:
+    """A path as an SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def write_manifest(con, repeats_file: Path, draw_level: int, named: list[int], out: Path) -> None:
     """manifest.parquet from the repeats file and the labels, in store order, written by DuckDB."""
     key_expr, joins = key_sql(draw_level, named, "l")
     con.execute(f"""
         COPY (SELECT l.doc_id, CAST(s.repeats AS INTEGER) AS repeats, l.n_tokens, {key_expr} AS cell
-              FROM (SELECT row, sum(repeats) AS repeats FROM read_parquet('{repeats_file}') GROUP BY row) s
+              FROM (SELECT row, sum(repeats) AS repeats FROM read_parquet({_quoted(repeats_file)}) GROUP BY row) s
               JOIN labels l ON l.rowid = s.row {joins} ORDER BY s.row)
-        TO '{out}' (FORMAT PARQUET)""")
+        TO {_quoted(out)} (FORMAT PARQUET)""")
 
 
 def build_and_write(db: str | Path, spec: MixSpec, out: str | Path, keep_repeats: Path | None = None
@@ -227,7 +241,7 @@ def build_and_write(db: str | Path, spec: MixSpec, out: str | Path, keep_repeats
         finally:
             con.close()
         if keep_repeats is not None:
-            repeats.replace(keep_repeats)
+            shutil.move(repeats, keep_repeats)        # maybe onto another file system
         else:
             repeats.unlink()
         write_weights(mix, names, tmp / "weights.parquet")
@@ -243,7 +257,8 @@ def shared_documents(a: Path, b: Path) -> tuple[int, int]:
     con = duckdb.connect()
     try:
         both, union = con.execute(f"""
-            WITH a AS (SELECT DISTINCT row FROM read_parquet('{a}')), b AS (SELECT DISTINCT row FROM read_parquet('{b}'))
+            WITH a AS (SELECT DISTINCT row FROM read_parquet({_quoted(a)})),
+                 b AS (SELECT DISTINCT row FROM read_parquet({_quoted(b)}))
             SELECT (SELECT count(*) FROM a JOIN b USING (row)),
                    (SELECT count(*) FROM a) + (SELECT count(*) FROM b) - (SELECT count(*) FROM a JOIN b USING (row))
             """).fetchall()[0]
@@ -253,6 +268,4 @@ def shared_documents(a: Path, b: Path) -> tuple[int, int]:
 
 
 def _remove_spill(folder: Path) -> None:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
