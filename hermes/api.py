@@ -136,17 +136,30 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local",
 
 def fit(inputs: Iterable[str | Path] | None, out: str | Path, *, config: Config | str | Path | None = None,
         quiet: bool = False, **settings: Any) -> dict[str, Any]:
-    """Fit a substrate on a sample of the corpus; writes OUT/substrate (and OUT/embeddings, kept).
+    """Fit a substrate on a sample of the corpus; writes OUT/substrate. With the transformer only
+    the sample is embedded (the corpus is read to draw it); with a static encoder, which embeds
+    fast, every document is, and OUT/embeddings is kept for a later label run.
     `settings`: any config key (configs/default.yaml), e.g. `fit_sample=100_000, stages=[...]`."""
+    from hermes.fit import fit_sample_only
+
     t0 = time.perf_counter()
     cfg = _config(config, settings)
-    _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
+    if cfg.encoder == "static" or is_static_encoder(cfg.model):
+        _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
+        documents, rejected = sum(r.n_docs for r in results), sum(r.n_rejects for r in results)
+    else:
+        _, shards = _plan(inputs, cfg)
+        layout = Layout(Path(out))
+        models = Models(cfg)
+        models.fixed.setup()           # a bad taxonomy model fails here, before the corpus is read
+        substrate, counts, rejected = fit_sample_only(shards, models, layout, progress_note=None if quiet else say)
+        documents = sum(counts)
     return {"command": "fit", "out": str(layout.root), "substrate": str(layout.substrate),
             "fingerprint": substrate.fingerprint, "fit_sample_size": substrate.fit_sample_size,
             "codebook_sizes": substrate.quantizer.sizes_, "codebook_rule": codebook_rule(substrate),
             "stages": _stack_text(substrate),
-            "embedding": substrate.embedding, "documents": sum(r.n_docs for r in results),
-            "rejected": sum(r.n_rejects for r in results), "seconds": round(time.perf_counter() - t0, 2)}
+            "embedding": substrate.embedding, "documents": documents,
+            "rejected": rejected, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Substrate, layout: Layout,

@@ -4,6 +4,8 @@ codes of those names under a substrate are the `Classes` labeler's (hermes.label
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,16 +54,19 @@ def shard_classes(shard: Shard, models: Models, layout: Layout) -> dict[int, pa.
     return out
 
 
-def corpus_classes(shards: list[Shard], counts: list[int], models: Models, layout: Layout
+def corpus_classes(shards: list[Shard], counts: list[int], models: Models, layout: Layout,
+                   names_of: Callable[[Shard], dict[int, pa.Array]] | None = None
                    ) -> tuple[dict[int, list[str]], dict[int, np.ndarray]]:
     """For each fixed stage: its sorted class names (a taxonomy model's labels, or every source in
-    the corpus) and each document's class index over the whole corpus (int32, corpus order)."""
+    the corpus) and each document's class index over the whole corpus (int32, corpus order).
+    `names_of(shard)`: each stage's class name per document (default: from the embedding cache)."""
+    shard_classes_of = names_of or (lambda shard: shard_classes(shard, models, layout))
     live = [s for s, n in zip(shards, counts) if n]
     classes: dict[int, list[str]] = {i: models.fixed.known_classes(i) for i in models.fixed.indices}
     if any(v is None for v in classes.values()):       # sources: every name in the corpus (one pass)
         seen: dict[int, set[str]] = {i: set() for i, v in classes.items() if v is None}
         for shard in live:
-            names = shard_classes(shard, models, layout)
+            names = shard_classes_of(shard)
             for i in seen:
                 seen[i].update(v for v in pc.unique(names[i]).to_pylist() if v is not None)
                 check_class_count(i, models.stack[i]["kind"], len(seen[i]))     # fail early on an id-like field
@@ -70,7 +75,7 @@ def corpus_classes(shards: list[Shard], counts: list[int], models: Models, layou
         check_class_count(i, models.stack[i]["kind"], len(known))
     codes: dict[int, list[np.ndarray]] = {i: [] for i in classes}      # a second pass: int32 per document
     for shard in live:
-        names = shard_classes(shard, models, layout)
+        names = shard_classes_of(shard)
         for i, known in classes.items():
             codes[i].append(class_indices(names[i], known).astype(np.int32))
     return classes, {i: np.concatenate(c) for i, c in codes.items()}

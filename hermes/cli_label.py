@@ -107,7 +107,8 @@ def fit(
 ) -> None:
     """Fit the substrate only (embedding settings, transform, RVQ codebooks) on a sample of INPUT.
 
-    The embeddings stay in OUT/embeddings, so fitting again with other settings does not re-embed.
+    With the transformer only the sample is embedded (the corpus is read to draw it, the same
+    sample `hermes run` fits on); with --encoder static every document is, and OUT/embeddings is kept.
 
     Example: hermes fit corpus/ --out fitted --fit-sample 100000
     """
