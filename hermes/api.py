@@ -490,7 +490,7 @@ def compare(db: str | Path, levels: Iterable[int] = LEVELS, rules: Iterable[str]
                 pairs.append({"a": rows[i]["mixture"], "b": rows[j]["mixture"],
                               "tv_L1": round(0.5 * float(np.abs(l1_dists[i] - l1_dists[j]).sum()), 4),
                               "jaccard_docs": round(inter / union, 4) if union else 1.0})
-    result = {"store": str(db), "substrate": fp, "mixtures": rows, "pairs": pairs}
+    result = {"store": str(Path(db).resolve()), "substrate": fp, "mixtures": rows, "pairs": pairs}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")

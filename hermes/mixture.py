@@ -91,6 +91,9 @@ def read_weights_file(path: str | Path, level: int, known: set[str]) -> dict[str
             raise HermesError(f"{p}:{line}: weight of cell {cell} is not a number ({w!r}; field 'weight')") from None
         if not value >= 0 or value == float("inf"):
             raise HermesError(f"{p}:{line}: weight of cell {cell} is {value:g}; weights must be >= 0 (field 'weight')")
+        if cell in out:
+            raise HermesError(f"{p}:{line}: cell '{cell}' is given twice (field 'cell')",
+                              hint="give each cell one weight")
         if cell not in known:
             raise HermesError(f"{p}:{line}: cell '{cell}' is not an {level_name(level)} cell of this store (field 'cell')",
                               hint=f"keys look like {', '.join(sorted(known)[:3])}; see `hermes cells --level {level}`")
@@ -112,9 +115,19 @@ def build(db: str | Path, spec: MixSpec, loaded: tuple[Docs, str] | None = None)
     return make_mixture(docs, spec, external, external_source=str(rule.path)), fp
 
 
+def check_out(out: str | Path) -> Path:
+    """A mixture's folder: new, or a mixture folder made before (a rerun replaces it); never
+    another folder or a file, which writing the mixture would replace."""
+    out = Path(out).resolve()
+    if out.exists() and not (out.is_dir() and ((out / "mixture.json").is_file() or not any(out.iterdir()))):
+        raise HermesError(f"{out}: exists and is not a mixture folder; writing the mixture would replace it",
+                          hint="pass a new --out (or a mixture folder to make again)")
+    return out
+
+
 def write(mix: Mixture, db: str | Path, fingerprint: str, out: str | Path) -> Path:
     """Write the mixture folder (to a temporary name, renamed when complete)."""
-    out = Path(out)
+    out = check_out(out)
     with replacing(out) as (tmp,):
         tmp.mkdir()
         spec = mix.spec
@@ -154,7 +167,8 @@ def describe(mix: Mixture, db: str | Path, fingerprint: str) -> dict[str, Any]:
     return {"spec": {"level": s.level, "rule": s.rule, "to_level": s.draw_level, "sampler": s.sampler,
                      "eligible": s.eligible, "budget_tokens": s.budget_tokens, "seed": s.seed,
                      "max_epochs": s.max_epochs},
-            "store": str(db), "substrate": fingerprint, "hermes_version": __version__,
+            # the store as an absolute path: `hermes export` finds it from any folder
+            "store": str(Path(db).resolve()), "substrate": fingerprint, "hermes_version": __version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "diagnostics": mix.diagnostics, "warnings": mix.warnings}
 

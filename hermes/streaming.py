@@ -221,10 +221,10 @@ def build_and_write(db: str | Path, spec: MixSpec, out: str | Path, keep_repeats
                     ) -> tuple[Mixture, str]:
     """`hermes mix`: the mixture of `spec` from the store `db`, written to the folder `out`;
     `keep_repeats`: where to leave its (row, repeats) file (`hermes compare` reads them)."""
-    from hermes.mixture import describe, read_weights_file, store_substrate, write_weights
+    from hermes.mixture import check_out, describe, read_weights_file, store_substrate, write_weights
     from hermes.store import connect, named_stages, stage_names
 
-    out = Path(out)
+    out = check_out(out)           # absolute: Arrow would read a relative path with ':' as a URI
     with replacing(out) as (tmp,):
         tmp.mkdir()
         con = connect(db, config={"memory_limit": STREAM_MEMORY, "temp_directory": str(tmp / "spill")})

@@ -148,3 +148,42 @@ def test_compare_writes_its_mixtures_onto_another_file_system(e2e):
         assert len(got["pairs"]) == 1 and (out / "compare.json").is_file()
     finally:
         shutil.rmtree(out.parent)
+
+
+def test_mix_never_replaces_what_is_not_a_mixture(e2e, tmp_path, monkeypatch):
+    """--out that is a file or another folder is refused, untouched; a mixture folder is made
+    again; a relative --out with ':' works; mixture.json names the store by its absolute path."""
+    import json
+
+    from tests.conftest import invoke
+
+    db = e2e["db"]
+    kept = tmp_path / "results"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine too")
+    for out in (kept, a_file):
+        r = invoke("mix", "--db", db, "--out", out)
+        assert r.exit_code == 1 and "exists and is not a mixture folder" in r.stderr, r.output
+    assert (kept / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine too"
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):                      # the second time over its own mixture folder
+        r = invoke("mix", "--db", db, "--rule", "temperature:2", "--out", "m-temperature:2")
+        assert r.exit_code == 0, r.output
+    described = json.loads((tmp_path / "m-temperature:2" / "mixture.json").read_text())
+    assert described["store"] == str(Path(db).resolve())
+
+
+def test_a_weights_file_that_names_a_cell_twice_is_refused(e2e, tmp_path):
+    from tests.conftest import invoke
+
+    import duckdb
+
+    con = duckdb.connect(str(e2e["db"]), read_only=True)
+    cell = con.execute("SELECT cell FROM cells_l1 LIMIT 1").fetchall()[0][0]
+    con.close()
+    weights = tmp_path / "w.csv"
+    weights.write_text(f"cell,weight\n{cell},0.5\n{cell},0.5\n")
+    r = invoke("mix", "--db", e2e["db"], "--rule", f"weights:{weights}", "--out", tmp_path / "m")
+    assert r.exit_code == 1 and f"{weights}:3: cell '{cell}' is given twice" in r.stderr, r.output
