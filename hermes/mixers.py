@@ -210,7 +210,8 @@ def cap_epochs(weights: np.ndarray, available: np.ndarray, budget: float, max_ep
                ) -> tuple[np.ndarray, np.ndarray]:
     """Token targets per cell: weight x budget, but at most max_epochs x available; what a capped
     cell cannot take is spread over the uncapped cells in proportion to their weights.
-    Returns (targets, capped mask)."""
+    Returns (targets, which cells are at their cap: pushed back to it, or brought up to it by
+    what others could not take)."""
     w = np.asarray(weights, dtype=np.float64)
     avail = np.asarray(available, dtype=np.float64)
     targets = w * budget
@@ -229,7 +230,7 @@ def cap_epochs(weights: np.ndarray, available: np.ndarray, budget: float, max_ep
         if not free.any() or leftover <= 0:
             break
         targets[free] += leftover * w[free] / w[free].sum()
-    return targets, capped
+    return targets, capped | ((limit > 0) & (targets >= limit * (1 - 1e-12)))
 
 
 # --------------------------------------------------------------------------- documents

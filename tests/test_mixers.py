@@ -131,6 +131,13 @@ def test_epoch_cap_moves_the_remainder_to_other_cells():
     assert targets[1] == pytest.approx(targets[2])
 
 
+def test_a_cell_the_remainder_brings_to_its_cap_counts_as_capped():
+    targets, capped = cap_epochs(np.array([0.6, 0.4]), np.array([10.0, 10.0]), 40, 2.0)
+    assert targets.tolist() == [20, 20] and capped.tolist() == [True, True]
+    targets, capped = cap_epochs(np.array([0.5, 0.5, 0.0]), np.array([10.0, 10.0, 0.0]), 10, 2.0)
+    assert capped.tolist() == [False, False, False]          # under the cap; an empty cell is not at it
+
+
 def test_stage2_never_changes_stage1_weights_on_real_hierarchy():
     docs = random_docs(3, n=3000, k=6)
     for m in (1, 2, 3):
