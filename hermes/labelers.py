@@ -184,7 +184,7 @@ class TransformerVectors(Labeler):
             parts.append(self.embedder.encode(texts[i:i + self.slice_size]).astype(np.float32))
             if self.on_slice:
                 self.on_slice(len(parts[-1]))
-        return batch.with_columns(**{EMBEDDING: np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)})
+        return batch.with_columns(**{EMBEDDING: np.concatenate(parts) if parts else self.embedder.encode([])})
 
 
 class CachedVectors(Labeler):

@@ -132,3 +132,11 @@ def test_cached_vectors_are_the_cache_rows_of_the_batch():
         batch = Batch(docs(["x"] * len(rows)), "f").with_columns(row=pa.array(rows, pa.int64()))
         got = CachedVectors(cache)(batch).vectors()
         assert got.shape == (len(rows), 4) and np.array_equal(got, cache[rows])
+
+
+def test_an_empty_batch_keeps_the_vectors_dimension():
+    """A read batch whose records were all rejected: the embedding column still has the model's
+    dimension (the cache marker records it, and reads the file by it)."""
+    models = Models(load_config())
+    out = models.vectors().setup()(Batch(docs([]), "f"))
+    assert out.vectors().shape == (0, models.embedder.dim_) and models.embedder.dim_ > 1
