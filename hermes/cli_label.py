@@ -9,11 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from hermes.console import (AddressOpt, BatchOpt, CodebookSizeOpt, CodebookSizesOpt, ConfigOpt, DeviceOpt,
-                            EncoderDocsOpt, EncoderKind, EncoderOpt, Engine, EngineOpt, IdFieldOpt, KeepOpt,
-                            QualityFieldOpt, QualityLabelOpt, QualityModelOpt, QualityOpt, QuietOpt, SourceFieldOpt,
-                            StagesOpt, SummaryFmt, SummaryOpt, TextFieldOpt, TokenizerOpt, fit_settings, guarded,
-                            print_summary, read_settings)
+from hermes.console import (AddressOpt, BatchOpt, CodebookSizeOpt, CodebookSizesOpt, ConfigOpt, DeviceOpt, DtypeOpt,
+                            EncoderDocsOpt, EncoderKind, EncoderOpt, Engine, EngineOpt, FitSampleOpt, IdFieldOpt,
+                            KeepOpt, MaxLengthOpt, QualityFieldOpt, QualityLabelOpt, QualityModelOpt, QualityOpt,
+                            QuietOpt, SourceFieldOpt, StagesOpt, SummaryFmt, SummaryOpt, TextFieldOpt, TokenizerOpt,
+                            fit_settings, guarded, print_summary, read_settings)
 
 
 @guarded
@@ -31,17 +31,14 @@ def run(
                                                              "a static encoder (default: the packaged "
                                                              "all-MiniLM-L6-v2), or a static encoder folder that "
                                                              "hermes saved."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
+    dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); "
-                                                                        "with --encoder static, the teacher's window "
-                                                                        "while the encoder is built (it then reads "
-                                                                        "whole texts)."),
+    max_length: Optional[int] = MaxLengthOpt,
     batch_size: Optional[int] = BatchOpt,
     tokenizer: Optional[str] = TokenizerOpt,
     codebook_size: Optional[int] = CodebookSizeOpt,
     codebook_sizes: Optional[str] = CodebookSizesOpt,
-    fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
+    fit_sample: Optional[int] = FitSampleOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the fit sample and k-means (default: 0)."),
     stages: Optional[str] = StagesOpt,
     quality: Optional[str] = QualityOpt,
@@ -90,16 +87,13 @@ def fit(
     model: Optional[str] = typer.Option(None, "--model", help="Local sentence-transformers folder (the teacher of a "
                                                              "static encoder), or a static encoder folder that "
                                                              "hermes saved."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto)."),
+    dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); "
-                                                                        "with --encoder static, the teacher's window "
-                                                                        "while the encoder is built (it then reads "
-                                                                        "whole texts)."),
+    max_length: Optional[int] = MaxLengthOpt,
     batch_size: Optional[int] = BatchOpt,
     codebook_size: Optional[int] = CodebookSizeOpt,
     codebook_sizes: Optional[str] = CodebookSizesOpt,
-    fit_sample: Optional[int] = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000)."),
+    fit_sample: Optional[int] = FitSampleOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: 0)."),
     stages: Optional[str] = StagesOpt,
     quiet: bool = QuietOpt,

@@ -108,6 +108,11 @@ EncoderOpt = typer.Option(None, "--encoder", help="transformer: the model embeds
                                                   "--max-length tokens). static: a static encoder is built from the "
                                                   "model on --encoder-docs documents of the corpus, then embeds every "
                                                   "whole text, about 75x faster on 2 CPU cores (default: transformer).")
+DtypeOpt = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto).")
+MaxLengthOpt = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); with --encoder "
+                                                       "static, the teacher's window while the encoder is built (it "
+                                                       "then reads whole texts).")
+FitSampleOpt = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000).")
 EncoderDocsOpt = typer.Option(None, "--encoder-docs", help="Documents the static encoder is built on, a seeded "
                                                            "sample (default: 2000).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")

@@ -1,4 +1,7 @@
-"""Mixtures against a store: load the label arrays, read weights files, write mixture folders.
+"""Mixtures against a store: read weights files, write mixture folders (shared by `hermes mix`,
+which draws cell by cell: hermes.streaming), and the in-memory mixture (`load_docs`, `build`,
+`write`: every label loaded into arrays), the reference the streamed one is tested against and
+what scripts/bench_mix.py draws from.
 
 A mixture folder holds
 - `weights.parquet`: one row per level-M cell: cell, parent (its level-L cell), stage1_weight,

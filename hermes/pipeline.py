@@ -110,10 +110,11 @@ def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress
             if rejects.num_rows:
                 rejects_out.write_table(rejects)
                 n_rejects += rejects.num_rows
-            if batch.has(EMBEDDING):          # (0, dim) when every document of the batch was refused
-                dim = batch.vectors().shape[1]
+            vectors = batch.vectors() if batch.has(EMBEDDING) else None   # (0, dim) if every one was refused
+            if vectors is not None:
+                dim = vectors.shape[1]
             if len(batch):
-                emb_out.write(np.ascontiguousarray(batch.vectors().astype(np.float16)).tobytes())
+                emb_out.write(np.ascontiguousarray(vectors.astype(np.float16)).tobytes())
                 docs_out.write_table(rows_of(batch, DOCS_SCHEMA, seq))
                 seq += len(batch)
             if progress:

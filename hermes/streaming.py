@@ -246,7 +246,7 @@ def build_and_write(db: str | Path, spec: MixSpec, out: str | Path, keep_repeats
             repeats.unlink()
         write_weights(mix, names, tmp / "weights.parquet")
         (tmp / "mixture.json").write_text(json.dumps(describe(mix, db, fp), indent=2) + "\n")
-        _remove_spill(tmp / "spill")
+        shutil.rmtree(tmp / "spill", ignore_errors=True)
     return mix, fp
 
 
@@ -265,7 +265,3 @@ def shared_documents(a: Path, b: Path) -> tuple[int, int]:
     finally:
         con.close()
     return int(both), int(union)
-
-
-def _remove_spill(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
