@@ -119,7 +119,9 @@ class Batch:
             return out, rejects
         keep = ~bad
         texts = [t for t, k in zip(self._texts, keep) if k] if self._texts is not None else None
-        return Batch(table.filter(pa.array(keep)), self.file, texts), rejects
+        out = Batch(table.filter(pa.array(keep)), self.file, texts)
+        out._words = self._words.take(keep) if self._words is not None else None
+        return out, rejects
 
 
 class Labeler:
@@ -156,9 +158,12 @@ class StaticVectors(Labeler):
         return self.encoder.settings()
 
     def __call__(self, batch: Batch) -> Batch:
-        vectors, counted, ok = self.encoder.encode_counted(batch.column("text"))
+        vectors, counted, ok, words = self.encoder.encode_words(batch.column("text"))
         columns = {EMBEDDING: vectors, **({"n_tokens": pa.array(counted, pa.int32())} if self.counts else {})}
-        return batch.with_columns(**columns).refuse(~ok, NO_TOKENS)
+        out = batch.with_columns(**columns)
+        if words is not None and out._words is None:      # the encoder's split serves the words view too
+            out._words = words
+        return out.refuse(~ok, NO_TOKENS)
 
 
 class TransformerVectors(Labeler):

@@ -28,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from contextlib import contextmanager
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -294,7 +295,13 @@ class StaticEncoder:
         """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool) of `texts` (a list of
         str or an Arrow string array): `ok` is False for a text with no known token, whose vector row
         is then zero (it must be rejected, not labeled)."""
-        return self._encode(texts, vectors=True)
+        return self._encode(texts, vectors=True)[:3]
+
+    def encode_words(self, texts) -> "Encoded":
+        """`encode_counted`'s result and the texts' `Words`, made from the same split into pieces
+        (None where the texts were not split in one piece: a tokenizer the piece cache cannot
+        serve, or more than ENCODE_BATCH texts)."""
+        return Encoded(*self._encode(texts, vectors=True, words=True))
 
     def encode(self, texts) -> np.ndarray:
         """Unit-norm vectors; a text with no known token gets a zero row (labeling rejects it)."""
@@ -304,8 +311,8 @@ class StaticEncoder:
         """Tokens of each whole text (the teacher's tokenizer, no special tokens), as n_tokens counts."""
         return self._encode(texts, vectors=False)[1]
 
-    def _encode(self, texts, vectors: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        from hermes.words import as_strings
+    def _encode(self, texts, vectors: bool, words: bool = False):
+        from hermes.words import Words, as_strings
 
         self.setup()
         arr = as_strings(texts)
@@ -313,6 +320,7 @@ class StaticEncoder:
         vecs = np.zeros((n, self.dim_), dtype=np.float32) if vectors else None
         counts = np.zeros(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
+        split = None
         for start in range(0, n, ENCODE_BATCH):
             part = arr.slice(start, ENCODE_BATCH)
             if self.pieces_ is None:            # a tokenizer the piece cache cannot serve: whole texts
@@ -320,7 +328,9 @@ class StaticEncoder:
                 bags = count_rows(ids, lengths, len(self.rows_), np.float32)
                 known = bags @ self.known_.astype(np.float32)
             else:
-                bags, lengths, known = self.pieces_.bags(part)
+                bags, lengths, known, pieces = self.pieces_.bags(part)
+                if words and len(part) == n:
+                    split = Words.of_pieces(arr, *pieces)
             stop = start + len(part)
             counts[start:stop] = lengths
             if vectors:
@@ -333,17 +343,28 @@ class StaticEncoder:
                 ok[start:stop] = good
             else:
                 ok[start:stop] = known > 0
-        return vecs, counts, ok
+        return vecs, counts, ok, split
+
+
+class Encoded(NamedTuple):
+    vectors: np.ndarray         # (n, dim) float32, unit-norm; a zero row where not ok
+    counts: np.ndarray          # tokens of each whole text
+    ok: np.ndarray              # the text has a token the encoder knows
+    words: Any                  # hermes.words.Words from the same split, or None
 
 
 _WHITESPACE_SPLITS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
 _FINER_SPLITS = {"Punctuation", "Digits"}
 _WORD_KEEPING = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip"}
+_CHAR_LOCAL = {"BertNormalizer", "Lowercase", "NFD", "StripAccents"}   # never join a character to the next
+ASCII_PUNCTUATION = r"([!-/:-@\[-`{-~])"    # every ASCII character BERT's pre-tokenizer stands alone
 
 
 def piece_cache(tok, spec: dict[str, Any], vocab: int, known: np.ndarray) -> "PieceCache | None":
     """A PieceCache for a tokenizer (its loaded object and its tokenizer.json) whose tokens of a text
-    are the tokens of its whitespace-separated pieces; None for any other (encode whole texts)."""
+    are the tokens of its whitespace-separated pieces; None for any other (encode whole texts).
+    Behind BERT's pre-tokenizer, which also stands every punctuation character alone, a piece's
+    tokens are those of its parts around ASCII punctuation, so pieces are cached as parts too."""
     def kinds(part: dict | None, key: str) -> list[str]:
         if not part:
             return []
@@ -364,7 +385,13 @@ def piece_cache(tok, spec: dict[str, Any], vocab: int, known: np.ndarray) -> "Pi
     seps = [(t["content"], t["id"]) for t in spec.get("added_tokens", []) if t.get("special") and t["content"]]
     unk = (spec.get("model") or {}).get("unk_token")
     seps = [s for s in seps if s[0] != unk]
-    return PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=seps[-1] if seps else None)
+    separator = seps[-1] if seps else None
+    parts = None
+    if pre == ["BertPreTokenizer"] and set(kinds(spec.get("normalizer"), "normalizers")) <= _CHAR_LOCAL:
+        # added tokens are matched in the raw text, before the split: a piece that holds one stays whole
+        parts = PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=separator)
+        parts.added = [t["content"] for t in spec.get("added_tokens", []) if t.get("content")]
+    return PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=separator, parts=parts)
 
 
 class PieceCache:
@@ -379,15 +406,22 @@ class PieceCache:
     share of the text. Up to `limit` pieces and PIECE_CHARS characters of them are kept (then
     the table starts again), so memory stays bounded on any corpus.
 
+    With `parts` (a second table, behind BERT's pre-tokenizer), a new piece is cut around its ASCII
+    punctuation and its ids are its parts' ids in order: "word," and "(word" share "word", and a
+    long run of punctuated junk (mail headers, uuencoded lines) becomes parts seen before, so the
+    tokenizer sees far fewer tokens.
+
     Written here because the tokenizers library keeps no cache across calls; the splitting runs
     on Arrow's kernels and the bags are scipy sparse products.
     """
 
     def __init__(self, tok, vocab: int, known: np.ndarray, drop_vt_ff: bool, separator: tuple[str, int] | None,
-                 limit: int = PIECE_CACHE):
+                 limit: int = PIECE_CACHE, parts: "PieceCache | None" = None):
         self.tok, self.vocab, self.known, self.limit = tok, vocab, known, limit
         self.drop_vt_ff = drop_vt_ff          # the normaliser deletes \v and \f (control) rather than split there
         self.separator = separator            # (text, id) of a token that joins pieces into one tokenizer input
+        self.parts = parts                    # the table of pieces' parts around ASCII punctuation, if any
+        self.added: list[str] = []            # (in a parts table) texts of the added tokens
         self._lock = threading.Lock()
         self._clear()
 
@@ -432,7 +466,7 @@ class PieceCache:
 
     def _add(self, pieces: list[str]) -> np.ndarray:
         """Tokenize and store new pieces; their positions in the table."""
-        order, ids, lengths = self._tokenize(pieces)
+        order, ids, lengths = self._tokenize(pieces) if self.parts is None else self._from_parts(pieces)
         first, k = len(self.index), len(pieces)
         if first + k > len(self.start):
             size = max(2 * len(self.start), first + k)
@@ -451,9 +485,58 @@ class PieceCache:
         where[order] = np.arange(first, first + k)
         return where
 
-    def bags(self, texts) -> tuple[Any, np.ndarray, np.ndarray]:
-        """(bags, token counts, known-token counts) of an Arrow string array: `bags` is a CSR
-        (len(texts), vocab) matrix of each text's token-id counts."""
+    def lookup(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids of `words` (distinct pieces) concatenated in order, each one's count of ids,
+        and of known ids), tokenizing and storing the pieces not in the table yet."""
+        with self._lock:
+            if len(self.index) + len(words) > self.limit or self.chars > PIECE_CHARS:
+                self._clear()
+            where = np.fromiter(map(self.index.get, words, repeat(-1)), dtype=np.int64, count=len(words))
+            new = np.flatnonzero(where < 0)
+            if len(new):
+                where[new] = self._add([words[i] for i in new])
+            length = self.length[where]
+            offsets = np.concatenate([[0], np.cumsum(length)])
+            ids = self.ids[np.repeat(self.start[where] - offsets[:-1], length) + np.arange(offsets[-1])]
+            return ids, length, self.n_known[where]
+
+    def _from_parts(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_tokenize`'s result from the parts table: each piece cut around its ASCII punctuation
+        (a piece that holds an added token's text is tokenized whole, as the tokenizer matches it
+        before splitting)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = pa.array(pieces, pa.large_string())
+        whole = np.zeros(len(pieces), dtype=bool)
+        if self.parts.added:
+            any_added = "|".join(re.escape(text) for text in self.parts.added)
+            whole = pc.match_substring_regex(arr, any_added).to_numpy(zero_copy_only=False)
+        if whole.any():
+            cut = np.flatnonzero(~whole)
+            arr = arr.take(pa.array(cut))
+        # pieces hold no space: the spaces put around punctuation are the only ones
+        lists = pc.split_pattern(pc.replace_substring_regex(arr, ASCII_PUNCTUATION, r" \1 "), " ")
+        per_piece = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+        distinct = pc.dictionary_encode(pc.list_flatten(lists))
+        part_ids, part_length, _ = self.parts.lookup(distinct.dictionary.to_pylist())
+        which = distinct.indices.to_numpy()               # each part in turn, as a distinct part
+        length = part_length[which]
+        offsets = np.concatenate([[0], np.cumsum(length)])
+        starts = np.cumsum(part_length) - part_length
+        ids = part_ids[np.repeat(starts[which] - offsets[:-1], length) + np.arange(offsets[-1])]
+        lengths = np.bincount(np.repeat(np.arange(len(per_piece)), per_piece), weights=length,
+                              minlength=len(per_piece)).astype(np.int64)
+        if not whole.any():
+            return np.arange(len(pieces)), ids.astype(np.int32), lengths
+        order, lone_ids, lone_lengths = self._tokenize([pieces[i] for i in np.flatnonzero(whole)])
+        return (np.concatenate([cut, np.flatnonzero(whole)[order]]), np.concatenate([ids, lone_ids]).astype(np.int32),
+                np.concatenate([lengths, lone_lengths]))
+
+    def bags(self, texts) -> tuple[Any, np.ndarray, np.ndarray, tuple[Any, Any]]:
+        """(bags, token counts, known-token counts, (distinct pieces, occurrences)) of an Arrow
+        string array: `bags` is a CSR (len(texts), vocab) matrix of each text's token-id counts,
+        `occurrences` a CSR (len(texts), pieces) one of how often each text holds each piece."""
         import pyarrow.compute as pc
 
         if self.drop_vt_ff and pc.any(pc.match_substring_regex(texts, r"[\v\f]")).as_py():
@@ -465,17 +548,7 @@ class PieceCache:
         per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
         words = distinct.dictionary.to_pylist()
-        with self._lock:
-            if len(self.index) + len(words) > self.limit or self.chars > PIECE_CHARS:
-                self._clear()
-            where = np.fromiter(map(self.index.get, words, repeat(-1)), dtype=np.int64, count=len(words))
-            new = np.flatnonzero(where < 0)
-            if len(new):
-                where[new] = self._add([words[i] for i in new])
-            length = self.length[where]
-            offsets = np.concatenate([[0], np.cumsum(length)])
-            ids = self.ids[np.repeat(self.start[where] - offsets[:-1], length) + np.arange(offsets[-1])]
-            n_known = self.n_known[where]
+        ids, length, n_known = self.lookup(words)
         # texts x distinct pieces (occurrences; a repeated piece is a repeated entry, summed by the
         # products), then pieces x token ids
         occurrences = count_rows(distinct.indices.to_numpy(), per_text, len(words), np.float32)
@@ -483,7 +556,7 @@ class PieceCache:
         counts = np.rint(occurrences @ length.astype(np.float64)).astype(np.int64)
         bags = occurrences @ pieces
         bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
-        return bags, counts, occurrences @ n_known
+        return bags, counts, occurrences @ n_known, (distinct.dictionary, occurrences)
 
 
 def _encode_batch(tok, texts: list[str]) -> list:

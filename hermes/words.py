@@ -41,6 +41,22 @@ class Words:
         occurrences = count_rows(coded.indices.to_numpy(), per_text, len(coded.dictionary))
         return cls(arr, coded.dictionary, occurrences)
 
+    @classmethod
+    def of_pieces(cls, texts: pa.Array, pieces: pa.Array, occurrences) -> "Words":
+        """The words of `texts` from a split at ASCII whitespace done already: `pieces` its distinct
+        pieces, `occurrences` (texts x pieces) how often each text holds each. A piece is cut at the
+        rest of the whitespace, so each text holds the same words as `of` finds (and at most some
+        more empty strings, which count as no word)."""
+        lists = pc.utf8_split_whitespace(pieces)
+        per_piece = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+        coded = pc.dictionary_encode(pc.list_flatten(lists))
+        in_piece = count_rows(coded.indices.to_numpy(), per_piece, len(coded.dictionary))
+        return cls(texts, coded.dictionary, (occurrences @ in_piece).tocsr())
+
+    def take(self, keep: np.ndarray) -> "Words":
+        """The words of the texts where `keep` (a bool mask) is True."""
+        return Words(self.texts.filter(pa.array(keep)), self.distinct, self.occurrences[np.flatnonzero(keep)])
+
     def per_text(self, values: np.ndarray) -> np.ndarray:
         """Sum over each text's words of a per-distinct-word value (an array, or columns of one)."""
         return np.asarray(self.occurrences @ np.asarray(values, dtype=np.float64))

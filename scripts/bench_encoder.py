@@ -10,7 +10,8 @@ In one run:
 - `transformer`: the transformer's `encode` (max length 256, dtype auto) of a seeded 2,000-document
   subset, the embedding alone (a lower bound of the transformer path's time);
 - `parts`: the static path's per-document work on the dev corpus timed part by part in this
-  process (reading, tokenizing + embedding, quality, term counts, quantizing).
+  process (reading, tokenizing + embedding with the words of the same split, quality, term
+  counts, quantizing).
 The static substrate is fitted once (`hermes fit --encoder static` on the train split, the
 context pass included; timed as `fit`) unless --substrate gives one. Prints JSON.
 
@@ -130,10 +131,10 @@ def parts(corpus: Path, substrate: Path) -> dict:
             texts = docs.column("text")
             spent["read"] += time.perf_counter() - t
             t = time.perf_counter()
-            emb, _, ok = enc.encode_counted(texts)
+            emb, _, ok, words = enc.encode_words(texts)     # the words of the same split, as labeling uses
             spent["tokenize_embed"] += time.perf_counter() - t
             t = time.perf_counter()
-            words = Words.of(texts)          # split once, for the heuristic and the term counts
+            words = words or Words.of(texts)   # split once, for the heuristic and the term counts
             spent["words"] += time.perf_counter() - t
             t = time.perf_counter()
             heuristic_scores(texts, words)

@@ -109,14 +109,14 @@ def test_keys_come_from_the_labelers():
 
 
 def test_static_vectors_refuse_texts_with_no_known_token():
-    class Encoder:          # stands in for StaticEncoder.encode_counted
+    class Encoder:          # stands in for StaticEncoder.encode_words
         def setup(self):
             return self
 
-        def encode_counted(self, texts):
+        def encode_words(self, texts):
             n = len(texts)
             ok = np.array([bool(t.as_py().strip()) for t in texts])
-            return np.eye(n, 4, dtype=np.float32) * ok[:, None], np.arange(n), ok
+            return np.eye(n, 4, dtype=np.float32) * ok[:, None], np.arange(n), ok, None
 
     batch, rejects = apply(Batch(docs(["a", " ", "b"]), "f"), [StaticVectors(Encoder(), counts=True)])
     assert batch.column("doc_id").to_pylist() == ["d0", "d2"]

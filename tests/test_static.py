@@ -271,7 +271,10 @@ def test_label_quantizes_the_float16_values_run_caches(static_run, tmp_path, mon
 
 TRICKY = ["a\vb c\fd", "x[CLS]y [SEP] [UNK]", "two[MASK]words [MASK]", "café naïve 中文字", "\x00\x01", "", "   ",
           "\u200b", "a" * 150 + " b", "tab\tsep\r\nline\u00a0nbsp\u2003em", "\x1cfoo\x1dbar\x85baz", "emoji 😀👍🏽",
-          "don't stop-believing (now)!", "repeat repeat repeat. Repeat", "[SE\vP] hi", "a [MAS\fK] b"]
+          "don't stop-believing (now)!", "repeat repeat repeat. Repeat", "[SE\vP] hi", "a [MAS\fK] b",
+          # cut around ASCII punctuation: added tokens inside punctuation, marks after it, words > 100 chars
+          "x.[SEP].y [[MASK]] ...", "<\u0338b a,\u0301b", "e-mail@host.com (100%)!", "a" * 150 + "-b,c",
+          "x[CLS]y,z ¡hola! ¿qué? ,,,", "[[UNK]]!"]
 
 
 def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run):
@@ -283,10 +286,12 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
 
     enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
     assert enc.pieces_ is not None and enc.pieces_.separator == ("[MASK]", 103)
+    assert enc.pieces_.parts is not None        # BERT's pre-tokenizer: pieces are cached by their parts too
     texts = [r["text"] for r in static_run["records"]] + TRICKY
     for limit in (1_000_000, 500):
-        enc.pieces_.limit = limit
+        enc.pieces_.limit = enc.pieces_.parts.limit = limit
         enc.pieces_._clear()
+        enc.pieces_.parts._clear()
         for part in (texts[:40], texts, TRICKY):            # cold, partly warm, warm
             vecs, counts, ok = enc.encode_counted(part)
             ids, lengths = enc.token_ids(part)
@@ -306,6 +311,43 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
     assert np.array_equal(alone, enc.encode(texts)[:7]) and np.array_equal(alone[3:], enc.encode(texts[3:7]))
 
 
+def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(static_run):
+    """`encode_words` hands the quality heuristic and the term counts the words of its own split
+    into pieces: each text holds the same words (bar empty strings, which count as none) as
+    `Words.of`, and the scores and term counts are the same; a batch that drops rows keeps them."""
+    import pyarrow as pa
+
+    from hermes.labelers import Batch, StaticVectors, apply
+    from hermes.quality import heuristic_scores
+    from hermes.static import StaticEncoder
+    from hermes.terms import TermCounter
+    from hermes.words import Words
+
+    def held(words):
+        occ = words.occurrences.tocsr().copy()
+        occ.sum_duplicates()
+        names = words.distinct.to_pylist()
+        return [sorted((names[j], round(v)) for j, v in zip(occ[i].indices, occ[i].data) if names[j])
+                for i in range(occ.shape[0])]
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
+    texts = pa.array([r["text"] for r in static_run["records"]] + TRICKY + ["a \u00a0b\u2003c \x1cd\x85e "])
+    words = enc.encode_words(texts).words
+    again = Words.of(texts)
+    assert held(words) == held(again)
+    np.testing.assert_array_equal(heuristic_scores(texts, words), heuristic_scores(texts, again))
+    codes = np.arange(len(texts))[:, None] % np.array([[3, 2, 1]])
+    counts = [TermCounter(), TermCounter()]
+    counts[0].add(texts, codes, words)
+    counts[1].add(texts, codes, again)
+    assert counts[0].table().equals(counts[1].table())
+    # through the labeler: the batch keeps the encoder's words, also after its refused rows leave
+    docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "line": list(range(len(texts))), "text": texts})
+    batch, rejects = apply(Batch(docs, "f"), [StaticVectors(enc, counts=True)])
+    assert sum(t.num_rows for t in rejects) and batch._words is not None
+    assert held(batch.words) == held(Words.of(batch.column("text")))
+
+
 def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
     from hermes.static import piece_cache
 
@@ -318,3 +360,10 @@ def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
     spaced_token = {**bert, "added_tokens": [{"id": 5, "content": "new york", "special": False}]}
     for spec in (byte_level, metaspace, joining, spaced_token):
         assert piece_cache(None, spec, 10, np.ones(10, bool)) is None
+    # pieces are cut at punctuation only behind BERT's pre-tokenizer and normalisers that never join
+    # a character to the next (NFC would join "<" and a combining mark into one symbol)
+    assert piece_cache(None, bert, 10, np.ones(10, bool)).parts is not None
+    whitespace = {**bert, "pre_tokenizer": {"type": "Whitespace"}}
+    nfc = {**bert, "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}}
+    for spec in (whitespace, nfc):
+        assert piece_cache(None, spec, 10, np.ones(10, bool)).parts is None
