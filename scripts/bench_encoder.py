@@ -150,7 +150,7 @@ def parts(corpus: Path, substrate: Path) -> dict:
     terms.table()
     spent["terms"] += time.perf_counter() - t
     return {"docs": n, "seconds": {k: round(v, 2) for k, v in spent.items()},
-            "docs_per_s": {k: round(n / v, 1) for k, v in spent.items() if v}}
+            "docs_per_s": {k: round(n / v, 1) for k, v in spent.items() if v >= 0.005}}
 
 
 def main() -> None:
