@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
+from hermes.aggregates import MAX_QUALITY
 from hermes.errors import HermesError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -477,6 +478,8 @@ def _quality_value(rec: dict, name: str) -> tuple[float | None, str | None]:
         return None, f"quality field '{name}' is {type(value).__name__}, not a number"
     if value != value or value in (float("inf"), float("-inf")):
         return None, f"quality field '{name}' is not a finite number"
+    if abs(value) >= MAX_QUALITY:     # the store sums qualities exactly, as decimals
+        return None, f"quality field '{name}' is out of range ({value:.3g}; at most {MAX_QUALITY:.0e} in size)"
     return float(value), None
 
 

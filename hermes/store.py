@@ -18,8 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from hermes import aggregates
 from hermes._version import __version__
-from hermes.cellkeys import LEVELS, key_sql, level_name, view_suffix
+from hermes.cellkeys import LEVELS, level_name, view_suffix
 from hermes.errors import HermesError
 from hermes.files import out_of_room, remove, replacing
 
@@ -57,64 +58,24 @@ def stage_names(con) -> dict[int, list[str]]:
     return out
 
 
-def _level_table(level: int, named: list[int], touched: str | None = None) -> str:
-    """The aggregate of one level, materialized when the store is built or appended to, so that the
-    views answer at once even over hundreds of millions of labels. `touched`: a table of the
-    level's code prefixes that an append added rows to; only those cells are aggregated again
-    from `labels`, the others are kept as they were (the shares are then computed over all)."""
-    codes = CODES[:level]
-    cols = ", ".join(codes)
-    key, joins = key_sql(level, named, "a")
-    parent, _ = key_sql(level - 1, named, "a") if level > 1 else ("CAST(NULL AS VARCHAR)", "")
-    children = "CAST(NULL AS BIGINT)" if level == 3 else f"count(DISTINCT {CODES[level]})"
-    name = f"cells_{view_suffix(level)}_data"
-    fresh = f"""
-    SELECT {", ".join(f"a.{c}" for c in codes)}, {key} AS cell, {parent} AS parent, n_docs, n_tokens,
-           quality_mean, quality_p70, n_children
-    FROM (
-        SELECT {cols}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
-               avg(quality) AS quality_mean, quantile_cont(quality, 0.7) AS quality_p70,
-               {children} AS n_children
-        FROM labels {f"SEMI JOIN {touched} USING ({cols})" if touched else ""} GROUP BY {cols}
-    ) a {joins}"""
-    if touched:
-        fresh += f"""
-    UNION ALL
-    SELECT {cols}, cell, parent, n_docs, n_tokens, quality_mean, quality_p70, n_children
-    FROM {name} ANTI JOIN {touched} USING ({cols})"""
-    return f"""
-CREATE OR REPLACE TABLE {name} AS
-SELECT {cols}, cell, parent, n_docs, n_tokens,
-       n_docs / sum(n_docs) OVER () AS share_docs,
-       n_tokens / sum(n_tokens) OVER () AS share_tokens,
-       quality_mean, quality_p70, n_children
-FROM ({fresh}) ORDER BY {cols}"""
-
-
-def _stacked_view() -> str:
-    parts = []
-    for level in LEVELS:
-        codes = ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
-        parts.append(f"SELECT {level} AS level, {codes}, cell, parent, n_docs, n_tokens, share_docs, "
-                     f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{view_suffix(level)}")
-    return "CREATE OR REPLACE VIEW cells AS\n" + "\nUNION ALL\n".join(parts)
-
-
 def create_views(con) -> None:
-    """Tables cells_l*_data (the per-level aggregates, computed once) and the views of the contract
+    """The per-level aggregates (hermes.aggregates, computed once) and the views of the contract
     over them: cells_l1, cells_l12, cells_l123 and cells."""
     named = named_stages(con)
-    for level in LEVELS:
-        con.execute(_level_table(level, named))
-        if named:      # names must keep cells apart: 'a.b' + 'c' and 'a' + 'b.c' would not
-            dup = con.execute(f"SELECT cell FROM cells_{view_suffix(level)}_data GROUP BY cell HAVING count(*) > 1 "
-                              "LIMIT 1").fetchall()
-            if dup:
-                raise HermesError(f"two {level_name(level)} cells share the key '{dup[0][0]}' (field 'stages')",
-                                  hint="class names of fixed stages must not make the same dotted key; "
-                                       "rename the classes or make one stage learned")
-        con.execute(f"CREATE OR REPLACE VIEW cells_{view_suffix(level)} AS SELECT * FROM cells_{view_suffix(level)}_data")
-    con.execute(_stacked_view())
+    aggregates.build(con, named)
+    _refuse_same_keys(con, named)
+
+
+def _refuse_same_keys(con, named: list[int]) -> None:
+    if not named:
+        return
+    for level in LEVELS:        # names must keep cells apart: 'a.b' + 'c' and 'a' + 'b.c' would not
+        dup = con.execute(f"SELECT cell FROM {aggregates.data_table(level)} GROUP BY cell HAVING count(*) > 1 "
+                          "LIMIT 1").fetchall()
+        if dup:
+            raise HermesError(f"two {level_name(level)} cells share the key '{dup[0][0]}' (field 'stages')",
+                              hint="class names of fixed stages must not make the same dotted key; "
+                                   "rename the classes or make one stage learned")
 
 
 # DuckDB's memory budget while building a store: past it, sorts, joins and temporary tables spill
@@ -202,7 +163,7 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
             from hermes.terms import create_cell_terms
 
             _roomy(con, lambda: create_views(con))
-            _roomy(con, lambda: create_cell_terms(con, [str(f) for f in (term_files or [])], named_stages(con)))
+            _roomy(con, lambda: create_cell_terms(con, [str(f) for f in (term_files or [])]))
             counts = summary(con)
             # the store must be whole in its file before it is renamed: a checkpoint that fails
             # at close() (a full disk) is silent and would leave the rows in a WAL of the old name
@@ -388,12 +349,13 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
             WHERE k.rn > 1 OR r.doc_id IN (SELECT doc_id FROM in_store) ORDER BY r.ord, r.seq""")
         _add_shards(con, new_label_files, first)
         named = named_stages(con)
-        for level in LEVELS:        # the cells the new rows fall in, aggregated again; the rest kept
-            con.execute(f"CREATE TEMP TABLE touched_{level} AS SELECT DISTINCT {', '.join(CODES[:level])} FROM fresh")
-            con.execute(_level_table(level, named, f"touched_{level}"))
+        if aggregates.has_current_layout(con):      # the cells the new rows fall in, aggregated again
+            aggregates.update(con, named, "fresh")
+        else:                                       # a store of an older layout: all of them, once
+            aggregates.build(con, named)
         from hermes.terms import create_cell_terms
 
-        create_cell_terms(con, [str(f) for f in term_files], named)
+        create_cell_terms(con, [str(f) for f in term_files])
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key, value in {**info, "hermes_version": __version__, "appended_at": stamp}.items():
             con.execute("DELETE FROM store_info WHERE key = ?", [key])

@@ -7,7 +7,7 @@ L1 cells for L1), BERTopic's class-based TF-IDF:
 
     score(t, c) = tf(t, c) / words(c) * ln(1 + mean words per sibling cell / count of t in the siblings)
 
-A cell whose documents are mostly very short (over half under SHORT_CHARS characters) gets the
+A cell whose documents are mostly very short (over half under aggregates.SHORT_CHARS characters) gets the
 flag `[short texts]` before its words; one whose most frequent word is over a fifth of its words
 gets `[repetitive]`; one with no words at all (digits, symbols, markup) shows `[no words]`.
 """
@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.cellkeys import LEVELS, view_suffix
+from hermes.aggregates import data_table
+from hermes.cellkeys import LEVELS
 from hermes.quality import STOP_WORDS
 from hermes.words import Words
 
 TOP_PER_CELL = 100
 TERMS_PER_CELL = 8
-SHORT_CHARS = 100
 TERM_SCHEMA = pa.schema([("c1", pa.int16()), ("c2", pa.int16()), ("c3", pa.int16()),
                          ("term", pa.string()), ("count", pa.int64())])
 # A word: a run of 3 to 30 letters (Unicode category L) of the lowercased text, found by Arrow's
@@ -144,13 +144,14 @@ def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
     return counter.table()
 
 
-def _level_sql(level: int, named: list[int]) -> str:
-    """Each level-`level` cell's terms: grouped and ranked on the integer codes (a cell's siblings
-    share the codes of its parent), its text key joined from the level's view at the end."""
+def _level_sql(level: int) -> str:
+    """Each level-`level` cell's words, from table term_counts: grouped and ranked on the integer
+    codes (a cell's siblings share the codes of its parent); one row per cell that has words."""
     codes = [f"c{i + 1}" for i in range(level)]
     parent = codes[:-1] or ["g"]           # L1 cells are all siblings: one constant group g
     cs, ps = ", ".join(codes), ", ".join(parent)
     g = ", 0 AS g" if level == 1 else ""
+    padded = ", ".join(c if c in codes else f"CAST(NULL AS SMALLINT) AS {c}" for c in ("c1", "c2", "c3"))
     return f"""
     WITH c AS (SELECT {cs}{g}, term, sum(count) AS n FROM term_counts GROUP BY ALL),
     tot AS (SELECT {cs}, sum(n) AS words, max(n) AS top_n FROM c GROUP BY ALL),
@@ -162,26 +163,40 @@ def _level_sql(level: int, named: list[int]) -> str:
     ranked AS (SELECT {cs}, term, row_number() OVER (PARTITION BY {cs} ORDER BY score DESC, term) AS rk
                FROM scored),
     top AS (SELECT {cs}, string_agg(term, ', ' ORDER BY rk) AS words FROM ranked
-            WHERE rk <= {TERMS_PER_CELL} GROUP BY ALL),
-    docs AS (SELECT {cs}, count_if(n_chars < {SHORT_CHARS}) * 2 > count(*) AS short FROM labels GROUP BY ALL)
-    SELECT {level} AS level, v.cell,
-           concat_ws(' ',
-               CASE WHEN d.short THEN '[short texts]' END,
-               CASE WHEN tot.top_n > 0.2 * tot.words THEN '[repetitive]' END,
-               coalesce(top.words, '[no words]')) AS terms
-    FROM cells_{view_suffix(level)} v
-    LEFT JOIN top USING ({cs}) LEFT JOIN tot USING ({cs}) LEFT JOIN docs d USING ({cs})"""
+            WHERE rk <= {TERMS_PER_CELL} GROUP BY ALL)
+    SELECT {level} AS level, {padded}, top.words, tot.top_n > 0.2 * tot.words AS repetitive
+    FROM tot JOIN top USING ({cs})"""
 
 
-def create_cell_terms(con, term_files: list[str], named: list[int]) -> None:
-    """Table cell_terms (level, cell, terms) from the shards' term-count files; `named`: the stages
-    whose codes show as class names in cell keys (the store's fixed stages)."""
+def _view_sql() -> str:
+    """View cell_terms: every cell of every level with its flags (from the aggregates) and words."""
+    parts = []
+    for level in LEVELS:
+        on = " AND ".join(f"w.c{i + 1} = d.c{i + 1}" for i in range(level))
+        parts.append(f"""
+    SELECT {level} AS level, d.cell,
+           concat_ws(' ', CASE WHEN d.n_short * 2 > d.n_docs THEN '[short texts]' END,
+                     CASE WHEN w.repetitive THEN '[repetitive]' END, coalesce(w.words, '[no words]')) AS terms
+    FROM {data_table(level)} d LEFT JOIN cell_words w ON w.level = {level} AND {on}""")
+    return "CREATE OR REPLACE VIEW cell_terms AS" + "\n    UNION ALL".join(parts)
+
+
+def create_cell_terms(con, term_files: list[str]) -> None:
+    """Table cell_words (each cell's most distinctive words, for the cells that have words) from the
+    shards' term-count files, and the view cell_terms (level, cell, terms) over it and the
+    per-level aggregates, which give every cell's flags: so an append that adds no words for a
+    cell leaves its row to the aggregates."""
     if term_files:
         con.execute("CREATE OR REPLACE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, "
                     "count BIGINT)")
-    con.execute("CREATE OR REPLACE TABLE cell_terms (level INTEGER, cell VARCHAR, terms VARCHAR)")
+    kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'cell_terms'").fetchall()
+    if kind:            # a table in stores of an earlier layout, a view since
+        con.execute(f"DROP {'VIEW' if kind[0][0] == 'VIEW' else 'TABLE'} cell_terms")
+    con.execute("CREATE OR REPLACE TABLE cell_words (level INTEGER, c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, "
+                "words VARCHAR, repetitive BOOLEAN)")
     for level in LEVELS:
-        con.execute(f"INSERT INTO cell_terms {_level_sql(level, named)} ORDER BY cell")
+        con.execute(f"INSERT INTO cell_words {_level_sql(level)}")
     con.execute("DROP TABLE term_counts")
+    con.execute(_view_sql())

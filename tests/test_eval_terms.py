@@ -116,7 +116,7 @@ def test_flags_in_a_store(tmp_path):
                 "('c', 270, 60, 0.9, 2, 0, 0)) t(doc_id, n_chars, n_tokens, quality, c1, c2, c3)")
     create_views(con)
     pq.write_table(shard_term_counts(docs, codes), tmp_path / "t.parquet")
-    create_cell_terms(con, [str(tmp_path / "t.parquet")], named=[])
+    create_cell_terms(con, [str(tmp_path / "t.parquet")])
     terms = dict(con.execute("SELECT cell, terms FROM cell_terms WHERE level = 1").fetchall())
     assert terms["0"].startswith("[short texts]") and "[no words]" in terms["1"]
     assert terms["2"].split(", ")[0] in {"gardens", "roses", "soil", "document", "long", "enough"}

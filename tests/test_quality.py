@@ -28,16 +28,18 @@ def test_quality_field_is_read_and_bad_values_rejected(tmp_path):
             {"id": "b", "text": "hello there", "meta": {"score": "high"}},
             {"id": "c", "text": "hello there", "meta": {}},
             {"id": "d", "text": "hello there", "meta": {"score": True}},
-            {"id": "e", "text": "hello there", "meta": {"score": 3}}]
+            {"id": "e", "text": "hello there", "meta": {"score": 3}},
+            {"id": "f", "text": "hello there", "meta": {"score": -2e12}},     # the store sums them exactly
+            {"id": "g", "text": "hello there", "meta": {"score": 1e11}}]
     p = write_jsonl(tmp_path / "q.jsonl", recs)
     docs, rejects = [], []
     for table, bad in read_shard(discover([str(p)])[0], Fields(quality="meta.score")):
         docs += table.to_pylist()
         rejects += bad
-    assert [(d["doc_id"], d["quality"]) for d in docs] == [("a", 0.7), ("e", 3.0)]
+    assert [(d["doc_id"], d["quality"]) for d in docs] == [("a", 0.7), ("e", 3.0), ("g", 1e11)]
     reasons = {r.doc_id: r.reason for r in rejects}
     assert "not a number" in reasons["b"] and reasons["c"] == "missing quality field 'meta.score'"
-    assert "bool, not a number" in reasons["d"]
+    assert "bool, not a number" in reasons["d"] and "out of range (-2e+12" in reasons["f"]
 
 
 def test_store_has_heuristic_quality_and_records_its_source(e2e):

@@ -1,0 +1,242 @@
+"""The per-level aggregates behind the views `cells_l1`, `cells_l12` and `cells_l123`: built with the
+store, and brought up to date by an append without reading every label again.
+
+Table `cells_<l>_data` per level holds, per non-empty cell: its codes, `cell` and `parent` keys,
+`n_docs`, `n_tokens`, `q_n` (documents with a quality), `q_sum` (their qualities summed as an exact
+DECIMAL, so that a parent's sum is its children's in any order), `n_short` (documents under
+SHORT_CHARS characters, for `cell_terms`), `quality_p70`, `n_children`, and at L1 and L12 `q_below`
+(below). The views add the shares (over the store's totals) and the mean (`q_sum / q_n`).
+
+- An L123 cell is small: an append aggregates the L123 cells it touched again from `labels`.
+- An L12 or L1 cell's counts and sums are its children's, summed from the level below.
+- Its 70th percentile needs the cell's values near it. Table `p70_window_<l>` keeps, per cell, the
+  qualities at sorted positions [q_below, q_below + its length): those within ±WINDOW of the cell's
+  values around the p70, or all of them for a cell of fewer than WHOLE_CELL. An append merges the
+  new values that fall inside a band into it and counts those below it into `q_below`; the p70 is
+  read off the band at its position, interpolated as DuckDB's `quantile_cont` does (it may differ
+  from it in the last bit: DuckDB's build fuses the multiply-add, SQL cannot). A band the p70
+  has moved out of (new values far to one side) is made again from `labels`, for those cells only.
+  With new documents like the old, a band grows on both sides, so that is rare.
+
+The build makes the bands the same way, so a store that grew by appends equals one built at once.
+Written here because DuckDB's quantile state cannot be kept between statements.
+"""
+
+from __future__ import annotations
+
+from hermes.cellkeys import LEVELS, key_sql, view_suffix
+
+CODES = ("c1", "c2", "c3")
+P70 = 0.7
+WINDOW = 0.02               # a band holds the values ranked within ±2% of the cell around its p70 ...
+WHOLE_CELL = 800            # ... or, in a cell of fewer qualities than this, all of them
+SHORT_CHARS = 100           # a cell of mostly shorter texts is marked in cell_terms
+DATA_COLUMNS = ("cell", "parent", "n_docs", "n_tokens", "quality_mean", "quality_p70", "n_children", "q_n", "q_sum",
+                "n_short", "q_below")
+Q_SUM = "DECIMAL(38, 16)"    # exact sums of qualities under 1e12 over up to 1e10 documents
+MAX_QUALITY = 1e12
+
+
+def data_table(level: int) -> str:
+    return f"cells_{view_suffix(level)}_data"
+
+
+def _window_table(level: int) -> str:
+    return f"p70_window_{view_suffix(level)}"
+
+
+def _cs(level: int, alias: str = "") -> str:
+    return ", ".join(f"{alias}{c}" for c in CODES[:level])
+
+
+def _on(level: int, a: str, b: str) -> str:
+    return " AND ".join(f"{a}.{c} = {b}.{c}" for c in CODES[:level])
+
+
+def has_current_layout(con) -> bool:
+    """True if the store's aggregates are of this layout (an older store is aggregated again)."""
+    rows = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                       [data_table(1)]).fetchall()
+    return {r[0] for r in rows} >= set(DATA_COLUMNS) and bool(con.execute(
+        "SELECT 1 FROM information_schema.tables WHERE table_name = ?", [_window_table(1)]).fetchall())
+
+
+def build(con, named: list[int]) -> None:
+    """Every level's aggregates and bands from `labels`, and the views."""
+    for level in reversed(LEVELS):
+        _aggregate(con, level, named, touched=None, fresh=None)
+    create_views(con)
+
+
+def update(con, named: list[int], fresh: str) -> dict[int, int]:
+    """The aggregates after the rows of table `fresh` (already in `labels`) were added: only the
+    cells they fall in change. Returns, per level, how many cells' bands were made again from
+    `labels` (the p70 had left them)."""
+    for level in LEVELS:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{level} AS SELECT DISTINCT {_cs(level)} FROM {fresh}")
+    remade = {level: _aggregate(con, level, named, touched=f"touched_{level}", fresh=fresh)
+              for level in reversed(LEVELS)}
+    create_views(con)
+    return {level: n for level, n in sorted(remade.items()) if level < LEVELS[-1]}
+
+
+def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: str | None) -> int:
+    """Aggregate one level (its touched cells, or all); the number of bands made again."""
+    cs = _cs(level)
+    semi = f"SEMI JOIN {touched} USING ({cs})" if touched else ""
+    if level == LEVELS[-1] and touched is None:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE agg AS
+            SELECT {cs}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+                   count(quality) AS q_n, CAST(sum(CAST(quality AS {Q_SUM})) AS {Q_SUM}) AS q_sum,
+                   count_if(n_chars < {SHORT_CHARS}) AS n_short, quantile_cont(quality, {P70}) AS quality_p70,
+                   CAST(NULL AS BIGINT) AS n_children, CAST(NULL AS BIGINT) AS q_below
+            FROM labels GROUP BY {cs}""")
+    elif level == LEVELS[-1]:
+        # counts and sums: the cell's as they were plus the new rows'; the percentile from the
+        # touched cells' values in labels
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE agg AS
+            SELECT {_cs(level, "n.")}, CAST(coalesce(d.n_docs, 0) + n.n_docs AS BIGINT) AS n_docs,
+                   CAST(coalesce(d.n_tokens, 0) + n.n_tokens AS BIGINT) AS n_tokens,
+                   CAST(coalesce(d.q_n, 0) + n.q_n AS BIGINT) AS q_n,
+                   CAST(coalesce(d.q_sum, 0) + n.q_sum AS {Q_SUM}) AS q_sum,
+                   CAST(coalesce(d.n_short, 0) + n.n_short AS BIGINT) AS n_short,
+                   CAST(NULL AS DOUBLE) AS quality_p70, CAST(NULL AS BIGINT) AS n_children,
+                   CAST(NULL AS BIGINT) AS q_below
+            FROM (SELECT {cs}, count(*) AS n_docs, sum(n_tokens) AS n_tokens, count(quality) AS q_n,
+                         CAST(coalesce(sum(CAST(quality AS {Q_SUM})), 0) AS {Q_SUM}) AS q_sum,
+                         count_if(n_chars < {SHORT_CHARS}) AS n_short
+                  FROM {fresh} GROUP BY {cs}) n
+            LEFT JOIN {data_table(level)} d ON {_on(level, 'd', 'n')}""")
+        con.execute(f"""
+            UPDATE agg SET quality_p70 = p.value FROM (
+                SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM labels {semi} GROUP BY {cs}) p
+            WHERE {_on(level, 'agg', 'p')}""")
+    else:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE agg AS
+            SELECT {cs}, CAST(sum(n_docs) AS BIGINT) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+                   CAST(sum(q_n) AS BIGINT) AS q_n, CAST(sum(q_sum) AS {Q_SUM}) AS q_sum,
+                   CAST(sum(n_short) AS BIGINT) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
+                   count(*) AS n_children, CAST(0 AS BIGINT) AS q_below
+            FROM {data_table(level + 1)} {semi} GROUP BY {cs}""")
+    remade = _p70(con, level, touched, fresh) if level < LEVELS[-1] else 0
+    key, joins = key_sql(level, named, "a")
+    parent = key_sql(level - 1, named, "a")[0] if level > 1 else "CAST(NULL AS VARCHAR)"
+    rows = f"""
+        SELECT {_cs(level, "a.")}, {key} AS cell, {parent} AS parent, a.n_docs, a.n_tokens,
+               CAST(a.q_sum AS DOUBLE) / NULLIF(a.q_n, 0) AS quality_mean, a.quality_p70, a.n_children,
+               a.q_n, a.q_sum, a.n_short, a.q_below
+        FROM agg a {joins}"""
+    if touched is None:
+        con.execute(f"CREATE OR REPLACE TABLE {data_table(level)} AS {rows} ORDER BY {cs}")
+    else:
+        con.execute(f"DELETE FROM {data_table(level)} d USING {touched} t WHERE {_on(level, 'd', 't')}")
+        con.execute(f"INSERT INTO {data_table(level)} {rows}")
+    con.execute("DROP TABLE agg")
+    return remade
+
+
+def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
+    """Fill agg's quality_p70 and q_below at L1 or L12 from the cells' bands (made from `labels` at
+    a build; merged with `fresh`'s values at an append); the number of bands made again."""
+    cs, window = _cs(level), _window_table(level)
+    if touched is None:
+        con.execute(f"CREATE OR REPLACE TABLE {window} AS SELECT {cs}, quality FROM labels LIMIT 0")
+        _band(con, level, None)
+    else:
+        # each touched cell's band as it was: its ends, and whether it holds all the cell's values
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE band AS
+            SELECT {_cs(level, "d.")}, d.q_below, d.q_n, min(w.quality) AS lo, max(w.quality) AS hi,
+                   count(w.quality) AS len
+            FROM {data_table(level)} d SEMI JOIN {touched} USING ({cs})
+            LEFT JOIN {window} w ON {_on(level, 'w', 'd')}
+            GROUP BY ALL""")
+        con.execute(f"""
+            INSERT INTO {window}
+            SELECT {_cs(level, "f.")}, f.quality FROM {fresh} f LEFT JOIN band b ON {_on(level, 'f', 'b')}
+            WHERE f.quality IS NOT NULL
+              AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n) OR f.quality BETWEEN b.lo AND b.hi)""")
+        con.execute(f"""
+            UPDATE agg SET q_below = n.below FROM (
+                SELECT {_cs(level, "b.")}, b.q_below + count(f.quality) FILTER (
+                    WHERE NOT (b.q_below = 0 AND b.len = b.q_n) AND f.quality < b.lo) AS below
+                FROM band b LEFT JOIN {fresh} f ON {_on(level, 'f', 'b')}
+                GROUP BY {_cs(level, "b.")}, b.q_below) n
+            WHERE {_on(level, 'agg', 'n')}""")
+        con.execute("DROP TABLE band")
+    _read_p70(con, level, touched)
+    # a band the p70 has left: made again from labels, for those cells alone
+    con.execute(f"CREATE OR REPLACE TEMP TABLE lost AS SELECT {cs} FROM agg WHERE q_n > 0 AND quality_p70 IS NULL")
+    lost = con.execute("SELECT count(*) FROM lost").fetchall()[0][0]
+    if lost and touched is not None:
+        con.execute(f"DELETE FROM {window} w USING lost l WHERE {_on(level, 'w', 'l')}")
+        _band(con, level, "lost")
+        _read_p70(con, level, "lost")
+    con.execute("DROP TABLE lost")
+    return lost if touched is not None else 0
+
+
+def _band(con, level: int, cells: str | None) -> None:
+    """Make the bands of agg's cells (those in table `cells`, or all) from `labels`, and their q_below."""
+    cs = _cs(level)
+    semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE ends AS
+        SELECT {cs}, CASE WHEN n < {WHOLE_CELL} THEN mn ELSE q[1] END AS lo,
+                     CASE WHEN n < {WHOLE_CELL} THEN mx ELSE q[2] END AS hi
+        FROM (SELECT {cs}, count(quality) AS n, min(quality) AS mn, max(quality) AS mx,
+                     quantile_disc(quality, [{P70 - WINDOW:.6f}, {P70 + WINDOW:.6f}]) AS q
+              FROM labels {semi} WHERE quality IS NOT NULL GROUP BY {cs})""")
+    con.execute(f"""
+        INSERT INTO {_window_table(level)}
+        SELECT {_cs(level, "l.")}, l.quality FROM labels l JOIN ends e ON {_on(level, 'l', 'e')}
+        WHERE l.quality BETWEEN e.lo AND e.hi""")
+    con.execute(f"""
+        UPDATE agg SET q_below = n.below FROM (
+            SELECT {_cs(level, "l.")}, count(*) FILTER (WHERE l.quality < e.lo) AS below
+            FROM labels l JOIN ends e ON {_on(level, 'l', 'e')} GROUP BY ALL) n
+        WHERE {_on(level, 'agg', 'n')}""")
+    con.execute("DROP TABLE ends")
+
+
+def _read_p70(con, level: int, cells: str | None) -> None:
+    """agg's quality_p70 of its cells (those in table `cells`, or all) from their bands: the values
+    lo and hi at positions floor and ceil of rn = 0.7 (n - 1) among the cell's qualities, as
+    lo (1 - d) + hi d with d = rn - floor(rn); NULL where the band lacks one of them."""
+    cs = _cs(level)
+    semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
+    at = "vals[CASE WHEN {0} >= 0 THEN CAST({0} AS BIGINT) + 1 END]"      # a position in the band, or NULL
+    con.execute(f"""
+        UPDATE agg SET quality_p70 = p.value FROM (
+            SELECT {cs}, {at.format("lo_k")} * (1 - d) + {at.format("hi_k")} * d AS value
+            FROM (SELECT {_cs(level, "a.")}, list_sort(list(w.quality)) AS vals,
+                         floor(any_value(a.rn)) - any_value(a.q_below) AS lo_k,
+                         ceil(any_value(a.rn)) - any_value(a.q_below) AS hi_k,
+                         any_value(a.rn) - floor(any_value(a.rn)) AS d
+                  FROM {_window_table(level)} w
+                  JOIN (SELECT {cs}, q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi}) a
+                  ON {_on(level, 'w', 'a')}
+                  GROUP BY {_cs(level, "a.")})) p
+        WHERE {_on(level, 'agg', 'p')}""")
+
+
+def create_views(con) -> None:
+    """The views of the contract over the aggregates: cells_l1, cells_l12, cells_l123 and cells."""
+    totals = f"(SELECT sum(n_docs) AS docs, sum(n_tokens) AS tokens FROM {data_table(1)}) t"
+    for level in LEVELS:
+        order = f" ORDER BY {_cs(level, 'd.')}" if level < LEVELS[-1] else ""
+        con.execute(f"""
+            CREATE OR REPLACE VIEW cells_{view_suffix(level)} AS
+            SELECT {_cs(level, "d.")}, d.cell, d.parent, d.n_docs, d.n_tokens,
+                   d.n_docs / t.docs AS share_docs, d.n_tokens / t.tokens AS share_tokens,
+                   d.quality_mean, d.quality_p70, d.n_children
+            FROM {data_table(level)} d CROSS JOIN {totals}{order}""")
+    parts = []
+    for level in LEVELS:
+        codes = ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
+        parts.append(f"SELECT {level} AS level, {codes}, cell, parent, n_docs, n_tokens, share_docs, "
+                     f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{view_suffix(level)}")
+    con.execute("CREATE OR REPLACE VIEW cells AS\n" + "\nUNION ALL\n".join(parts))

@@ -1,0 +1,105 @@
+"""The per-level aggregates: an append updates them from the new rows alone (bands of values around
+each L1/L12 cell's 70th percentile), and ends equal to aggregates built from all the labels at once,
+with the 70th percentiles of DuckDB's quantile_cont over the labels."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+
+from hermes import aggregates
+
+VIEWS = ("cells_l1", "cells_l12", "cells_l123")
+
+
+def _labels(rng, n: int, first: int, shift: float = 0.0, cells: int = 3, nulls: float = 0.0) -> list[tuple]:
+    """n label rows: c1 of `cells`, c2 of 2, c3 of 40; quality around 0.5 + shift, a few ties, some NULL."""
+    q = np.clip(rng.normal(0.5 + shift, 0.15, n), -1, 2).round(3)       # rounded: many equal values
+    return [(f"d{first + i}", int(rng.integers(20, 400)), int(rng.integers(1, 90)),
+             None if rng.random() < nulls else float(q[i]), int(rng.integers(cells)), int(rng.integers(2)),
+             int(rng.integers(40))) for i in range(n)]
+
+
+COLUMNS = ("doc_id", "n_chars", "n_tokens", "quality", "c1", "c2", "c3")
+
+
+def _table(rows: list[tuple]):
+    import pyarrow as pa
+
+    return pa.table({c: pa.array([r[i] for r in rows], t) for i, (c, t) in enumerate(zip(COLUMNS, (
+        pa.string(), pa.int32(), pa.int32(), pa.float64(), pa.int16(), pa.int16(), pa.int16())))})
+
+
+def _store(rows: list[tuple]):
+    con = duckdb.connect()
+    con.register("new_rows", _table(rows))
+    con.execute("CREATE TABLE labels AS SELECT * FROM new_rows")
+    return con
+
+
+def _append(con, rows: list[tuple]) -> dict[int, int]:
+    con.register("new_rows", _table(rows))
+    con.execute("CREATE OR REPLACE TEMP TABLE fresh AS SELECT * FROM new_rows")
+    con.execute("INSERT INTO labels SELECT * FROM fresh")
+    return aggregates.update(con, [], "fresh")
+
+
+def _views(con) -> dict:
+    return {v: con.execute(f"SELECT * FROM {v} ORDER BY cell").fetchall() for v in VIEWS}
+
+
+def _check_p70(con) -> None:
+    """The views' p70 is DuckDB's quantile_cont over the labels (to its last bit at L1 and L12, where
+    DuckDB's own build fuses the interpolation's multiply-add)."""
+    for level, view in zip((1, 2, 3), VIEWS):
+        cs = ", ".join(f"c{i + 1}" for i in range(level))
+        want = con.execute(f"SELECT {cs}, quantile_cont(quality, 0.7) FROM labels GROUP BY ALL ORDER BY ALL").fetchall()
+        got = con.execute(f"SELECT {cs}, quality_p70 FROM {view} ORDER BY ALL").fetchall()
+        assert [g[:-1] for g in got] == [w[:-1] for w in want], view
+        assert [g[-1] for g in got] == pytest.approx([w[-1] for w in want], rel=1e-14, abs=1e-15), view
+
+
+@pytest.mark.parametrize("case", ["alike", "all_below", "all_above", "new_cells", "nulls"])
+def test_an_append_updates_the_aggregates_as_a_build_over_all_the_labels(case):
+    rng = np.random.default_rng(7)
+    old = _labels(rng, 6000, 0, nulls=0.05)
+    new = {"alike": lambda: _labels(rng, 700, 10_000),
+           # the p70 moves out of the band: the band of such a cell is made again from the labels
+           "all_below": lambda: _labels(rng, 2500, 10_000, shift=-0.45),
+           "all_above": lambda: _labels(rng, 2500, 10_000, shift=0.45),
+           "new_cells": lambda: _labels(rng, 900, 10_000, cells=5),
+           "nulls": lambda: _labels(rng, 300, 10_000, nulls=1.0)}[case]
+    con = _store(old)
+    aggregates.build(con, [])
+    # bands hold a part of the large cells, all of the small ones
+    n1 = con.execute("SELECT count(*) FROM p70_window_l1").fetchall()[0][0]
+    assert 0 < n1 < 0.2 * len(old)
+    first = new()
+    remade = _append(con, first)
+    _check_p70(con)
+    # new values like the old stay inside the bands; values far to one side move the p70 out of them
+    assert (remade[1] > 0) == (case in ("all_below", "all_above")), remade
+    second = new()              # and once more, on the merged bands
+    _append(con, second)
+    _check_p70(con)
+    once = _store(old + first + second)
+    aggregates.build(once, [])
+    assert _views(con) == _views(once)
+    assert con.execute("SELECT count(*) FROM cells_l12").fetchall() == once.execute(
+        "SELECT count(*) FROM cells_l12_data").fetchall()
+
+
+def test_the_views_carry_the_contract_columns_and_shares():
+    con = _store(_labels(np.random.default_rng(1), 500, 0, nulls=0.5))
+    aggregates.build(con, [])
+    cols = [r[0] for r in con.execute("DESCRIBE cells_l12").fetchall()]
+    assert cols == ["c1", "c2", "cell", "parent", "n_docs", "n_tokens", "share_docs", "share_tokens",
+                    "quality_mean", "quality_p70", "n_children"]
+    for view in VIEWS:
+        docs, tokens = con.execute(f"SELECT sum(share_docs), sum(share_tokens) FROM {view}").fetchall()[0]
+        assert docs == pytest.approx(1) and tokens == pytest.approx(1)
+    got = con.execute("SELECT c1, quality_mean FROM cells_l1 ORDER BY c1").fetchall()
+    want = con.execute("SELECT c1, avg(quality) FROM labels GROUP BY c1 ORDER BY c1").fetchall()
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=1e-12)
