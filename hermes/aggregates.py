@@ -5,8 +5,8 @@ Table `cells_<l>_data` per level holds, per non-empty cell: its codes, `cell` an
 `n_docs`, `n_tokens`, `quality_mean` (`q_sum / q_n`), `quality_p70`, `n_children`, `q_n`
 (documents with a quality), `q_sum` (their qualities summed as an exact DECIMAL, so that a parent's
 sum is its children's in any order), `n_short` (documents under SHORT_CHARS characters, for
-`cell_terms`) and `q_below` (below; NULL for an L123 cell with no band). The views add the shares,
-over the store's totals.
+`cell_terms`) and `q_below` (below; NULL at L123). The views add the shares, over the store's
+totals.
 
 - An append adds the new rows' counts and sums to an L123 cell's; an L12 or L1 cell's counts and
   sums are its children's, summed from the level below.
@@ -18,8 +18,9 @@ over the store's totals.
   from it in the last bit: DuckDB's build fuses the multiply-add, SQL cannot). A band the p70
   has moved out of (new values far to one side) is made again from `labels`, for those cells only.
   With new documents like the old, a band grows on both sides, so that is rare.
-- At L123 only cells of WHOLE_CELL qualities or more have a band; a touched smaller cell's
-  percentile is computed again from its values in `labels`.
+- An L123 cell's percentile is DuckDB's `quantile_cont` of its values, computed again from
+  `labels` for the cells an append touched (most are small; bands for its large cells were tried,
+  and the percentiles read off them cost as much inside the append's transaction).
 
 The build makes the bands the same way, so a store that grew by appends equals one built at once.
 Written here because DuckDB's quantile state cannot be kept between statements.
@@ -92,7 +93,7 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
             CREATE OR REPLACE TEMP TABLE agg AS
             SELECT {cs}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
                    count(quality) AS q_n, CAST(sum(CAST(quality AS {Q_SUM})) AS {Q_SUM}) AS q_sum,
-                   count_if(n_chars < {SHORT_CHARS}) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
+                   count_if(n_chars < {SHORT_CHARS}) AS n_short, quantile_cont(quality, {P70}) AS quality_p70,
                    CAST(NULL AS BIGINT) AS n_children, CAST(NULL AS BIGINT) AS q_below
             FROM labels GROUP BY {cs}""")
     elif level == LEVELS[-1]:
@@ -105,7 +106,8 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                    CAST(coalesce(d.q_n, 0) + n.q_n AS BIGINT) AS q_n,
                    CAST(coalesce(d.q_sum, 0) + n.q_sum AS {Q_SUM}) AS q_sum,
                    CAST(coalesce(d.n_short, 0) + n.n_short AS BIGINT) AS n_short,
-                   CAST(NULL AS DOUBLE) AS quality_p70, CAST(NULL AS BIGINT) AS n_children, d.q_below
+                   CAST(NULL AS DOUBLE) AS quality_p70, CAST(NULL AS BIGINT) AS n_children,
+                   CAST(NULL AS BIGINT) AS q_below
             FROM (SELECT {cs}, count(*) AS n_docs, sum(n_tokens) AS n_tokens, count(quality) AS q_n,
                          CAST(coalesce(sum(CAST(quality AS {Q_SUM})), 0) AS {Q_SUM}) AS q_sum,
                          count_if(n_chars < {SHORT_CHARS}) AS n_short
@@ -119,7 +121,7 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                    CAST(sum(n_short) AS BIGINT) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
                    count(*) AS n_children, CAST(0 AS BIGINT) AS q_below
             FROM {data_table(level + 1)} {semi} GROUP BY {cs}""")
-    remade = _p70(con, level, touched, fresh)
+    remade = _p70(con, level, touched, fresh) if level < LEVELS[-1] else _finest_p70(con, touched)
     key, joins = key_sql(level, named, "a")
     parent = key_sql(level - 1, named, "a")[0] if level > 1 else "CAST(NULL AS VARCHAR)"
     rows = f"""
@@ -136,18 +138,27 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
     return remade
 
 
+def _finest_p70(con, touched: str | None) -> int:
+    """At an append, the touched L123 cells' quality_p70 from their values in `labels` (a build has
+    it from its aggregate); DuckDB's quantile_cont at L123, always."""
+    if touched is not None:
+        cs = _cs(LEVELS[-1])
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE p AS
+            SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM labels SEMI JOIN {touched} USING ({cs})
+            GROUP BY {cs}""")
+        con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(LEVELS[-1], 'agg', 'p')}")
+        con.execute("DROP TABLE p")
+    return 0
+
+
 def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
-    """Fill agg's quality_p70 and q_below from the cells' bands: made from `labels` at a build,
-    merged with `fresh`'s values at an append. At L123 only cells of WHOLE_CELL qualities or more
-    (when the band was made) have one (q_below not NULL): the percentile of the others is computed
-    from their values in `labels`. Returns the number of bands made again."""
+    """Fill agg's quality_p70 and q_below at L1 or L12 from the cells' bands: made from `labels` at
+    a build, merged with `fresh`'s values at an append. Returns the number of bands made again."""
     cs, window = _cs(level), _window_table(level)
-    finest = level == LEVELS[-1]
     if touched is None:
         con.execute(f"CREATE OR REPLACE TABLE {window} AS SELECT {cs}, quality FROM labels LIMIT 0")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE banded AS SELECT {cs} FROM agg"
-                    + (f" WHERE q_n >= {WHOLE_CELL}" if finest else ""))
-        _band(con, level, "banded")
+        _band(con, level, None)
     else:
         # each touched cell's band as it was: its ends, and whether it holds all the cell's values
         con.execute(f"""
@@ -156,15 +167,13 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
                    count(w.quality) AS len
             FROM {data_table(level)} d SEMI JOIN {touched} USING ({cs})
             LEFT JOIN {window} w ON {_on(level, 'w', 'd')}
-            WHERE d.q_below IS NOT NULL
             GROUP BY ALL""")
-        # a new cell starts a band holding all its values (not at L123: there it has none)
-        new_cell = "FALSE" if finest else "b.q_n IS NULL"
+        # a new cell starts a band holding all its values
         con.execute(f"""
             INSERT INTO {window}
             SELECT {_cs(level, "f.")}, f.quality FROM {fresh} f LEFT JOIN band b ON {_on(level, 'f', 'b')}
             WHERE f.quality IS NOT NULL
-              AND ({new_cell} OR (b.q_below = 0 AND b.len = b.q_n) OR f.quality BETWEEN b.lo AND b.hi)""")
+              AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n) OR f.quality BETWEEN b.lo AND b.hi)""")
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE below AS
             SELECT {_cs(level, "b.")}, b.q_below + count(f.quality) FILTER (
@@ -172,17 +181,9 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
             FROM band b LEFT JOIN {fresh} f ON {_on(level, 'f', 'b')}
             GROUP BY {_cs(level, "b.")}, b.q_below""")
         con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE banded AS SELECT {cs} FROM agg"
-                    + (" WHERE q_below IS NOT NULL" if finest else ""))
         con.execute("DROP TABLE band")
         con.execute("DROP TABLE below")
-    _read_p70(con, level, "banded")
-    if finest:          # cells with no band: from all their values in labels
-        con.execute(f"CREATE OR REPLACE TEMP TABLE unbanded AS SELECT {cs} FROM agg WHERE q_below IS NULL AND q_n > 0")
-        _read_p70(con, level, "unbanded", source=f"(SELECT {cs}, quality FROM labels SEMI JOIN unbanded USING ({cs}) "
-                                                                  "WHERE quality IS NOT NULL)")
-        con.execute("DROP TABLE unbanded")
-    con.execute("DROP TABLE banded")
+    _read_p70(con, level, None)
     # a band the p70 has left: made again from labels, for those cells alone; one that still lacks
     # it (a small cell, whose ±WINDOW is less than a value) holds all the cell's values
     lost = _remake(con, level, whole=False) if touched is not None else 0
@@ -230,15 +231,12 @@ def _band(con, level: int, cells: str | None, whole: bool = False) -> None:
     con.execute("DROP TABLE ends")
 
 
-def _read_p70(con, level: int, cells: str | None, source: str | None = None) -> None:
-    """agg's quality_p70 of its cells (those in table `cells`, or all) from their bands (or from
-    `source`, all of each cell's values, when the cell has no band): the values lo and hi at
-    positions floor and ceil of rn = 0.7 (n - 1) among the cell's qualities, as lo (1 - d) + hi d
-    with d = rn - floor(rn); NULL where the band lacks one of them. Every stored percentile is
-    made by this one expression, so it does not depend on the way a store was made."""
+def _read_p70(con, level: int, cells: str | None) -> None:
+    """agg's quality_p70 of its cells (those in table `cells`, or all) from their bands: the values
+    lo and hi at positions floor and ceil of rn = 0.7 (n - 1) among the cell's qualities, as
+    lo (1 - d) + hi d with d = rn - floor(rn); NULL where the band lacks one of them."""
     cs = _cs(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
-    below = "0" if source else "q_below"
     at = "vals[CASE WHEN {0} >= 0 THEN CAST({0} AS BIGINT) + 1 END]"      # a position in the band, or NULL
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE p AS
@@ -247,8 +245,8 @@ def _read_p70(con, level: int, cells: str | None, source: str | None = None) -> 
                          floor(any_value(a.rn)) - any_value(a.q_below) AS lo_k,
                          ceil(any_value(a.rn)) - any_value(a.q_below) AS hi_k,
                          any_value(a.rn) - floor(any_value(a.rn)) AS d
-                  FROM {source or _window_table(level)} w
-                  JOIN (SELECT {cs}, {below} AS q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi}) a
+                  FROM {_window_table(level)} w
+                  JOIN (SELECT {cs}, q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi}) a
                   ON {_on(level, 'w', 'a')}
                   GROUP BY {_cs(level, "a.")})""")
     con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")

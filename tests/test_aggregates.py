@@ -60,7 +60,7 @@ def _check_p70(con) -> None:
         assert [g[-1] for g in got] == pytest.approx([w[-1] for w in want], rel=1e-14, abs=1e-15), view
 
 
-@pytest.mark.parametrize("whole_cell", [800, 20])          # 20: L123 cells have bands too
+@pytest.mark.parametrize("whole_cell", [800, 20])      # 20: narrow bands, some too narrow to hold the p70
 @pytest.mark.parametrize("case", ["alike", "all_below", "all_above", "new_cells", "nulls"])
 def test_an_append_updates_the_aggregates_as_a_build_over_all_the_labels(case, whole_cell, monkeypatch):
     monkeypatch.setattr(aggregates, "WHOLE_CELL", whole_cell)
@@ -76,14 +76,12 @@ def test_an_append_updates_the_aggregates_as_a_build_over_all_the_labels(case, w
     aggregates.build(con, [])
     # bands hold a part of the large cells, all of the small ones
     n1 = con.execute("SELECT count(*) FROM p70_window_l1").fetchall()[0][0]
-    n3 = con.execute("SELECT count(*) FROM p70_window_l123").fetchall()[0][0]
-    assert 0 < n1 < 0.2 * len(old) and (n3 > 0) == (whole_cell == 20)
+    assert 0 < n1 < 0.2 * len(old)
     first = new()
     remade = _append(con, first)
     _check_p70(con)
     # new values like the old stay inside the bands; values far to one side move the p70 out of them
     assert (remade[1] > 0) == (case in ("all_below", "all_above")), remade
-    assert remade[3] == 0 or whole_cell == 20
     second = new()              # and once more, on the merged bands
     _append(con, second)
     _check_p70(con)

@@ -149,3 +149,24 @@ def test_an_append_with_other_settings_or_without_a_store_is_refused(grown, tmp_
     fresh = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", tmp_path / "first", "--append")
     assert fresh.exit_code == 0, fresh.output                         # the first append builds the store
     assert "labeled 31 of 31 documents read" in fresh.stdout
+
+
+def test_an_append_to_a_store_of_the_earlier_layout_aggregates_it_again(grown, tmp_path):
+    """A store whose aggregates lack what an append updates from (no exact sums, no percentile
+    bands; cell_terms a table) is aggregated again in full by its first append, and ends equal to
+    a store built at once."""
+    out = tmp_path / "out"
+    r = invoke("label", grown["a"], "--substrate", grown["sub"], "--out", out, *QUIET)
+    assert r.exit_code == 0, r.output
+    con = duckdb.connect(str(out / "labels.duckdb"))
+    for level in ("l1", "l12", "l123"):
+        con.execute(f"DROP TABLE IF EXISTS p70_window_{level}")
+        con.execute(f"CREATE OR REPLACE TABLE cells_{level}_data AS SELECT * EXCLUDE (q_n, q_sum, q_below) "
+                    f"FROM cells_{level}_data")
+    con.execute("CREATE TABLE old_terms AS SELECT * FROM cell_terms")
+    con.execute("DROP VIEW cell_terms")
+    con.execute("ALTER TABLE old_terms RENAME TO cell_terms")
+    con.close()
+    r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
+    assert r.exit_code == 0, r.output
+    assert _tables(out / "labels.duckdb") == _tables(grown["full"])
