@@ -22,7 +22,7 @@ def sql(
 ) -> None:
     """Run one read-only query against the store; statements that write are refused (exit 1).
 
-    Tables: labels, rejects, substrates. Views: cells_l1, cells_l12, cells_l123, cells.
+    Tables: labels, rejects, substrates. Views: cells_l1, cells_l12, cells_l123, cells, cell_terms.
 
     Example: hermes sql "SELECT cell, n_docs FROM cells_l12 ORDER BY n_docs DESC LIMIT 5" --db out/labels.duckdb
     """
