@@ -14,8 +14,8 @@ totals.
   qualities at sorted positions [q_below, q_below + its length): those within ±WINDOW of the cell's
   values around the p70, or all of them for a cell of fewer than WHOLE_CELL. An append merges the
   new values that fall inside a band into it and counts those below it into `q_below`; the p70 is
-  read off the band at its position, interpolated as DuckDB's `quantile_cont` does (it may differ
-  from it in the last bit: DuckDB's build fuses the multiply-add, SQL cannot). A band the p70
+  read off the band at its position, interpolated linearly as DuckDB's `quantile_cont` (it may
+  differ from it in the last bit, never where the two neighbours are equal). A band the p70
   has moved out of (new values far to one side) is made again from `labels`, for those cells only.
   With new documents like the old, a band grows on both sides, so that is rare.
 - An L123 cell's percentile is DuckDB's `quantile_cont` of its values, computed again from
@@ -181,8 +181,18 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
             FROM band b LEFT JOIN {fresh} f ON {_on(level, 'f', 'b')}
             GROUP BY {_cs(level, "b.")}, b.q_below""")
         con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
-        con.execute("DROP TABLE band")
         con.execute("DROP TABLE below")
+        # a band that held its whole cell (or a new cell's) takes in every new value: once the cell
+        # has WHOLE_CELL qualities, its band is made again from labels, ±WINDOW around the p70
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE grown AS
+            SELECT {_cs(level, "a.")} FROM agg a LEFT JOIN band b ON {_on(level, 'a', 'b')}
+            WHERE a.q_n >= {WHOLE_CELL} AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n))""")
+        if con.execute("SELECT count(*) FROM grown").fetchall()[0][0]:
+            con.execute(f"DELETE FROM {window} w USING grown g WHERE {_on(level, 'w', 'g')}")
+            _band(con, level, "grown")
+        con.execute("DROP TABLE grown")
+        con.execute("DROP TABLE band")
     _read_p70(con, level, None)
     # a band the p70 has left: made again from labels, for those cells alone; one that still lacks
     # it (a small cell, whose ±WINDOW is less than a value) holds all the cell's values
@@ -234,13 +244,14 @@ def _band(con, level: int, cells: str | None, whole: bool = False) -> None:
 def _read_p70(con, level: int, cells: str | None) -> None:
     """agg's quality_p70 of its cells (those in table `cells`, or all) from their bands: the values
     lo and hi at positions floor and ceil of rn = 0.7 (n - 1) among the cell's qualities, as
-    lo (1 - d) + hi d with d = rn - floor(rn); NULL where the band lacks one of them."""
+    lo + (hi - lo) d with d = rn - floor(rn); NULL where the band lacks one of them."""
     cs = _cs(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
     at = "vals[CASE WHEN {0} >= 0 THEN CAST({0} AS BIGINT) + 1 END]"      # a position in the band, or NULL
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE p AS
-            SELECT {cs}, {at.format("lo_k")} * (1 - d) + {at.format("hi_k")} * d AS value
+            SELECT {cs}, lo + (hi - lo) * d AS value     -- exact where lo = hi, and within [lo, hi]
+            FROM (SELECT {cs}, {at.format("lo_k")} AS lo, {at.format("hi_k")} AS hi, d
             FROM (SELECT {_cs(level, "a.")}, list_sort(list(w.quality)) AS vals,
                          floor(any_value(a.rn)) - any_value(a.q_below) AS lo_k,
                          ceil(any_value(a.rn)) - any_value(a.q_below) AS hi_k,
@@ -248,7 +259,7 @@ def _read_p70(con, level: int, cells: str | None) -> None:
                   FROM {_window_table(level)} w
                   JOIN (SELECT {cs}, q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi}) a
                   ON {_on(level, 'w', 'a')}
-                  GROUP BY {_cs(level, "a.")})""")
+                  GROUP BY {_cs(level, "a.")}))""")
     con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")
     con.execute("DROP TABLE p")
 

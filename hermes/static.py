@@ -387,7 +387,10 @@ def piece_cache(tok, spec: dict[str, Any], vocab: int, known: np.ndarray) -> "Pi
     seps = [s for s in seps if s[0] != unk]
     separator = seps[-1] if seps else None
     parts = None
-    if pre == ["BertPreTokenizer"] and set(kinds(spec.get("normalizer"), "normalizers")) <= _CHAR_LOCAL:
+    # an added token matched after normalising ("<foo>" in "<FOO>") could be cut at its punctuation
+    normalized = any(t.get("normalized") for t in spec.get("added_tokens", []))
+    if pre == ["BertPreTokenizer"] and set(kinds(spec.get("normalizer"), "normalizers")) <= _CHAR_LOCAL \
+            and not normalized:
         # added tokens are matched in the raw text, before the split: a piece that holds one stays whole
         parts = PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=separator)
         parts.added = [t["content"] for t in spec.get("added_tokens", []) if t.get("content")]

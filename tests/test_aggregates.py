@@ -105,3 +105,27 @@ def test_the_views_carry_the_contract_columns_and_shares():
     want = con.execute("SELECT c1, avg(quality) FROM labels GROUP BY c1 ORDER BY c1").fetchall()
     assert [g[0] for g in got] == [w[0] for w in want]
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=1e-12)
+
+
+def test_a_cell_of_equal_values_has_that_value_as_its_p70_at_every_level():
+    """lo + (hi - lo) d is exact where the neighbours are equal: `quality >= quality_p70` keeps them."""
+    rows = [(f"d{i}", 50, 10, 0.9, 0, 0, 0) for i in range(2)] + [(f"e{i}", 50, 10, 0.3, 1, 0, 0) for i in range(5)]
+    con = _store(rows)
+    aggregates.build(con, [])
+    for view in VIEWS:
+        assert con.execute(f"SELECT quality_p70 FROM {view} WHERE c1 = 0").fetchall() == [(0.9,)], view
+
+
+def test_a_band_that_held_a_small_cell_narrows_once_the_cell_grows():
+    """A small cell's band holds all its values and takes in every new one; past WHOLE_CELL values
+    it is made again around the p70, so the bands stay a small part of the labels."""
+    rng = np.random.default_rng(3)
+    con = _store(_labels(rng, 100, 0))
+    aggregates.build(con, [])
+    rows = _labels(rng, 100, 0)
+    for k in range(3):
+        grown = _labels(rng, 20_000, 100_000 * (k + 1))
+        _append(con, grown)
+        rows += grown
+    assert con.execute("SELECT count(*) FROM p70_window_l1").fetchall()[0][0] < 0.1 * len(rows)
+    _check_p70(con)

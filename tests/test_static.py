@@ -365,5 +365,7 @@ def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
     assert piece_cache(None, bert, 10, np.ones(10, bool)).parts is not None
     whitespace = {**bert, "pre_tokenizer": {"type": "Whitespace"}}
     nfc = {**bert, "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}}
-    for spec in (whitespace, nfc):
+    # an added token matched after normalising: "<foo>" in "<FOO>" must not be cut at its "<"
+    added = {**bert, "added_tokens": bert["added_tokens"] + [{"id": 7, "content": "<foo>", "normalized": True}]}
+    for spec in (whitespace, nfc, added):
         assert piece_cache(None, spec, 10, np.ones(10, bool)).parts is None
