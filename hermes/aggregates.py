@@ -28,9 +28,8 @@ Written here because DuckDB's quantile state cannot be kept between statements.
 
 from __future__ import annotations
 
-from hermes.cellkeys import LEVELS, key_sql, view_suffix
+from hermes.cellkeys import CODES, LEVELS, key_sql, view_suffix
 
-CODES = ("c1", "c2", "c3")
 P70 = 0.7
 WINDOW = 0.02               # a band holds the values ranked within ±2% of the cell around its p70 ...
 WHOLE_CELL = 800            # ... or, in a cell of fewer qualities than this, all of them

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 LEVELS = (1, 2, 3)
 N_CODES = len(LEVELS)   # a document's code has c1, c2, c3
+CODES = tuple(f"c{i + 1}" for i in range(N_CODES))     # their column names
 CODE_BITS = 15          # codes are SMALLINT (< 2^15); a level-l key packs the code prefix into an int64
 
 

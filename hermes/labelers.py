@@ -30,14 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.cellkeys import N_CODES
+from hermes.cellkeys import CODES, N_CODES
 from hermes.static import NO_TOKENS
 from hermes.store import REJECT_FILE_SCHEMA
 from hermes.words import Words
 
 REJECT = "reject"        # a labeler's reason for refusing a row (null where the row is labeled)
 EMBEDDING = "embedding"  # a document's vector, a fixed-size list column
-CODES = tuple(f"c{i + 1}" for i in range(N_CODES))
 
 
 class Batch:

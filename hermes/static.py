@@ -393,7 +393,7 @@ def piece_cache(tok, spec: dict[str, Any], vocab: int, known: np.ndarray) -> "Pi
             and not normalized:
         # added tokens are matched in the raw text, before the split: a piece that holds one stays whole
         parts = PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=separator)
-        parts.added = [t["content"] for t in spec.get("added_tokens", []) if t.get("content")]
+        parts.added = "|".join(re.escape(t["content"]) for t in spec.get("added_tokens", []) if t.get("content"))
     return PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=separator, parts=parts)
 
 
@@ -424,7 +424,7 @@ class PieceCache:
         self.drop_vt_ff = drop_vt_ff          # the normaliser deletes \v and \f (control) rather than split there
         self.separator = separator            # (text, id) of a token that joins pieces into one tokenizer input
         self.parts = parts                    # the table of pieces' parts around ASCII punctuation, if any
-        self.added: list[str] = []            # (in a parts table) texts of the added tokens
+        self.added = ""                       # (in a parts table) a regex of the added tokens' texts
         self._lock = threading.Lock()
         self._clear()
 
@@ -499,9 +499,7 @@ class PieceCache:
             if len(new):
                 where[new] = self._add([words[i] for i in new])
             length = self.length[where]
-            offsets = np.concatenate([[0], np.cumsum(length)])
-            ids = self.ids[np.repeat(self.start[where] - offsets[:-1], length) + np.arange(offsets[-1])]
-            return ids, length, self.n_known[where]
+            return _runs(self.ids, self.start[where], length), length, self.n_known[where]
 
     def _from_parts(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`_tokenize`'s result from the parts table: each piece cut around its ASCII punctuation
@@ -513,8 +511,7 @@ class PieceCache:
         arr = pa.array(pieces, pa.large_string())
         whole = np.zeros(len(pieces), dtype=bool)
         if self.parts.added:
-            any_added = "|".join(re.escape(text) for text in self.parts.added)
-            whole = pc.match_substring_regex(arr, any_added).to_numpy(zero_copy_only=False)
+            whole = pc.match_substring_regex(arr, self.parts.added).to_numpy(zero_copy_only=False)
         if whole.any():
             cut = np.flatnonzero(~whole)
             arr = arr.take(pa.array(cut))
@@ -525,9 +522,7 @@ class PieceCache:
         part_ids, part_length, _ = self.parts.lookup(distinct.dictionary.to_pylist())
         which = distinct.indices.to_numpy()               # each part in turn, as a distinct part
         length = part_length[which]
-        offsets = np.concatenate([[0], np.cumsum(length)])
-        starts = np.cumsum(part_length) - part_length
-        ids = part_ids[np.repeat(starts[which] - offsets[:-1], length) + np.arange(offsets[-1])]
+        ids = _runs(part_ids, (np.cumsum(part_length) - part_length)[which], length)
         lengths = np.bincount(np.repeat(np.arange(len(per_piece)), per_piece), weights=length,
                               minlength=len(per_piece)).astype(np.int64)
         if not whole.any():
@@ -560,6 +555,12 @@ class PieceCache:
         bags = occurrences @ pieces
         bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
         return bags, counts, occurrences @ n_known, (distinct.dictionary, occurrences)
+
+
+def _runs(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """values[starts[i]:starts[i] + lengths[i]] for each i, concatenated."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return values[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
 
 
 def _encode_batch(tok, texts: list[str]) -> list:

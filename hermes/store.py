@@ -24,7 +24,6 @@ from hermes.cellkeys import LEVELS, level_name, view_suffix
 from hermes.errors import HermesError
 from hermes.files import out_of_room, remove, replacing
 
-CODES = ("c1", "c2", "c3")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
 
 # Columns of a label file (one per shard). `seq` is the row's position in its shard, which

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hermes.aggregates import data_table
-from hermes.cellkeys import LEVELS
+from hermes.cellkeys import CODES, LEVELS
 from hermes.quality import STOP_WORDS
 from hermes.words import Words
 
@@ -151,7 +151,7 @@ def _level_sql(level: int) -> str:
     parent = codes[:-1] or ["g"]           # L1 cells are all siblings: one constant group g
     cs, ps = ", ".join(codes), ", ".join(parent)
     g = ", 0 AS g" if level == 1 else ""
-    padded = ", ".join(c if c in codes else f"CAST(NULL AS SMALLINT) AS {c}" for c in ("c1", "c2", "c3"))
+    padded = ", ".join(c if c in codes else f"CAST(NULL AS SMALLINT) AS {c}" for c in CODES)
     return f"""
     WITH c AS (SELECT {cs}{g}, term, sum(count) AS n FROM term_counts GROUP BY ALL),
     tot AS (SELECT {cs}, sum(n) AS words, max(n) AS top_n FROM c GROUP BY ALL),
