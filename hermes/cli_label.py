@@ -56,6 +56,9 @@ def run(
     Writes OUT/labels.duckdb, OUT/substrate/, OUT/labels/ (one Parquet file per input shard) and
     OUT/rejects/. With no INPUT it runs on the sample corpus bundled with hermes.
 
+    By default a static encoder is built from the model on a sample of INPUT first (the context
+    pass), then embeds every document; --encoder transformer embeds with the model itself.
+
     A source first stage (one L1 cell per source, named by it, learned stages below):
     hermes run corpus/ --out out --stages source,learned,learned
 
@@ -102,7 +105,8 @@ def fit(
     """Fit the substrate only (embedding settings, transform, RVQ codebooks) on a sample of INPUT.
 
     With the transformer only the sample is embedded (the corpus is read to draw it, the same
-    sample `hermes run` fits on); with --encoder static every document is, and OUT/embeddings is kept.
+    sample `hermes run` fits on); with the static encoder (the default) every document is, and
+    OUT/embeddings is kept.
 
     Example: hermes fit corpus/ --out fitted --fit-sample 100000
     """

@@ -104,10 +104,11 @@ class EncoderKind(str, Enum):
     static = "static"
 
 
-EncoderOpt = typer.Option(None, "--encoder", help="transformer: the model embeds every document (its first "
-                                                  "--max-length tokens). static: a static encoder is built from the "
-                                                  "model on --encoder-docs documents of the corpus, then embeds every "
-                                                  "whole text, about 75x faster on 2 CPU cores (default: transformer).")
+EncoderOpt = typer.Option(None, "--encoder", help="static: a static encoder is built from the model on "
+                                                  "--encoder-docs documents of the corpus, then embeds every whole "
+                                                  "text, about 75x faster on 2 CPU cores. transformer: the model "
+                                                  "embeds every document (its first --max-length tokens) "
+                                                  "(default: static).")
 DtypeOpt = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto).")
 MaxLengthOpt = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); with --encoder "
                                                        "static, the teacher's window while the encoder is built (it "

@@ -212,7 +212,8 @@ def _context_vectors(encoder, texts: list[str], static: np.ndarray, say) -> tupl
     is the token alone. Ids the texts lack get the least-squares linear map of their static vector
     (hermes.static.context_vectors, as the static encoder does)."""
     say(f"distill: the teacher's context vectors of its tokens, over {len(texts):,} documents")
-    sums, counts = encoder.context_sums(texts, static.shape[0])
+    context = encoder.context_sums(texts, static.shape[0])
+    sums, counts = context.sums, context.counts
     out = context_vectors(sums, counts, static)
     return out.astype(np.float32), {"docs": len(texts), "token_ids": int((counts > 0).sum())}
 

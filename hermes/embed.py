@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -176,20 +176,27 @@ class Embedder:
                 out[start:start + len(ids)] = self._st.forward(feats)["sentence_embedding"].float().cpu().numpy()
         return out
 
-    def context_sums(self, texts: list[str], vocab: int, sentences: bool = False):
+    def context_sums(self, texts: list[str], vocab: int, sentences: bool = False,
+                     span_parts: tuple[int, ...] = ()) -> "ContextPass":
         """The encoder's output vector of every token it reads (before pooling, so in context),
         summed per token id over the texts, with the count of each id: (vocab, dim) float64 and
         (vocab,). With `sentences`, also each text's unit-norm sentence embedding from the same
-        pass, (n, dim) float32 in the texts' order. Texts are batched by length, so that batches
-        pad little."""
+        pass, (n, dim) float32 in the texts' order. With `span_parts`, also each text's content
+        (what it read, less the special tokens) cut into k equal spans for each k (spans of at
+        least SPAN_MIN tokens), with the unit-norm mean of each span's output vectors: what the
+        encoder makes of that part of the text, in its context. Texts are batched by length, so
+        that batches pad little."""
         import torch
 
         self.setup()
         prepare = getattr(self._st, "preprocess", None) or self._st.tokenize
+        special = torch.as_tensor(self._special_template()[0], dtype=torch.long)
         order = np.argsort([len(t) for t in texts], kind="stable")
         sums: Any = None
         counts = torch.zeros(vocab, dtype=torch.float64)
         pooled = np.zeros((len(texts), self.dim_), dtype=np.float32) if sentences else None
+        span_ids: list[np.ndarray] = []
+        span_vecs: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 feats = prepare([texts[i] for i in order[start:start + self.batch_size]])
@@ -204,12 +211,46 @@ class Embedder:
                     sums = torch.zeros((vocab, vecs.shape[1]), dtype=torch.float64)
                 sums.index_add_(0, ids, vecs)
                 counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+                if span_parts:
+                    content = (read & ~torch.isin(feats["input_ids"], special.to(read.device))).cpu()
+                    _spans(feats["input_ids"].cpu(), out.float().cpu(), content, span_parts, span_ids, span_vecs)
         if sums is None:
             sums = torch.zeros((vocab, self.dim_), dtype=torch.float64)
-        if pooled is not None:
-            pooled = unit_rows(pooled)
-            return sums.numpy(), counts.numpy(), pooled
-        return sums.numpy(), counts.numpy()
+        spans = None
+        if span_parts:
+            spans = Spans(np.concatenate(span_ids) if span_ids else np.zeros(0, dtype=np.int64),
+                          np.array([len(i) for i in span_ids], dtype=np.int64),
+                          unit_rows(np.array(span_vecs, dtype=np.float32).reshape(-1, self.dim_)))
+        return ContextPass(sums.numpy(), counts.numpy(), unit_rows(pooled) if pooled is not None else None, spans)
+
+
+SPAN_MIN = 8       # tokens: a text's content is cut into k spans only where each has at least this many
+
+
+class Spans(NamedTuple):
+    """Parts of texts, as the token ids of each (concatenated, with each span's length), and the
+    encoder's unit-norm mean output vector over each."""
+    ids: np.ndarray
+    lengths: np.ndarray
+    targets: np.ndarray
+
+
+class ContextPass(NamedTuple):
+    sums: np.ndarray               # (vocab, dim) float64: output vectors summed per token id
+    counts: np.ndarray             # (vocab,): how many times each id was read
+    pooled: np.ndarray | None      # (n, dim) float32: the texts' sentence embeddings, if asked
+    spans: Spans | None            # the texts' spans, if asked
+
+
+def _spans(ids, out, content, parts: tuple[int, ...], span_ids: list, span_vecs: list) -> None:
+    for b in range(ids.shape[0]):
+        at = np.flatnonzero(content[b].numpy())
+        for k in parts:
+            if len(at) < k * SPAN_MIN:
+                continue
+            for part in np.array_split(at, k):
+                span_ids.append(ids[b, part].numpy().astype(np.int64))
+                span_vecs.append(out[b, part].mean(0).numpy())
 
 
 class TokenCounter:

@@ -11,7 +11,8 @@ Built once, from a seeded sample of the corpus's documents:
   the whole texts of the sample; special tokens and `[UNK]` weigh 0;
 - a linear map takes the sample's static vectors (of the window the teacher read) onto the
   teacher's own embeddings of those texts, from the same pass (ridge, no intercept, alpha by
-  leave-one-out; `_align`);
+  leave-one-out; `_align`); the texts' halves, thirds and quarters, each with the teacher's mean
+  output vector over it, are pairs too (about 9 per long text);
 - weights and map are folded into the rows, so a document's vector is the mean of its tokens'
   rows over the *whole* text (no window), unit-normalised.
 
@@ -122,7 +123,8 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
     tok.no_padding()
     vocab = tok.get_vocab_size(with_added_tokens=True)
     say(f"encoder: the teacher's context vectors of its tokens over {len(texts):,} documents")
-    sums, seen, teacher_vecs = teacher.context_sums(texts, vocab, sentences=True)
+    context = teacher.context_sums(texts, vocab, sentences=True, span_parts=ALIGN_SPAN_PARTS)
+    sums, seen, teacher_vecs = context.sums, context.counts, context.pooled
     say(f"encoder: {int((seen > 0).sum()):,} of {vocab:,} token ids seen; isolated vectors for the rest")
     isolated = teacher.token_vectors()
     vectors = context_vectors(sums, seen, isolated)
@@ -134,7 +136,7 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
     rows = vectors * weights[:, None]
     # the window the teacher read of each sample text, as a bag of ids
     window = [e[:teacher.content_window()] for e in ids]
-    rows, alignment = _align(rows, window, teacher_vecs)
+    rows, alignment = _align(rows, window, teacher_vecs, context.spans)
     if alignment["kind"] == "none":
         say(f"encoder: not aligned to the teacher's embeddings: {alignment['reason']} (raise --encoder-docs)")
     else:
@@ -158,6 +160,7 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
 
 
 ALIGN_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+ALIGN_SPAN_PARTS = (2, 3, 4)  # each sample text's content also cut into halves, thirds and quarters, as more pairs
 ALIGN_MIN_DOCS = 100        # fewer sample documents than this: no map (rows as they are)
 
 
@@ -167,12 +170,15 @@ def _bags(ids: list[list[int]], vocab: int):
     return count_rows(flat, lengths, vocab)
 
 
-def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray, spans=None
+           ) -> tuple[np.ndarray, dict[str, Any]]:
     """Rows times the linear map that best takes the sample's static vectors (of the window the
     teacher read) to the teacher's own embeddings of those texts: ridge regression without an
     intercept (so it folds into the rows: the mean of mapped rows is the mapped mean), alpha by
     scikit-learn's efficient leave-one-out among ALIGN_ALPHAS. Documents then embed as the teacher
-    would place them, not only as its token vectors average."""
+    would place them, not only as its token vectors average. `spans` (hermes.embed.Spans, parts of
+    the same texts with the teacher's mean output vector over each, from the same pass) add pairs
+    of the same kind: the map learns from 2,000 texts' parts what it would from many more texts."""
     from sklearn.linear_model import RidgeCV
 
     S = np.asarray(_bags(window, len(rows)) @ rows)
@@ -182,9 +188,18 @@ def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray) 
     if len(S) < ALIGN_MIN_DOCS:
         return rows, {"kind": "none", "reason": f"{len(S)} sample documents, fewer than {ALIGN_MIN_DOCS}",
                       "alpha": 0.0, "cosine_before": _cos(S, T), "cosine_after": _cos(S, T)}
-    ridge = RidgeCV(alphas=ALIGN_ALPHAS, fit_intercept=False).fit(S, T)
+    X, Y = S, T
+    n_spans = 0
+    if spans is not None and len(spans.lengths):
+        P = np.asarray(count_rows(spans.ids, spans.lengths, len(rows)) @ rows)
+        has = np.linalg.norm(P, axis=1) > 0
+        n_spans = int(has.sum())
+        X = np.vstack([S, unit_rows(P[has])])
+        Y = np.vstack([T, spans.targets[has].astype(np.float64)])
+    ridge = RidgeCV(alphas=ALIGN_ALPHAS, fit_intercept=False).fit(X, Y)
     W = ridge.coef_.T
-    return rows @ W, {"kind": "ridge", "alpha": float(ridge.alpha_), "docs": int(len(S)),
+    return rows @ W, {"kind": "ridge", "alpha": float(ridge.alpha_), "docs": int(len(S)), "spans": n_spans,
+                      "span_parts": list(ALIGN_SPAN_PARTS) if n_spans else [],
                       "cosine_before": _cos(S, T), "cosine_after": _cos(S @ W, T)}
 
 

@@ -14,7 +14,9 @@ from hermes.cli import app
 
 # Small enough to keep the suite quick, large enough for every cell level to be populated.
 N_DOCS = 300
-FAST = ["--max-length", "128", "--quiet"]
+# the end-to-end runs take the transformer (its window cut to 128 tokens): the static encoder, the
+# default, has its own run in tests/test_static.py, and the README's main job runs it too
+FAST = ["--encoder", "transformer", "--max-length", "128", "--quiet"]
 
 
 @pytest.fixture(scope="session")

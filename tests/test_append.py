@@ -84,7 +84,8 @@ def test_an_append_with_another_substrate_is_refused_naming_both(grown, e2e, tmp
     out = tmp_path / "out"
     shutil.copytree(grown["db"].parent, out)
     other = tmp_path / "other"
-    r = invoke("fit", e2e["corpus"], "--out", other, "--codebook-sizes", "3,3,3", "--max-length", "128", *QUIET)
+    r = invoke("fit", e2e["corpus"], "--out", other, "--codebook-sizes", "3,3,3", "--max-length", "128", "--encoder",
+               "transformer", *QUIET)
     assert r.exit_code == 0, r.output
     before = (out / "labels.duckdb").read_bytes()
     r = invoke("label", grown["c"], "--substrate", other / "substrate", "--out", out, "--append")

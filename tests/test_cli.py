@@ -197,13 +197,15 @@ def test_fit_picks_codebook_sizes_by_the_rule_and_says_why(sample_records, tmp_p
     from hermes.rvq import plan_codebook_sizes
 
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:300])
-    r = invoke("fit", corpus, "--out", tmp_path / "f", "--format", "json", "--max-length", "128")
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--format", "json", "--max-length", "128", "--encoder",
+               "transformer")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     sizes, why = plan_codebook_sizes(300, 300)
     assert s["codebook_sizes"] == sizes == [2, 2, 7] and s["codebook_rule"] == why
     assert f"fit: {why}" in r.stderr                                   # printed before the fit
-    r = invoke("fit", corpus, "--out", tmp_path / "f", "--format", "json", "--codebook-sizes", "3,2,4", "-q")
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--format", "json", "--codebook-sizes", "3,2,4", "-q",
+               "--encoder", "transformer")
     assert json.loads(r.stdout)["codebook_sizes"] == [3, 2, 4]         # the flag overrides the rule
     r = invoke("fit", corpus, "--out", tmp_path / "f", "--codebook-sizes", "3,x,4")
     assert r.exit_code == 1 and "--codebook-sizes 3,x,4: 'x' is not an integer" in r.stderr

@@ -151,15 +151,33 @@ def test_context_sums_are_the_encoders_outputs_of_each_token_before_pooling(enco
     from hermes.vectors import unit_rows as normalize
 
     texts = [r["text"] for r in sample_records[:5]] + ["house river music"]
-    sums, counts = encoder.context_sums(texts, 30522)
+    sums, counts, _, _ = encoder.context_sums(texts, 30522)
     ids = [encoder._st.tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
     assert counts.sum() == sum(map(len, ids))                              # every token read, specials too
     assert np.array_equal(counts, np.bincount(np.concatenate(ids), minlength=30522))
-    one, n = encoder.context_sums(texts[-1:], 30522)                        # one text: its mean pool
+    one, n, _, _ = encoder.context_sums(texts[-1:], 30522)                      # one text: its mean pool
     np.testing.assert_allclose(normalize(one.sum(0, keepdims=True) / n.sum()), encoder.encode(texts[-1:]), atol=1e-5)
     # batched by length with padding, the sums are still those of each text alone
     alone = sum(encoder.context_sums([t], 30522)[0] for t in texts)
     np.testing.assert_allclose(sums, alone, atol=1e-4)
+
+
+def test_context_spans_are_parts_of_what_the_encoder_read_with_its_mean_output_over_each(encoder, sample_records):
+    from hermes.vectors import unit_rows as normalize
+
+    text = max((r["text"] for r in sample_records), key=len)
+    read = encoder._st.tokenizer(text, truncation=True, max_length=64)["input_ids"]
+    content = read[1:-1]                                                    # [CLS] ... [SEP]
+    whole = encoder.context_sums([text], 30522, span_parts=(1, 2, 3))
+    spans = whole.spans
+    assert list(spans.lengths) == [62, 31, 31, 21, 21, 20]
+    assert list(spans.ids[:62]) == content and list(spans.ids[62:124]) == content
+    # one part: the mean of the content's output vectors, i.e. all the sums less the special tokens'
+    content_sum = whole.sums.sum(0) - whole.sums[read[0]] - whole.sums[read[-1]]
+    np.testing.assert_allclose(spans.targets[0], normalize(content_sum[None])[0], atol=1e-5)
+    assert not np.allclose(spans.targets[1], spans.targets[2], atol=1e-2)   # the halves differ
+    short = encoder.context_sums(["house river"], 30522, span_parts=(2,)).spans
+    assert len(short.lengths) == 0 and len(short.targets) == 0             # under 2 x SPAN_MIN tokens
 
 
 def test_context_vectors_are_means_where_seen_and_mapped_from_the_static_vectors_elsewhere():
@@ -173,8 +191,10 @@ def test_context_vectors_are_means_where_seen_and_mapped_from_the_static_vectors
 
     class Encoder:                # only the sums it returns matter here
         def context_sums(self, texts, vocab):
+            from hermes.embed import ContextPass
+
             counts = np.where(seen, 1 + np.arange(vocab) % 3, 0).astype(np.float64)
-            return means * counts[:, None], counts
+            return ContextPass(means * counts[:, None], counts, None, None)
 
     out, info = _context_vectors(Encoder(), ["a", "b"], static, lambda m: None)
     assert info == {"docs": 2, "token_ids": 30}
@@ -331,7 +351,7 @@ def test_distilled_labeling_counts_tokens_as_its_teacher_did(sample_records, tmp
 
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:200])
     r = invoke("run", corpus, "--out", tmp_path / "teacher", "--tokenizer", cased, "--codebook-sizes", "4,2,2",
-               "--max-length", "64", "--quiet")
+               "--max-length", "64", "--quiet", "--encoder", "transformer")
     assert r.exit_code == 0, r.output
     r = invoke("distill", "--db", tmp_path / "teacher" / "labels.duckdb", "--out", tmp_path / "fast", "--student",
                "fasttext", "--epochs", "2", "--quiet")

@@ -18,7 +18,7 @@ def test_fit_embeds_only_its_sample_the_one_run_fits_on(sample_records, tmp_path
     from hermes.read import discover
 
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:300])
-    common = ["--fit-sample", "100", "--max-length", "64", "--stages", "source,learned,learned", "--format", "json"]
+    common = ["--encoder", "transformer", "--fit-sample", "100", "--max-length", "64", "--stages", "source,learned,learned", "--format", "json"]
     fit = invoke("fit", corpus, "--out", tmp_path / "f", *common)
     assert fit.exit_code == 0, fit.output
     assert "fit: embedding the sample only: " in fit.stderr

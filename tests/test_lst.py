@@ -91,7 +91,8 @@ def test_config_lst_settings_reach_the_fitted_transform(sample_records, tmp_path
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_records[:120])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lst_weights: {structure: 3.5, commitment: 0.5}\nlst_epochs: 2\nlst_lr: 0.002\n")
-    r = invoke("fit", corpus, "--out", tmp_path / "f", "--config", cfg, "--max-length", "32", "--quiet")
+    r = invoke("fit", corpus, "--out", tmp_path / "f", "--config", cfg, "--max-length", "32", "--quiet",
+               "--encoder", "transformer")
     assert r.exit_code == 0, r.output
     sub = Substrate.load(tmp_path / "f" / "substrate")
     s = sub.transform.settings

@@ -77,7 +77,7 @@ def test_run_survives_sigkill_and_resumes(e2e, tmp_path):
     """`hermes run` killed while embedding, and again while labeling: the rerun gives the labels of an
     uninterrupted run, and leaves no temporary file behind."""
     src = corpus(tmp_path, e2e["records"][:180])
-    common = ["--max-length", "32", "--codebook-sizes", "3,2,2", "--quiet"]
+    common = ["--encoder", "transformer", "--max-length", "32", "--codebook-sizes", "3,2,2", "--quiet"]
     whole = tmp_path / "whole"
     assert invoke("run", src, "--out", whole, *common).exit_code == 0
     expected = labels(whole / "labels.duckdb")

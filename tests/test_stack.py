@@ -237,7 +237,8 @@ def test_a_taxonomy_model_that_changed_is_refused(source_run, taxonomy_model, tm
     shutil.copytree(source_run["out"], out)
     corpus = write_jsonl(tmp_path / "c.jsonl", [json.loads(line) for line in
                                                  source_run["corpus"].read_text().splitlines()[:40]])
-    r = invoke("fit", corpus, "--out", out, "--stages", f"fasttext:{copy},learned,learned", "--quiet")
+    r = invoke("fit", corpus, "--out", out, "--stages", f"fasttext:{copy},learned,learned", "--quiet",
+               "--encoder", "transformer")
     assert r.exit_code == 0, r.output
     with open(copy, "ab") as f:
         f.write(b"\0")

@@ -218,6 +218,36 @@ def test_the_alignment_maps_static_vectors_onto_the_teachers_and_folds_into_the_
     assert none["kind"] == "none" and few is rows
 
 
+def test_the_alignment_learns_from_the_sample_texts_spans_too():
+    from hermes.embed import Spans
+    from hermes.static import _align, _bags
+    from hermes.vectors import unit_rows
+
+    rng = np.random.default_rng(1)
+    vocab, dim = 400, 48
+    rows = rng.normal(size=(vocab, dim))
+    M = rng.normal(size=(dim, dim))
+
+    def pairs(n, noise=1.0):      # the teacher: a linear map of the static vectors, and more
+        bags = [list(rng.integers(0, vocab, rng.integers(5, 40))) for _ in range(n)]
+        S = unit_rows(np.asarray(_bags(bags, vocab) @ rows))
+        return bags, unit_rows(S @ M + noise * rng.normal(size=(n, dim)))
+
+    window, teacher = pairs(110)                    # too few texts to find a 48 x 48 map in the noise
+    parts, targets = pairs(2000)
+    spans = Spans(np.concatenate(parts).astype(np.int64), np.array([len(p) for p in parts]), targets)
+    held, truth = pairs(300, noise=0.0)
+
+    def held_out_cosine(mapped):
+        got = unit_rows(np.asarray(_bags(held, vocab) @ mapped))
+        return float(np.mean(np.sum(got * truth, axis=1)))
+
+    alone, _ = _align(rows, window, teacher)
+    both, info = _align(rows, window, teacher, spans)
+    assert info["spans"] == 2000 and info["docs"] == 110
+    assert held_out_cosine(both) > 0.95 > 0.9 > held_out_cosine(alone)
+
+
 def test_a_rerun_on_the_same_corpus_reuses_the_encoder(static_run, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(static_run["out"], out)

@@ -74,7 +74,7 @@ def test_the_identity_transform_end_to_end(sample_records, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("transform: identity\n")
     r = invoke("run", corpus, "--out", tmp_path / "o", "--config", cfg, "--keep-embeddings", "--max-length", "32",
-               "--codebook-sizes", "3,2,2", "--quiet")
+               "--codebook-sizes", "3,2,2", "--quiet", "--encoder", "transformer")
     assert r.exit_code == 0, r.output
     sub = Substrate.load(tmp_path / "o" / "substrate")
     assert sub.transform.kind == "identity" and "history" not in sub.training
