@@ -11,8 +11,10 @@ totals.
 - An append adds the new rows' counts and sums to an L123 cell's; an L12 or L1 cell's counts and
   sums are its children's, summed from the level below.
 - Its 70th percentile needs the cell's values near it. Table `p70_window_<l>` keeps, per cell, the
-  qualities at sorted positions [q_below, q_below + its length): those within ±WINDOW of the cell's
-  values around the p70, or all of them for a cell of fewer than WHOLE_CELL. An append merges the
+  qualities at sorted positions [q_below, q_below + its length): those ranked within ±WINDOW of the
+  cell around the p70 in a cell of BAND_RANKS / WINDOW qualities or more; in a smaller cell the
+  window doubles each time the cell halves, so a band keeps about ±BAND_RANKS ranks (`_windows`);
+  a cell of fewer than WHOLE_CELL qualities keeps all of them. An append merges the
   new values that fall inside a band into it and counts those below it into `q_below`; the p70 is
   read off the band at its position, interpolated linearly as DuckDB's `quantile_cont` (it may
   differ from it in the last bit, never where the two neighbours are equal). A band the p70
@@ -32,7 +34,8 @@ from hermes.cellkeys import CODES, LEVELS, key_sql, view_suffix
 
 P70 = 0.7
 WINDOW = 0.02               # a band holds the values ranked within ±2% of the cell around its p70 ...
-WHOLE_CELL = 800            # ... or, in a cell of fewer qualities than this, all of them
+BAND_RANKS = 16             # ... and at least about ±16 ranks: in a cell under 800 the window widens
+WHOLE_CELL = 50             # ... or, in a cell of fewer qualities than this, all of them
 SHORT_CHARS = 100           # a cell of mostly shorter texts is marked in cell_terms
 DATA_COLUMNS = ("cell", "parent", "n_docs", "n_tokens", "quality_mean", "quality_p70", "n_children", "q_n", "q_sum",
                 "n_short", "q_below")
@@ -46,6 +49,18 @@ def data_table(level: int) -> str:
 
 def _window_table(level: int) -> str:
     return f"p70_window_{view_suffix(level)}"
+
+
+def _windows() -> list[tuple[int, float]]:
+    """(smallest cell, window) per tier of cell sizes, largest first: ±WINDOW from BAND_RANKS /
+    WINDOW qualities, then twice the window for every halving of the cell, down to WHOLE_CELL. A
+    band is read as DuckDB's quantile_disc at p70 ± its window, so all tiers cost one aggregate."""
+    tiers, size, window = [], BAND_RANKS / WINDOW, WINDOW
+    while True:
+        tiers.append((max(int(size), WHOLE_CELL), window))
+        if size <= WHOLE_CELL:
+            return tiers
+        size, window = size / 2, window * 2
 
 
 def _cs(level: int, alias: str = "") -> str:
@@ -182,11 +197,11 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
         con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
         con.execute("DROP TABLE below")
         # a band that held its whole cell (or a new cell's) takes in every new value: once the cell
-        # has WHOLE_CELL qualities, its band is made again from labels, ±WINDOW around the p70
+        # has twice WHOLE_CELL qualities, its band is made again from labels, narrow around the p70
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE grown AS
             SELECT {_cs(level, "a.")} FROM agg a LEFT JOIN band b ON {_on(level, 'a', 'b')}
-            WHERE a.q_n >= {WHOLE_CELL} AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n))""")
+            WHERE a.q_n >= {2 * WHOLE_CELL} AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n))""")
         if con.execute("SELECT count(*) FROM grown").fetchall()[0][0]:
             con.execute(f"DELETE FROM {window} w USING grown g WHERE {_on(level, 'w', 'g')}")
             _band(con, level, "grown")
@@ -219,13 +234,19 @@ def _band(con, level: int, cells: str | None, whole: bool = False) -> None:
     values if `whole`), and their q_below."""
     cs = _cs(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
+    tiers = _windows()
+    fractions = ", ".join(f"{max(P70 - w, 0.0):.6f}, {min(P70 + w, 1.0):.6f}" for _, w in tiers)
     small = "TRUE" if whole else f"n < {WHOLE_CELL}"
+
+    def end(k: int, whole_end: str) -> str:
+        picks = " ".join(f"WHEN n >= {size} THEN q[{2 * i + k}]" for i, (size, _) in enumerate(tiers))
+        return f"CASE WHEN {small} THEN {whole_end} {picks} ELSE {whole_end} END"
+
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE ends AS
-        SELECT {cs}, CASE WHEN {small} THEN mn ELSE q[1] END AS lo,
-                     CASE WHEN {small} THEN mx ELSE q[2] END AS hi
+        SELECT {cs}, {end(1, "mn")} AS lo, {end(2, "mx")} AS hi
         FROM (SELECT {cs}, count(quality) AS n, min(quality) AS mn, max(quality) AS mx,
-                     quantile_disc(quality, [{P70 - WINDOW:.6f}, {P70 + WINDOW:.6f}]) AS q
+                     quantile_disc(quality, [{fractions}]) AS q
               FROM labels {semi} WHERE quality IS NOT NULL GROUP BY {cs})""")
     con.execute(f"""
         INSERT INTO {_window_table(level)}

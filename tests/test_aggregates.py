@@ -60,7 +60,7 @@ def _check_p70(con) -> None:
         assert [g[-1] for g in got] == pytest.approx([w[-1] for w in want], rel=1e-14, abs=1e-15), view
 
 
-@pytest.mark.parametrize("whole_cell", [800, 20])      # 20: narrow bands, some too narrow to hold the p70
+@pytest.mark.parametrize("whole_cell", [50, 800, 20])  # 800: one window for all; 20: bands too narrow to hold the p70
 @pytest.mark.parametrize("case", ["alike", "all_below", "all_above", "new_cells", "nulls"])
 def test_an_append_updates_the_aggregates_as_a_build_over_all_the_labels(case, whole_cell, monkeypatch):
     monkeypatch.setattr(aggregates, "WHOLE_CELL", whole_cell)
@@ -117,8 +117,8 @@ def test_a_cell_of_equal_values_has_that_value_as_its_p70_at_every_level():
 
 
 def test_a_band_that_held_a_small_cell_narrows_once_the_cell_grows():
-    """A small cell's band holds all its values and takes in every new one; past WHOLE_CELL values
-    it is made again around the p70, so the bands stay a small part of the labels."""
+    """A small cell's band holds all its values and takes in every new one; past twice WHOLE_CELL
+    values it is made again around the p70, so the bands stay a small part of the labels."""
     rng = np.random.default_rng(3)
     con = _store(_labels(rng, 100, 0))
     aggregates.build(con, [])
@@ -128,4 +128,18 @@ def test_a_band_that_held_a_small_cell_narrows_once_the_cell_grows():
         _append(con, grown)
         rows += grown
     assert con.execute("SELECT count(*) FROM p70_window_l1").fetchall()[0][0] < 0.1 * len(rows)
+    _check_p70(con)
+
+
+def test_a_mid_sized_cell_keeps_a_narrow_band_not_all_its_values():
+    """Cells of a few hundred values (most L12 cells of a large store) keep about ±BAND_RANKS ranks
+    around the p70, not every value, and their p70 is still exact after appends."""
+    rng = np.random.default_rng(5)
+    rows = _labels(rng, 1500, 0)                # 6 L12 cells of about 250 values each
+    con = _store(rows)
+    aggregates.build(con, [])
+    held = con.execute("SELECT count(*) FROM p70_window_l12").fetchall()[0][0]
+    assert held < 0.3 * len(rows)
+    for k in range(2):
+        _append(con, _labels(rng, 40, 10_000 * (k + 1)))
     _check_p70(con)
