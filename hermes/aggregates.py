@@ -5,7 +5,7 @@ Table `cells_<l>_data` per level holds, per non-empty cell: its codes, `cell` an
 `n_docs`, `n_tokens`, `quality_mean` (`q_sum / q_n`), `quality_p70`, `n_children`, `q_n`
 (documents with a quality), `q_sum` (their qualities summed as an exact DECIMAL, so that a parent's
 sum is its children's in any order), `n_short` (documents under SHORT_CHARS characters, for
-`cell_terms`) and `q_below` (below; NULL at L123). The views add the shares, over the store's
+`cell_terms`) and `q_below` (below; NULL for an L123 cell without a band). The views add the shares, over the store's
 totals.
 
 - An append adds the new rows' counts and sums to an L123 cell's; an L12 or L1 cell's counts and
@@ -75,8 +75,8 @@ def has_current_layout(con) -> bool:
     """True if the store's aggregates are of this layout (an older store is aggregated again)."""
     rows = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
                        [data_table(1)]).fetchall()
-    return {r[0] for r in rows} >= set(DATA_COLUMNS) and bool(con.execute(
-        "SELECT 1 FROM information_schema.tables WHERE table_name = ?", [_window_table(1)]).fetchall())
+    windows = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return {r[0] for r in rows} >= set(DATA_COLUMNS) and {_window_table(level) for level in LEVELS} <= windows
 
 
 def build(con, named: list[int]) -> None:
@@ -135,7 +135,7 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                    CAST(sum(n_short) AS BIGINT) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
                    count(*) AS n_children, CAST(0 AS BIGINT) AS q_below
             FROM {data_table(level + 1)} {semi} GROUP BY {cs}""")
-    remade = _p70(con, level, touched, fresh) if level < LEVELS[-1] else _finest_p70(con, touched)
+    remade = _p70(con, level, touched, fresh) if level < LEVELS[-1] or touched else _finest_p70(con)
     key, joins = key_sql(level, named, "a")
     parent = key_sql(level - 1, named, "a")[0] if level > 1 else "CAST(NULL AS VARCHAR)"
     rows = f"""
@@ -152,24 +152,28 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
     return remade
 
 
-def _finest_p70(con, touched: str | None) -> int:
-    """At an append, the touched L123 cells' quality_p70 from their values in `labels` (a build has
-    it from its aggregate); DuckDB's quantile_cont at L123, always."""
-    if touched is not None:
-        cs = _cs(LEVELS[-1])
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE p AS
-            SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM labels SEMI JOIN {touched} USING ({cs})
-            GROUP BY {cs}""")
-        con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(LEVELS[-1], 'agg', 'p')}")
-        con.execute("DROP TABLE p")
+def _finest_p70(con) -> int:
+    """At a build, the L123 cells' quality_p70 (DuckDB's quantile_cont, from the aggregate) and the
+    bands of the cells of WHOLE_CELL qualities or more, whose p70 is read off them as an append
+    will (so that a store grown by appends equals one built at once). A smaller cell keeps no band:
+    an append computes its p70 again from `labels` (`_p70`)."""
+    level = LEVELS[-1]
+    con.execute(f"CREATE OR REPLACE TABLE {_window_table(level)} AS SELECT {_cs(level)}, quality FROM labels LIMIT 0")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE large AS SELECT {_cs(level)} FROM agg WHERE q_n >= {WHOLE_CELL}")
+    _band(con, level, "large")
+    _read_p70(con, level, "large")
+    con.execute("DROP TABLE large")
+    _remake(con, level, whole=True)
     return 0
 
 
 def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
-    """Fill agg's quality_p70 and q_below at L1 or L12 from the cells' bands: made from `labels` at
-    a build, merged with `fresh`'s values at an append. Returns the number of bands made again."""
+    """Fill agg's quality_p70 and q_below from the cells' bands: made from `labels` at a build,
+    merged with `fresh`'s values at an append. At L123 (an append only) a cell under WHOLE_CELL
+    qualities has no band: its p70 is quantile_cont of its values in `labels`; a cell that reaches
+    WHOLE_CELL gets one. Returns the number of bands made again."""
     cs, window = _cs(level), _window_table(level)
+    finest = level == LEVELS[-1]
     if touched is None:
         con.execute(f"CREATE OR REPLACE TABLE {window} AS SELECT {cs}, quality FROM labels LIMIT 0")
         _band(con, level, None)
@@ -181,13 +185,15 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
                    count(w.quality) AS len
             FROM {data_table(level)} d SEMI JOIN {touched} USING ({cs})
             LEFT JOIN {window} w ON {_on(level, 'w', 'd')}
+            WHERE d.q_below IS NOT NULL
             GROUP BY ALL""")
-        # a new cell starts a band holding all its values
+        # a new L1 or L12 cell starts a band holding all its values
         con.execute(f"""
             INSERT INTO {window}
             SELECT {_cs(level, "f.")}, f.quality FROM {fresh} f LEFT JOIN band b ON {_on(level, 'f', 'b')}
             WHERE f.quality IS NOT NULL
-              AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n) OR f.quality BETWEEN b.lo AND b.hi)""")
+              AND ({"FALSE" if finest else "b.q_n IS NULL"} OR (b.q_below = 0 AND b.len = b.q_n)
+                   OR f.quality BETWEEN b.lo AND b.hi)""")
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE below AS
             SELECT {_cs(level, "b.")}, b.q_below + count(f.quality) FILTER (
@@ -197,14 +203,25 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
         con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
         con.execute("DROP TABLE below")
         # a band that held its whole cell (or a new cell's) takes in every new value: once the cell
-        # has twice WHOLE_CELL qualities, its band is made again from labels, narrow around the p70
+        # has twice WHOLE_CELL qualities, its band is made again from labels, narrow around the p70;
+        # an L123 cell without a band gets one once it has WHOLE_CELL
+        grows = (f"a.q_n >= {WHOLE_CELL} AND b.q_n IS NULL" if finest else
+                 f"a.q_n >= {2 * WHOLE_CELL} AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n))")
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE grown AS
-            SELECT {_cs(level, "a.")} FROM agg a LEFT JOIN band b ON {_on(level, 'a', 'b')}
-            WHERE a.q_n >= {2 * WHOLE_CELL} AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n))""")
+            SELECT {_cs(level, "a.")} FROM agg a LEFT JOIN band b ON {_on(level, 'a', 'b')} WHERE {grows}""")
         if con.execute("SELECT count(*) FROM grown").fetchall()[0][0]:
             con.execute(f"DELETE FROM {window} w USING grown g WHERE {_on(level, 'w', 'g')}")
             _band(con, level, "grown")
+        if finest:
+            # the touched cells with no band: their p70 from their values in labels
+            con.execute(f"""
+                CREATE OR REPLACE TEMP TABLE p AS
+                SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM labels
+                SEMI JOIN (SELECT {cs} FROM agg ANTI JOIN band USING ({cs}) ANTI JOIN grown USING ({cs})) USING ({cs})
+                GROUP BY {cs}""")
+            con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")
+            con.execute("DROP TABLE p")
         con.execute("DROP TABLE grown")
         con.execute("DROP TABLE band")
     _read_p70(con, level, None)

@@ -231,7 +231,8 @@ def distill(
     5,000 training documents), and quantizes it with the teacher's codebooks (the first learned
     stage by a decision rule fitted to the student's out-of-fold errors, the later ones from a
     second, less regularised prediction); the fasttext student classifies c1, the L12 and the L123
-    cell. Reports held-out agreement with the store's substrate per level.
+    cell. Reports held-out agreement with the store's substrate per level. The store must be
+    labeled with the transformer (hermes run --encoder transformer): a static encoder is fast already.
 
     Example: hermes distill --db out/labels.duckdb --out fast-substrate
     """

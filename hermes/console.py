@@ -110,9 +110,9 @@ EncoderOpt = typer.Option(None, "--encoder", help="static: a static encoder is b
                                                   "embeds every document (its first --max-length tokens) "
                                                   "(default: static).")
 DtypeOpt = typer.Option(None, "--dtype", help="auto | bf16 | fp32 (default: auto).")
-MaxLengthOpt = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); with --encoder "
-                                                       "static, the teacher's window while the encoder is built (it "
-                                                       "then reads whole texts).")
+MaxLengthOpt = typer.Option(None, "--max-length", help="Tokens the transformer reads (default: 256); with the static "
+                                                       "encoder (the default), the teacher's window while the encoder "
+                                                       "is built (it then reads whole texts).")
 FitSampleOpt = typer.Option(None, "--fit-sample", help="Documents to fit on (default: 200000).")
 EncoderDocsOpt = typer.Option(None, "--encoder-docs", help="Documents the static encoder is built on, a seeded "
                                                            "sample (default: 2000).")

@@ -109,8 +109,8 @@ def distill(db: str | Path, out: str | Path, corpus: list[str] | None = None, sa
         raise HermesError(f"{db}: the store holds labels of {len(fps)} substrates", hint="distill one substrate's store")
     if "static" in encoders:
         raise HermesError(f"{db}: the store was labeled with a static encoder, which is already fast (field "
-                          f"'embedding.encoder')", hint="label more data with `hermes label --substrate`; distill "
-                                                        "a transformer store")
+                          f"'embedding.encoder')", hint="label more data with `hermes label --substrate`; to distill, "
+                                                        "label with `hermes run --encoder transformer` first")
     teacher = load_for_store(db, substrate) if student == "linear" else None
     info = store_info(db)
     # what counted n_tokens in the teacher's store: its --tokenizer, else its embedding model's tokenizer

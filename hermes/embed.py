@@ -176,16 +176,24 @@ class Embedder:
                 out[start:start + len(ids)] = self._st.forward(feats)["sentence_embedding"].float().cpu().numpy()
         return out
 
+    def mean_pooled(self) -> bool:
+        """True if the model's sentence embedding is the mean of its token outputs (so a span's mean
+        output is what it would pool for that span)."""
+        self.setup()
+        return any(getattr(m, "pooling_mode", None) == "mean" or getattr(m, "pooling_mode_mean_tokens", False)
+                   for m in self._st)
+
     def context_sums(self, texts: list[str], vocab: int, sentences: bool = False,
-                     span_parts: tuple[int, ...] = ()) -> "ContextPass":
+                     span_parts: tuple[int, ...] = (), progress=None) -> "ContextPass":
         """The encoder's output vector of every token it reads (before pooling, so in context),
         summed per token id over the texts, with the count of each id: (vocab, dim) float64 and
         (vocab,). With `sentences`, also each text's unit-norm sentence embedding from the same
         pass, (n, dim) float32 in the texts' order. With `span_parts`, also each text's content
         (what it read, less the special tokens) cut into k equal spans for each k (spans of at
         least SPAN_MIN tokens), with the unit-norm mean of each span's output vectors: what the
-        encoder makes of that part of the text, in its context. Texts are batched by length, so
-        that batches pad little."""
+        encoder makes of that part of the text, in its context (spans of the window it read, not of
+        the rest of a long text). Texts are batched by length, so that batches pad little.
+        `progress(done, total)` is called after each batch."""
         import torch
 
         self.setup()
@@ -196,6 +204,7 @@ class Embedder:
         counts = torch.zeros(vocab, dtype=torch.float64)
         pooled = np.zeros((len(texts), self.dim_), dtype=np.float32) if sentences else None
         span_ids: list[np.ndarray] = []
+        span_texts: list[int] = []
         span_vecs: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
@@ -212,15 +221,19 @@ class Embedder:
                 sums.index_add_(0, ids, vecs)
                 counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
                 if span_parts:
-                    content = (read & ~torch.isin(feats["input_ids"], special.to(read.device))).cpu()
-                    _spans(feats["input_ids"].cpu(), out.float().cpu(), content, span_parts, span_ids, span_vecs)
+                    content = (read & ~torch.isin(feats["input_ids"], special.to(read.device))).cpu().numpy()
+                    _spans(feats["input_ids"].cpu().numpy(), out.float().cpu().numpy(), content,
+                           order[start:start + self.batch_size], span_parts, span_texts, span_ids, span_vecs)
+                if progress is not None:
+                    progress(min(start + self.batch_size, len(texts)), len(texts))
         if sums is None:
             sums = torch.zeros((vocab, self.dim_), dtype=torch.float64)
         spans = None
         if span_parts:
             spans = Spans(np.concatenate(span_ids) if span_ids else np.zeros(0, dtype=np.int64),
                           np.array([len(i) for i in span_ids], dtype=np.int64),
-                          unit_rows(np.array(span_vecs, dtype=np.float32).reshape(-1, self.dim_)))
+                          unit_rows(np.array(span_vecs, dtype=np.float32).reshape(-1, self.dim_)),
+                          np.array(span_texts, dtype=np.int64))
         return ContextPass(sums.numpy(), counts.numpy(), unit_rows(pooled) if pooled is not None else None, spans)
 
 
@@ -228,11 +241,12 @@ SPAN_MIN = 8       # tokens: a text's content is cut into k spans only where eac
 
 
 class Spans(NamedTuple):
-    """Parts of texts, as the token ids of each (concatenated, with each span's length), and the
-    encoder's unit-norm mean output vector over each."""
+    """Parts of texts, as the token ids of each (concatenated, with each span's length), the
+    encoder's unit-norm mean output vector over each, and the text each came from (its index)."""
     ids: np.ndarray
     lengths: np.ndarray
     targets: np.ndarray
+    texts: np.ndarray
 
 
 class ContextPass(NamedTuple):
@@ -242,15 +256,17 @@ class ContextPass(NamedTuple):
     spans: Spans | None            # the texts' spans, if asked
 
 
-def _spans(ids, out, content, parts: tuple[int, ...], span_ids: list, span_vecs: list) -> None:
+def _spans(ids: np.ndarray, out: np.ndarray, content: np.ndarray, texts, parts: tuple[int, ...],
+           span_texts: list, span_ids: list, span_vecs: list) -> None:
     for b in range(ids.shape[0]):
-        at = np.flatnonzero(content[b].numpy())
+        at = np.flatnonzero(content[b])
         for k in parts:
             if len(at) < k * SPAN_MIN:
                 continue
             for part in np.array_split(at, k):
-                span_ids.append(ids[b, part].numpy().astype(np.int64))
-                span_vecs.append(out[b, part].mean(0).numpy())
+                span_ids.append(ids[b, part].astype(np.int64))
+                span_vecs.append(out[b, part].mean(0))
+                span_texts.append(int(texts[b]))
 
 
 class TokenCounter:

@@ -11,8 +11,9 @@ Built once, from a seeded sample of the corpus's documents:
   the whole texts of the sample; special tokens and `[UNK]` weigh 0;
 - a linear map takes the sample's static vectors (of the window the teacher read) onto the
   teacher's own embeddings of those texts, from the same pass (ridge, no intercept, alpha by
-  leave-one-out; `_align`); the texts' halves, thirds and quarters, each with the teacher's mean
-  output vector over it, are pairs too (about 9 per long text);
+  grouped cross-validation; `_align`); the halves, thirds and quarters of the window each text
+  was read in, each with the teacher's mean output vector over it, are pairs too (about 9 per
+  long text; for a mean-pooled teacher);
 - weights and map are folded into the rows, so a document's vector is the mean of its tokens'
   rows over the *whole* text (no window), unit-normalised.
 
@@ -123,7 +124,14 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
     tok.no_padding()
     vocab = tok.get_vocab_size(with_added_tokens=True)
     say(f"encoder: the teacher's context vectors of its tokens over {len(texts):,} documents")
-    context = teacher.context_sums(texts, vocab, sentences=True, span_parts=ALIGN_SPAN_PARTS)
+    parts = ALIGN_SPAN_PARTS if teacher.mean_pooled() else ()     # a span's target is its mean output
+    every = max(len(texts) // 10, teacher.batch_size)
+
+    def progress(done: int, n: int) -> None:          # about ten lines over the pass
+        if done == n or done // every > (done - teacher.batch_size) // every:
+            say(f"encoder: read {done:,} of {n:,} documents")
+
+    context = teacher.context_sums(texts, vocab, sentences=True, span_parts=parts, progress=progress)
     sums, seen, teacher_vecs = context.sums, context.counts, context.pooled
     say(f"encoder: {int((seen > 0).sum()):,} of {vocab:,} token ids seen; isolated vectors for the rest")
     isolated = teacher.token_vectors()
@@ -160,6 +168,7 @@ def build(teacher, texts: list[str], out: str | Path, recipe: dict[str, Any],
 
 
 ALIGN_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+ALIGN_FOLDS = 5              # alpha by cross-validation over the sample's texts, a text's spans in its fold
 ALIGN_SPAN_PARTS = (2, 3, 4)  # each sample text's content also cut into halves, thirds and quarters, as more pairs
 ALIGN_MIN_DOCS = 100        # fewer sample documents than this: no map (rows as they are)
 
@@ -174,12 +183,14 @@ def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray, 
            ) -> tuple[np.ndarray, dict[str, Any]]:
     """Rows times the linear map that best takes the sample's static vectors (of the window the
     teacher read) to the teacher's own embeddings of those texts: ridge regression without an
-    intercept (so it folds into the rows: the mean of mapped rows is the mapped mean), alpha by
-    scikit-learn's efficient leave-one-out among ALIGN_ALPHAS. Documents then embed as the teacher
+    intercept (so it folds into the rows: the mean of mapped rows is the mapped mean), alpha among
+    ALIGN_ALPHAS by scikit-learn's grouped k-fold cross-validation (a text and its spans in the same
+    fold, so that near-copies are never scored on each other). Documents then embed as the teacher
     would place them, not only as its token vectors average. `spans` (hermes.embed.Spans, parts of
     the same texts with the teacher's mean output vector over each, from the same pass) add pairs
     of the same kind: the map learns from 2,000 texts' parts what it would from many more texts."""
-    from sklearn.linear_model import RidgeCV
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold
 
     S = np.asarray(_bags(window, len(rows)) @ rows)
     keep = np.linalg.norm(S, axis=1) > 0
@@ -188,7 +199,7 @@ def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray, 
     if len(S) < ALIGN_MIN_DOCS:
         return rows, {"kind": "none", "reason": f"{len(S)} sample documents, fewer than {ALIGN_MIN_DOCS}",
                       "alpha": 0.0, "cosine_before": _cos(S, T), "cosine_after": _cos(S, T)}
-    X, Y = S, T
+    X, Y, groups = S, T, np.flatnonzero(keep)
     n_spans = 0
     if spans is not None and len(spans.lengths):
         P = np.asarray(count_rows(spans.ids, spans.lengths, len(rows)) @ rows)
@@ -196,9 +207,12 @@ def _align(rows: np.ndarray, window: list[list[int]], teacher_vecs: np.ndarray, 
         n_spans = int(has.sum())
         X = np.vstack([S, unit_rows(P[has])])
         Y = np.vstack([T, spans.targets[has].astype(np.float64)])
-    ridge = RidgeCV(alphas=ALIGN_ALPHAS, fit_intercept=False).fit(X, Y)
-    W = ridge.coef_.T
-    return rows @ W, {"kind": "ridge", "alpha": float(ridge.alpha_), "docs": int(len(S)), "spans": n_spans,
+        groups = np.concatenate([groups, spans.texts[has]])
+    search = GridSearchCV(Ridge(fit_intercept=False), {"alpha": list(ALIGN_ALPHAS)},
+                          cv=GroupKFold(ALIGN_FOLDS)).fit(X, Y, groups=groups)
+    W = search.best_estimator_.coef_.T
+    return rows @ W, {"kind": "ridge", "alpha": float(search.best_params_["alpha"]), "docs": int(len(S)),
+                      "spans": n_spans,
                       "span_parts": list(ALIGN_SPAN_PARTS) if n_spans else [],
                       "cosine_before": _cos(S, T), "cosine_after": _cos(S @ W, T)}
 

@@ -60,7 +60,7 @@ def throughput(n_docs: int, work: Path, batch_size: int, max_length: int) -> dic
     corpus = write_shards(records, work / "corpus", 4)
     texts = [r["text"] for r in records]
     dtype = resolve_dtype("auto", "cpu")
-    over = {"max_length": max_length, "batch_size": batch_size, "dtype": dtype}
+    over = {"encoder": "transformer", "max_length": max_length, "batch_size": batch_size, "dtype": dtype}
     api.fit([corpus], out=work / "fitted", quiet=True, **over)
 
     t = time.perf_counter()
@@ -126,7 +126,7 @@ def memory(sizes: list[int], work: Path) -> list[dict]:
         if fitted is None:
             fitted = work / "tiny-fit"
             subprocess.run([sys.executable, "-m", "hermes", "fit", str(corpus), "--out", str(fitted), "--model",
-                            str(model), "--quiet", "--fit-sample", "20000"], check=True)
+                            str(model), "--encoder", "transformer", "--quiet", "--fit-sample", "20000"], check=True)
         rss, secs = peak_rss(["label", str(corpus), "--substrate", str(fitted / "substrate"),
                               "--out", str(work / f"labeled-{n}"), "--quiet"])
         out.append({"docs": n, "peak_rss_mb": round(rss, 1), "seconds": round(secs, 1)})

@@ -143,3 +143,29 @@ def test_a_mid_sized_cell_keeps_a_narrow_band_not_all_its_values():
     for k in range(2):
         _append(con, _labels(rng, 40, 10_000 * (k + 1)))
     _check_p70(con)
+
+
+def test_large_l123_cells_keep_bands_small_ones_none_and_a_growing_one_gets_one():
+    """An L123 cell of WHOLE_CELL qualities or more keeps a band (an append reads its p70 there);
+    a smaller one keeps none (an append takes quantile_cont of its values); one that grows past
+    WHOLE_CELL gets a band. Either way the store equals one built at once."""
+    rng = np.random.default_rng(11)
+    old = _labels(rng, 24_000, 0)                                        # 240 L123 cells of about 100
+    small = [(f"s{i}", 50, 10, 0.1 * (i % 7), 9, 0, i % 30) for i in range(60)]   # 30 cells of 2
+    con = _store(old + small)
+    aggregates.build(con, [])
+
+    def banded() -> set:
+        return set(con.execute("SELECT c1, c2, c3 FROM cells_l123_data WHERE q_below IS NOT NULL").fetchall())
+
+    assert len(banded()) == 240 and not any(c[0] == 9 for c in banded())
+    assert con.execute("SELECT count(*) FROM p70_window_l123").fetchall()[0][0] < 0.6 * len(old)
+    below = _labels(rng, 24_000, 100_000, shift=-0.45)
+    assert _append(con, below)[3] > 0                                    # bands the p70 left, made again
+    grow = [(f"t{i}", 50, 10, 0.01 * i, 9, 0, 0) for i in range(60)]      # cell 9.0.0: 2 -> 62 values
+    _append(con, _labels(rng, 500, 200_000) + grow)
+    assert (9, 0, 0) in banded() and (9, 0, 1) not in banded()
+    _check_p70(con)
+    once = _store(con.execute("SELECT * FROM labels").fetchall())
+    aggregates.build(once, [])
+    assert _views(con) == _views(once)

@@ -172,6 +172,7 @@ def test_context_spans_are_parts_of_what_the_encoder_read_with_its_mean_output_o
     spans = whole.spans
     assert list(spans.lengths) == [62, 31, 31, 21, 21, 20]
     assert list(spans.ids[:62]) == content and list(spans.ids[62:124]) == content
+    assert list(spans.texts) == [0] * 6                                    # all of the one text
     # one part: the mean of the content's output vectors, i.e. all the sums less the special tokens'
     content_sum = whole.sums.sum(0) - whole.sums[read[0]] - whole.sums[read[-1]]
     np.testing.assert_allclose(spans.targets[0], normalize(content_sum[None])[0], atol=1e-5)
@@ -364,3 +365,14 @@ def test_distilled_labeling_counts_tokens_as_its_teacher_did(sample_records, tmp
         counts.append(dict(con.execute("SELECT doc_id, n_tokens FROM labels").fetchall()))
         con.close()
     assert counts[0] == counts[1]
+
+
+def test_spans_are_targets_only_for_a_teacher_that_mean_pools(encoder):
+    pooling = next(m for m in encoder._st if hasattr(m, "pooling_mode"))
+    assert encoder.mean_pooled()
+    before = pooling.pooling_mode
+    try:
+        pooling.pooling_mode = "cls"            # a span's mean output is not what such a teacher pools
+        assert not encoder.mean_pooled()
+    finally:
+        pooling.pooling_mode = before

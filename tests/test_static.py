@@ -235,7 +235,8 @@ def test_the_alignment_learns_from_the_sample_texts_spans_too():
 
     window, teacher = pairs(110)                    # too few texts to find a 48 x 48 map in the noise
     parts, targets = pairs(2000)
-    spans = Spans(np.concatenate(parts).astype(np.int64), np.array([len(p) for p in parts]), targets)
+    spans = Spans(np.concatenate(parts).astype(np.int64), np.array([len(p) for p in parts]), targets,
+                  np.arange(2000) % 110)
     held, truth = pairs(300, noise=0.0)
 
     def held_out_cosine(mapped):
