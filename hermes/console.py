@@ -100,8 +100,8 @@ QualityLabelOpt = typer.Option(None, "--quality-label", help="The fastText label
 QualityFieldOpt = typer.Option(None, "--quality-field", help="Numeric record field (dotted path) to use as "
                                                              "the quality score; implies --quality field.")
 class EncoderKind(str, Enum):
-    transformer = "transformer"
     static = "static"
+    transformer = "transformer"
 
 
 EncoderOpt = typer.Option(None, "--encoder", help="static: a static encoder is built from the model on "
