@@ -5,8 +5,8 @@ Table `cells_<l>_data` per level holds, per non-empty cell: its codes, `cell` an
 `n_docs`, `n_tokens`, `quality_mean` (`q_sum / q_n`), `quality_p70`, `n_children`, `q_n`
 (documents with a quality), `q_sum` (their qualities summed as an exact DECIMAL, so that a parent's
 sum is its children's in any order), `n_short` (documents under SHORT_CHARS characters, for
-`cell_terms`) and `q_below` (below; NULL for an L123 cell without a band). The views add the shares, over the store's
-totals.
+`cell_terms`) and `q_below` (below; NULL for an L123 cell without a band). The views add the
+shares, over the store's totals.
 
 - An append adds the new rows' counts and sums to an L123 cell's; an L12 or L1 cell's counts and
   sums are its children's, summed from the level below.
@@ -14,15 +14,15 @@ totals.
   qualities at sorted positions [q_below, q_below + its length): those ranked within ±WINDOW of the
   cell around the p70 in a cell of BAND_RANKS / WINDOW qualities or more; in a smaller cell the
   window doubles each time the cell halves, so a band keeps about ±BAND_RANKS ranks (`_windows`);
-  a cell of fewer than WHOLE_CELL qualities keeps all of them. An append merges the
+  an L1 or L12 cell of fewer than WHOLE_CELL qualities keeps all of them. An append merges the
   new values that fall inside a band into it and counts those below it into `q_below`; the p70 is
   read off the band at its position, interpolated linearly as DuckDB's `quantile_cont` (it may
   differ from it in the last bit, never where the two neighbours are equal). A band the p70
   has moved out of (new values far to one side) is made again from `labels`, for those cells only.
   With new documents like the old, a band grows on both sides, so that is rare.
-- An L123 cell's percentile is DuckDB's `quantile_cont` of its values, computed again from
-  `labels` for the cells an append touched (most are small; bands for its large cells were tried,
-  and the percentiles read off them cost as much inside the append's transaction).
+- An L123 cell of fewer than WHOLE_CELL qualities keeps no band (there are millions of them):
+  its percentile is DuckDB's `quantile_cont` of its values, computed again from `labels` when an
+  append touches it. It gets a band once it has WHOLE_CELL.
 
 The build makes the bands the same way, so a store that grew by appends equals one built at once.
 Written here because DuckDB's quantile state cannot be kept between statements.
@@ -111,8 +111,7 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                    CAST(NULL AS BIGINT) AS n_children, CAST(NULL AS BIGINT) AS q_below
             FROM labels GROUP BY {cs}""")
     elif level == LEVELS[-1]:
-        # counts and sums: the cell's as they were plus the new rows'; the percentile from the
-        # touched cells' values in labels
+        # counts and sums: the cell's as they were plus the new rows'; the percentile in _p70
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE agg AS
             SELECT {_cs(level, "n.")}, CAST(coalesce(d.n_docs, 0) + n.n_docs AS BIGINT) AS n_docs,
@@ -135,7 +134,7 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                    CAST(sum(n_short) AS BIGINT) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
                    count(*) AS n_children, CAST(0 AS BIGINT) AS q_below
             FROM {data_table(level + 1)} {semi} GROUP BY {cs}""")
-    remade = _p70(con, level, touched, fresh) if level < LEVELS[-1] or touched else _finest_p70(con)
+    remade = _p70(con, level, touched, fresh)
     key, joins = key_sql(level, named, "a")
     parent = key_sql(level - 1, named, "a")[0] if level > 1 else "CAST(NULL AS VARCHAR)"
     rows = f"""
@@ -152,31 +151,20 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
     return remade
 
 
-def _finest_p70(con) -> int:
-    """At a build, the L123 cells' quality_p70 (DuckDB's quantile_cont, from the aggregate) and the
-    bands of the cells of WHOLE_CELL qualities or more, whose p70 is read off them as an append
-    will (so that a store grown by appends equals one built at once). A smaller cell keeps no band:
-    an append computes its p70 again from `labels` (`_p70`)."""
-    level = LEVELS[-1]
-    con.execute(f"CREATE OR REPLACE TABLE {_window_table(level)} AS SELECT {_cs(level)}, quality FROM labels LIMIT 0")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE large AS SELECT {_cs(level)} FROM agg WHERE q_n >= {WHOLE_CELL}")
-    _band(con, level, "large")
-    _read_p70(con, level, "large")
-    con.execute("DROP TABLE large")
-    _remake(con, level, whole=True)
-    return 0
-
-
 def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
     """Fill agg's quality_p70 and q_below from the cells' bands: made from `labels` at a build,
-    merged with `fresh`'s values at an append. At L123 (an append only) a cell under WHOLE_CELL
-    qualities has no band: its p70 is quantile_cont of its values in `labels`; a cell that reaches
-    WHOLE_CELL gets one. Returns the number of bands made again."""
+    merged with `fresh`'s values at an append. At L123 a cell under WHOLE_CELL qualities has no
+    band: its p70 is quantile_cont of its values in `labels` (the build's aggregate has it; an
+    append computes it again); a cell that reaches WHOLE_CELL gets one. Returns the number of bands
+    made again."""
     cs, window = _cs(level), _window_table(level)
     finest = level == LEVELS[-1]
     if touched is None:
         con.execute(f"CREATE OR REPLACE TABLE {window} AS SELECT {cs}, quality FROM labels LIMIT 0")
-        _band(con, level, None)
+        if finest:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE large AS SELECT {cs} FROM agg WHERE q_n >= {WHOLE_CELL}")
+        _band(con, level, "large" if finest else None)
+        con.execute("DROP TABLE IF EXISTS large")
     else:
         # each touched cell's band as it was: its ends, and whether it holds all the cell's values
         con.execute(f"""
@@ -224,7 +212,7 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
             con.execute("DROP TABLE p")
         con.execute("DROP TABLE grown")
         con.execute("DROP TABLE band")
-    _read_p70(con, level, None)
+    _read_p70(con, level, None)         # the cells with a band (at L123 the others keep theirs)
     # a band the p70 has left: made again from labels, for those cells alone; one that still lacks
     # it (a small cell, whose ±WINDOW is less than a value) holds all the cell's values
     lost = _remake(con, level, whole=False) if touched is not None else 0

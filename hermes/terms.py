@@ -147,7 +147,7 @@ def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
 def _level_sql(level: int) -> str:
     """Each level-`level` cell's words, from table term_counts: grouped and ranked on the integer
     codes (a cell's siblings share the codes of its parent); one row per cell that has words."""
-    codes = [f"c{i + 1}" for i in range(level)]
+    codes = list(CODES[:level])
     parent = codes[:-1] or ["g"]           # L1 cells are all siblings: one constant group g
     cs, ps = ", ".join(codes), ", ".join(parent)
     g = ", 0 AS g" if level == 1 else ""
