@@ -238,6 +238,7 @@ class Quality(Labeler):
                  model_id: Any = None, scorer: Callable[[], Any] | None = None):
         self.source, self.field, self.model, self.label, self.model_id = source, field, model, label, model_id
         self._scorer = scorer          # loads the fastText scorer on first use
+        self._sums = None              # the heuristic's word counts per piece of text, kept across batches
 
     def key(self) -> dict[str, Any]:
         return {"quality": [self.source, self.field] + (
@@ -247,9 +248,11 @@ class Quality(Labeler):
         if self.source == "fasttext":
             scores = pa.array(self._scorer().scores(batch.texts), pa.float64())
         elif self.source == "heuristic":
-            from hermes.quality import heuristic_scores
+            from hermes.quality import heuristic_scores, word_counts
+            from hermes.words import PieceSums
 
-            scores = pa.array(heuristic_scores(batch.words.texts, batch.words), pa.float64())
+            self._sums = self._sums or PieceSums(word_counts, 6)
+            scores = pa.array(heuristic_scores(batch.words.texts, batch.words, self._sums), pa.float64())
         elif self.source == "field":
             scores = batch.column("quality")
         else:
@@ -406,7 +409,10 @@ def label_batches(batches: Iterable[tuple[pa.Table, pa.Table]], file: str, label
         for docs, read_rejects in batches:
             yield finish(Batch(docs, file), [], read_rejects, docs.num_rows + read_rejects.num_rows)
         return
-    with ThreadPoolExecutor(1) as pool:
+    from threadpoolctl import threadpool_limits
+
+    # two threads already keep both cores busy: a BLAS pool of its own in each would only spin
+    with ThreadPoolExecutor(1) as pool, threadpool_limits(1, user_api="blas"):
         pending = None
         for docs, read_rejects in batches:
             job = pool.submit(apply, Batch(docs, file), first)

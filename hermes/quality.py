@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.words import Words
+from hermes.words import PieceSums, Words
 
 SOURCES = ("none", "heuristic", "field")
 
@@ -75,7 +75,22 @@ def heuristic_score(text: str) -> float:
 
 # What Python's str.splitlines() counts as line breaks, in RE2.
 _LINE_BREAK = r"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\x{2028}\x{2029}]"
+_OTHER_BREAK = r"[\x0b\x0c\x1c\x1d\x1e\x85\x{2028}\x{2029}]|\r[^\n]|\r$"    # any break but \n and \r\n
 _STOP_SET = pa.array(sorted(STOP_WORDS), pa.string())
+
+
+def _split_lines(arr: pa.Array) -> pa.ListArray:
+    """Each text's lines, split as Python's str.splitlines() splits them, except that a line ends
+    with the \r of its \r\n (the caller trims the lines). The texts that hold any other line break
+    (rare) split by the slower regex, and their rows replace the fast split's."""
+    lists = pc.split_pattern(arr, "\n")
+    odd = np.flatnonzero(pc.match_substring_regex(arr, _OTHER_BREAK).to_numpy(zero_copy_only=False))
+    if not len(odd):
+        return lists
+    slow = pc.split_pattern_regex(arr.take(pa.array(odd)), _LINE_BREAK)
+    rows = np.arange(len(arr))
+    rows[odd] = len(arr) + np.arange(len(odd))
+    return pa.concat_arrays([lists, slow.cast(lists.type)]).take(pa.array(rows))
 
 
 def _per_text(parents: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -90,26 +105,34 @@ def _pieces(lists: pa.ListArray) -> tuple[pa.Array, np.ndarray]:
     return flat.filter(keep), parents.filter(keep).to_numpy()
 
 
-def heuristic_scores(texts, words: Words | None = None) -> np.ndarray:
-    """`heuristic_score` of each text (a list of str or an Arrow string array), vectorised. The
-    word signals are computed once per distinct word and summed per text (`words`, if the caller
-    has split the texts already)."""
-    words = words if words is not None else Words.of(texts)
-    arr = words.texts
-    size = len(arr)
-    if size == 0:
-        return np.zeros(0, dtype=np.float64)
-    distinct = words.distinct
+def word_counts(distinct: pa.Array) -> np.ndarray:
+    """The heuristic's per-word counts of each word: (is a word (not empty), characters, has a
+    letter, is a stop word, letters, symbols), an (n, 6) int64 array. Each is summed per text."""
     stripped = pc.utf8_trim(pc.utf8_lower(distinct), characters=".,;:!?\"'()")
-    per_word = np.stack([
-        words.is_word(),
+    return np.stack([
+        pc.greater(pc.utf8_length(distinct), 0).to_numpy(zero_copy_only=False),
         pc.utf8_length(distinct).to_numpy(),
         pc.match_substring_regex(distinct, r"\pL").to_numpy(zero_copy_only=False),
         pc.is_in(stripped, value_set=_STOP_SET).to_numpy(zero_copy_only=False),
         pc.utf8_length(pc.replace_substring_regex(distinct, r"\PL+", "")).to_numpy(),      # letters
         pc.count_substring_regex(distinct, r"#|\.\.\.|…|•").to_numpy(),    # never spans whitespace
-    ], axis=1).astype(np.float64)
-    n, nonspace, alpha, stop, letters, symbols = words.per_text(per_word).T
+    ], axis=1).astype(np.int64)
+
+
+def heuristic_scores(texts, words: Words | None = None, sums: PieceSums | None = None) -> np.ndarray:
+    """`heuristic_score` of each text (a list of str or an Arrow string array), vectorised. The
+    word signals are computed once per distinct word and summed per text (`words`, if the caller
+    has split the texts already); with `sums` (a PieceSums of `word_counts`, kept by the caller
+    across batches), once per distinct piece of text the encoder has seen."""
+    import scipy.sparse as sp
+
+    words = words if words is not None else Words.of(texts)
+    arr = words.texts
+    size = len(arr)
+    if size == 0:
+        return np.zeros(0, dtype=np.float64)
+    per_text = sums(words) if sums is not None else words.per_text(word_counts(words.distinct))
+    n, nonspace, alpha, stop, letters, symbols = np.asarray(per_text, dtype=np.float64).T
     has = n > 0
     safe_n = np.where(has, n, 1)
     with np.errstate(divide="ignore"):
@@ -121,14 +144,17 @@ def heuristic_scores(texts, words: Words | None = None) -> np.ndarray:
     s_alpha_words = np.clip((alpha / safe_n - 0.5) / 0.3, 0, 1)
     s_stop = np.clip(stop / safe_n / 0.2, 0, 1)
     s_letters = np.clip((letters / np.maximum(1, nonspace) - 0.4) / 0.35, 0, 1)
-    lines, lp = _pieces(pc.split_pattern_regex(pc.utf8_trim_whitespace(arr), _LINE_BREAK))
+    lines, lp = _pieces(_split_lines(pc.utf8_trim_whitespace(arr)))
     lines = pc.utf8_trim_whitespace(lines)
     keep = pc.greater(pc.utf8_length(lines), 0)
     lines, lp = lines.filter(keep), lp[keep.to_numpy(zero_copy_only=False)]
     n_lines = _per_text(lp, size)
     codes = pc.dictionary_encode(lines)
-    distinct = np.unique(lp.astype(np.int64) * max(len(codes.dictionary), 1) + codes.indices.to_numpy())
-    n_distinct = _per_text((distinct // max(len(codes.dictionary), 1)).astype(np.int64), size)
+    # distinct lines per text: the (text, line) pairs as a sparse matrix, its duplicates summed
+    pairs = sp.csr_matrix((np.ones(len(lp), dtype=np.int8), (lp, codes.indices.to_numpy())),
+                          shape=(size, max(len(codes.dictionary), 1)))
+    pairs.sum_duplicates()
+    n_distinct = np.diff(pairs.indptr).astype(np.float64)
     safe_lines = np.maximum(1, n_lines)
     s_dup = np.clip(1 - (n_lines - n_distinct) / safe_lines / 0.3, 0, 1)
     ellipsis = _per_text(lp, size, pc.match_substring_regex(lines, r"(\.\.\.|…)$").to_numpy(zero_copy_only=False)

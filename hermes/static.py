@@ -33,9 +33,9 @@ import os
 import re
 import threading
 from contextlib import contextmanager
-from itertools import chain, repeat
+from itertools import chain, count, repeat
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -43,6 +43,9 @@ from hermes.errors import HermesError
 from hermes.files import sha256
 from hermes.files import replacing
 from hermes.vectors import count_rows, unit_rows
+
+if TYPE_CHECKING:
+    from hermes.words import Pieces
 
 MANIFEST = "hermes_encoder.json"
 FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
@@ -372,7 +375,7 @@ class StaticEncoder:
             else:
                 bags, lengths, known, pieces = self.pieces_.bags(part)
                 if words and len(part) == n:
-                    split = Words.of_pieces(arr, *pieces)
+                    split = Words.of_pieces(arr, pieces)
             stop = start + len(part)
             counts[start:stop] = lengths
             if vectors:
@@ -439,6 +442,9 @@ def piece_cache(tok, spec: dict[str, Any], vocab: int, known: np.ndarray) -> "Pi
     return PieceCache(tok, vocab, known, drop_vt_ff=drop, separator=separator, parts=parts)
 
 
+_TABLES = count()
+
+
 class PieceCache:
     """Each text's token ids as a bag, tokenizing every distinct piece of text only once.
 
@@ -468,9 +474,12 @@ class PieceCache:
         self.parts = parts                    # the table of pieces' parts around ASCII punctuation, if any
         self.added = ""                       # (in a parts table) a regex of the added tokens' texts
         self._lock = threading.Lock()
+        self.table_id = next(_TABLES)         # with the generation, what the slots of a lookup refer to
+        self.generation = -1                  # how often the table has started again: slots name pieces within one
         self._clear()
 
     def _clear(self) -> None:
+        self.generation += 1
         self.index: dict[str, int] = {}
         self.ids = np.empty(1 << 16, dtype=np.int32)       # the pieces' ids, concatenated
         self.start = np.zeros(1 << 12, dtype=np.int64)     # piece i's ids: ids[start[i]:start[i] + length[i]]
@@ -530,9 +539,10 @@ class PieceCache:
         where[order] = np.arange(first, first + k)
         return where
 
-    def lookup(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def lookup(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """(token ids of `words` (distinct pieces) concatenated in order, each one's count of ids,
-        and of known ids), tokenizing and storing the pieces not in the table yet."""
+        and of known ids, each one's slot in the table, the table's generation), tokenizing and
+        storing the pieces not in the table yet."""
         with self._lock:
             if len(self.index) + len(words) > self.limit or self.chars > PIECE_CHARS:
                 self._clear()
@@ -541,7 +551,7 @@ class PieceCache:
             if len(new):
                 where[new] = self._add([words[i] for i in new])
             length = self.length[where]
-            return _runs(self.ids, self.start[where], length), length, self.n_known[where]
+            return _runs(self.ids, self.start[where], length), length, self.n_known[where], where, self.generation
 
     def _from_parts(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`_tokenize`'s result from the parts table: each piece cut around its ASCII punctuation
@@ -561,7 +571,7 @@ class PieceCache:
         lists = pc.split_pattern(pc.replace_substring_regex(arr, ASCII_PUNCTUATION, r" \1 "), " ")
         per_piece = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
-        part_ids, part_length, _ = self.parts.lookup(distinct.dictionary.to_pylist())
+        part_ids, part_length = self.parts.lookup(distinct.dictionary.to_pylist())[:2]
         which = distinct.indices.to_numpy()               # each part in turn, as a distinct part
         length = part_length[which]
         ids = _runs(part_ids, (np.cumsum(part_length) - part_length)[which], length)
@@ -573,22 +583,30 @@ class PieceCache:
         return (np.concatenate([cut, np.flatnonzero(whole)[order]]), np.concatenate([ids, lone_ids]).astype(np.int32),
                 np.concatenate([lengths, lone_lengths]))
 
-    def bags(self, texts) -> tuple[Any, np.ndarray, np.ndarray, tuple[Any, Any]]:
-        """(bags, token counts, known-token counts, (distinct pieces, occurrences)) of an Arrow
-        string array: `bags` is a CSR (len(texts), vocab) matrix of each text's token-id counts,
-        `occurrences` a CSR (len(texts), pieces) one of how often each text holds each piece."""
+    def bags(self, texts) -> tuple[Any, np.ndarray, np.ndarray, "Pieces"]:
+        """(bags, token counts, known-token counts, pieces) of an Arrow string array: `bags` is a
+        CSR (len(texts), vocab) matrix of each text's token-id counts, `pieces` the split
+        (hermes.words.Pieces: the distinct pieces, how often each text holds each, their slots)."""
+        from hermes.words import Pieces
+
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        if self.drop_vt_ff and pc.any(pc.match_substring_regex(texts, r"[\v\f]")).as_py():
+        lists = pc.ascii_split_whitespace(texts)
+        if self.drop_vt_ff:
             # the normaliser drops \v and \f (controls) rather than split there, after it has matched
-            # special tokens: keep them inside the pieces (a rare batch splits by a slower regex)
-            lists = pc.split_pattern_regex(texts, r"[ \t\n\r]+")
-        else:
-            lists = pc.ascii_split_whitespace(texts)
+            # special tokens: keep them inside the pieces (the rare texts that hold one split by a
+            # slower regex, and their rows replace the fast split's)
+            odd = np.flatnonzero(pc.match_substring_regex(texts, r"[\v\f]").to_numpy(zero_copy_only=False))
+            if len(odd):
+                slow = pc.split_pattern_regex(texts.take(pa.array(odd)), r"[ \t\n\r]+")
+                rows = np.arange(len(texts))
+                rows[odd] = len(texts) + np.arange(len(odd))
+                lists = pa.concat_arrays([lists, slow.cast(lists.type)]).take(pa.array(rows))
         per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
         words = distinct.dictionary.to_pylist()
-        ids, length, n_known = self.lookup(words)
+        ids, length, n_known, slots, generation = self.lookup(words)
         # texts x distinct pieces (occurrences; a repeated piece is a repeated entry, summed by the
         # products), then pieces x token ids
         occurrences = count_rows(distinct.indices.to_numpy(), per_text, len(words), np.float32)
@@ -596,7 +614,8 @@ class PieceCache:
         counts = np.rint(occurrences @ length.astype(np.float64)).astype(np.int64)
         bags = occurrences @ pieces
         bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
-        return bags, counts, occurrences @ n_known, (distinct.dictionary, occurrences)
+        return bags, counts, occurrences @ n_known, Pieces(distinct.dictionary, occurrences, slots,
+                                                          (self.table_id, generation))
 
 
 def _runs(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -27,10 +27,25 @@ def as_strings(texts) -> pa.Array:
 
 
 @dataclass
+class Pieces:
+    """The split at ASCII whitespace that a batch's words were made from, with each distinct piece's
+    slot in the encoder's piece table (hermes.static.PieceCache): while the table keeps its
+    generation, a slot names the same piece in every batch, so a per-piece result can be kept."""
+    distinct: pa.Array       # each distinct piece once
+    occurrences: object      # scipy CSR (texts, pieces): how often each text holds each piece
+    slots: np.ndarray        # each distinct piece's slot in the table
+    table: tuple             # (the table's id, its generation)
+
+    def take(self, rows: np.ndarray) -> "Pieces":
+        return Pieces(self.distinct, self.occurrences[rows], self.slots, self.table)
+
+
+@dataclass
 class Words:
     texts: pa.Array          # the batch, as one string array
     distinct: pa.Array       # each distinct word once (the empty string too, where whitespace starts or ends a text)
     occurrences: object      # scipy CSR (len(texts), len(distinct)): how often each text holds each word
+    pieces: Pieces | None = None    # the split into pieces it was made from, if the encoder made one
 
     @classmethod
     def of(cls, texts) -> "Words":
@@ -42,25 +57,60 @@ class Words:
         return cls(arr, coded.dictionary, occurrences)
 
     @classmethod
-    def of_pieces(cls, texts: pa.Array, pieces: pa.Array, occurrences) -> "Words":
-        """The words of `texts` from a split at ASCII whitespace done already: `pieces` its distinct
-        pieces, `occurrences` (texts x pieces) how often each text holds each. A piece is cut at the
-        rest of the whitespace, so each text holds the same words as `of` finds (and at most some
-        more empty strings, which count as no word)."""
-        lists = pc.utf8_split_whitespace(pieces)
+    def of_pieces(cls, texts: pa.Array, pieces: Pieces) -> "Words":
+        """The words of `texts` from a split at ASCII whitespace done already (`pieces`). A piece is
+        cut at the rest of the whitespace, so each text holds the same words as `of` finds (and at
+        most some more empty strings, which count as no word)."""
+        lists = pc.utf8_split_whitespace(pieces.distinct)
+        flat = pc.list_flatten(lists)
+        if len(flat) == len(pieces.distinct) and pc.all(pc.equal(flat, pieces.distinct), min_count=0).as_py():
+            return cls(texts, pieces.distinct, pieces.occurrences, pieces)    # no piece holds other whitespace
         per_piece = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-        coded = pc.dictionary_encode(pc.list_flatten(lists))
+        coded = pc.dictionary_encode(flat)
         in_piece = count_rows(coded.indices.to_numpy(), per_piece, len(coded.dictionary))
-        return cls(texts, coded.dictionary, (occurrences @ in_piece).tocsr())
+        return cls(texts, coded.dictionary, (pieces.occurrences @ in_piece).tocsr(), pieces)
 
     def take(self, keep: np.ndarray) -> "Words":
         """The words of the texts where `keep` (a bool mask) is True."""
-        return Words(self.texts.filter(pa.array(keep)), self.distinct, self.occurrences[np.flatnonzero(keep)])
+        rows = np.flatnonzero(keep)
+        return Words(self.texts.filter(pa.array(keep)), self.distinct, self.occurrences[rows],
+                     self.pieces.take(rows) if self.pieces is not None else None)
 
     def per_text(self, values: np.ndarray) -> np.ndarray:
         """Sum over each text's words of a per-distinct-word value (an array, or columns of one)."""
         return np.asarray(self.occurrences @ np.asarray(values, dtype=np.float64))
 
-    def is_word(self) -> np.ndarray:
-        """1.0 for every distinct word but the empty string."""
-        return pc.greater(pc.utf8_length(self.distinct), 0).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+class PieceSums:
+    """Per-text sums of per-word counts, each distinct piece of text's computed once while the
+    encoder's piece table keeps its generation (words repeat across batches as they do within
+    one). `counts(distinct words)` gives an (n, width) array of integers; a text's sum over its
+    words equals the sum over its pieces of each piece's sum over its words. Batches the encoder
+    did not split (no `Words.pieces`) are summed word by word, as `Words.per_text` does.
+    The values are kept as int64 (exact), in one row per slot: at most the table's size."""
+
+    def __init__(self, counts, width: int):
+        self.counts, self.width = counts, width
+        self._table: tuple | None = None
+        self._values = np.zeros((0, width), dtype=np.int64)
+        self._have = np.zeros(0, dtype=bool)
+
+    def __call__(self, words: Words) -> np.ndarray:
+        """(len(words.texts), width) float64: each text's sums."""
+        pieces = words.pieces
+        if pieces is None:
+            return words.per_text(self.counts(words.distinct))
+        if pieces.table != self._table:          # another table, or the table started again
+            self._table, self._have[:] = pieces.table, False
+        slots = pieces.slots
+        if len(slots) and slots.max() >= len(self._have):
+            size = max(2 * len(self._have), int(slots.max()) + 1)
+            self._values = np.resize(self._values, (size, self.width))
+            self._have = np.concatenate([self._have, np.zeros(size - len(self._have), dtype=bool)])
+        new = np.flatnonzero(~self._have[slots])
+        if len(new):
+            split = Words.of(pieces.distinct.take(pa.array(new)))       # new pieces as texts of words
+            self._values[slots[new]] = np.rint(split.per_text(self.counts(split.distinct))).astype(np.int64)
+            self._have[slots[new]] = True
+        return np.asarray(pieces.occurrences @ self._values[slots].astype(np.float64))

@@ -54,7 +54,8 @@ def test_store_has_heuristic_quality_and_records_its_source(e2e):
 
 EDGE_TEXTS = ["", "   ", "ok", "  leading space and trailing  ", "a\u2028b\u2028a", "x...\ny…\r\nx...\n\nx...",
               "\x85foo\x1cbar  baz\xa0qux\u3000end", "İstanbul THE the. (of) 'and'", "### ... • ### …",
-              "line\nline\nline\nother", "ünïcödé wörds and 数字 123 456", PROSE]
+              "line\nline\nline\nother", "ünïcödé wörds and 数字 123 456", "a\rb\ra", "dup\r\ndup\ndup\rdup\r",
+              "p\x0bq\x0cp\x1dq", "same\r\nsame\r\nsame...\r\n", PROSE]
 
 
 def test_batch_scores_equal_the_per_text_reference(sample_records):

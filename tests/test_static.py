@@ -379,6 +379,35 @@ def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(
     assert held(batch.words) == held(Words.of(batch.column("text")))
 
 
+def test_the_heuristics_counts_kept_per_piece_across_batches_give_the_same_scores(static_run):
+    """The quality heuristic's word counts, kept per piece of text by its slot in the encoder's
+    table (PieceSums), score every batch as splitting it afresh does: cold and warm, after the
+    table starts again (slots then name other pieces), with pieces that hold other whitespace, and
+    after rows leave the batch."""
+    import pyarrow as pa
+
+    from hermes.quality import heuristic_scores, word_counts
+    from hermes.static import StaticEncoder
+    from hermes.words import PieceSums
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
+    sums = PieceSums(word_counts, 6)
+    texts = [r["text"] for r in static_run["records"]] + TRICKY + ["a \u00a0b\u2003c \x1cd\x85e "]
+    for limit in (1_000_000, 300):
+        enc.pieces_.limit = limit
+        enc.pieces_._clear()
+        for part in (texts[:40], texts, TRICKY, texts[::-1], texts[20:60]):
+            arr = pa.array(part)
+            words = enc.encode_words(arr).words
+            assert words.pieces is not None and words.pieces.table[1] == enc.pieces_.generation
+            np.testing.assert_array_equal(heuristic_scores(arr, words, sums), heuristic_scores(arr))
+        assert sums._have.sum() > 0
+    keep = np.arange(len(texts)) % 3 > 0
+    words = enc.encode_words(pa.array(texts)).words.take(keep)
+    kept = pa.array([t for t, k in zip(texts, keep) if k])
+    np.testing.assert_array_equal(heuristic_scores(kept, words, sums), heuristic_scores(kept))
+
+
 def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
     from hermes.static import piece_cache
 
