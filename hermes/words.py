@@ -88,12 +88,12 @@ class PieceSums:
     one). `counts(distinct words)` gives an (n, width) array of integers; a text's sum over its
     words equals the sum over its pieces of each piece's sum over its words. Batches the encoder
     did not split (no `Words.pieces`) are summed word by word, as `Words.per_text` does.
-    The values are kept as int64 (exact), in one row per slot: at most the table's size."""
+    The values are kept as int32 (a piece is shorter than 2**31 characters), one row per slot."""
 
     def __init__(self, counts, width: int):
         self.counts, self.width = counts, width
         self._table: tuple | None = None
-        self._values = np.zeros((0, width), dtype=np.int64)
+        self._values = np.zeros((0, width), dtype=np.int32)
         self._have = np.zeros(0, dtype=bool)
 
     def __call__(self, words: Words) -> np.ndarray:
@@ -111,6 +111,6 @@ class PieceSums:
         new = np.flatnonzero(~self._have[slots])
         if len(new):
             split = Words.of(pieces.distinct.take(pa.array(new)))       # new pieces as texts of words
-            self._values[slots[new]] = np.rint(split.per_text(self.counts(split.distinct))).astype(np.int64)
+            self._values[slots[new]] = np.rint(split.per_text(self.counts(split.distinct))).astype(np.int32)
             self._have[slots[new]] = True
         return np.asarray(pieces.occurrences @ self._values[slots].astype(np.float64))
