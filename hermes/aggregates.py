@@ -22,7 +22,8 @@ shares, over the store's totals.
   With new documents like the old, a band grows on both sides, so that is rare.
 - An L123 cell of fewer than WHOLE_CELL qualities keeps no band (there are millions of them):
   its percentile is DuckDB's `quantile_cont` of its values, computed again from `labels` when an
-  append touches it. It gets a band once it has WHOLE_CELL.
+  append touches it. It gets a band once it has WHOLE_CELL. An append reads the values of all
+  such touched cells in one scan of `labels` (`_copy_values`), and makes their new bands from it.
 
 The build makes the bands the same way, so a store that grew by appends equals one built at once.
 Written here because DuckDB's quantile state cannot be kept between statements.
@@ -198,18 +199,27 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE grown AS
             SELECT {_cs(level, "a.")} FROM agg a LEFT JOIN band b ON {_on(level, 'a', 'b')} WHERE {grows}""")
+        if finest:
+            # the values of the touched cells with no band (the small ones, and those that get a
+            # band now), in one scan of labels
+            con.execute(f"CREATE OR REPLACE TEMP TABLE unbanded AS SELECT {cs} FROM agg ANTI JOIN band USING ({cs})")
+            _copy_values(con, level, "unbanded")
         if con.execute("SELECT count(*) FROM grown").fetchall()[0][0]:
             con.execute(f"DELETE FROM {window} w USING grown g WHERE {_on(level, 'w', 'g')}")
-            _band(con, level, "grown")
+            if not finest:
+                _copy_values(con, level, "grown")
+            _band(con, level, "grown", source="cell_values")
         if finest:
-            # the touched cells with no band: their p70 from their values in labels
+            # the touched cells with no band: their p70 from their values
             con.execute(f"""
                 CREATE OR REPLACE TEMP TABLE p AS
-                SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM labels
-                SEMI JOIN (SELECT {cs} FROM agg ANTI JOIN band USING ({cs}) ANTI JOIN grown USING ({cs})) USING ({cs})
+                SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM cell_values
+                SEMI JOIN (SELECT {cs} FROM unbanded ANTI JOIN grown USING ({cs})) USING ({cs})
                 GROUP BY {cs}""")
             con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")
             con.execute("DROP TABLE p")
+            con.execute("DROP TABLE unbanded")
+        con.execute("DROP TABLE IF EXISTS cell_values")
         con.execute("DROP TABLE grown")
         con.execute("DROP TABLE band")
     _read_p70(con, level, None)         # the cells with a band (at L123 the others keep theirs)
@@ -228,15 +238,26 @@ def _remake(con, level: int, whole: bool) -> int:
     lost = con.execute("SELECT count(*) FROM lost").fetchall()[0][0]
     if lost:
         con.execute(f"DELETE FROM {_window_table(level)} w USING lost l WHERE {_on(level, 'w', 'l')}")
-        _band(con, level, "lost", whole)
+        _copy_values(con, level, "lost")
+        _band(con, level, "lost", whole, source="cell_values")
+        con.execute("DROP TABLE cell_values")
         _read_p70(con, level, "lost")
     con.execute("DROP TABLE lost")
     return lost
 
 
-def _band(con, level: int, cells: str | None, whole: bool = False) -> None:
-    """Make the bands of agg's cells (those in table `cells`, or all) from `labels` (all their
-    values if `whole`), and their q_below."""
+def _copy_values(con, level: int, cells: str) -> None:
+    """Table cell_values: the qualities in `labels` of the cells in table `cells`, read in one scan
+    (a band made from it reads `labels` once instead of three times)."""
+    cs = _cs(level)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE cell_values AS
+        SELECT {cs}, quality FROM labels SEMI JOIN {cells} USING ({cs}) WHERE quality IS NOT NULL""")
+
+
+def _band(con, level: int, cells: str | None, whole: bool = False, source: str = "labels") -> None:
+    """Make the bands of agg's cells (those in table `cells`, or all) from their values in `source`
+    (`labels`, or a copy of some cells' values; all of them if `whole`), and their q_below."""
     cs = _cs(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
     tiers = _windows()
@@ -252,15 +273,15 @@ def _band(con, level: int, cells: str | None, whole: bool = False) -> None:
         SELECT {cs}, {end(1, "mn")} AS lo, {end(2, "mx")} AS hi
         FROM (SELECT {cs}, count(quality) AS n, min(quality) AS mn, max(quality) AS mx,
                      quantile_disc(quality, [{fractions}]) AS q
-              FROM labels {semi} WHERE quality IS NOT NULL GROUP BY {cs})""")
+              FROM {source} {semi} WHERE quality IS NOT NULL GROUP BY {cs})""")
     con.execute(f"""
         INSERT INTO {_window_table(level)}
-        SELECT {_cs(level, "l.")}, l.quality FROM labels l JOIN ends e ON {_on(level, 'l', 'e')}
+        SELECT {_cs(level, "l.")}, l.quality FROM {source} l JOIN ends e ON {_on(level, 'l', 'e')}
         WHERE l.quality BETWEEN e.lo AND e.hi""")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE below AS
         SELECT {_cs(level, "l.")}, count(*) FILTER (WHERE l.quality < e.lo) AS below
-        FROM labels l JOIN ends e ON {_on(level, 'l', 'e')} GROUP BY ALL""")
+        FROM {source} l JOIN ends e ON {_on(level, 'l', 'e')} GROUP BY ALL""")
     con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
     con.execute("DROP TABLE below")
     con.execute("DROP TABLE ends")
