@@ -48,23 +48,65 @@ def _mixture(path: Path) -> tuple[dict[str, Any], pa.Table, pa.Table]:
             pq.read_table(path / "weights.parquet"))
 
 
+class _Wanted:
+    """The manifest's doc_ids found in corpus batches without a Python object per id: the ids'
+    64-bit hashes (DuckDB's `hash`, within this process), sorted, looked up with np.searchsorted,
+    and each hit checked against the id itself (two ids may share a hash). Memory: the manifest's
+    Arrow column and 17 bytes per id."""
+
+    def __init__(self, ids: pa.Array):
+        self.ids = ids
+        self._con = None
+        hashes = self._hashes(ids)
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+        self.found = np.zeros(len(ids), dtype=bool)
+
+    def _hashes(self, ids) -> np.ndarray:
+        import duckdb
+
+        if self._con is None:
+            self._con = duckdb.connect()
+        self._con.register("ids", pa.table({"doc_id": ids}))
+        try:
+            return self._con.execute("SELECT hash(doc_id) AS h FROM ids").fetchnumpy()["h"].astype(np.uint64)
+        finally:
+            self._con.unregister("ids")
+
+    def first_hits(self, batch_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the batch, manifest rows) of the batch's ids that the manifest holds and
+        no earlier record had: the first record of each doc_id, in batch order."""
+        h = self._hashes(batch_ids)
+        lo, hi = np.searchsorted(self.sorted, h, "left"), np.searchsorted(self.sorted, h, "right")
+        positions = np.flatnonzero(hi > lo)
+        if not len(positions):
+            return positions, positions
+        names = batch_ids.take(pa.array(positions)).to_pylist()
+        pos, rows = [], []
+        for p, name, a, b in zip(positions, names, lo[positions], hi[positions]):
+            for row in self.order[a:b]:          # one row but where two manifest ids share a hash
+                if not self.found[row] and self.ids[int(row)].as_py() == name:
+                    self.found[row] = True
+                    pos.append(p)
+                    rows.append(row)
+                    break
+        return np.asarray(pos, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+
+
 def _texts(manifest: pa.Table, corpus: list[str], fields: Fields):
-    """Yield (doc_id, text, source) for the manifest's documents, streaming the corpus once."""
-    wanted = set(manifest.column("doc_id").to_pylist())
-    found: set[str] = set()
+    """Yield (manifest row, doc_id, text, source) for the manifest's documents, streaming the corpus once."""
+    wanted = _Wanted(manifest.column("doc_id").combine_chunks())
     for shard in discover(corpus):
         for docs, _ in read_shard(shard, fields):
-            ids = docs.column("doc_id").to_pylist()
-            if not any(d in wanted for d in ids):
+            positions, rows = wanted.first_hits(docs.column("doc_id").combine_chunks())
+            if not len(positions):
                 continue
-            texts, sources = docs.column("text").to_pylist(), docs.column("source").to_pylist()
-            for i, d in enumerate(ids):
-                if d in wanted and d not in found:     # the first record of a doc_id, as in the store
-                    found.add(d)
-                    yield d, texts[i], sources[i]
-    missing = len(wanted) - len(found)
+            take = pa.array(positions)
+            ids, texts, sources = (docs.column(c).take(take).to_pylist() for c in ("doc_id", "text", "source"))
+            yield from zip(rows.tolist(), ids, texts, sources)
+    missing = int((~wanted.found).sum())
     if missing:
-        raise HermesError(f"{missing:,} of the mixture's {len(wanted):,} documents were not found in the corpus "
+        raise HermesError(f"{missing:,} of the mixture's {len(wanted.found):,} documents were not found in the corpus "
                           f"({', '.join(corpus[:3])})", hint="pass the corpus the store was built from with --corpus")
 
 
@@ -94,18 +136,18 @@ def export(mixture_dir: str | Path, fmt: str, out: str | Path, corpus: list[str]
 def _shuffled(manifest: pa.Table, corpus: list[str], fields: Fields, out: Path, fmt: str,
               docs_per_shard: int, seed: int) -> dict[str, Any]:
     """Two-pass shuffle in bounded memory: scatter copies to random buckets, then shuffle each."""
-    repeats = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("repeats").to_pylist()))
-    cells = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("cell").to_pylist()))
-    copies = int(sum(repeats.values()))
+    repeats = manifest.column("repeats").to_numpy()
+    cells = manifest.column("cell").combine_chunks()
+    copies = int(repeats.sum())
     n_shards = max(1, -(-copies // docs_per_shard))
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         buckets = [open(Path(scratch) / f"{i}.jsonl", "w", encoding="utf-8") for i in range(n_shards)]
         try:
-            for doc_id, text, source in _texts(manifest, corpus, fields):
-                line = json.dumps({"doc_id": doc_id, "text": text, "source": source, "cell": cells[doc_id]},
+            for row, doc_id, text, source in _texts(manifest, corpus, fields):
+                line = json.dumps({"doc_id": doc_id, "text": text, "source": source, "cell": cells[row].as_py()},
                                   ensure_ascii=False) + "\n"
-                for b in rng.integers(0, n_shards, repeats[doc_id]):
+                for b in rng.integers(0, n_shards, repeats[row]):
                     buckets[b].write(line)
         finally:
             for b in buckets:
@@ -136,7 +178,7 @@ def _shuffled(manifest: pa.Table, corpus: list[str], fields: Fields, out: Path, 
         shutil.rmtree(out / "data")
         shutil.rmtree(out / ".cache", ignore_errors=True)
         files = [out / "dataset"]
-    return {"records": copies, "documents": len(repeats), "files": [str(p.relative_to(out)) for p in files]}
+    return {"records": copies, "documents": len(manifest), "files": [str(p.relative_to(out)) for p in files]}
 
 
 def _cell_file(cell: str) -> str:
@@ -155,7 +197,7 @@ def _cell_order(cell: str) -> list:
 
 
 def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: Fields, out: Path) -> dict[str, Any]:
-    cells = dict(zip(manifest.column("doc_id").to_pylist(), manifest.column("cell").to_pylist()))
+    cells = manifest.column("cell").combine_chunks()
     (out / "cells").mkdir()
     buffered: dict[str, list[str]] = {}
     pending = 0
@@ -166,8 +208,8 @@ def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: 
                 h.writelines(lines)
         buffered.clear()
 
-    for doc_id, text, source in _texts(manifest, corpus, fields):
-        buffered.setdefault(cells[doc_id], []).append(
+    for row, doc_id, text, source in _texts(manifest, corpus, fields):
+        buffered.setdefault(cells[row].as_py(), []).append(
             json.dumps({"doc_id": doc_id, "text": text, "source": source}, ensure_ascii=False) + "\n")
         pending += 1
         if pending >= FLUSH_EVERY:
@@ -179,4 +221,4 @@ def _megatron(manifest: pa.Table, weights: pa.Table, corpus: list[str], fields: 
     lines = [f"{w[c] / total:.10f} cells/{_cell_file(c)}_text_document" for c in sorted(w, key=_cell_order)]
     (out / "blend.txt").write_text(" ".join(lines) + "\n")
     (out / "blend.json").write_text(json.dumps({c: w[c] / total for c in sorted(w)}, indent=1) + "\n")
-    return {"cells": len(w), "documents": len(cells), "files": ["blend.txt", "blend.json", "cells/"]}
+    return {"cells": len(w), "documents": len(manifest), "files": ["blend.txt", "blend.json", "cells/"]}

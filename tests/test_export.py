@@ -100,3 +100,27 @@ def test_export_reads_a_corpus_that_moved(e2e, mixture, tmp_path):
     records = [json.loads(line) for p in sorted((tmp_path / "x").glob("part-*.jsonl")) for line in p.open()]
     assert records and {x["doc_id"] for x in records} == set(manifest)
     assert all(x["text"] == "MOVED " + texts_by_id(e2e)[x["doc_id"]] for x in records)
+
+
+@pytest.mark.parametrize("weak_hash", [False, True])
+def test_the_manifests_ids_are_found_once_each_in_corpus_order(weak_hash, monkeypatch):
+    """Export finds the manifest's documents in corpus batches by their ids' hashes: each id once,
+    at its first record, also when ids repeat within and across batches and when distinct ids
+    share a hash (a weak hash, the length of the id, makes them collide)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from hermes.export import _Wanted
+
+    if weak_hash:
+        monkeypatch.setattr(_Wanted, "_hashes", lambda self, ids: np.asarray(
+            [len(i) for i in ids.to_pylist()], dtype=np.uint64))
+    manifest = pa.array(["a", "bb", "cc", "dd", "e", "zzz"])
+    wanted = _Wanted(manifest)
+    batches = [["x", "bb", "a", "bb", "yy"], ["cc", "a", "qqq", "e"], ["dd", "cc"]]
+    hits = []
+    for batch in batches:
+        positions, rows = wanted.first_hits(pa.array(batch))
+        hits.append([(int(p), manifest[int(r)].as_py()) for p, r in zip(positions, rows)])
+    assert hits == [[(1, "bb"), (2, "a")], [(0, "cc"), (3, "e")], [(0, "dd")]]
+    assert wanted.found.tolist() == [True, True, True, True, True, False]
