@@ -79,6 +79,11 @@ class _RayWorker:
     """A Ray Data actor: builds the step once, then runs it shard after shard."""
 
     def __init__(self, **step_args):
+        import ray
+
+        from hermes import layout
+
+        layout.WORKER["node"] = ray.get_runtime_context().get_node_id()     # in run.log's lines
         self.step = ShardStep(**step_args)
 
     def __call__(self, batch: dict) -> dict:
@@ -127,7 +132,7 @@ def run_on_ray(step: str, shards: list[Shard], cfg: Config, layout: Layout, addr
     # and its shard done again from the start (the per-shard function writes beside, then renames).
     with contextlib.redirect_stdout(sys.stderr):
         rows = ds.map_batches(_RayWorker, fn_constructor_kwargs=step_args, batch_size=1, batch_format="numpy",
-                              concurrency=workers, num_cpus=1).take_all()
+                              concurrency=workers, num_cpus=1, scheduling_strategy="SPREAD").take_all()
     return collect(shards, rows)
 
 

@@ -28,6 +28,9 @@ from hermes.models import Models, reading_fields
 from hermes.read import Shard, read_shard
 from hermes.static import NO_TOKENS
 
+# Set by an engine's worker process (hermes.engines): the Ray node it runs on, logged with each line.
+WORKER: dict[str, str] = {}
+
 
 DOCS_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("source", pa.string()), ("n_chars", pa.int32()), ("n_tokens", pa.int32()),
@@ -99,7 +102,7 @@ class Layout:
         with open(self.run_log, "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step,
                                 "shard": result.shard.name, "docs": result.n_docs, "rejects": result.n_rejects,
-                                "skipped": result.skipped, "seconds": round(seconds, 3)}) + "\n")
+                                "skipped": result.skipped, "seconds": round(seconds, 3), **WORKER}) + "\n")
 
     def label_marker(self, shard: Shard) -> Path:
         return self.labels / "_done" / f"{shard.key}.json"

@@ -121,3 +121,112 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_redone(e2e, split_c
     assert killed not in _ray_workers()
     assert_same_labels(tmp_path / "local", out)
     ray.shutdown()
+
+
+# A worker node of a cluster on this machine's loopback: Ray 2.60 replaces 127.0.0.1 in `ray start
+# --address` by the machine's other address (ray-project/ray#59110), where the head does not
+# listen. The node is started by `ray start` itself, with that one replacement undone.
+_LOOPBACK_NODE = """
+import sys
+from ray._private import services
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv = ["ray", "start", *sys.argv[1:]]
+main()
+"""
+
+
+def _processes_of(marker: str) -> list[int]:
+    """Process ids whose command line holds `marker`, and all their descendants."""
+    from pathlib import Path
+
+    parents, found = {}, set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                found.add(int(proc.name))
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return sorted(found)
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A real Ray cluster of two nodes on 127.0.0.1 (`ray start --head`, then a second `ray start
+    --address`), stopped by the process ids of what it started."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="hr", dir="/tmp")          # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # on this machine's loopback only: a head at 127.0.0.1 keeps its node address (and listens there)
+    local = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    common = ["--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"]
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    try:
+        subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        "--include-dashboard=false", *common], env=local, check=True, capture_output=True, timeout=120)
+        subprocess.run([sys.executable, "-c", _LOOPBACK_NODE, f"--address=127.0.0.1:{port}", *common], env=env,
+                       check=True, capture_output=True, timeout=120)
+        yield {"address": f"127.0.0.1:{port}", "env": local, "ray": ray_cli}
+    finally:
+        pids = _processes_of(temp)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 30
+        while _processes_of(temp) and time.time() < deadline:
+            time.sleep(0.2)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_label_on_a_two_node_cluster_equals_local(e2e, split_corpus, tmp_path, two_node_cluster):
+    """`hermes label --engine ray --address` against a real cluster of two nodes on 127.0.0.1:
+    workers on both nodes write the label files to the shared output folder, the labels equal
+    the local engine's; then the cluster is stopped."""
+    import subprocess
+    import sys
+    import time
+
+    deadline = time.time() + 120
+    while True:             # the autoscaler reports the nodes a few seconds after they start
+        status = subprocess.run([two_node_cluster["ray"], "status", f"--address={two_node_cluster['address']}"],
+                                env=two_node_cluster["env"], capture_output=True, text=True, timeout=60).stdout
+        if "Active:" in status or time.time() > deadline:
+            break
+        time.sleep(1)
+    active = status.split("Active:")[-1].split("Pending:")[0]
+    assert active.count(" node_") == 2, status          # two alive nodes
+    args = [split_corpus / "corpus", "--substrate", e2e["out"] / "substrate", "--config",
+            split_corpus / "small-shards.yaml", "--quiet", "--format", "json"]
+    assert invoke("label", *args, "--out", tmp_path / "local").exit_code == 0
+    r = subprocess.run([sys.executable, "-m", "hermes", "label", *map(str, args), "--out", str(tmp_path / "ray"),
+                        "--engine", "ray", "--address", two_node_cluster["address"]],
+                       env=two_node_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["labeled"] == 160
+    assert_same_labels(tmp_path / "local", tmp_path / "ray")
+    log = [json.loads(line) for line in (tmp_path / "ray" / "run.log").read_text().splitlines()]
+    assert len({e.get("node") for e in log if not e["skipped"]}) == 2, log      # both nodes worked
