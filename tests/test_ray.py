@@ -230,3 +230,14 @@ def test_label_on_a_two_node_cluster_equals_local(e2e, split_corpus, tmp_path, t
     assert_same_labels(tmp_path / "local", tmp_path / "ray")
     log = [json.loads(line) for line in (tmp_path / "ray" / "run.log").read_text().splitlines()]
     assert len({e.get("node") for e in log if not e["skipped"]}) == 2, log      # both nodes worked
+    # `hermes run` on the cluster: the same fit and labels as on this process
+    common = [split_corpus / "corpus", "--config", split_corpus / "small-shards.yaml", "--codebook-sizes", "3,2,2",
+              "--format", "json", *FAST]
+    assert invoke("run", *common, "--out", tmp_path / "run-local").exit_code == 0
+    r = subprocess.run([sys.executable, "-m", "hermes", "run", *map(str, common), "--out", str(tmp_path / "run-ray"),
+                        "--engine", "ray", "--address", two_node_cluster["address"]],
+                       env=two_node_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    local = json.loads((tmp_path / "run-local" / "substrate" / "manifest.json").read_text())["fingerprint"]
+    assert json.loads(r.stdout)["substrate"] == local
+    assert_same_labels(tmp_path / "run-local", tmp_path / "run-ray")
