@@ -132,7 +132,7 @@ def run_on_ray(step: str, shards: list[Shard], cfg: Config, layout: Layout, addr
     # and its shard done again from the start (the per-shard function writes beside, then renames).
     with contextlib.redirect_stdout(sys.stderr):
         rows = ds.map_batches(_RayWorker, fn_constructor_kwargs=step_args, batch_size=1, batch_format="numpy",
-                              concurrency=workers, num_cpus=1, scheduling_strategy="SPREAD").take_all()
+                              concurrency=workers, num_cpus=1).take_all()
     return collect(shards, rows)
 
 
