@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hermes.errors import HermesError
@@ -69,9 +70,14 @@ class _Wanted:
             self._con = duckdb.connect()
         self._con.register("ids", pa.table({"doc_id": ids}))
         try:
-            return self._con.execute("SELECT hash(doc_id) AS h FROM ids").fetchnumpy()["h"].astype(np.uint64)
+            return self._con.execute("SELECT hash(doc_id) AS h FROM ids").fetchnumpy()["h"].astype(np.uint64, copy=False)
         finally:
             self._con.unregister("ids")
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     def first_hits(self, batch_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(positions in the batch, manifest rows) of the batch's ids that the manifest holds and
@@ -81,29 +87,43 @@ class _Wanted:
         positions = np.flatnonzero(hi > lo)
         if not len(positions):
             return positions, positions
-        names = batch_ids.take(pa.array(positions)).to_pylist()
-        pos, rows = [], []
-        for p, name, a, b in zip(positions, names, lo[positions], hi[positions]):
+        lo, hi = lo[positions], hi[positions]
+        # most ids have one candidate row: checked together; ids that share a hash, one by one
+        single = hi - lo == 1
+        rows = self.order[lo[single]]
+        same = pc.equal(batch_ids.take(pa.array(positions[single])), self.ids.take(pa.array(rows)))
+        keep = pc.fill_null(same, False).to_numpy(zero_copy_only=False) & ~self.found[rows]
+        pos, rows = list(positions[single][keep]), list(rows[keep])
+        first = np.unique(rows, return_index=True)[1] if rows else []      # an id twice in the batch: its first
+        pos, rows = [pos[i] for i in sorted(first)], [rows[i] for i in sorted(first)]
+        self.found[rows] = True
+        many = np.flatnonzero(~single)
+        names = batch_ids.take(pa.array(positions[many])).to_pylist()
+        for p, name, a, b in zip(positions[many], names, lo[many], hi[many]):
             for row in self.order[a:b]:          # one row but where two manifest ids share a hash
                 if not self.found[row] and self.ids[int(row)].as_py() == name:
                     self.found[row] = True
                     pos.append(p)
                     rows.append(row)
                     break
-        return np.asarray(pos, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+        order = np.argsort(pos, kind="stable")
+        return np.asarray(pos, dtype=np.int64)[order], np.asarray(rows, dtype=np.int64)[order]
 
 
 def _texts(manifest: pa.Table, corpus: list[str], fields: Fields):
     """Yield (manifest row, doc_id, text, source) for the manifest's documents, streaming the corpus once."""
     wanted = _Wanted(manifest.column("doc_id").combine_chunks())
-    for shard in discover(corpus):
-        for docs, _ in read_shard(shard, fields):
-            positions, rows = wanted.first_hits(docs.column("doc_id").combine_chunks())
-            if not len(positions):
-                continue
-            take = pa.array(positions)
-            ids, texts, sources = (docs.column(c).take(take).to_pylist() for c in ("doc_id", "text", "source"))
-            yield from zip(rows.tolist(), ids, texts, sources)
+    try:
+        for shard in discover(corpus):
+            for docs, _ in read_shard(shard, fields):
+                positions, rows = wanted.first_hits(docs.column("doc_id").combine_chunks())
+                if not len(positions):
+                    continue
+                take = pa.array(positions)
+                ids, texts, sources = (docs.column(c).take(take).to_pylist() for c in ("doc_id", "text", "source"))
+                yield from zip(rows.tolist(), ids, texts, sources)
+    finally:
+        wanted.close()
     missing = int((~wanted.found).sum())
     if missing:
         raise HermesError(f"{missing:,} of the mixture's {len(wanted.found):,} documents were not found in the corpus "

@@ -409,10 +409,13 @@ def label_batches(batches: Iterable[tuple[pa.Table, pa.Table]], file: str, label
         for docs, read_rejects in batches:
             yield finish(Batch(docs, file), [], read_rejects, docs.num_rows + read_rejects.num_rows)
         return
+    import os
+
     from threadpoolctl import threadpool_limits
 
-    # two threads already keep both cores busy: a BLAS pool of its own in each would only spin
-    with ThreadPoolExecutor(1) as pool, threadpool_limits(1, user_api="blas"):
+    # the two labeling threads keep two cores busy: BLAS gets the others (on 2 cores, a second
+    # BLAS thread would only spin against them)
+    with ThreadPoolExecutor(1) as pool, threadpool_limits(max(1, (os.cpu_count() or 2) - 2), user_api="blas"):
         pending = None
         for docs, read_rejects in batches:
             job = pool.submit(apply, Batch(docs, file), first)

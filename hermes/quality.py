@@ -151,7 +151,7 @@ def heuristic_scores(texts, words: Words | None = None, sums: PieceSums | None =
     n_lines = _per_text(lp, size)
     codes = pc.dictionary_encode(lines)
     # distinct lines per text: the (text, line) pairs as a sparse matrix, its duplicates summed
-    pairs = sp.csr_matrix((np.ones(len(lp), dtype=np.int8), (lp, codes.indices.to_numpy())),
+    pairs = sp.csr_matrix((np.ones(len(lp), dtype=np.int32), (lp, codes.indices.to_numpy())),
                           shape=(size, max(len(codes.dictionary), 1)))
     pairs.sum_duplicates()
     n_distinct = np.diff(pairs.indptr).astype(np.float64)

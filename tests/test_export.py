@@ -117,7 +117,7 @@ def test_the_manifests_ids_are_found_once_each_in_corpus_order(weak_hash, monkey
             [len(i) for i in ids.to_pylist()], dtype=np.uint64))
     manifest = pa.array(["a", "bb", "cc", "dd", "e", "zzz"])
     wanted = _Wanted(manifest)
-    batches = [["x", "bb", "a", "bb", "yy"], ["cc", "a", "qqq", "e"], ["dd", "cc"]]
+    batches = [["x", "bb", "a", "bb", "yy", "a"], ["cc", "a", "qqq", "e"], ["dd", "cc", "dd"]]
     hits = []
     for batch in batches:
         positions, rows = wanted.first_hits(pa.array(batch))
