@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.words import PieceSums, Words
+from hermes.words import PieceSums, Words, resplit_rare
 
 SOURCES = ("none", "heuristic", "field")
 
@@ -82,15 +82,8 @@ _STOP_SET = pa.array(sorted(STOP_WORDS), pa.string())
 def _split_lines(arr: pa.Array) -> pa.ListArray:
     """Each text's lines, split as Python's str.splitlines() splits them, except that a line ends
     with the \r of its \r\n (the caller trims the lines). The texts that hold any other line break
-    (rare) split by the slower regex, and their rows replace the fast split's."""
-    lists = pc.split_pattern(arr, "\n")
-    odd = np.flatnonzero(pc.match_substring_regex(arr, _OTHER_BREAK).to_numpy(zero_copy_only=False))
-    if not len(odd):
-        return lists
-    slow = pc.split_pattern_regex(arr.take(pa.array(odd)), _LINE_BREAK)
-    rows = np.arange(len(arr))
-    rows[odd] = len(arr) + np.arange(len(odd))
-    return pa.concat_arrays([lists, slow.cast(lists.type)]).take(pa.array(rows))
+    (rare) split by the slower regex."""
+    return resplit_rare(arr, pc.split_pattern(arr, "\n"), _OTHER_BREAK, _LINE_BREAK)
 
 
 def _per_text(parents: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:

@@ -587,22 +587,16 @@ class PieceCache:
         """(bags, token counts, known-token counts, pieces) of an Arrow string array: `bags` is a
         CSR (len(texts), vocab) matrix of each text's token-id counts, `pieces` the split
         (hermes.words.Pieces: the distinct pieces, how often each text holds each, their slots)."""
-        from hermes.words import Pieces
-
-        import pyarrow as pa
         import pyarrow.compute as pc
+
+        from hermes.words import Pieces, resplit_rare
 
         lists = pc.ascii_split_whitespace(texts)
         if self.drop_vt_ff:
             # the normaliser drops \v and \f (controls) rather than split there, after it has matched
             # special tokens: keep them inside the pieces (the rare texts that hold one split by a
-            # slower regex, and their rows replace the fast split's)
-            odd = np.flatnonzero(pc.match_substring_regex(texts, r"[\v\f]").to_numpy(zero_copy_only=False))
-            if len(odd):
-                slow = pc.split_pattern_regex(texts.take(pa.array(odd)), r"[ \t\n\r]+")
-                rows = np.arange(len(texts))
-                rows[odd] = len(texts) + np.arange(len(odd))
-                lists = pa.concat_arrays([lists, slow.cast(lists.type)]).take(pa.array(rows))
+            # slower regex)
+            lists = resplit_rare(texts, lists, r"[\v\f]", r"[ \t\n\r]+")
         per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
         words = distinct.dictionary.to_pylist()

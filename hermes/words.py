@@ -26,6 +26,19 @@ def as_strings(texts) -> pa.Array:
     return texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
 
 
+def resplit_rare(texts: pa.Array, lists: pa.ListArray, rare: str, pattern: str) -> pa.ListArray:
+    """`lists` (a fast split of `texts`, one list per text) with the rows of the texts that match
+    the regex `rare` split again at the regex `pattern`: a rare text takes the slow split alone,
+    not its whole batch."""
+    odd = np.flatnonzero(pc.match_substring_regex(texts, rare).to_numpy(zero_copy_only=False))
+    if not len(odd):
+        return lists
+    slow = pc.split_pattern_regex(texts.take(pa.array(odd)), pattern)
+    rows = np.arange(len(texts))
+    rows[odd] = len(texts) + np.arange(len(odd))
+    return pa.concat_arrays([lists, slow.cast(lists.type)]).take(pa.array(rows))
+
+
 @dataclass
 class Pieces:
     """The split at ASCII whitespace that a batch's words were made from, with each distinct piece's
@@ -79,7 +92,6 @@ class Words:
     def per_text(self, values: np.ndarray) -> np.ndarray:
         """Sum over each text's words of a per-distinct-word value (an array, or columns of one)."""
         return np.asarray(self.occurrences @ np.asarray(values, dtype=np.float64))
-
 
 
 class PieceSums:
