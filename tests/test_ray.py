@@ -74,19 +74,34 @@ def test_results_are_matched_by_shard_key_not_name():
     assert [r.n_docs for r in collect(parts, rows)] == [3, 7]
 
 
-def _ray_workers() -> list[int]:
-    """Process ids of this machine's hermes Ray workers (their process title names the actor)."""
+def _processes_of(*markers: str, descendants: bool = True) -> list[int]:
+    """Process ids whose command line holds one of `markers` (and all their descendants)."""
     from pathlib import Path
 
-    pids = []
+    parents, found = {}, set()
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if b"_RayWorker" in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if any(m.encode() in cmdline for m in markers):
+                found.add(int(proc.name))
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    grew = descendants
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return sorted(found)
+
+
+def _ray_workers() -> list[int]:
+    """Process ids of this machine's hermes Ray workers (their process title names the actor)."""
+    return _processes_of("_RayWorker", descendants=False)
 
 
 def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_redone(e2e, split_corpus, tmp_path):
@@ -136,30 +151,6 @@ main()
 """
 
 
-def _processes_of(marker: str) -> list[int]:
-    """Process ids whose command line holds `marker`, and all their descendants."""
-    from pathlib import Path
-
-    parents, found = {}, set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (proc / "cmdline").read_bytes():
-                found.add(int(proc.name))
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-    grew = True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in found and pid not in found:
-                found.add(pid)
-                grew = True
-    return sorted(found)
-
-
 @pytest.fixture
 def two_node_cluster():
     """A real Ray cluster of two nodes on 127.0.0.1 (`ray start --head`, then a second `ray start
@@ -192,7 +183,7 @@ def two_node_cluster():
         # those start descends from them; again until none is left (a raylet may start more)
         deadline = time.time() + 60
         while time.time() < deadline:
-            pids = sorted(set(_processes_of(temp)) | set(_processes_of(f"127.0.0.1:{port}")))
+            pids = _processes_of(temp, f"127.0.0.1:{port}")
             if not pids:
                 break
             for pid in pids:
