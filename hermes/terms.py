@@ -14,6 +14,8 @@ gets `[repetitive]`; one with no words at all (digits, symbols, markup) shows `[
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,44 +59,58 @@ def _word_lists(texts: pa.Array) -> tuple[pa.Array, pa.Array]:
     return flat.filter(keep), parents.filter(keep)
 
 
-def _top_per_cell(counts: pa.Table, k: int) -> pa.Table:
-    """Each cell's k most frequent terms (ties by term), cells in code order."""
-    t = counts.sort_by([("c1", "ascending"), ("c2", "ascending"), ("c3", "ascending"), ("count", "descending"),
-                        ("term", "ascending")])
-    key = np.stack([t.column(c).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
-    if not len(key):
-        return t
-    first = np.ones(len(key), bool)
-    first[1:] = (key[1:] != key[:-1]).any(axis=1)
+def _top_per_cell(cells: np.ndarray, terms: list[str], cell: np.ndarray, term: np.ndarray, count: np.ndarray,
+                  k: int) -> np.ndarray:
+    """Each cell's k most frequent terms (ties by term), cells in code order: the positions in
+    (cell, term, count) of the rows kept, in that order. `cells` (n, 3) are the codes `cell` indexes,
+    `terms` the strings `term` indexes; a (cell, term) pair is in one row at most."""
+    if not len(count):
+        return np.zeros(0, dtype=np.int64)
+    cell_rank = _ranks(np.lexsort(cells.T[::-1]))
+    term_rank = _ranks(pc.array_sort_indices(pa.array(terms, pa.string())).to_numpy())
+    # one sort key (cell rank, count descending, term rank) where it fits in 63 bits, else three
+    bits = [max(int(n) - 1, 1).bit_length() for n in (len(cells), count.max() + 1, len(terms))]
+    if sum(bits) <= 63:
+        key = (cell_rank[cell].astype(np.int64) << (bits[1] + bits[2])) | \
+            ((count.max() - count).astype(np.int64) << bits[2]) | term_rank[term].astype(np.int64)
+        order = np.argsort(key, kind="stable")     # runs of it come sorted already (cells by id)
+    else:
+        order = np.lexsort((term_rank[term], -count, cell_rank[cell]))
+    sorted_cells = cell[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_cells[1:] != sorted_cells[:-1]
     starts = np.flatnonzero(first)
-    rank = np.arange(len(key)) - np.repeat(starts, np.diff(np.append(starts, len(key))))
-    return t.filter(pa.array(rank < k))
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.append(starts, len(order))))
+    return order[rank < k]
 
 
-def _summed(cells: np.ndarray, cell_of_row: np.ndarray, terms, counts: np.ndarray) -> pa.Table:
-    """Rows summed per cell and term, on integer keys: `cells` (k, 3) the distinct codes, `cell_of_row`
-    each row's index among them, `terms` each row's term (numbered by one dictionary), `counts` each
-    row's count."""
-    terms = pc.dictionary_encode(terms)
-    terms = terms.combine_chunks() if isinstance(terms, pa.ChunkedArray) else terms
-    n_terms = max(len(terms.dictionary), 1)
-    keys = cell_of_row.astype(np.int64) * n_terms + terms.indices.to_numpy(zero_copy_only=False)
-    pairs, inverse = np.unique(keys, return_inverse=True)
-    summed = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(pairs)).astype(np.int64)
-    cell, term = np.divmod(pairs, n_terms)
-    return pa.table({**{f"c{i + 1}": pa.array(cells[cell, i], pa.int16()) for i in range(3)},
-                     "term": terms.dictionary.take(pa.array(term)), "count": pa.array(summed, pa.int64())})
+def _ranks(order: np.ndarray) -> np.ndarray:
+    """The rank of each element, from the order that sorts them."""
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
 
 
 class TermCounter:
-    """Word counts per L123 cell, fed batch by batch; keeps each cell's top words bounded."""
+    """Word counts per L123 cell, fed batch by batch; keeps each cell's top words bounded.
+
+    Cells and terms get integer ids in order of first sight, so a batch's counts are three integer
+    arrays (cell id, term id, count), summed at the end by one sparse conversion rather than by
+    sorting strings."""
 
     PRUNE_EVERY = 50_000      # documents between prunings
     KEEP = 10 * TOP_PER_CELL  # words kept per cell when pruning
 
     def __init__(self):
-        self._parts: list[pa.Table] = []
+        self._start(np.zeros((0, 3), dtype=np.int64), [], [])
         self._since_prune = 0
+
+    def _start(self, cells: np.ndarray, terms: list[str], parts: list[tuple[np.ndarray, ...]]) -> None:
+        self._cells = cells                                    # (n, 3) codes of the cells seen
+        self._cell_id = {int(p): i for i, p in enumerate(_packed(cells))}
+        self._terms = terms                                    # the terms seen
+        self._term_id = {t: i for i, t in enumerate(terms)}
+        self._parts = parts                                    # (cell ids, term ids, counts) per batch
 
     def add(self, texts, codes: np.ndarray, words: Words | None = None) -> None:
         """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`.
@@ -115,26 +131,57 @@ class TermCounter:
         in_cell = sp.csr_matrix((np.ones(len(cell_of_doc)), (cell_of_doc, np.arange(len(cell_of_doc)))),
                                 shape=(len(cells), len(cell_of_doc)))
         counts = ((in_cell @ words.occurrences) @ in_word).tocoo()
-        self._parts.append(pa.table({**{f"c{i + 1}": pa.array(cells[counts.row, i], pa.int16()) for i in range(3)},
-                                     "term": terms.dictionary.take(pa.array(counts.col)),
-                                     "count": pa.array(np.rint(counts.data).astype(np.int64), pa.int64())}))
+        self._parts.append((self._ids(self._cell_id, _packed(cells).tolist(), cells)[counts.row],
+                            self._ids(self._term_id, terms.dictionary.to_pylist())[counts.col],
+                            np.rint(counts.data).astype(np.int64)))
         self._since_prune += len(codes)
         if self._since_prune >= self.PRUNE_EVERY:
-            self._parts = [_top_per_cell(self._merged(), self.KEEP)]
+            self._start(*self._top(self.KEEP))
             self._since_prune = 0
 
-    def _merged(self) -> pa.Table:
-        """The parts summed per (cell, term)."""
+    def _ids(self, index: dict, keys: list, cells: np.ndarray | None = None) -> np.ndarray:
+        """The ids of `keys` in `index`, new ones added (for cells, with their codes)."""
+        ids = np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        new = np.flatnonzero(ids < 0)
+        if len(new):
+            ids[new] = np.arange(len(index), len(index) + len(new))
+            index.update(zip((keys[i] for i in new), ids[new].tolist()))
+            if cells is None:
+                self._terms.extend(keys[i] for i in new)
+            else:
+                self._cells = np.concatenate([self._cells, cells[new]])
+        return ids
+
+    def _top(self, k: int) -> tuple[np.ndarray, list[str], list[tuple[np.ndarray, ...]]]:
+        """(cells, terms, one part) holding each cell's k most frequent terms, summed over the parts,
+        in order (cells by code, count descending, term), renumbered to the terms kept."""
+        import scipy.sparse as sp
+
         if not self._parts:
-            return TERM_SCHEMA.empty_table()
-        t = pa.concat_tables(self._parts)
-        codes = np.stack([t.column(c).to_numpy().astype(np.int64) for c in ("c1", "c2", "c3")], axis=1)
-        packed = (codes[:, 0] << 32) | (codes[:, 1] << 16) | codes[:, 2]      # codes are int16 >= 0
-        _, first, cell_of_row = np.unique(packed, return_index=True, return_inverse=True)
-        return _summed(codes[first], cell_of_row.reshape(-1), t.column("term"), t.column("count").to_numpy())
+            return self._cells, [], []
+        cell, term, count = (np.concatenate(a) for a in zip(*self._parts))
+        summed = sp.coo_matrix((count, (cell, term)), shape=(len(self._cells), len(self._terms))).tocsr()
+        summed.sum_duplicates()
+        cell = np.repeat(np.arange(summed.shape[0]), np.diff(summed.indptr))
+        term, count = summed.indices.astype(np.int64), summed.data.astype(np.int64)
+        keep = _top_per_cell(self._cells, self._terms, cell, term, count, k)
+        kept_terms, term_ids = np.unique(term[keep], return_inverse=True)
+        return self._cells, [self._terms[i] for i in kept_terms], [(cell[keep], term_ids.reshape(-1), count[keep])]
 
     def table(self) -> pa.Table:
-        return _top_per_cell(self._merged(), TOP_PER_CELL).select(TERM_SCHEMA.names).cast(TERM_SCHEMA)
+        cells, terms, parts = self._top(TOP_PER_CELL)
+        if not parts:
+            return TERM_SCHEMA.empty_table()
+        cell, term, count = parts[0]
+        return pa.table({**{f"c{i + 1}": pa.array(cells[cell, i], pa.int16()) for i in range(3)},
+                         "term": pa.array(terms, pa.string()).take(pa.array(term)),
+                         "count": pa.array(count, pa.int64())}, schema=TERM_SCHEMA)
+
+
+def _packed(codes: np.ndarray) -> np.ndarray:
+    """One int64 per (c1, c2, c3) (codes are int16 >= 0)."""
+    codes = np.asarray(codes, dtype=np.int64).reshape(-1, 3)
+    return (codes[:, 0] << 32) | (codes[:, 1] << 16) | codes[:, 2]
 
 
 def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:

@@ -102,6 +102,34 @@ def test_term_counts_equal_a_plain_python_count(sample_records):
     assert "école" in {r["term"] for r in got} and "a" * 31 not in {r["term"] for r in got}
 
 
+def test_term_counts_keep_each_cells_top_words_in_order_across_batches_and_prunings(monkeypatch):
+    """The term table holds, per cell, the TOP_PER_CELL most frequent words, ties by word, cells
+    in code order: over many batches, and when the counts are pruned between them (to KEEP words
+    per cell, here more than any cell has, so pruning loses nothing)."""
+    from collections import Counter
+
+    import numpy as np
+
+    from hermes.terms import TOP_PER_CELL, TermCounter
+
+    rng = np.random.default_rng(1)
+    vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 6)) for _ in range(400)]
+    texts = [" ".join(rng.choice(vocab, rng.integers(1, 40), p=None)) for _ in range(600)]
+    codes = np.stack([rng.integers(0, 3, 600), rng.integers(0, 2, 600), rng.integers(0, 300, 600) % 2], axis=1)
+    expected: dict = {}
+    for text, code in zip(texts, codes):
+        expected.setdefault(tuple(int(c) for c in code), Counter()).update(text.split())
+    want = [(*cell, term, n) for cell in sorted(expected)
+            for term, n in sorted(expected[cell].items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_PER_CELL]]
+    for prune_every in (10**9, 100):
+        monkeypatch.setattr(TermCounter, "PRUNE_EVERY", prune_every)
+        counter = TermCounter()
+        for i in range(0, len(texts), 70):
+            counter.add(texts[i:i + 70], codes[i:i + 70])
+        got = [tuple(r.values()) for r in counter.table().to_pylist()]
+        assert got == want, prune_every
+
+
 def test_flags_in_a_store(tmp_path):
     import numpy as np
     import pyarrow.parquet as pq
