@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from hermes.aggregates import MAX_QUALITY
@@ -322,22 +323,23 @@ def _raw_jsonl(shard: Shard) -> Iterator[RawItem]:
             if not raw:
                 break
             n += 1
-            if not raw.strip():
-                continue   # blank lines are layout, not records
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, f"invalid UTF-8 at byte {e.start}"
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
-                continue
-            if not isinstance(rec, dict):
-                yield n, None, f"record is a JSON {type(rec).__name__}, not an object"
-                continue
-            yield n, rec, None
+            if raw.strip():     # blank lines are layout, not records
+                yield _jsonl_item(n, raw)
+
+
+def _jsonl_item(n: int, raw: bytes) -> RawItem:
+    """Line `n` of a JSONL file (not blank) as a raw item."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return n, None, f"invalid UTF-8 at byte {e.start}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return n, None, f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
+    if not isinstance(rec, dict):
+        return n, None, f"record is a JSON {type(rec).__name__}, not an object"
+    return n, rec, None
 
 
 def _raw_csv(shard: Shard) -> Iterator[RawItem]:
@@ -485,62 +487,211 @@ def _quality_value(rec: dict, name: str) -> tuple[float | None, str | None]:
 
 def read_shard(shard: Shard, fields: Fields = Fields(), batch_size: int = 2048
                ) -> Iterator[tuple[pa.Table, list[Reject]]]:
-    """Stream a shard as (documents, rejects) pairs; documents follow DOC_SCHEMA, in input order."""
+    """Stream a shard as (documents, rejects) pairs; documents follow DOC_SCHEMA, in input order.
+    A batch holds `batch_size` documents (the last fewer), or fewer with `batch_size` rejects."""
+    if _block_readable(shard, fields):
+        yield from _rebatched(_jsonl_blocks(shard, fields), batch_size)
+        return
+    yield from _rebatched(_record_blocks(shard, raw_records(shard, batch_size), fields, batch_size), batch_size)
+
+
+def _record_blocks(shard: Shard, items: Iterable[RawItem], fields: Fields, size: int
+                   ) -> Iterator[tuple[pa.Table, list[Reject]]]:
+    """Raw items checked one by one (documents and rejects), in blocks of up to `size` of either."""
     docs: dict[str, list] = {k: [] for k in DOC_SCHEMA.names}
     rejects: list[Reject] = []
-
-    def flush():
-        table = pa.table(docs, schema=DOC_SCHEMA)
-        out = (table, list(rejects))
-        for v in docs.values():
-            v.clear()
-        rejects.clear()
-        return out
-
-    for line, rec, problem in raw_records(shard, batch_size):
-        if rec is not None and "__id" in rec:          # a .txt file: the file is the record
-            doc_id, text, source, found = rec["__id"], rec.get("__text"), shard.name, True
-            quality = None
-            if fields.quality is not None and problem is None:
-                problem = f"missing quality field '{fields.quality}' (a .txt file has no fields)"
+    for item in items:
+        doc = _checked(shard, fields, *item)
+        if isinstance(doc, Reject):
+            rejects.append(doc)
         else:
-            doc_id, source = None, shard.name
-            text, found = None, False
-            if rec is not None:
-                has_id, raw_id = get_path(rec, fields.id)
-                doc_id = _as_id(raw_id) if has_id else None
-                if has_id and raw_id is not None and doc_id is None:
-                    problem = f"id field '{fields.id}' is not a string or integer"
-                has_src, raw_src = get_path(rec, fields.source)
-                if has_src and raw_src is not None:
-                    source = str(raw_src)
-                found, text = get_path(rec, fields.text)
-            quality = None
-            if rec is not None and fields.quality is not None and problem is None:
-                quality, problem = _quality_value(rec, fields.quality)
-            if doc_id is None and line is not None:
-                doc_id = derived_doc_id(shard, line)
-        if problem is None:
-            if not found:
-                problem = f"missing text field '{fields.text}'"
-            elif not isinstance(text, str):
-                problem = f"text field '{fields.text}' is {type(text).__name__}, not a string"
-            elif not text.strip():
-                problem = f"empty text field '{fields.text}'"
-            elif _has_surrogates(text):
-                problem = f"invalid UTF-8 in text field '{fields.text}'"
-        if problem is not None:
-            rejects.append(Reject(shard.name, line, doc_id, problem))
-        else:
-            docs["doc_id"].append(doc_id)
-            docs["text"].append(text)
-            docs["source"].append(source)
-            docs["line"].append(line)
-            docs["quality"].append(quality)
-        if len(docs["doc_id"]) >= batch_size or len(rejects) >= batch_size:
-            yield flush()
+            for name, value in zip(DOC_SCHEMA.names, doc):
+                docs[name].append(value)
+        if len(docs["doc_id"]) >= size or len(rejects) >= size:
+            yield pa.table(docs, schema=DOC_SCHEMA), rejects
+            docs, rejects = {k: [] for k in DOC_SCHEMA.names}, []
     if docs["doc_id"] or rejects:
-        yield flush()
+        yield pa.table(docs, schema=DOC_SCHEMA), rejects
+
+
+def _checked(shard: Shard, fields: Fields, line: int | None, rec: Any, problem: str | None) -> tuple | Reject:
+    """The record check every format goes through: a document (doc_id, text, source, line,
+    quality) or a Reject with its reason."""
+    if rec is not None and "__id" in rec:          # a .txt file: the file is the record
+        doc_id, text, source, found = rec["__id"], rec.get("__text"), shard.name, True
+        quality = None
+        if fields.quality is not None and problem is None:
+            problem = f"missing quality field '{fields.quality}' (a .txt file has no fields)"
+    else:
+        doc_id, source = None, shard.name
+        text, found = None, False
+        if rec is not None:
+            has_id, raw_id = get_path(rec, fields.id)
+            doc_id = _as_id(raw_id) if has_id else None
+            if has_id and raw_id is not None and doc_id is None:
+                problem = f"id field '{fields.id}' is not a string or integer"
+            has_src, raw_src = get_path(rec, fields.source)
+            if has_src and raw_src is not None:
+                source = str(raw_src)
+            found, text = get_path(rec, fields.text)
+        quality = None
+        if rec is not None and fields.quality is not None and problem is None:
+            quality, problem = _quality_value(rec, fields.quality)
+        if doc_id is None and line is not None:
+            doc_id = derived_doc_id(shard, line)
+    if problem is None:
+        if not found:
+            problem = f"missing text field '{fields.text}'"
+        elif not isinstance(text, str):
+            problem = f"text field '{fields.text}' is {type(text).__name__}, not a string"
+        elif not text.strip():
+            problem = f"empty text field '{fields.text}'"
+        elif _has_surrogates(text):
+            problem = f"invalid UTF-8 in text field '{fields.text}'"
+    if problem is not None:
+        return Reject(shard.name, line, doc_id, problem)
+    return doc_id, text, source, line, quality
+
+
+def _rebatched(blocks: Iterable[tuple[pa.Table, list[Reject]]], size: int) -> Iterator[tuple[pa.Table, list[Reject]]]:
+    """Blocks of documents and rejects as batches of `size` documents (each one Arrow chunk), or
+    fewer where `size` rejects have gathered; every reject goes out with or before the documents
+    that follow it."""
+    pending: list[pa.Table] = []
+    held, rejects = 0, []
+    for table, bad in blocks:
+        pending.append(table)
+        held += table.num_rows
+        rejects += bad
+        if held < size and len(rejects) < size:
+            continue
+        docs = pa.concat_tables(pending)
+        while docs.num_rows >= size or len(rejects) >= size:
+            take = min(size, docs.num_rows)
+            yield docs.slice(0, take).combine_chunks(), rejects
+            docs, rejects = docs.slice(take), []
+        pending, held = [docs], docs.num_rows
+    if held or rejects:
+        yield pa.concat_tables(pending).combine_chunks(), rejects
+
+
+# --------------------------------------------------------------------------- JSONL, by blocks
+# A plain JSONL corpus is parsed by Arrow's JSON reader, a block of lines at a time, without the
+# GIL and without a Python object per record. A block is taken only where Arrow's reading is the
+# line reader's: valid UTF-8, one JSON object on each of its lines, no blank line, no byte-order
+# mark, the text a non-blank string, the id a string or an integer (or absent). Any other block (a
+# malformed record, an odd value) goes through the line reader, which rejects what it must with
+# its reason; so both give the same documents and rejects.
+
+JSONL_BLOCK = 8 << 20       # bytes of lines per block
+_INNER_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")      # what bytes.strip() removes, between two breaks
+# What str.strip() removes (str.isspace()): a text of these alone is empty.
+PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006" \
+                "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_NOT_BLANK = "[^" + "".join(f"\\x{{{ord(c):x}}}" for c in PY_WHITESPACE) + "]"
+
+
+def _block_readable(shard: Shard, fields: Fields) -> bool:
+    """Whether a shard can be read by blocks: JSONL, and fields at the top level of the record
+    (a dotted path or a quality field goes through the line reader)."""
+    names = [fields.text, fields.id, fields.source]
+    return (shard.fmt == "jsonl" and fields.quality is None and len(set(names)) == 3
+            and not any("." in name for name in names))
+
+
+def _jsonl_blocks(shard: Shard, fields: Fields) -> Iterator[tuple[pa.Table, list[Reject]]]:
+    """A JSONL shard (or its byte range) as (documents, rejects), a block of whole lines at a time."""
+    line, carry = shard.first, b""
+    with _open_text_stream(shard.path) as f:
+        if shard.start is not None:
+            f.seek(shard.start)
+        left = None if shard.end is None else shard.end - (shard.start or 0)
+        while True:
+            try:
+                chunk = f.read(JSONL_BLOCK if left is None else min(JSONL_BLOCK, left))
+            except (OSError, EOFError):      # a broken stream: the line reader says at which line
+                items = (item for item in _raw_jsonl(shard) if item[0] >= line)
+                yield from _record_blocks(shard, items, fields, 1 << 30)
+                return
+            if left is not None:
+                left -= len(chunk)
+            data = carry + chunk
+            cut = len(data) if not chunk else data.rfind(b"\n") + 1
+            block, carry = data[:cut], data[cut:]
+            if block:
+                n_lines = block.count(b"\n") + (not block.endswith(b"\n"))
+                yield _jsonl_block(shard, fields, block, line, n_lines)
+                line += n_lines
+            if not chunk:
+                return
+
+
+def _jsonl_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines: int
+                 ) -> tuple[pa.Table, list[Reject]]:
+    """`n_lines` whole lines of a JSONL file, the first being line `first`: by Arrow, or line by line."""
+    docs = _arrow_block(shard, fields, block, first, n_lines)
+    if docs is not None:
+        return docs, []
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    items = (_jsonl_item(first + i, raw) for i, raw in enumerate(lines) if raw.strip())
+    docs, rejects = zip(*_record_blocks(shard, items, fields, 1 << 30), (DOC_SCHEMA.empty_table(), []))
+    return pa.concat_tables(docs), [r for part in rejects for r in part]
+
+
+def _no_blank_line(body: bytes) -> bool:
+    """Whether every line of `body` (lines, without the last one's break) holds more than what
+    bytes.strip() removes (Arrow's reader skips blank lines, the line reader counts them)."""
+    first_end = body.find(b"\n")
+    return (bool(body[:first_end if first_end >= 0 else len(body)].strip()) and not _INNER_BLANK_LINE.search(body)
+            and bool(body[body.rfind(b"\n") + 1:].strip()))
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8 (Arrow's validation of one string)."""
+    one = pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(np.array([0, len(data)], dtype=np.int64)),
+                                                       pa.py_buffer(data)])
+    try:
+        one.validate(full=True)
+        return True
+    except pa.ArrowInvalid:
+        return False
+
+
+def _arrow_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines: int) -> pa.Table | None:
+    """The block's documents (its `n_lines` lines) as Arrow reads them, or None where that would not
+    be what the line reader gives (see above)."""
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+
+    if (not _no_blank_line(block[:-1] if block.endswith(b"\n") else block) or b"\xef\xbb\xbf" in block
+            or not _valid_utf8(block)):      # Arrow's reader passes invalid UTF-8 through
+        return None
+    table = None
+    for id_type in (pa.string(), pa.int64()):
+        schema = pa.schema([(fields.text, pa.string()), (fields.id, id_type), (fields.source, pa.string())])
+        try:
+            table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(block_size=max(1 << 20, len(block) // 4)),
+                                 parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+            break
+        except ValueError:      # ArrowInvalid; a message that is not UTF-8 itself
+            continue
+    if table is None or table.num_rows != n_lines:
+        return None
+    text, ids, source = (table.column(name).combine_chunks() for name in (fields.text, fields.id, fields.source))
+    if text.null_count or not pc.all(pc.match_substring_regex(text, _NOT_BLANK)).as_py():
+        return None
+    if ids.type != pa.string():
+        ids = ids.cast(pa.string())
+    elif len(ids) - ids.null_count and not pc.all(pc.match_substring_regex(ids.drop_null(), _NOT_BLANK)).as_py():
+        return None         # a blank id is refused by the line reader
+    line = pa.array(np.arange(first, first + n_lines, dtype=np.int64))
+    if ids.null_count:      # no id: the derived one, shard name and line
+        ids = pc.coalesce(ids, pc.binary_join_element_wise(shard.name, line.cast(pa.string()), ":"))
+    if source.null_count:
+        source = pc.coalesce(source, pa.scalar(shard.name))
+    return pa.table([ids, text, source, line, pa.nulls(n_lines, pa.float64())], schema=DOC_SCHEMA)
 
 
 def check_fields(shards: list[Shard], fields: Fields, probe: int = 1000) -> None:

@@ -171,6 +171,84 @@ def test_large_files_are_cut_into_row_ranges_that_read_the_same(tmp_path):
     assert [d["doc_id"] for d in docs] == [f"big.parquet:{i + 1}" for i in range(200)]
 
 
+# Lines on which Arrow's JSON reader and the line reader could disagree: each must come out as the
+# line reader gives it (the block that holds it goes through the line reader).
+ODD_LINES = [
+    b'{"id": "a", "text": "hello"}', b"", b"   ", b"\r", b'{"id": 5, "text": "an integer id"}', b'{"text": "no id"}',
+    b'{"id": "", "text": "empty id"}', b'{"id": " ", "text": "blank id"}', b'{"id": true, "text": "bool id"}',
+    b'{"id": 1.5, "text": "float id"}', b'{"id": 123456789012345678901234, "text": "huge id"}', b'{"id": -3, "text": "neg"}',
+    b'{"id": "b", "text": 7}', b'{"id": "c"}', b'{"id": "d", "text": null}', b'{"id": "e", "text": " \\t "}',
+    b'{"id": "f", "text": "\\u3000\\u2028\\u001c"}', b'{"id": "g", "text": "\\ud800 lone surrogate"}',
+    b'{"id": "h", "text": "\\ud83d\\ude00 a pair"}', b"[1, 2]", b"not json", b'{"id": "i", "text": "x\xffy"}',
+    b'{"id": "j", "text": "x", "source": "src"}', b'{"id": "k", "text": "x", "source": 5}', b'{"id": "k2", "text": "x", "source": null}',
+    b'{"id": "l", "text": "x"} {"id": "m", "text": "two on a line"}', b'\xef\xbb\xbf{"id": "n", "text": "bom"}',
+    b'{"id": "o", "text": "dup", "text": "again"}', b'{"id": "p", "text": "crlf"}\r', b'{"id": "q", "text": "x", "n": 1e999}',
+    b'{"id": "r", "text": "tab\tinside"}', b'{"id": "s", "text": "nul \\u0000 escaped", "x": {"deep": [1, null]}}',
+]
+
+
+def _by_lines(shard, fields, batch_size):
+    """read_shard with every block read line by line."""
+    import hermes.read as read
+
+    real, read._block_readable = read._block_readable, lambda shard, fields: False
+    try:
+        return list(read_shard(shard, fields, batch_size))
+    finally:
+        read._block_readable = real
+
+
+@pytest.mark.parametrize("block", [64, 300, 1 << 20])
+def test_jsonl_read_by_blocks_equals_reading_line_by_line(tmp_path, monkeypatch, block):
+    """Arrow's JSON reader takes the blocks of a JSONL file where it reads them as the line reader
+    does; every other block goes line by line: the same documents, rejects and line numbers, in
+    the same batches where nothing is rejected."""
+    import hermes.read as read
+
+    monkeypatch.setattr(read, "JSONL_BLOCK", block)
+    good = [json.dumps({"id": f"g{i}", "text": f"good text {i}", "source": f"s{i % 3}"}).encode() for i in range(60)]
+    files = {"odd.jsonl": ODD_LINES, "good.jsonl": good, "mixed.jsonl": good[:30] + ODD_LINES + good[30:],
+             "noid.jsonl": [json.dumps({"text": f"t {i}"}).encode() for i in range(40)],
+             "intid.jsonl": [json.dumps({"id": i, "text": f"t {i}"}).encode() for i in range(40)],
+             # a blank line and two records on one line: as many records as lines, yet not one a line
+             "blank_and_two.jsonl": good[:3] + [b"", b'{"id": "x", "text": "x"} {"id": "y", "text": "y"}'] + good[3:6],
+             "bom_first.jsonl": [b'\xef\xbb\xbf{"id": "n", "text": "a byte-order mark"}'] + good[:3]}
+    files.update({f"odd{i}.jsonl": good[:3] + [line] + good[3:6] for i, line in enumerate(ODD_LINES)})
+    for name, lines in files.items():
+        (tmp_path / name).write_bytes(b"\n".join(lines) + (b"\n" if name != "noid.jsonl" else b""))
+        with gzip.open(tmp_path / f"{name}.gz", "wb") as f:
+            f.write(b"\n".join(lines) + b"\n")
+    shards = discover([str(tmp_path)]) + discover([str(tmp_path / "mixed.jsonl")], max_bytes=500)
+    assert len(shards) > len(files) * 2 + 3
+    for shard in shards:
+        for batch_size in (1, 7, 2048):
+            fast = list(read_shard(shard, Fields(), batch_size))
+            slow = _by_lines(shard, Fields(), batch_size)
+            rejects = [vars(r) for _, bad in slow for r in bad]
+            assert [vars(r) for _, bad in fast for r in bad] == rejects, shard
+            assert pa.concat_tables([t for t, _ in fast]).equals(pa.concat_tables([t for t, _ in slow])), shard
+            assert all(t.column("text").num_chunks == 1 for t, _ in fast)
+            if not rejects:
+                assert [t.num_rows for t, _ in fast] == [t.num_rows for t, _ in slow]
+    docs = {d["doc_id"]: d for t, _ in read_shard(discover([str(tmp_path / "odd.jsonl")])[0], Fields(), 7)
+            for d in t.to_pylist()}
+    assert docs["5"]["line"] == 5 and docs["odd.jsonl:6"]["text"] == "no id" and docs["k2"]["source"] == "odd.jsonl"
+    # the clean files never went line by line
+    lines_read = []
+    monkeypatch.setattr(read, "_jsonl_item", lambda n, raw: lines_read.append(n))
+    for name in ("good.jsonl", "noid.jsonl", "intid.jsonl", "good.jsonl.gz"):
+        assert sum(t.num_rows for t, _ in read_shard(discover([str(tmp_path / name)])[0])) in (40, 60)
+    assert lines_read == []
+
+
+def test_the_blank_text_check_knows_pythons_whitespace():
+    """A text of str.isspace() characters alone is empty to the line reader (str.strip()); the
+    block reader's check must know the same characters."""
+    from hermes.read import PY_WHITESPACE
+
+    assert set(PY_WHITESPACE) == {c for c in map(chr, range(0x110000)) if c.isspace()}
+
+
 @pytest.mark.parametrize("first", ["jsonl", "txt"])
 def test_every_shard_is_checked_for_the_text_field(tmp_path, first):
     """A good first shard (records with `text`, or a .txt folder) does not hide a later one without it."""
