@@ -22,14 +22,15 @@ class Models:
     """The models the per-shard functions use, loaded once per process on first use."""
 
     def __init__(self, cfg: Config, embedding: dict[str, Any] | None = None,
-                 stack: list[dict[str, Any]] | None = None, encoder_dir: Path | None = None):
+                 stack: list[dict[str, Any]] | None = None, encoder_dir: Path | None = None,
+                 encoder: StaticEncoder | None = None):
         self.cfg = cfg
         self.stack = stack or cfg.stages               # a substrate's own stack when labeling with it
         self.fixed = FixedLabelers(self.stack)
         emb = embedding or {}
         self.embedder: Embedder | StaticEncoder
         if emb.get("encoder") == "static":            # a substrate's static encoder, checked against it
-            self.embedder = StaticEncoder.of_substrate(emb, encoder_dir)
+            self.embedder = encoder or StaticEncoder.of_substrate(emb, encoder_dir)
         else:
             self.embedder = Embedder(model=emb.get("model", cfg.model), dtype=emb.get("dtype", cfg.dtype),
                                      device=cfg.device, max_length=emb.get("max_length", cfg.max_length),
@@ -127,7 +128,8 @@ def models_for(cfg: Config, substrate) -> Models:
         counted_with = cfg.tokenizer or substrate.n_tokens_tokenizer     # count n_tokens as its teacher did
         return Models(cfg.replace(tokenizer=counted_with) if counted_with else cfg,
                       stack=substrate.stages if substrate.fixed else None)
-    return Models(cfg, embedding=substrate.embedding, stack=substrate.stages, encoder_dir=substrate.encoder_dir)
+    return Models(cfg, embedding=substrate.embedding, stack=substrate.stages, encoder_dir=substrate.encoder_dir,
+                  encoder=substrate.embedder() if substrate.static else None)   # the one the run checked
 
 
 def reading_fields(cfg: Config) -> Fields:

@@ -52,6 +52,7 @@ class Substrate:
     # a static encoder's folder (copied into the substrate's encoder/ on save); its recipe and
     # checksum are in `embedding`, so the fingerprint covers it
     encoder_dir: Path | None = None
+    _static_encoder: Any = field(default=None, repr=False, compare=False)   # loaded once, by embedder()
 
     kind = "embedding"
 
@@ -73,13 +74,15 @@ class Substrate:
 
     def embedder(self):
         """An encoder with this substrate's embedding settings: its static encoder, checked against
-        the manifest, or the transformer (model, dtype, max length)."""
+        the manifest (the same instance on every call), or the transformer (model, dtype, max length)."""
         from hermes.embed import Embedder
         from hermes.static import StaticEncoder
 
         e = self.embedding
-        if self.static:
-            return StaticEncoder.of_substrate(e, self.encoder_dir)
+        if self.static:         # one instance: it is checked and loaded once, on its first setup()
+            if self._static_encoder is None or self._static_encoder.folder != Path(self.encoder_dir):
+                self._static_encoder = StaticEncoder.of_substrate(e, self.encoder_dir)
+            return self._static_encoder
         return Embedder(model=e["model"], dtype=e["dtype"], max_length=e["max_length"])
 
     def encode(self, embeddings: np.ndarray, fixed: dict[int, np.ndarray] | None = None) -> np.ndarray:
