@@ -1,10 +1,11 @@
 """The fit between embedding and labeling: a seeded sample of the corpus's embeddings -> transform
 + RVQ -> OUT/substrate/. `run` fits on the embeddings it has cached for labeling
-(`fit_substrate`); `fit` with the transformer embeds only its sample (`fit_sample_only`). Both
-draw the same sample of the same corpus."""
+(`fit_substrate`); `fit` with the transformer reads the corpus once and embeds only its sample
+(`fit_sample_only`). Both draw the same sample of the same corpus (SampleDraw)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,30 +18,117 @@ from hermes.labelers import Batch, ClassNames, class_name_column
 from hermes.layout import Layout, load_cached_embeddings
 from hermes.models import Models, reading_fields
 from hermes.read import Shard, read_shard
+from hermes.stack import check_class_count
 from hermes.substrate import Substrate
 
 
-def top_up(picks: np.ndarray, codes: dict[int, np.ndarray], n_classes: dict[int, int], minimum: int,
-            rng: np.random.Generator) -> np.ndarray:
-    """The sample plus, for each class of a fixed stage with fewer than `minimum` sampled documents,
-    more of its documents (all it has, if fewer), so every class gets a codeword from data."""
-    extra = []
-    for i, c in codes.items():
-        have = np.bincount(c[picks], minlength=n_classes[i])
-        short = np.flatnonzero(have < minimum)
-        if not len(short):
-            continue
-        order = np.argsort(c, kind="stable")
-        bounds = np.searchsorted(c[order], np.arange(n_classes[i] + 1))
-        chosen = np.zeros(len(c), bool)
-        chosen[picks] = True
-        for k in short:
-            members = order[bounds[k]:bounds[k + 1]]
-            free = members[~chosen[members]]
-            take = min(len(free), minimum - int(have[k]))
-            if take > 0:
-                extra.append(np.sort(rng.choice(free, take, replace=False)))
-    return np.unique(np.concatenate([picks, *extra])) if extra else picks
+class SampleDraw:
+    """The fit sample, drawn in one pass over the corpus. Every document gets a key from one seeded
+    stream of uniform numbers, in corpus order; the sample is the `n` documents with the smallest
+    keys (a uniform sample without replacement), plus, for each class of a fixed stage that has
+    fewer than `minimum` documents in it, the class's next documents by key (all it has, if fewer),
+    so every class gets a codeword from data. Only candidates are kept, with an optional payload
+    row each (the text, say), so memory is set by the sample, not by the corpus; `run` (from its
+    embedding cache) and `fit` (while reading) draw the same documents.
+
+    Written here because the sample must be drawn while reading, with the class top-up, and equal
+    whatever the batches; numpy's and scikit-learn's samplers need the corpus's size first."""
+
+    def __init__(self, n: int, seed: int, minimum: int = 0):
+        self.n, self.minimum = n, minimum
+        self._rng = np.random.default_rng(seed)
+        self.seen = 0
+        self._sample = _Candidates(n)                           # the n smallest keys
+        self._classes: dict[int, _Candidates] = {}              # per stage: each class's `minimum` smallest
+
+    def add(self, count: int, labels: dict[int, np.ndarray] | None = None, payload: pa.Table | None = None) -> None:
+        """The next `count` documents in corpus order: `labels` gives each fixed stage's class
+        label of each (small integers >= 0; their names are the caller's), `payload` a row each."""
+        rows = {"key": self._rng.random(count), "position": np.arange(self.seen, self.seen + count),
+                **{f"label_{i}": np.asarray(v, dtype=np.int64) for i, v in (labels or {}).items()}, "payload": payload}
+        self.seen += count
+        self._sample.offer(rows)
+        if self.minimum:
+            for i in labels or {}:
+                self._classes.setdefault(i, _Candidates(self.minimum, f"label_{i}")).offer(rows)
+
+    def result(self) -> tuple[np.ndarray, dict[int, np.ndarray], pa.Table | None]:
+        """(the sample's positions in corpus order, each stage's labels of them, their payload rows
+        in that order)."""
+        sample = self._sample.kept()
+        if sample is None:
+            return np.zeros(0, dtype=np.int64), {}, None
+        parts = [sample]
+        for pool in self._classes.values():
+            firsts = pool.kept()        # a class's first documents by key: those under the sample's bound are in it
+            if firsts is not None:
+                parts.append(_take(firsts, ~np.isin(firsts["position"], sample["position"])))
+        rows = _joined(parts)
+        positions, first = np.unique(rows["position"], return_index=True)
+        rows = _take(rows, first)
+        return positions, {int(k[6:]): v for k, v in rows.items() if k.startswith("label_")}, rows["payload"]
+
+
+class _Candidates:
+    """The rows with the `k` smallest keys (per label of column `per`, if given), kept from rows
+    offered in any batches; rows above the current k-th key are dropped as they come."""
+
+    SLACK = 4096        # rows held past k (per label) before the smallest are picked again
+
+    def __init__(self, k: int, per: str | None = None):
+        self.k, self.per = k, per
+        self._parts: list[dict] = []
+        self._held = 0
+        self._bound = np.full(1, np.inf)        # the k-th smallest key so far, per label (one entry if no `per`)
+
+    def offer(self, rows: dict) -> None:
+        label = rows[self.per] if self.per else np.zeros(len(rows["key"]), dtype=np.int64)
+        if len(label) and label.max() >= len(self._bound):
+            self._bound = np.concatenate([self._bound, np.full(label.max() + 1 - len(self._bound), np.inf)])
+        mask = rows["key"] < self._bound[label]
+        if not mask.any():
+            return
+        self._parts.append(_take(rows, mask))
+        self._held += int(mask.sum())
+        room = self.k * len(self._bound)
+        if self._held > room + max(room // 4, self.SLACK):
+            self._compact()
+
+    def _compact(self) -> None:
+        rows = _joined(self._parts)
+        order = np.lexsort((rows["position"], rows["key"]))       # by key, ties by position
+        label = rows[self.per][order] if self.per else np.zeros(len(order), dtype=np.int64)
+        rank = np.empty(len(order), dtype=np.int64)               # each row's rank within its label
+        by_label = np.argsort(label, kind="stable")
+        starts = np.r_[0, np.flatnonzero(np.diff(label[by_label])) + 1]
+        rank[by_label] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        keep = order[rank < self.k]
+        kept = _take(rows, keep)
+        self._parts, self._held = [kept], len(keep)
+        kept_label = label[rank < self.k]
+        full = np.bincount(kept_label, minlength=len(self._bound)) >= self.k
+        last = np.full(len(self._bound), -np.inf)
+        np.maximum.at(last, kept_label, rows["key"][keep])
+        self._bound = np.where(full, last, np.inf)           # a label with k rows takes only smaller keys now
+
+    def kept(self) -> dict | None:
+        if not self._parts:
+            return None
+        self._compact()
+        return self._parts[0]
+
+
+def _joined(parts: list[dict]) -> dict:
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "payload"}
+    payloads = [p["payload"] for p in parts]
+    out["payload"] = pa.concat_tables(payloads) if payloads[0] is not None else None
+    return out
+
+
+def _take(rows: dict, which: np.ndarray) -> dict:
+    which = np.flatnonzero(which) if which.dtype == bool else which
+    return {k: None if v is None else v.take(pa.array(which, pa.int64())) if k == "payload" else v[which]
+            for k, v in rows.items()}
 
 
 def check_enough(total: int) -> None:
@@ -49,30 +137,31 @@ def check_enough(total: int) -> None:
                           hint="check the input and the rejects reported above")
 
 
-def sample_positions(total: int, cfg, class_codes: dict[int, np.ndarray], classes: dict[int, list[str]]
-                     ) -> np.ndarray:
-    """The fit sample: a seeded uniform sample of `fit_sample` of the corpus's `total` documents
-    (positions in corpus order), topped up so that every class of a fixed stage has data."""
+def sample_positions(total: int, cfg, class_codes: dict[int, np.ndarray]) -> np.ndarray:
+    """The fit sample of a corpus of `total` documents whose fixed-stage classes are known
+    (`class_codes`: each stage's class index per document): SampleDraw's documents (positions in
+    corpus order), fed in chunks."""
     check_enough(total)
-    n_fit = min(total, cfg.fit_sample)
-    rng = np.random.default_rng(cfg.seed)
-    picks = np.sort(rng.choice(total, n_fit, replace=False)) if n_fit < total else np.arange(total)
     for i, c in class_codes.items():
         if (c < 0).any():      # cannot happen for sources; a taxonomy model gives only its labels
             raise HermesError(f"stage {i + 1}: {int((c < 0).sum())} documents have no class")
-    if class_codes:
-        picks = top_up(picks, class_codes, {i: len(v) for i, v in classes.items()}, cfg.min_points_per_code, rng)
-    return picks
+    draw = SampleDraw(min(total, cfg.fit_sample), cfg.seed, cfg.min_points_per_code if class_codes else 0)
+    for start in range(0, total, DRAW_CHUNK):
+        stop = min(total, start + DRAW_CHUNK)
+        draw.add(stop - start, {i: c[start:stop] for i, c in class_codes.items()})
+    return draw.result()[0]
+
+
+DRAW_CHUNK = 1 << 20        # documents per SampleDraw.add when the whole corpus is at hand
 
 
 def fit_substrate(shards: list[Shard], counts: list[int], models: Models, layout: Layout,
                   progress_note=None) -> Substrate:
-    """Fit transform + RVQ on a seeded uniform sample of the cached embeddings of `shards`
-    (topped up so that every class of a fixed stage has data; see top_up)."""
+    """Fit transform + RVQ on the fit sample (SampleDraw) of the cached embeddings of `shards`."""
     total = int(sum(counts))
     check_enough(total)
     classes, class_codes = corpus_classes(shards, counts, models, layout) if models.fixed.indices else ({}, {})
-    picks = sample_positions(total, models.cfg, class_codes, classes)
+    picks = sample_positions(total, models.cfg, class_codes)
     parts, offset = [], 0
     for shard, n in zip(shards, counts):
         if n == 0:
@@ -81,82 +170,97 @@ def fit_substrate(shards: list[Shard], counts: list[int], models: Models, layout
         if len(local):
             parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[local], dtype=np.float32))
         offset += n
-    return fit_on(np.concatenate(parts), picks, class_codes, classes, total, models, layout, progress_note)
+    return fit_on(np.concatenate(parts), {i: c[picks] for i, c in class_codes.items()}, classes, total, models,
+                  layout, progress_note)
+
+
+@dataclass
+class ReadSample:
+    """What one reading pass gives `fit`: the fit sample's texts and classes, and the corpus's counts."""
+    positions: np.ndarray             # the sample's documents, positions in corpus order
+    texts: pa.Array                   # their texts, in that order
+    codes: dict[int, np.ndarray]      # each fixed stage's class index of each
+    classes: dict[int, list[str]]     # each fixed stage's class names (sorted, or the taxonomy's)
+    counts: list[int]                 # documents read in each shard
+    rejected: int                     # records rejected while reading
+
+
+def read_sample(shards: list[Shard], models: Models) -> ReadSample:
+    """The corpus read once: each shard's documents counted, each one's fixed-stage classes named,
+    and the fit sample drawn (SampleDraw, as `run` draws it from its cache) with its texts kept."""
+    cfg, fixed = models.cfg, models.fixed
+    draw = SampleDraw(cfg.fit_sample, cfg.seed, cfg.min_points_per_code if fixed.indices else 0)
+    classes: dict[int, list[str] | None] = {i: fixed.known_classes(i) for i in fixed.indices}
+    ids: dict[int, dict[str, int]] = {i: {} for i in fixed.indices}    # class name -> label, in order seen
+    labeler = ClassNames(fixed).setup() if fixed.indices else None
+    counts, rejected = [], 0
+    for shard in shards:
+        n = 0
+        for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+            n, rejected = n + docs.num_rows, rejected + len(bad)
+            labels = {}
+            if labeler is not None and docs.num_rows:
+                named = labeler(Batch(docs, shard.name))
+                for i in fixed.indices:
+                    names = named.column(class_name_column(i)).to_pylist()
+                    seen = ids[i]
+                    for name in set(names) - seen.keys():
+                        seen[name] = len(seen)
+                    check_class_count(i, models.stack[i]["kind"], len(seen))    # fail early on an id-like field
+                    labels[i] = np.fromiter(map(seen.__getitem__, names), dtype=np.int64, count=len(names))
+            draw.add(docs.num_rows, labels, docs.select(["text"]))
+        counts.append(n)
+    check_enough(int(sum(counts)))
+    positions, labels, payload = draw.result()      # fewer documents than fit_sample: all of them
+    codes = {}
+    for i in fixed.indices:
+        names = sorted(ids[i]) if classes[i] is None else classes[i]
+        check_class_count(i, models.stack[i]["kind"], len(names))
+        by_label = np.array([names.index(name) if name in names else -1
+                             for name, _ in sorted(ids[i].items(), key=lambda kv: kv[1])], dtype=np.int64)
+        codes[i] = by_label[labels[i]] if len(by_label) else np.zeros(0, dtype=np.int64)
+        if (codes[i] < 0).any():
+            raise HermesError(f"stage {i + 1}: {int((codes[i] < 0).sum())} documents have no class")
+        classes[i] = names
+    return ReadSample(positions, payload.column("text").combine_chunks(), codes, classes, counts, rejected)
 
 
 def fit_sample_only(shards: list[Shard], models: Models, layout: Layout, progress_note=None
                     ) -> tuple[Substrate, list[int], int]:
-    """`hermes fit` with the transformer: the corpus is read to count its documents (and, with
-    fixed stages, to give each one its class), the fit sample is drawn as `fit_substrate` draws
-    it, and only the sample is embedded: a fit costs its sample, not the corpus. Returns (the
-    substrate, each shard's documents, the records rejected while reading)."""
-    cfg = models.cfg
+    """`hermes fit` with the transformer: the corpus is read once, to count its documents, give
+    each its fixed-stage classes and draw the fit sample as `run` draws it (keeping the sample's
+    texts); only the sample is embedded: a fit costs its sample and one read of the corpus.
+    Returns (the substrate, each shard's documents, the records rejected while reading)."""
     say = progress_note or (lambda m: None)
-
-    def batches(shard: Shard):
-        return read_shard(shard, reading_fields(cfg), cfg.read_batch_size)
-
-    counts, rejected = [], 0
-    for shard in shards:
-        n = 0
-        for docs, bad in batches(shard):
-            n, rejected = n + docs.num_rows, rejected + len(bad)
-        counts.append(n)
-    total = int(sum(counts))
-    check_enough(total)
-    classes, class_codes = ({}, {})
-    if models.fixed.indices:
-        labeler = ClassNames(models.fixed).setup()
-
-        def names_of(shard: Shard) -> dict[int, pa.Array]:
-            parts: dict[int, list] = {i: [] for i in models.fixed.indices}
-            for docs, _ in batches(shard):
-                named = labeler(Batch(docs, shard.name))
-                for i in parts:
-                    parts[i].extend(named.column(class_name_column(i)).chunks)
-            return {i: pa.concat_arrays(v) if v else pa.array([], pa.string()) for i, v in parts.items()}
-
-        classes, class_codes = corpus_classes(shards, counts, models, layout, names_of)
-    picks = sample_positions(total, cfg, class_codes, classes)
-    say(f"fit: embedding the sample only: {len(picks):,} of {total:,} documents")
-    X = embed_positions(shards, counts, picks, models, say)
-    return fit_on(X, picks, class_codes, classes, total, models, layout, progress_note), counts, rejected
+    sample = read_sample(shards, models)
+    total = int(sum(sample.counts))
+    say(f"fit: embedding the sample only: {len(sample.positions):,} of {total:,} documents")
+    X = embed_texts(sample.texts, models, say)
+    return (fit_on(X, sample.codes, sample.classes, total, models, layout, progress_note), sample.counts,
+            sample.rejected)
 
 
-def embed_positions(shards: list[Shard], counts: list[int], picks: np.ndarray, models: Models,
-                    say=lambda m: None) -> np.ndarray:
-    """The embeddings of the corpus's documents at `picks` (positions among the documents read,
-    in corpus order), rounded to float16 as the embedding cache holds them; one reading pass over
-    the shards that hold any of them."""
-    cfg = models.cfg
-    embedder = models.embedder.setup()
-    parts, offset, done = [], 0, 0
-    for shard, n in zip(shards, counts):
-        local = picks[(picks >= offset) & (picks < offset + n)] - offset
-        start = 0
-        for docs, _ in (read_shard(shard, reading_fields(cfg), cfg.read_batch_size) if len(local) else ()):
-            m = docs.num_rows
-            take = local[(local >= start) & (local < start + m)] - start
-            if len(take):
-                texts = docs.column("text").take(pa.array(take)).to_pylist()
-                parts.append(embedder.encode(texts).astype(np.float16))
-                done += len(take)
-                say(f"fit: embedded {done:,} of {len(picks):,}")
-            start += m
-        offset += n
+def embed_texts(texts: pa.Array, models: Models, say=lambda m: None) -> np.ndarray:
+    """The embeddings of `texts`, rounded to float16 as the embedding cache holds them, a read
+    batch at a time."""
+    embedder, size = models.embedder.setup(), models.cfg.read_batch_size
+    parts = []
+    for start in range(0, len(texts), size):
+        parts.append(embedder.encode(texts.slice(start, size).to_pylist()).astype(np.float16))
+        say(f"fit: embedded {min(start + size, len(texts)):,} of {len(texts):,}")
     return np.concatenate(parts).astype(np.float32)
 
 
-def fit_on(X: np.ndarray, picks: np.ndarray, class_codes: dict[int, np.ndarray], classes: dict[int, list[str]],
-           total: int, models: Models, layout: Layout, progress_note=None) -> Substrate:
-    """Transform + RVQ fitted on the sample's embeddings X (the documents at `picks`, float16
-    values as the cache holds them), saved to OUT/substrate."""
+def fit_on(X: np.ndarray, fixed: dict[int, np.ndarray], classes: dict[int, list[str]], total: int, models: Models,
+           layout: Layout, progress_note=None) -> Substrate:
+    """Transform + RVQ fitted on the sample's embeddings X (float16 values as the cache holds
+    them; `fixed`: each fixed stage's class index of each sample document), saved to OUT/substrate."""
     from hermes.rvq import ResidualQuantizer, plan_codebook_sizes
     from hermes.transform import IdentityTransform
 
     cfg = models.cfg
-    n_fit = len(picks)
-    fixed = {i: c[picks].astype(np.int64) for i, c in class_codes.items()}
+    n_fit = len(X)
+    fixed = {i: np.asarray(c, dtype=np.int64) for i, c in fixed.items()}
     n_classes = {i: len(v) for i, v in classes.items()}
     sizes, rule = plan_codebook_sizes(total, n_fit, n_classes, N_CODES, cfg.codebook_size, cfg.codebook_sizes,
                                       cfg.min_points_per_code)
