@@ -94,23 +94,27 @@ def _ranks(order: np.ndarray) -> np.ndarray:
 class TermCounter:
     """Word counts per L123 cell, fed batch by batch; keeps each cell's top words bounded.
 
-    Cells and terms get integer ids in order of first sight, so a batch's counts are three integer
-    arrays (cell id, term id, count), summed at the end by one sparse conversion rather than by
-    sorting strings."""
+    Cells and terms get integer ids in order of first sight, and the counts are one sparse
+    (cells, terms) matrix that the batches' counts are added to, a few batches at a time: memory
+    holds the distinct (cell, term) pairs, not every batch's, and nothing is sorted by string
+    until the end."""
 
     PRUNE_EVERY = 50_000      # documents between prunings
     KEEP = 10 * TOP_PER_CELL  # words kept per cell when pruning
+    FOLD_ROWS = 1 << 20       # batch counts held before they are added to the sum, at least
 
     def __init__(self):
-        self._start(np.zeros((0, 3), dtype=np.int64), [], [])
+        self._start(np.zeros((0, 3), dtype=np.int64), [], None)
         self._since_prune = 0
 
-    def _start(self, cells: np.ndarray, terms: list[str], parts: list[tuple[np.ndarray, ...]]) -> None:
+    def _start(self, cells: np.ndarray, terms: list[str], summed) -> None:
         self._cells = cells                                    # (n, 3) codes of the cells seen
         self._cell_id = {int(p): i for i, p in enumerate(_packed(cells))}
         self._terms = terms                                    # the terms seen
         self._term_id = {t: i for i, t in enumerate(terms)}
-        self._parts = parts                                    # (cell ids, term ids, counts) per batch
+        self._sum = summed                                     # scipy CSR (cells, terms) of int64 counts, or None
+        self._parts: list[tuple[np.ndarray, ...]] = []         # (cell ids, term ids, counts) of batches not added yet
+        self._held = 0
 
     def add(self, texts, codes: np.ndarray, words: Words | None = None) -> None:
         """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`.
@@ -134,10 +138,29 @@ class TermCounter:
         self._parts.append((self._ids(self._cell_id, _packed(cells).tolist(), cells)[counts.row],
                             self._ids(self._term_id, terms.dictionary.to_pylist())[counts.col],
                             np.rint(counts.data).astype(np.int64)))
+        self._held += counts.nnz
+        if self._held > max(self._sum.nnz if self._sum is not None else 0, self.FOLD_ROWS):
+            self._fold()
         self._since_prune += len(codes)
         if self._since_prune >= self.PRUNE_EVERY:
-            self._start(*self._top(self.KEEP))
+            self._start(*self._top(self.KEEP)[:3])
             self._since_prune = 0
+
+    def _fold(self) -> None:
+        """The batches' counts held since the last fold, added to the sum (as many rows as the sum
+        holds, at least FOLD_ROWS, are held first: each fold costs the sum's size once)."""
+        import scipy.sparse as sp
+
+        if not self._parts:
+            return
+        cell, term, count = (np.concatenate(a) for a in zip(*self._parts))
+        part = sp.csr_matrix((count, (cell, term)), shape=(len(self._cells), len(self._terms)))
+        if self._sum is None:
+            self._sum = part
+        else:
+            self._sum.resize(part.shape)          # new cells and terms: more rows and columns
+            self._sum = self._sum + part
+        self._parts, self._held = [], 0
 
     def _ids(self, index: dict, keys: list, cells: np.ndarray | None = None) -> np.ndarray:
         """The ids of `keys` in `index`, new ones added (for cells, with their codes)."""
@@ -152,27 +175,30 @@ class TermCounter:
                 self._cells = np.concatenate([self._cells, cells[new]])
         return ids
 
-    def _top(self, k: int) -> tuple[np.ndarray, list[str], list[tuple[np.ndarray, ...]]]:
-        """(cells, terms, one part) holding each cell's k most frequent terms, summed over the parts,
-        in order (cells by code, count descending, term), renumbered to the terms kept."""
+    def _top(self, k: int):
+        """(cells, the terms kept, their counts as a CSR matrix, and as (cell, term, count) rows in
+        order: cells by code, count descending, term): each cell's k most frequent terms, renumbered
+        to the terms kept."""
         import scipy.sparse as sp
 
-        if not self._parts:
-            return self._cells, [], []
-        cell, term, count = (np.concatenate(a) for a in zip(*self._parts))
-        summed = sp.coo_matrix((count, (cell, term)), shape=(len(self._cells), len(self._terms))).tocsr()
+        self._fold()
+        if self._sum is None or not self._sum.nnz:
+            return self._cells, [], None, None
+        summed = self._sum
         summed.sum_duplicates()
         cell = np.repeat(np.arange(summed.shape[0]), np.diff(summed.indptr))
         term, count = summed.indices.astype(np.int64), summed.data.astype(np.int64)
         keep = _top_per_cell(self._cells, self._terms, cell, term, count, k)
         kept_terms, term_ids = np.unique(term[keep], return_inverse=True)
-        return self._cells, [self._terms[i] for i in kept_terms], [(cell[keep], term_ids.reshape(-1), count[keep])]
+        rows = (cell[keep], term_ids.reshape(-1), count[keep])
+        kept = sp.csr_matrix((rows[2], (rows[0], rows[1])), shape=(len(self._cells), len(kept_terms)))
+        return self._cells, [self._terms[i] for i in kept_terms], kept, rows
 
     def table(self) -> pa.Table:
-        cells, terms, parts = self._top(TOP_PER_CELL)
-        if not parts:
+        cells, terms, _, rows = self._top(TOP_PER_CELL)
+        if rows is None:
             return TERM_SCHEMA.empty_table()
-        cell, term, count = parts[0]
+        cell, term, count = rows
         return pa.table({**{f"c{i + 1}": pa.array(cells[cell, i], pa.int16()) for i in range(3)},
                          "term": pa.array(terms, pa.string()).take(pa.array(term)),
                          "count": pa.array(count, pa.int64())}, schema=TERM_SCHEMA)

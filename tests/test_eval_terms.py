@@ -104,8 +104,9 @@ def test_term_counts_equal_a_plain_python_count(sample_records):
 
 def test_term_counts_keep_each_cells_top_words_in_order_across_batches_and_prunings(monkeypatch):
     """The term table holds, per cell, the TOP_PER_CELL most frequent words, ties by word, cells
-    in code order: over many batches, and when the counts are pruned between them (to KEEP words
-    per cell, here more than any cell has, so pruning loses nothing)."""
+    in code order: over many batches, added to the sum one by one or together, and when the counts
+    are pruned between them (to KEEP words per cell, here more than any cell has, so pruning loses
+    nothing)."""
     from collections import Counter
 
     import numpy as np
@@ -121,13 +122,14 @@ def test_term_counts_keep_each_cells_top_words_in_order_across_batches_and_pruni
         expected.setdefault(tuple(int(c) for c in code), Counter()).update(text.split())
     want = [(*cell, term, n) for cell in sorted(expected)
             for term, n in sorted(expected[cell].items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_PER_CELL]]
-    for prune_every in (10**9, 100):
+    for prune_every, fold_rows in ((10**9, 1 << 20), (10**9, 0), (100, 0)):     # 0: each batch added at once
         monkeypatch.setattr(TermCounter, "PRUNE_EVERY", prune_every)
+        monkeypatch.setattr(TermCounter, "FOLD_ROWS", fold_rows)
         counter = TermCounter()
         for i in range(0, len(texts), 70):
             counter.add(texts[i:i + 70], codes[i:i + 70])
         got = [tuple(r.values()) for r in counter.table().to_pylist()]
-        assert got == want, prune_every
+        assert got == want, (prune_every, fold_rows)
 
 
 def test_flags_in_a_store(tmp_path):
