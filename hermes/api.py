@@ -92,8 +92,8 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
             say(f"encoder: reusing the static encoder in {folder} (same teacher, sample and corpus)", quiet)
             return layout.encoder
     fields = reading_fields(cfg)
-    texts, total = reservoir_texts((d.column("text").to_pylist() for s in shards
-                                    for d, _ in read_shard(s, fields, cfg.read_batch_size)), cfg.encoder_docs, cfg.seed)
+    texts, total = reservoir_texts((d.column("text") for s in shards for d, _ in read_shard(s, fields, cfg.read_batch_size)),
+                                   cfg.encoder_docs, cfg.seed)
     if total < cfg.encoder_docs:
         say(f"encoder: the corpus has {total:,} documents, fewer than encoder_docs ({cfg.encoder_docs:,}): "
             f"the static encoder is built on all of them", quiet)

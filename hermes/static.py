@@ -631,20 +631,22 @@ def _ids_of(encodings: list) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
-def reservoir_texts(batches: Iterable[list[str]], n: int, seed: int) -> tuple[list[str], int]:
-    """A seeded uniform sample of n texts from a stream of batches, read once (reservoir sampling,
-    Algorithm R), and how many texts the stream had. All of them when there are n or fewer."""
+def reservoir_texts(batches: Iterable[Any], n: int, seed: int) -> tuple[list[str], int]:
+    """A seeded uniform sample of n texts from a stream of batches (lists of str, or Arrow string
+    arrays: only the texts that enter the sample become Python strings), read once (reservoir
+    sampling, Algorithm R), and how many texts the stream had. All of them when there are n or fewer."""
     rng = np.random.default_rng(seed)
     sample: list[str] = []
     seen = 0
     for texts in batches:
         take = max(0, min(len(texts), n - len(sample)))
-        sample.extend(texts[:take])
+        sample.extend(texts[:take] if isinstance(texts, list) else texts.slice(0, take).to_pylist())
         rest = len(texts) - take
         if rest:
             positions = np.arange(seen + take, seen + len(texts))
             slots = rng.integers(0, positions + 1)
             for k in np.flatnonzero(slots < n):
-                sample[slots[k]] = texts[take + k]
+                text = texts[take + k]
+                sample[slots[k]] = text if isinstance(text, str) else text.as_py()
         seen += len(texts)
     return sample, seen

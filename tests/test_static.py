@@ -429,3 +429,21 @@ def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
     added = {**bert, "added_tokens": bert["added_tokens"] + [{"id": 7, "content": "<foo>", "normalized": True}]}
     for spec in (whitespace, nfc, added):
         assert piece_cache(None, spec, 10, np.ones(10, bool)).parts is None
+
+
+def test_the_encoder_sample_is_the_same_from_arrow_batches_as_from_lists():
+    """reservoir_texts takes the read batches' Arrow text columns as they are (only the texts that
+    enter the sample become Python strings) and draws what it draws from lists of str."""
+    import numpy as np
+    import pyarrow as pa
+
+    from hermes.static import reservoir_texts
+
+    texts = [f"text {i}" for i in range(5000)]
+    cuts = np.sort(np.random.default_rng(0).integers(0, len(texts), 40)).tolist()
+    batches = [texts[a:b] for a, b in zip([0] + cuts, cuts + [len(texts)])]
+    for n in (10, 700, 6000):
+        from_lists = reservoir_texts(batches, n, seed=3)
+        from_arrow = reservoir_texts((pa.chunked_array([pa.array(b, pa.string())]) for b in batches), n, seed=3)
+        assert from_arrow == from_lists and from_lists[1] == len(texts)
+        assert len(from_lists[0]) == min(n, len(texts)) and len(set(from_lists[0])) == len(from_lists[0])
