@@ -307,7 +307,8 @@ def _open_text_stream(path: str) -> io.BufferedIOBase:
 RawItem = tuple[int | None, Any, str | None]
 
 
-def _raw_jsonl(shard: Shard) -> Iterator[RawItem]:
+def _raw_jsonl(shard: Shard, from_line: int = 0) -> Iterator[RawItem]:
+    """The lines of a JSONL shard as raw items (those before line `from_line` skipped unread)."""
     with _open_text_stream(shard.path) as f:
         n = shard.first - 1
         if shard.start is not None:
@@ -323,7 +324,7 @@ def _raw_jsonl(shard: Shard) -> Iterator[RawItem]:
             if not raw:
                 break
             n += 1
-            if raw.strip():     # blank lines are layout, not records
+            if n >= from_line and raw.strip():     # blank lines are layout, not records
                 yield _jsonl_item(n, raw)
 
 
@@ -337,6 +338,10 @@ def _jsonl_item(n: int, raw: bytes) -> RawItem:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         return n, None, f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
+    except RecursionError:
+        return n, None, "invalid JSON: nested too deeply"
+    except ValueError as e:         # an integer of more digits than Python converts
+        return n, None, f"invalid JSON: {str(e).splitlines()[0]}"
     if not isinstance(rec, dict):
         return n, None, f"record is a JSON {type(rec).__name__}, not an object"
     return n, rec, None
@@ -579,7 +584,10 @@ def _rebatched(blocks: Iterable[tuple[pa.Table, list[Reject]]], size: int) -> It
 # A plain JSONL corpus is parsed by Arrow's JSON reader, a block of lines at a time, without the
 # GIL and without a Python object per record. A block is taken only where Arrow's reading is the
 # line reader's: valid UTF-8, one JSON object on each of its lines, no blank line, no byte-order
-# mark, the text a non-blank string, the id a string or an integer (or absent). Any other block (a
+# mark, the text a non-blank string, the id a string or an integer (or absent). One difference is
+# left: a record that is valid JSON but beyond what Python's json takes (an integer of over 4,300
+# digits, or nesting about 1,000 deep, in any field) is rejected line by line and kept by Arrow,
+# which reads only the three fields, when the rest of its block is clean. Any other block (a
 # malformed record, an odd value) goes through the line reader, which rejects what it must with
 # its reason; so both give the same documents and rejects.
 
@@ -601,7 +609,8 @@ def _block_readable(shard: Shard, fields: Fields) -> bool:
 
 def _jsonl_blocks(shard: Shard, fields: Fields) -> Iterator[tuple[pa.Table, list[Reject]]]:
     """A JSONL shard (or its byte range) as (documents, rejects), a block of whole lines at a time."""
-    line, carry = shard.first, b""
+    line, pending = shard.first, []           # pending: the start of a line not ended yet
+    id_types = [pa.string(), pa.int64()]      # the one that read the last block first
     with _open_text_stream(shard.path) as f:
         if shard.start is not None:
             f.seek(shard.start)
@@ -610,36 +619,44 @@ def _jsonl_blocks(shard: Shard, fields: Fields) -> Iterator[tuple[pa.Table, list
             try:
                 chunk = f.read(JSONL_BLOCK if left is None else min(JSONL_BLOCK, left))
             except (OSError, EOFError):      # a broken stream: the line reader says at which line
-                items = (item for item in _raw_jsonl(shard) if item[0] >= line)
-                yield from _record_blocks(shard, items, fields, 1 << 30)
+                yield from _record_blocks(shard, _raw_jsonl(shard, from_line=line), fields, 4096)
                 return
             if left is not None:
                 left -= len(chunk)
-            data = carry + chunk
-            cut = len(data) if not chunk else data.rfind(b"\n") + 1
-            block, carry = data[:cut], data[cut:]
+            cut = chunk.rfind(b"\n") + 1 if chunk else len(chunk)
+            if chunk and not cut:
+                pending.append(chunk)
+                continue
+            block, pending = b"".join(pending + [chunk[:cut]]), [chunk[cut:]]
             if block:
                 n_lines = block.count(b"\n") + (not block.endswith(b"\n"))
-                yield _jsonl_block(shard, fields, block, line, n_lines)
+                yield _jsonl_block(shard, fields, block, line, n_lines, id_types)
                 line += n_lines
             if not chunk:
                 return
 
 
-def _jsonl_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines: int
+def _jsonl_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines: int, id_types: list
                  ) -> tuple[pa.Table, list[Reject]]:
     """`n_lines` whole lines of a JSONL file, the first being line `first`: by Arrow, or line by line."""
-    docs = _arrow_block(shard, fields, block, first, n_lines)
+    docs = _arrow_block(shard, fields, block, first, n_lines, id_types)
     if docs is not None:
         return docs, []
     lines = block.split(b"\n")
-    if block.endswith(b"\n"):
-        lines.pop()
+    last = lines.pop()                       # after the last break: empty, or a last line with none
+    lines = [raw + b"\n" for raw in lines] + ([last] if last else [])    # each as readline gives it
     items = (_jsonl_item(first + i, raw) for i, raw in enumerate(lines) if raw.strip())
-    docs, rejects = zip(*_record_blocks(shard, items, fields, 1 << 30), (DOC_SCHEMA.empty_table(), []))
-    return pa.concat_tables(docs), [r for part in rejects for r in part]
+    tables, rejects = [DOC_SCHEMA.empty_table()], []
+    for table, bad in _record_blocks(shard, items, fields, 1 << 30):
+        tables.append(table)
+        rejects += bad
+    return pa.concat_tables(tables), rejects
 
 
+# Between two lines, each one JSON object: the end of one and the start of the next. A line break
+# anywhere else (inside a record spread over lines) sends the block to the line reader, which
+# rejects each of its lines; in JSON, "}" then "{" only ever separates two top-level values.
+_LINE_BREAK_BETWEEN_RECORDS = re.compile(rb"\}[ \t\r]*\n[ \t\r]*\{")
 def _no_blank_line(body: bytes) -> bool:
     """Whether every line of `body` (lines, without the last one's break) holds more than what
     bytes.strip() removes (Arrow's reader skips blank lines, the line reader counts them)."""
@@ -659,21 +676,34 @@ def _valid_utf8(data: bytes) -> bool:
         return False
 
 
-def _arrow_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines: int) -> pa.Table | None:
+def _arrow_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines: int, id_types: list
+                 ) -> pa.Table | None:
     """The block's documents (its `n_lines` lines) as Arrow reads them, or None where that would not
-    be what the line reader gives (see above)."""
+    be what the line reader gives (see above). `id_types`: the id's Arrow types to try, in order
+    (the one that reads is moved first)."""
     import pyarrow.compute as pc
     import pyarrow.json as pj
 
-    if (not _no_blank_line(block[:-1] if block.endswith(b"\n") else block) or b"\xef\xbb\xbf" in block
-            or not _valid_utf8(block)):      # Arrow's reader passes invalid UTF-8 through
+    body = block[:-1] if block.endswith(b"\n") else block
+    if (not _no_blank_line(body) or b"\xef\xbb\xbf" in block or not _valid_utf8(block)      # Arrow passes invalid UTF-8
+            or len(_LINE_BREAK_BETWEEN_RECORDS.findall(body)) != n_lines - 1):
         return None
     table = None
-    for id_type in (pa.string(), pa.int64()):
+    for id_type in list(id_types):
         schema = pa.schema([(fields.text, pa.string()), (fields.id, id_type), (fields.source, pa.string())])
+        parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         try:
-            table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(block_size=max(1 << 20, len(block) // 4)),
-                                 parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+            try:
+                table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(block_size=max(1 << 20, len(block) // 4)),
+                                     parse_options=parse)
+            except pa.ArrowInvalid as e:
+                if "straddl" not in str(e):
+                    raise
+                # a line longer than Arrow's parsing block: the whole block as one
+                table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(block_size=len(block) + 1),
+                                     parse_options=parse)
+            id_types.remove(id_type)
+            id_types.insert(0, id_type)
             break
         except ValueError:      # ArrowInvalid; a message that is not UTF-8 itself
             continue

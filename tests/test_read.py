@@ -184,6 +184,7 @@ ODD_LINES = [
     b'{"id": "l", "text": "x"} {"id": "m", "text": "two on a line"}', b'\xef\xbb\xbf{"id": "n", "text": "bom"}',
     b'{"id": "o", "text": "dup", "text": "again"}', b'{"id": "p", "text": "crlf"}\r', b'{"id": "q", "text": "x", "n": 1e999}',
     b'{"id": "r", "text": "tab\tinside"}', b'{"id": "s", "text": "nul \\u0000 escaped", "x": {"deep": [1, null]}}',
+    b'{"id": "t1", "text": "cut short"', b'{"id": "t2", "text":', b'{"id": "t3", "text": "abc', b'{"id": "t4", "text": "e"\r',
 ]
 
 
@@ -212,7 +213,10 @@ def test_jsonl_read_by_blocks_equals_reading_line_by_line(tmp_path, monkeypatch,
              "intid.jsonl": [json.dumps({"id": i, "text": f"t {i}"}).encode() for i in range(40)],
              # a blank line and two records on one line: as many records as lines, yet not one a line
              "blank_and_two.jsonl": good[:3] + [b"", b'{"id": "x", "text": "x"} {"id": "y", "text": "y"}'] + good[3:6],
-             "bom_first.jsonl": [b'\xef\xbb\xbf{"id": "n", "text": "a byte-order mark"}'] + good[:3]}
+             "bom_first.jsonl": [b'\xef\xbb\xbf{"id": "n", "text": "a byte-order mark"}'] + good[:3],
+             # records spread over lines, as many records as lines: Arrow would read them
+             "spread.jsonl": good[:3] + [b'{"text": "x"}{"text": "y",', b'"id": "b"}', b'{"text": "z"}\r{"text":', b'"w"}'] + good[3:6],
+             "long.jsonl": good[:2] + [json.dumps({"id": "long", "text": "word " * 600_000}).encode()] + good[2:4]}
     files.update({f"odd{i}.jsonl": good[:3] + [line] + good[3:6] for i, line in enumerate(ODD_LINES)})
     for name, lines in files.items():
         (tmp_path / name).write_bytes(b"\n".join(lines) + (b"\n" if name != "noid.jsonl" else b""))
@@ -236,9 +240,21 @@ def test_jsonl_read_by_blocks_equals_reading_line_by_line(tmp_path, monkeypatch,
     # the clean files never went line by line
     lines_read = []
     monkeypatch.setattr(read, "_jsonl_item", lambda n, raw: lines_read.append(n))
-    for name in ("good.jsonl", "noid.jsonl", "intid.jsonl", "good.jsonl.gz"):
-        assert sum(t.num_rows for t, _ in read_shard(discover([str(tmp_path / name)])[0])) in (40, 60)
+    for name in ("good.jsonl", "noid.jsonl", "intid.jsonl", "good.jsonl.gz", "long.jsonl"):
+        assert sum(t.num_rows for t, _ in read_shard(discover([str(tmp_path / name)])[0])) in (5, 40, 60)
     assert lines_read == []
+
+
+def test_records_beyond_pythons_json_are_rejected_not_a_crash(tmp_path):
+    """An integer of more digits than Python converts, or nesting past its recursion limit: the line
+    reader rejects the line with a reason instead of failing the run."""
+    lines = [b'{"id": "a", "text": "ok"}', b'{"id": "b", "text": "x", "n": ' + b"7" * 5000 + b"}",
+             b'{"id": "c", "text": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"{broken"]
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    docs, rejects = read_all([tmp_path / "c.jsonl"])
+    assert [d["doc_id"] for d in docs] == ["a"]
+    assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [(2, "invalid JSON"), (3, "invalid JSON"), (4, "invalid JSON")]
+    assert "nested too deeply" in rejects[1].reason
 
 
 def test_the_blank_text_check_knows_pythons_whitespace():
