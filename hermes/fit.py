@@ -28,7 +28,8 @@ class SampleDraw:
     keys (a uniform sample without replacement), plus, for each class of a fixed stage that has
     fewer than `minimum` documents in it, the class's next documents by key (all it has, if fewer),
     so every class gets a codeword from data. Only candidates are kept, with an optional payload
-    row each (the text, say), so memory is set by the sample, not by the corpus; `run` (from its
+    row each (the text, say): at most about 1.25 times the sample, plus each class's first
+    `minimum` documents (which the top-up may need), whatever the corpus's size. `run` (from its
     embedding cache) and `fit` (while reading) draw the same documents.
 
     Written here because the sample must be drawn while reading, with the class top-up, and equal
@@ -192,6 +193,7 @@ def read_sample(shards: list[Shard], models: Models) -> ReadSample:
     draw = SampleDraw(cfg.fit_sample, cfg.seed, cfg.min_points_per_code if fixed.indices else 0)
     classes: dict[int, list[str] | None] = {i: fixed.known_classes(i) for i in fixed.indices}
     ids: dict[int, dict[str, int]] = {i: {} for i in fixed.indices}    # class name -> label, in order seen
+    docs_per_label = {i: np.zeros(0, dtype=np.int64) for i in fixed.indices}   # to count those of a class it lacks
     labeler = ClassNames(fixed).setup() if fixed.indices else None
     counts, rejected = [], 0
     for shard in shards:
@@ -208,7 +210,12 @@ def read_sample(shards: list[Shard], models: Models) -> ReadSample:
                         seen[name] = len(seen)
                     check_class_count(i, models.stack[i]["kind"], len(seen))    # fail early on an id-like field
                     labels[i] = np.fromiter(map(seen.__getitem__, names), dtype=np.int64, count=len(names))
-            draw.add(docs.num_rows, labels, docs.select(["text"]))
+                    per_label = np.bincount(labels[i], minlength=len(seen))
+                    grown = np.zeros(len(seen) - len(docs_per_label[i]), np.int64)
+                    docs_per_label[i] = np.concatenate([docs_per_label[i], grown])
+                    docs_per_label[i] += per_label
+            # large_string: the sample's texts may pass 2 GiB together (32-bit offsets would overflow)
+            draw.add(docs.num_rows, labels, pa.table({"text": docs.column("text").cast(pa.large_string())}))
         counts.append(n)
     check_enough(int(sum(counts)))
     positions, labels, payload = draw.result()      # fewer documents than fit_sample: all of them
@@ -216,11 +223,11 @@ def read_sample(shards: list[Shard], models: Models) -> ReadSample:
     for i in fixed.indices:
         names = sorted(ids[i]) if classes[i] is None else classes[i]
         check_class_count(i, models.stack[i]["kind"], len(names))
-        by_label = np.array([names.index(name) if name in names else -1
-                             for name, _ in sorted(ids[i].items(), key=lambda kv: kv[1])], dtype=np.int64)
+        code_of = {name: k for k, name in enumerate(names)}
+        by_label = np.array([code_of.get(name, -1) for name in ids[i]], dtype=np.int64)   # ids[i]: in label order
+        if (by_label < 0).any():        # as run checks: any document of the corpus, sampled or not
+            raise HermesError(f"stage {i + 1}: {int(docs_per_label[i][by_label < 0].sum())} documents have no class")
         codes[i] = by_label[labels[i]] if len(by_label) else np.zeros(0, dtype=np.int64)
-        if (codes[i] < 0).any():
-            raise HermesError(f"stage {i + 1}: {int((codes[i] < 0).sum())} documents have no class")
         classes[i] = names
     return ReadSample(positions, payload.column("text").combine_chunks(), codes, classes, counts, rejected)
 
