@@ -33,10 +33,17 @@ def resplit_rare(texts: pa.Array, lists: pa.ListArray, rare: str, pattern: str) 
     odd = np.flatnonzero(pc.match_substring_regex(texts, rare).to_numpy(zero_copy_only=False))
     if not len(odd):
         return lists
-    slow = pc.split_pattern_regex(texts.take(pa.array(odd)), pattern)
-    rows = np.arange(len(texts))
-    rows[odd] = len(texts) + np.arange(len(odd))
-    return pa.concat_arrays([lists, slow.cast(lists.type)]).take(pa.array(rows))
+    slow = pc.split_pattern_regex(texts.take(pa.array(odd)), pattern).cast(lists.type)
+    if len(odd) > 64:           # many: one gather
+        rows = np.arange(len(texts))
+        rows[odd] = len(texts) + np.arange(len(odd))
+        return pa.concat_arrays([lists, slow]).take(pa.array(rows))
+    # few (the usual case): the runs between them copied whole, which is cheaper than a gather
+    parts, start = [], 0
+    for k, row in enumerate(odd.tolist()):
+        parts += [lists.slice(start, row - start), slow.slice(k, 1)]
+        start = row + 1
+    return pa.concat_arrays(parts + [lists.slice(start)])
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pytest
 
 from hermes.quality import heuristic_score
 from hermes.read import Fields, discover, read_shard
@@ -70,3 +71,23 @@ def test_batch_scores_equal_the_per_text_reference(sample_records):
     np.testing.assert_allclose(heuristic_scores(texts), reference, rtol=0, atol=1e-12)
     np.testing.assert_allclose(heuristic_scores(pa.chunked_array([texts[:10], texts[10:]])), reference,
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_rare", [0, 1, 5, 200])
+def test_the_rare_texts_split_again_equal_the_slow_split_of_all(n_rare):
+    """resplit_rare: a fast split with the texts that hold a rare character split again by the
+    regex equals the regex split of every text, for a few rare texts (copied between runs) or many
+    (one gather)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from hermes.words import resplit_rare
+
+    rng = np.random.default_rng(n_rare)
+    texts = [" ".join("abc"[: rng.integers(1, 4)] for _ in range(rng.integers(0, 6))) for _ in range(500)]
+    for i in rng.choice(len(texts), n_rare, replace=False):
+        texts[i] += "\fx\vy z"
+    arr = pa.array(texts, pa.string())
+    fast = pc.split_pattern(arr, " ")
+    assert resplit_rare(arr, fast, r"[\v\f]", r"[ \f\v]").equals(pc.split_pattern_regex(arr, r"[ \f\v]"))
