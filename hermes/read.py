@@ -592,7 +592,6 @@ def _rebatched(blocks: Iterable[tuple[pa.Table, list[Reject]]], size: int) -> It
 # its reason; so both give the same documents and rejects.
 
 JSONL_BLOCK = 8 << 20       # bytes of lines per block
-_INNER_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")      # what bytes.strip() removes, between two breaks
 # What str.strip() removes (str.isspace()): a text of these alone is empty.
 PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006" \
                 "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -654,17 +653,10 @@ def _jsonl_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines
 
 
 # Between two lines, each one JSON object: the end of one and the start of the next. A line break
-# anywhere else (inside a record spread over lines) sends the block to the line reader, which
-# rejects each of its lines; in JSON, "}" then "{" only ever separates two top-level values.
+# anywhere else (inside a record spread over lines, or around a blank line, which Arrow skips and
+# the line reader counts) sends the block to the line reader; in JSON, "}" then "{" only ever
+# separates two top-level values. A block of one blank line reads as no rows, one too few.
 _LINE_BREAK_BETWEEN_RECORDS = re.compile(rb"\}[ \t\r]*\n[ \t\r]*\{")
-def _no_blank_line(body: bytes) -> bool:
-    """Whether every line of `body` (lines, without the last one's break) holds more than what
-    bytes.strip() removes (Arrow's reader skips blank lines, the line reader counts them)."""
-    first_end = body.find(b"\n")
-    return (bool(body[:first_end if first_end >= 0 else len(body)].strip()) and not _INNER_BLANK_LINE.search(body)
-            and bool(body[body.rfind(b"\n") + 1:].strip()))
-
-
 def _valid_utf8(data: bytes) -> bool:
     """Whether `data` is valid UTF-8 (Arrow's validation of one string)."""
     one = pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(np.array([0, len(data)], dtype=np.int64)),
@@ -685,8 +677,8 @@ def _arrow_block(shard: Shard, fields: Fields, block: bytes, first: int, n_lines
     import pyarrow.json as pj
 
     body = block[:-1] if block.endswith(b"\n") else block
-    if (not _no_blank_line(body) or b"\xef\xbb\xbf" in block or not _valid_utf8(block)      # Arrow passes invalid UTF-8
-            or len(_LINE_BREAK_BETWEEN_RECORDS.findall(body)) != n_lines - 1):
+    if (len(_LINE_BREAK_BETWEEN_RECORDS.findall(body)) != n_lines - 1 or b"\xef\xbb\xbf" in block
+            or not _valid_utf8(block)):      # Arrow passes invalid UTF-8 through
         return None
     table = None
     for id_type in list(id_types):
