@@ -20,6 +20,7 @@ from hermes.models import Models, reading_fields
 from hermes.read import Shard, read_shard
 from hermes.stack import check_class_count
 from hermes.substrate import Substrate
+from hermes.vectors import rank_within
 
 
 class SampleDraw:
@@ -99,10 +100,7 @@ class _Candidates:
         rows = _joined(self._parts)
         order = np.lexsort((rows["position"], rows["key"]))       # by key, ties by position
         label = rows[self.per][order] if self.per else np.zeros(len(order), dtype=np.int64)
-        rank = np.empty(len(order), dtype=np.int64)               # each row's rank within its label
-        by_label = np.argsort(label, kind="stable")
-        starts = np.r_[0, np.flatnonzero(np.diff(label[by_label])) + 1]
-        rank[by_label] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        rank = rank_within(label)                                 # each row's rank by key within its label
         keep = order[rank < self.k]
         kept = _take(rows, keep)
         self._parts, self._held = [kept], len(keep)

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from hermes.aggregates import data_table
 from hermes.cellkeys import CODES, LEVELS
 from hermes.quality import STOP_WORDS
+from hermes.vectors import rank_within
 from hermes.words import Words
 
 TOP_PER_CELL = 100
@@ -76,12 +77,7 @@ def _top_per_cell(cells: np.ndarray, terms: list[str], cell: np.ndarray, term: n
         order = np.argsort(key, kind="stable")     # runs of it come sorted already (cells by id)
     else:
         order = np.lexsort((term_rank[term], -count, cell_rank[cell]))
-    sorted_cells = cell[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = sorted_cells[1:] != sorted_cells[:-1]
-    starts = np.flatnonzero(first)
-    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.append(starts, len(order))))
-    return order[rank < k]
+    return order[rank_within(cell[order]) < k]
 
 
 def _ranks(order: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Row vectors: the one unit-norm scaling every module uses, and sparse count rows."""
+"""Row vectors: the one unit-norm scaling every module uses, sparse count rows, and ranks within groups."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ def count_rows(columns: np.ndarray, lengths: np.ndarray, width: int, dtype=np.fl
 
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     return sp.csr_matrix((np.ones(len(columns), dtype=dtype), columns, indptr), shape=(len(lengths), width))
+
+
+def rank_within(groups: np.ndarray) -> np.ndarray:
+    """Each element's rank among the elements of its group (equal values of `groups`), in the
+    array's order: 0 for a group's first, 1 for its second, ..."""
+    by_group = np.argsort(groups, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(groups[by_group])) + 1]
+    rank = np.empty(len(groups), dtype=np.int64)
+    rank[by_group] = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+    return rank
