@@ -37,7 +37,7 @@ class SampleDraw:
     whatever the batches; numpy's and scikit-learn's samplers need the corpus's size first."""
 
     def __init__(self, n: int, seed: int, minimum: int = 0):
-        self.n, self.minimum = n, minimum
+        self.minimum = minimum
         self._rng = np.random.default_rng(seed)
         self.seen = 0
         self._sample = _Candidates(n)                           # the n smallest keys
