@@ -7,7 +7,9 @@ markers are made of its labelers' keys (hermes.models). A document a labeler can
 reason in the REJECT column instead; `apply` moves such rows to the rejects before the next
 labeler sees the batch, so no labeler ever gets a row another one refused.
 
-    StaticVectors       text -> embedding, n_tokens (one tokenization); rejects: no known token
+    StaticTokens        text -> n_tokens, and the token ids for StaticVectors; rejects: no known token
+    StaticVectors       the token ids -> embedding (in the labeling thread, while the tokens of the
+                        next batch are made in the other)
     TransformerVectors  text -> embedding
     CachedVectors       row (a position in a shard's embedding cache) -> embedding
     Counts              text -> n_chars, n_tokens (unless the encoder counted them)
@@ -41,11 +43,24 @@ EMBEDDING = "embedding"  # a document's vector, a fixed-size list column
 
 class Batch:
     """A batch of documents on its way through the labelers: an Arrow table whose rows stay in read
-    order, and views of it the labelers share, made once (the texts as str, their words)."""
+    order, and views of it the labelers share, made once (the texts as str, their words, their
+    token ids)."""
 
     def __init__(self, table: pa.Table, file: str, texts: list[str] | None = None):
         self.table, self.file = table, file      # file: the shard's name, as reject rows give it
         self._texts, self._words = texts, None
+        self.tokens = None                       # hermes.static.Tokens, from StaticTokens
+
+    def _with_table(self, table: pa.Table, keep: np.ndarray | None = None) -> "Batch":
+        """A batch of `table` with this one's views: of the rows where `keep` is True, if given."""
+        if keep is None:
+            out = Batch(table, self.file, self._texts)
+            out._words, out.tokens = self._words, self.tokens
+            return out
+        out = Batch(table, self.file, [t for t, k in zip(self._texts, keep) if k] if self._texts is not None else None)
+        out._words = self._words.take(keep) if self._words is not None else None
+        out.tokens = self.tokens.take(keep) if self.tokens is not None else None
+        return out
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -83,9 +98,7 @@ class Batch:
                 values = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
             i = table.schema.get_field_index(name)
             table = table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
-        out = Batch(table, self.file, self._texts)
-        out._words = self._words
-        return out
+        return self._with_table(table)
 
     def refuse(self, bad: np.ndarray, reasons: str | list[str]) -> "Batch":
         """The same rows, the `bad` ones with a reason (one for all, or one per bad row)."""
@@ -113,14 +126,8 @@ class Batch:
                             "reason": reason.filter(pa.array(bad))}, schema=REJECT_FILE_SCHEMA)
         table = self.table.drop_columns([REJECT])
         if not bad.any():
-            out = Batch(table, self.file, self._texts)
-            out._words = self._words
-            return out, rejects
-        keep = ~bad
-        texts = [t for t, k in zip(self._texts, keep) if k] if self._texts is not None else None
-        out = Batch(table.filter(pa.array(keep)), self.file, texts)
-        out._words = self._words.take(keep) if self._words is not None else None
-        return out, rejects
+            return self._with_table(table), rejects
+        return self._with_table(table.filter(pa.array(~bad)), ~bad), rejects
 
 
 class Labeler:
@@ -140,16 +147,17 @@ class Labeler:
         raise NotImplementedError
 
 
-class StaticVectors(Labeler):
-    """A static encoder's vectors; with `counts`, also n_tokens from the same token ids (one
-    tokenization). A text with no token the encoder knows is refused: it would get no vector."""
+class StaticTokens(Labeler):
+    """A static encoder's token ids of each text (`batch.tokens`, for StaticVectors); with `counts`,
+    n_tokens from the same ids (one tokenization). A text with no token the encoder knows is
+    refused: it would get no vector."""
 
-    adds = (EMBEDDING, "n_tokens")
+    adds = ("n_tokens",)
 
     def __init__(self, encoder, counts: bool):
         self.encoder, self.counts = encoder, counts
 
-    def setup(self) -> "StaticVectors":
+    def setup(self) -> "StaticTokens":
         self.encoder.setup()
         return self
 
@@ -157,12 +165,29 @@ class StaticVectors(Labeler):
         return self.encoder.settings()
 
     def __call__(self, batch: Batch) -> Batch:
-        vectors, counted, ok, words = self.encoder.encode_words(batch.column("text"))
-        columns = {EMBEDDING: vectors, **({"n_tokens": pa.array(counted, pa.int32())} if self.counts else {})}
-        out = batch.with_columns(**columns)
-        if words is not None and out._words is None:      # the encoder's split serves the words view too
-            out._words = words
-        return out.refuse(~ok, NO_TOKENS)
+        tokens = self.encoder.tokenize(batch.column("text"), words=batch._words is None)
+        out = batch.with_columns(**({"n_tokens": pa.array(tokens.counts, pa.int32())} if self.counts else {}))
+        if tokens.words is not None:      # the encoder's split serves the words view too
+            out._words = tokens.words
+        out.tokens = tokens._replace(words=None)
+        return out.refuse(tokens.known == 0, NO_TOKENS)
+
+
+class StaticVectors(Labeler):
+    """A static encoder's vectors, from the token ids StaticTokens found (a text whose known tokens'
+    vectors sum to zero is refused too)."""
+
+    adds = (EMBEDDING,)
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def key(self) -> dict[str, Any]:
+        return self.encoder.settings()
+
+    def __call__(self, batch: Batch) -> Batch:
+        vectors, ok = self.encoder.vectors(batch.tokens)
+        return batch.with_columns(**{EMBEDDING: vectors}).refuse(~ok, NO_TOKENS)
 
 
 class TransformerVectors(Labeler):

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from hermes._version import __version__
 from hermes.config import Config
 from hermes.embed import Embedder, TokenCounter, resolve_device, resolve_dtype
-from hermes.labelers import ClassNames, Counts, Quality, StaticVectors, TransformerVectors
+from hermes.labelers import ClassNames, Counts, Labeler, Quality, StaticTokens, StaticVectors, TransformerVectors
 from hermes.read import Fields
 from hermes.stack import FixedLabelers, file_id
 from hermes.static import StaticEncoder
@@ -79,12 +79,13 @@ class Models:
                 "max_length": self.embedder.max_length}
 
     # ------------------------------------------------------------------ labelers
-    def vectors(self, on_slice: Callable[[int], None] | None = None) -> StaticVectors | TransformerVectors:
-        """The embedding labeler: the static encoder (which counts n_tokens too, unless --tokenizer
-        names another), or the transformer (`on_slice(n)` after each slice it embeds)."""
+    def embedding(self, on_slice: Callable[[int], None] | None = None) -> list[Labeler]:
+        """The embedding labelers: the static encoder's tokens (which count n_tokens too, unless
+        --tokenizer names another) then its vectors, two steps that can run in two threads; or the
+        transformer (`on_slice(n)` after each slice it embeds)."""
         if self.static:
-            return StaticVectors(self.embedder, counts=self.counts_with_encoder)
-        return TransformerVectors(self.embedder, self.embedding_settings(), ENCODE_SLICE, on_slice)
+            return [StaticTokens(self.embedder, counts=self.counts_with_encoder), StaticVectors(self.embedder)]
+        return [TransformerVectors(self.embedder, self.embedding_settings(), ENCODE_SLICE, on_slice)]
 
     def counts(self) -> Counts:
         return Counts(lambda: self.counter, self.cfg.tokenizer)
@@ -108,7 +109,7 @@ class Models:
         """What decides the embeddings alone: the vectors labeler's key and the text and id fields.
         The other columns of the cache (source, counts, quality) can be redone without re-embedding."""
         c = self.cfg
-        return _digest({"embedding": self.vectors().key(), "fields": [c.text_field, c.id_field], "hermes": __version__})
+        return _digest({"embedding": self.embedding_settings(), "fields": [c.text_field, c.id_field], "hermes": __version__})
 
     def classes_key(self) -> str:
         """What decides the taxonomy stages' labels of a shard: its documents and the models."""

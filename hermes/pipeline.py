@@ -98,14 +98,14 @@ def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress
 
     layout.embeddings.mkdir(parents=True, exist_ok=True)
     layout.rejects.mkdir(parents=True, exist_ok=True)
-    vectors = models.vectors(on_slice=progress.advance if progress else None)
+    embedding = models.embedding(on_slice=progress.advance if progress else None)
     ticks = not models.static         # the transformer moves the progress line itself, slice by slice
     seq, n_rejects, dim = 0, 0, 0
     with replacing(layout.docs_file(shard), layout.emb_file(shard), layout.reject_file(shard)) as tmp, \
             pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, \
             pq.ParquetWriter(tmp[2], REJECT_FILE_SCHEMA) as rejects_out, open(tmp[1], "wb") as emb_out:
         for batch, rejects, n_read in label_batches(read_batches(shard, models.cfg), shard.name,
-                                                    [vectors, models.counts(), models.quality()],
+                                                    [*embedding, models.counts(), models.quality()],
                                                     ahead=0 if ticks else 1):
             if rejects.num_rows:
                 rejects_out.write_table(rejects)
@@ -285,9 +285,9 @@ def label_shard_from_text(shard: Shard, substrate, models: Models, layout: Layou
     if marker:
         return _skipped("label", shard, marker, layout, progress, t0)
     labelers: list[Labeler] = [models.class_names(), Classes(substrate)] if substrate.fixed else []
-    if models.static:       # classes and vectors of the next batch in a second thread
-        labelers += [models.vectors(), Codes(substrate)]
-        ahead = len(labelers) - 1
+    if models.static:       # classes and tokens of the next batch in a second thread
+        labelers += [*models.embedding(), Codes(substrate)]
+        ahead = len(labelers) - 2
     else:
         labelers += [DistilledCodes(substrate)]
         ahead = 0

@@ -340,13 +340,45 @@ class StaticEncoder:
         """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool) of `texts` (a list of
         str or an Arrow string array): `ok` is False for a text with no known token, whose vector row
         is then zero (it must be rejected, not labeled)."""
-        return self._encode(texts, vectors=True)[:3]
+        from hermes.words import as_strings
 
-    def encode_words(self, texts) -> "Encoded":
-        """`encode_counted`'s result and the texts' `Words`, made from the same split into pieces
-        (None where the texts were not split in one piece: a tokenizer the piece cache cannot
-        serve, or more than ENCODE_BATCH texts)."""
-        return Encoded(*self._encode(texts, vectors=True, words=True))
+        arr = as_strings(texts)
+        vecs = np.zeros((len(arr), self.setup().dim_), dtype=np.float32)
+        counts = np.zeros(len(arr), dtype=np.int64)
+        ok = np.zeros(len(arr), dtype=bool)
+        for start in range(0, len(arr), ENCODE_BATCH):      # a slice's bags at a time
+            tokens = self._tokenize_slice(arr.slice(start, ENCODE_BATCH))[0]
+            stop = start + tokens.n
+            vecs[start:stop], ok[start:stop] = self.vectors(tokens)
+            counts[start:stop] = tokens.counts
+        return vecs, counts, ok
+
+    def tokenize(self, texts, words: bool = False) -> "Tokens":
+        """The texts' token ids as bags (hermes.static.Tokens), and with `words`, their `Words` from
+        the same split into pieces (None where the texts were not split in one piece: a tokenizer
+        the piece cache cannot serve, or more than ENCODE_BATCH texts). `vectors(tokens)` then
+        gives their vectors: the two halves of `encode_counted`, so that they can run in two threads."""
+        from hermes.words import Words, as_strings
+
+        arr = as_strings(texts)
+        if len(arr) <= ENCODE_BATCH:
+            tokens, pieces = self._tokenize_slice(arr)
+            return tokens._replace(words=Words.of_pieces(arr, pieces)) if words and pieces is not None else tokens
+        import scipy.sparse as sp
+
+        parts = [self._tokenize_slice(arr.slice(start, ENCODE_BATCH))[0] for start in range(0, len(arr), ENCODE_BATCH)]
+        return Tokens(sp.vstack([t.bags for t in parts], format="csr"), np.concatenate([t.counts for t in parts]),
+                      np.concatenate([t.known for t in parts]), None)
+
+    def vectors(self, tokens: "Tokens") -> tuple[np.ndarray, np.ndarray]:
+        """(vectors (n, dim) float32 unit-norm, ok (n,) bool) of tokenized texts: the mean of each
+        text's tokens' rows, normalised; a zero row where a text has no known token (not ok)."""
+        v = np.asarray(tokens.bags @ self.rows_, dtype=np.float32)
+        norm = np.linalg.norm(v, axis=1)
+        ok = (tokens.known > 0) & (norm > 0)
+        v[ok] /= norm[ok, None]
+        v[~ok] = 0.0
+        return v, ok
 
     def encode(self, texts) -> np.ndarray:
         """Unit-norm vectors; a text with no known token gets a zero row (labeling rejects it)."""
@@ -354,48 +386,36 @@ class StaticEncoder:
 
     def count(self, texts) -> np.ndarray:
         """Tokens of each whole text (the teacher's tokenizer, no special tokens), as n_tokens counts."""
-        return self._encode(texts, vectors=False)[1]
+        return self.tokenize(texts).counts
 
-    def _encode(self, texts, vectors: bool, words: bool = False):
-        from hermes.words import Words, as_strings
-
+    def _tokenize_slice(self, texts) -> tuple["Tokens", "Pieces | None"]:
+        """The tokens of at most ENCODE_BATCH texts (an Arrow string array), and the split into
+        pieces they were made from, if the piece cache made one."""
         self.setup()
-        arr = as_strings(texts)
-        n = len(arr)
-        vecs = np.zeros((n, self.dim_), dtype=np.float32) if vectors else None
-        counts = np.zeros(n, dtype=np.int64)
-        ok = np.zeros(n, dtype=bool)
-        split = None
-        for start in range(0, n, ENCODE_BATCH):
-            part = arr.slice(start, ENCODE_BATCH)
-            if self.pieces_ is None:            # a tokenizer the piece cache cannot serve: whole texts
-                ids, lengths = self.token_ids(part.to_pylist())
-                bags = count_rows(ids, lengths, len(self.rows_), np.float32)
-                known = bags @ self.known_.astype(np.float32)
-            else:
-                bags, lengths, known, pieces = self.pieces_.bags(part)
-                if words and len(part) == n:
-                    split = Words.of_pieces(arr, pieces)
-            stop = start + len(part)
-            counts[start:stop] = lengths
-            if vectors:
-                v = np.asarray(bags @ self.rows_, dtype=np.float32)
-                norm = np.linalg.norm(v, axis=1)
-                good = (known > 0) & (norm > 0)
-                v[good] /= norm[good, None]
-                v[~good] = 0.0
-                vecs[start:stop] = v
-                ok[start:stop] = good
-            else:
-                ok[start:stop] = known > 0
-        return vecs, counts, ok, split
+        if self.pieces_ is None:            # a tokenizer the piece cache cannot serve: whole texts
+            ids, lengths = self.token_ids(texts.to_pylist())
+            bags = count_rows(ids, lengths, len(self.rows_), np.float32)
+            return Tokens(bags, lengths, bags @ self.known_.astype(np.float32), None), None
+        bags, counts, known, pieces = self.pieces_.bags(texts)
+        return Tokens(bags, counts, known, None), pieces
 
 
-class Encoded(NamedTuple):
-    vectors: np.ndarray         # (n, dim) float32, unit-norm; a zero row where not ok
-    counts: np.ndarray          # tokens of each whole text
-    ok: np.ndarray              # the text has a token the encoder knows
+class Tokens(NamedTuple):
+    """Texts' token ids, as `StaticEncoder.tokenize` gives them: what the vectors are made of."""
+    bags: Any                   # scipy CSR (n, vocab) float32: each text's count of each token id
+    counts: np.ndarray          # (n,) tokens of each whole text
+    known: np.ndarray           # (n,) of those, tokens the encoder has a vector for
     words: Any                  # hermes.words.Words from the same split, or None
+
+    @property
+    def n(self) -> int:
+        return len(self.counts)
+
+    def take(self, keep: np.ndarray) -> "Tokens":
+        """The tokens of the texts where `keep` (a bool mask) is True."""
+        rows = np.flatnonzero(keep)
+        return Tokens(self.bags[rows], self.counts[rows], self.known[rows],
+                      self.words.take(keep) if self.words is not None else None)
 
 
 _WHITESPACE_SPLITS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}

@@ -131,7 +131,9 @@ def parts(corpus: Path, substrate: Path) -> dict:
             texts = docs.column("text")
             spent["read"] += time.perf_counter() - t
             t = time.perf_counter()
-            emb, _, ok, words = enc.encode_words(texts)     # the words of the same split, as labeling uses
+            tokens = enc.tokenize(texts, words=True)       # the words of the same split, as labeling uses
+            emb, ok = enc.vectors(tokens)
+            words = tokens.words
             spent["tokenize_embed"] += time.perf_counter() - t
             t = time.perf_counter()
             words = words or Words.of(texts)   # split once, for the heuristic and the term counts

@@ -2,11 +2,12 @@
 before the next labeler; one loop, the same with labelers run a batch ahead in a thread."""
 
 import numpy as np
+import scipy.sparse as sp
 import pyarrow as pa
 import pytest
 
 from hermes.config import load_config
-from hermes.labelers import (REJECT, Batch, Classes, ClassNames, Labeler, StaticVectors, apply, class_column,
+from hermes.labelers import (REJECT, Batch, Classes, ClassNames, Labeler, StaticTokens, StaticVectors, apply, class_column,
                              class_name_column, label_batches)
 from hermes.models import Models
 from hermes.read import DOC_SCHEMA
@@ -108,20 +109,31 @@ def test_keys_come_from_the_labelers():
     assert Models(cfg.replace(max_length=128)).embed_key() != base.embed_key()
 
 
-def test_static_vectors_refuse_texts_with_no_known_token():
-    class Encoder:          # stands in for StaticEncoder.encode_words
+def test_static_tokens_and_vectors_refuse_texts_with_no_vector():
+    """A text with no known token is refused when tokenized; one whose known tokens' vectors sum
+    to zero, when its vector is made. The token ids travel with the batch, its refused rows gone."""
+    from hermes.static import Tokens
+
+    class Encoder:          # stands in for StaticEncoder.tokenize and .vectors
         def setup(self):
             return self
 
-        def encode_words(self, texts):
-            n = len(texts)
-            ok = np.array([bool(t.as_py().strip()) for t in texts])
-            return np.eye(n, 4, dtype=np.float32) * ok[:, None], np.arange(n), ok, None
+        def tokenize(self, texts, words=False):
+            texts = texts.to_pylist()
+            known = np.array([float(len(t.split())) for t in texts])
+            return Tokens(sp.csr_matrix(np.eye(len(texts), 4) * known[:, None]), np.arange(len(texts)) + 10, known, None)
 
-    batch, rejects = apply(Batch(docs(["a", " ", "b"]), "f"), [StaticVectors(Encoder(), counts=True)])
-    assert batch.column("doc_id").to_pylist() == ["d0", "d2"]
-    assert batch.vectors().shape == (2, 4) and batch.column("n_tokens").to_pylist() == [0, 2]
-    assert rejects[0].column("doc_id").to_pylist() == ["d1"]
+        def vectors(self, tokens):
+            v = tokens.bags.toarray().astype(np.float32)
+            ok = tokens.counts != 12            # the text with count 12 sums to zero
+            return v * ok[:, None], ok
+
+    texts = ["a", " ", "b c", "d"]
+    batch, rejects = apply(Batch(docs(texts), "f"), [StaticTokens(Encoder(), counts=True), StaticVectors(Encoder())])
+    assert batch.column("doc_id").to_pylist() == ["d0", "d3"]
+    assert batch.column("n_tokens").to_pylist() == [10, 13]
+    assert np.array_equal(batch.vectors(), np.eye(4, dtype=np.float32)[[0, 3]])
+    assert [r.column("doc_id").to_pylist() for r in rejects] == [["d1"], ["d2"]]
 
 
 def test_cached_vectors_are_the_cache_rows_of_the_batch():
@@ -138,5 +150,5 @@ def test_an_empty_batch_keeps_the_vectors_dimension():
     """A read batch whose records were all rejected: the embedding column still has the model's
     dimension (the cache marker records it, and reads the file by it)."""
     models = Models(load_config())
-    out = models.vectors().setup()(Batch(docs([]), "f"))
+    out, _ = apply(Batch(docs([]), "f"), [labeler.setup() for labeler in models.embedding()])
     assert out.vectors().shape == (0, models.embedder.dim_) and models.embedder.dim_ > 1

@@ -343,12 +343,12 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
 
 
 def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(static_run):
-    """`encode_words` hands the quality heuristic and the term counts the words of its own split
+    """`tokenize(words=True)` hands the quality heuristic and the term counts the words of its own split
     into pieces: each text holds the same words (bar empty strings, which count as none) as
     `Words.of`, and the scores and term counts are the same; a batch that drops rows keeps them."""
     import pyarrow as pa
 
-    from hermes.labelers import Batch, StaticVectors, apply
+    from hermes.labelers import Batch, StaticTokens, StaticVectors, apply
     from hermes.quality import heuristic_scores
     from hermes.static import StaticEncoder
     from hermes.terms import TermCounter
@@ -363,7 +363,7 @@ def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(
 
     enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
     texts = pa.array([r["text"] for r in static_run["records"]] + TRICKY + ["a \u00a0b\u2003c \x1cd\x85e "])
-    words = enc.encode_words(texts).words
+    words = enc.tokenize(texts, words=True).words
     again = Words.of(texts)
     assert held(words) == held(again)
     np.testing.assert_array_equal(heuristic_scores(texts, words), heuristic_scores(texts, again))
@@ -374,7 +374,7 @@ def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(
     assert counts[0].table().equals(counts[1].table())
     # through the labeler: the batch keeps the encoder's words, also after its refused rows leave
     docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "line": list(range(len(texts))), "text": texts})
-    batch, rejects = apply(Batch(docs, "f"), [StaticVectors(enc, counts=True)])
+    batch, rejects = apply(Batch(docs, "f"), [StaticTokens(enc, counts=True), StaticVectors(enc)])
     assert sum(t.num_rows for t in rejects) and batch._words is not None
     assert held(batch.words) == held(Words.of(batch.column("text")))
 
@@ -398,12 +398,12 @@ def test_the_heuristics_counts_kept_per_piece_across_batches_give_the_same_score
         enc.pieces_._clear()
         for part in (texts[:40], texts, TRICKY, texts[::-1], texts[20:60]):
             arr = pa.array(part)
-            words = enc.encode_words(arr).words
+            words = enc.tokenize(arr, words=True).words
             assert words.pieces is not None and words.pieces.table[1] == enc.pieces_.generation
             np.testing.assert_array_equal(heuristic_scores(arr, words, sums), heuristic_scores(arr))
         assert sums._have.sum() > 0
     keep = np.arange(len(texts)) % 3 > 0
-    words = enc.encode_words(pa.array(texts)).words.take(keep)
+    words = enc.tokenize(pa.array(texts), words=True).words.take(keep)
     kept = pa.array([t for t, k in zip(texts, keep) if k])
     np.testing.assert_array_equal(heuristic_scores(kept, words, sums), heuristic_scores(kept))
 
