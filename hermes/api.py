@@ -72,18 +72,30 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
     saved static encoder; else the one this output folder already holds for the same teacher,
     sample size, seed and corpus (OUT/encoder, or the substrate's copy); else one built now from the
     teacher on a seeded sample of `encoder_docs` documents of the corpus (one reading pass)."""
-    from hermes.embed import Embedder, resolve_device, resolve_dtype, resolve_model
     from hermes.read import read_shard
-    from hermes.static import build, read_manifest, reservoir_texts
+    from hermes.static import Reservoir
+
+    found = existing_static_encoder(shards, cfg, layout, quiet)
+    if found is not None:
+        return found
+    sample = Reservoir(cfg.encoder_docs, cfg.seed)
+    for shard in shards:
+        for docs, _ in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+            sample.add(docs.column("text"))
+    return build_static_encoder(sample, shards, cfg, layout, quiet)
+
+
+def existing_static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool = True) -> Path | None:
+    """`--model` when it is a saved static encoder, or the one this output folder holds for the
+    same teacher, sample size, seed and corpus; None if a new one must be built (the teacher is
+    checked first, so a missing one fails before the corpus is read)."""
+    from hermes.embed import resolve_model
+    from hermes.static import read_manifest
 
     if is_static_encoder(cfg.model):
         return Path(cfg.model)
-    resolve_model(cfg.model)            # a missing teacher fails before the corpus is read
-    teacher = Embedder(model=cfg.model, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
-                       batch_size=cfg.batch_size)
-    recipe = {"teacher": cfg.model, "teacher_max_length": cfg.max_length,
-              "teacher_dtype": resolve_dtype(cfg.dtype, resolve_device(cfg.device)), "docs_requested": cfg.encoder_docs,
-              "seed": cfg.seed, "text_field": cfg.text_field, "corpus": [[s.key, s.stat()] for s in shards]}
+    resolve_model(cfg.model)
+    recipe = _encoder_recipe(shards, cfg)
     for folder in (layout.encoder, layout.substrate / "encoder"):
         if is_static_encoder(folder) and {k: read_manifest(folder).get(k) for k in recipe} == recipe:
             if folder != layout.encoder:
@@ -91,17 +103,35 @@ def static_encoder(shards: list[Shard], cfg: Config, layout: Layout, quiet: bool
                     shutil.copytree(folder, tmp)
             say(f"encoder: reusing the static encoder in {folder} (same teacher, sample and corpus)", quiet)
             return layout.encoder
-    fields = reading_fields(cfg)
-    texts, total = reservoir_texts((d.column("text") for s in shards for d, _ in read_shard(s, fields, cfg.read_batch_size)),
-                                   cfg.encoder_docs, cfg.seed)
-    if total < cfg.encoder_docs:
-        say(f"encoder: the corpus has {total:,} documents, fewer than encoder_docs ({cfg.encoder_docs:,}): "
+    return None
+
+
+def build_static_encoder(sample, shards: list[Shard], cfg: Config, layout: Layout, quiet: bool = True) -> Path:
+    """A static encoder built from the teacher on `sample` (hermes.static.Reservoir, fed the whole
+    corpus) into OUT/encoder."""
+    from hermes.embed import Embedder
+    from hermes.static import build
+
+    if sample.seen < cfg.encoder_docs:
+        say(f"encoder: the corpus has {sample.seen:,} documents, fewer than encoder_docs ({cfg.encoder_docs:,}): "
             f"the static encoder is built on all of them", quiet)
-    if not texts:
+    if not sample.texts:
         raise HermesError("no document could be read to build the static encoder from",
                           hint="check the input paths and --text-field")
+    teacher = Embedder(model=cfg.model, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
+                       batch_size=cfg.batch_size)
     layout.root.mkdir(parents=True, exist_ok=True)
-    return build(teacher, texts, layout.encoder, {**recipe, "docs": len(texts)}, say=lambda m: say(m, quiet))
+    return build(teacher, sample.texts, layout.encoder, {**_encoder_recipe(shards, cfg), "docs": len(sample.texts)},
+                 say=lambda m: say(m, quiet))
+
+
+def _encoder_recipe(shards: list[Shard], cfg: Config) -> dict[str, Any]:
+    """What decides a static encoder built for this corpus (a folder with the same is reused)."""
+    from hermes.embed import resolve_device, resolve_dtype
+
+    return {"teacher": cfg.model, "teacher_max_length": cfg.max_length,
+            "teacher_dtype": resolve_dtype(cfg.dtype, resolve_device(cfg.device)), "docs_requested": cfg.encoder_docs,
+            "seed": cfg.seed, "text_field": cfg.text_field, "corpus": [[s.key, s.stat()] for s in shards]}
 
 
 def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local", address: str | None = None):
@@ -116,9 +146,7 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local",
     timings = {}
     encoder_folder = None
     if cfg.encoder == "static" or is_static_encoder(cfg.model):
-        if cfg.encoder != "static":
-            raise HermesError(f"{cfg.model}: --model is a static encoder, but encoder = transformer (field 'encoder')",
-                              hint="pass --encoder static, or a transformer folder to --model")
+        _static_model_check(cfg)
         encoder_folder = static_encoder(shards, cfg, layout, quiet)
         models.use_static(encoder_folder)
         timings["encoder"] = time.perf_counter() - t0
@@ -136,17 +164,16 @@ def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local",
 
 def fit(inputs: Iterable[str | Path] | None, out: str | Path, *, config: Config | str | Path | None = None,
         quiet: bool = False, **settings: Any) -> dict[str, Any]:
-    """Fit a substrate on a sample of the corpus; writes OUT/substrate. With the transformer only
-    the sample is embedded (the corpus is read to draw it); with a static encoder, which embeds
-    fast, every document is, and OUT/embeddings is kept for a later label run.
+    """Fit a substrate on a sample of the corpus; writes OUT/substrate. The corpus is read once,
+    to draw the sample (and, for a static encoder, the encoder's own sample too), and only the
+    sample is embedded.
     `settings`: any config key (configs/default.yaml), e.g. `fit_sample=100_000, stages=[...]`."""
     from hermes.fit import fit_sample_only
 
     t0 = time.perf_counter()
     cfg = _config(config, settings)
     if cfg.encoder == "static" or is_static_encoder(cfg.model):
-        _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
-        documents, rejected = sum(r.n_docs for r in results), sum(r.n_rejects for r in results)
+        layout, substrate, documents, rejected = _fit_static(inputs, out, cfg, quiet)
     else:
         _, shards = _plan(inputs, cfg)
         layout = Layout(Path(out))
@@ -160,6 +187,56 @@ def fit(inputs: Iterable[str | Path] | None, out: str | Path, *, config: Config 
             "stages": _stack_text(substrate),
             "embedding": substrate.embedding, "documents": documents,
             "rejected": rejected, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _fit_static(inputs, out, cfg: Config, quiet: bool) -> tuple[Layout, Substrate, int, int]:
+    """`fit` with a static encoder: one reading pass feeds both the encoder's sample (unless
+    --model gives an encoder or OUT holds one) and the fit sample's candidates; the encoder is
+    built; only the candidates are embedded, and those it refuses take no part, as in `run`. If
+    it refuses more of them than the margin kept, every document is embedded to draw the sample,
+    as `run` does. Returns (layout, substrate, documents, records rejected while reading)."""
+    import numpy as np
+
+    from hermes.fit import fit_on, read_sample, refusal_margin
+    from hermes.static import Reservoir
+
+    _static_model_check(cfg)
+    inputs, shards = _plan(inputs, cfg)
+    layout = Layout(Path(out))
+    models = Models(cfg)
+    models.fixed.setup()           # a bad taxonomy model fails here, before the corpus is read
+    folder = existing_static_encoder(shards, cfg, layout, quiet)
+    built = folder is None
+    encoder_sample = Reservoir(cfg.encoder_docs, cfg.seed) if built else None
+
+    def refusals(texts):
+        nonlocal folder
+        if folder is None:
+            folder = build_static_encoder(encoder_sample, shards, cfg, layout, quiet)
+        models.use_static(folder)
+        say(f"fit: embedding the sample's {len(texts):,} candidates only", quiet)
+        vectors, _, ok = models.embedder.encode_counted(texts)
+        return vectors.astype(np.float16).astype(np.float32), ok      # as the embedding cache holds them
+
+    sample = read_sample(shards, models, margin=refusal_margin(cfg.fit_sample),
+                         also=encoder_sample.add if built else None, refusals=refusals)
+    if not sample.exact:
+        say("fit: the static encoder refuses more of the sample's candidates than were kept in reserve: every "
+            "document is embedded to draw the sample", quiet)
+        _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
+        return layout, substrate, sum(r.n_docs for r in results), sum(r.n_rejects for r in results)
+    total = int(sum(sample.counts))
+    substrate = fit_on(sample.vectors, sample.codes, sample.classes, total, models, layout,
+                       None if quiet else say)
+    if built:
+        shutil.rmtree(layout.encoder, ignore_errors=True)     # the substrate holds its copy (and a run reuses it)
+    return layout, substrate, total, sample.rejected
+
+
+def _static_model_check(cfg: Config) -> None:
+    if cfg.encoder != "static" and is_static_encoder(cfg.model):
+        raise HermesError(f"{cfg.model}: --model is a static encoder, but encoder = transformer (field 'encoder')",
+                          hint="pass --encoder static, or a transformer folder to --model")
 
 
 def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Substrate, layout: Layout,

@@ -104,9 +104,8 @@ def fit(
 ) -> None:
     """Fit the substrate only (embedding settings, transform, RVQ codebooks) on a sample of INPUT.
 
-    With the transformer only the sample is embedded (the corpus is read to draw it, the same
-    sample `hermes run` fits on); with the static encoder (the default) every document is, and
-    OUT/embeddings is kept.
+    The corpus is read once, to draw the sample (the same sample `hermes run` fits on) and, with the
+    static encoder (the default), the encoder's own sample; only the sample is embedded.
 
     Example: hermes fit corpus/ --out fitted --fit-sample 100000
     """

@@ -15,7 +15,7 @@ from hermes.cellkeys import N_CODES
 from hermes.classes import corpus_classes
 from hermes.errors import HermesError
 from hermes.labelers import Batch, ClassNames, class_name_column
-from hermes.layout import Layout, load_cached_embeddings
+from hermes.layout import Layout, load_cached_embeddings, read_marker
 from hermes.models import Models, reading_fields
 from hermes.read import Shard, read_shard
 from hermes.stack import check_class_count
@@ -24,51 +24,92 @@ from hermes.vectors import rank_within
 
 
 class SampleDraw:
-    """The fit sample, drawn in one pass over the corpus. Every document gets a key from one seeded
-    stream of uniform numbers, in corpus order; the sample is the `n` documents with the smallest
-    keys (a uniform sample without replacement), plus, for each class of a fixed stage that has
-    fewer than `minimum` documents in it, the class's next documents by key (all it has, if fewer),
-    so every class gets a codeword from data. Only candidates are kept, with an optional payload
-    row each (the text, say): at most about 1.25 times the sample, plus each class's first
-    `minimum` documents (which the top-up may need), whatever the corpus's size. `run` (from its
-    embedding cache) and `fit` (while reading) draw the same documents.
+    """The fit sample, drawn in one pass over the corpus. Every document read gets a key from one
+    seeded stream of uniform numbers, in corpus order; the sample is the `n` documents with the
+    smallest keys (a uniform sample without replacement), plus, for each class of a fixed stage that
+    has fewer than `minimum` documents in it, the class's next documents by key (all it has, if
+    fewer), so every class gets a codeword from data. Documents the encoder refuses take their key
+    and no part: `run` offers only those it embedded, and `fit`, which reads before its static
+    encoder exists, keeps `margin` more candidates and drops the refused ones from them (`result`).
+    Only candidates are kept, with an optional payload row each (the text, say): at most about 1.25
+    times the sample, plus each class's first `minimum` documents (which the top-up may need),
+    whatever the corpus's size. `run` (from its embedding cache) and `fit` (while reading) draw
+    the same documents.
 
     Written here because the sample must be drawn while reading, with the class top-up, and equal
     whatever the batches; numpy's and scikit-learn's samplers need the corpus's size first."""
 
-    def __init__(self, n: int, seed: int, minimum: int = 0):
-        self.minimum = minimum
+    def __init__(self, n: int, seed: int, minimum: int = 0, margin: int = 0):
+        self.n, self.minimum, self.margin = n, minimum, margin
         self._rng = np.random.default_rng(seed)
         self.seen = 0
-        self._sample = _Candidates(n)                           # the n smallest keys
-        self._classes: dict[int, _Candidates] = {}              # per stage: each class's `minimum` smallest
+        self._sample = _Candidates(n + margin)                  # the n (+ margin) smallest keys
+        self._classes: dict[int, _Candidates] = {}              # per stage: each class's smallest
 
-    def add(self, count: int, labels: dict[int, np.ndarray] | None = None, payload: pa.Table | None = None) -> None:
-        """The next `count` documents in corpus order: `labels` gives each fixed stage's class
-        label of each (small integers >= 0; their names are the caller's), `payload` a row each."""
-        rows = {"key": self._rng.random(count), "position": np.arange(self.seen, self.seen + count),
-                **{f"label_{i}": np.asarray(v, dtype=np.int64) for i, v in (labels or {}).items()}, "payload": payload}
+    def add(self, count: int, labels: dict[int, np.ndarray] | None = None, payload: pa.Table | None = None,
+            offered: np.ndarray | None = None) -> None:
+        """The next `count` documents read, in corpus order; of these, only those where `offered`
+        (a bool mask, default all) is True take part, and `labels` (each fixed stage's class label
+        of each, small integers >= 0; their names are the caller's) and `payload` (a row each) are
+        of those alone."""
+        keys, positions = self._rng.random(count), np.arange(self.seen, self.seen + count)
         self.seen += count
+        if offered is not None:
+            keys, positions = keys[offered], positions[offered]
+        rows = {"key": keys, "position": positions,
+                **{f"label_{i}": np.asarray(v, dtype=np.int64) for i, v in (labels or {}).items()}, "payload": payload}
         self._sample.offer(rows)
         if self.minimum:
             for i in labels or {}:
-                self._classes.setdefault(i, _Candidates(self.minimum, f"label_{i}")).offer(rows)
+                # a class keeps at most `minimum` more: many classes must not hold many candidates each
+                self._classes.setdefault(i, _Candidates(self.minimum + min(self.margin, self.minimum),
+                                                        f"label_{i}")).offer(rows)
 
-    def result(self) -> tuple[np.ndarray, dict[int, np.ndarray], pa.Table | None]:
+    def candidates(self) -> tuple[np.ndarray, pa.Table | None]:
+        """(the positions of every document the sample may still take, in corpus order, and their
+        payload rows): what `result(refused=...)` needs checked."""
+        rows = _each_position_once([pool.kept() for pool, _ in self._pools()])
+        return (rows["position"], rows["payload"]) if rows else (np.zeros(0, dtype=np.int64), None)
+
+    def result(self, refused: np.ndarray | None = None
+               ) -> tuple[np.ndarray, dict[int, np.ndarray], pa.Table | None, bool]:
         """(the sample's positions in corpus order, each stage's labels of them, their payload rows
-        in that order)."""
-        sample = self._sample.kept()
-        if sample is None:
-            return np.zeros(0, dtype=np.int64), {}, None
-        parts = [sample]
-        for pool in self._classes.values():
-            firsts = pool.kept()        # a class's first documents by key: those under the sample's bound are in it
-            if firsts is not None:
-                parts.append(_take(firsts, ~np.isin(firsts["position"], sample["position"])))
-        rows = _joined(parts)
-        positions, first = np.unique(rows["position"], return_index=True)
-        rows = _take(rows, first)
-        return positions, {int(k[6:]): v for k, v in rows.items() if k.startswith("label_")}, rows["payload"]
+        in that order, whether it is exact). `refused`: positions among `candidates()` that take no
+        part. The sample is exact unless more candidates were refused than the margin kept (of the
+        sample, or of a class with more documents than its candidates): the caller must then draw
+        again, offering only the documents it accepts."""
+        refused = np.zeros(0, dtype=np.int64) if refused is None else np.asarray(refused, dtype=np.int64)
+        exact = True
+        picked = []
+        for pool, k in self._pools():
+            kept = pool.kept()
+            if kept is None:
+                continue
+            label = kept[pool.per] if pool.per else np.zeros(len(kept["key"]), dtype=np.int64)
+            accepted = ~np.isin(kept["position"], refused)
+            left = np.bincount(label[accepted], minlength=len(pool.bound))
+            # a label whose kept rows are all it offered (bound still open) is exact with any refusals
+            exact &= bool(np.all((left >= k) | ~np.isfinite(pool.bound)))
+            kept = _take(kept, accepted)
+            picked.append(_take(kept, rank_within(label[accepted]) < k))     # kept: by key within each label
+        rows = _each_position_once(picked)
+        if rows is None:
+            return np.zeros(0, dtype=np.int64), {}, None, exact
+        return rows["position"], {int(k[6:]): v for k, v in rows.items() if k.startswith("label_")}, \
+            rows["payload"], exact
+
+    def _pools(self) -> list[tuple["_Candidates", int]]:
+        return [(self._sample, self.n)] + [(p, self.minimum) for p in self._classes.values()]
+
+
+def _each_position_once(parts: list[dict | None]) -> dict | None:
+    """The rows of `parts` (dicts of columns), each position once, in corpus order."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    rows = _joined(parts)
+    _, first = np.unique(rows["position"], return_index=True)
+    return _take(rows, first)
 
 
 class _Candidates:
@@ -110,7 +151,14 @@ class _Candidates:
         np.maximum.at(last, kept_label, rows["key"][keep])
         self._bound = np.where(full, last, np.inf)           # a label with k rows takes only smaller keys now
 
+    @property
+    def bound(self) -> np.ndarray:
+        """Per label, the largest key kept once it has k rows (a smaller one replaces it), inf
+        before: a label whose bound is inf has kept every row offered."""
+        return self._bound
+
     def kept(self) -> dict | None:
+        """The rows kept, by key (ties by position), at most k per label."""
         if not self._parts:
             return None
         self._compact()
@@ -136,41 +184,57 @@ def check_enough(total: int) -> None:
                           hint="check the input and the rejects reported above")
 
 
-def sample_positions(total: int, cfg, class_codes: dict[int, np.ndarray]) -> np.ndarray:
-    """The fit sample of a corpus of `total` documents whose fixed-stage classes are known
-    (`class_codes`: each stage's class index per document): SampleDraw's documents (positions in
-    corpus order), fed in chunks."""
-    check_enough(total)
-    for i, c in class_codes.items():
-        if (c < 0).any():      # cannot happen for sources; a taxonomy model gives only its labels
-            raise HermesError(f"stage {i + 1}: {int((c < 0).sum())} documents have no class")
-    draw = SampleDraw(min(total, cfg.fit_sample), cfg.seed, cfg.min_points_per_code if class_codes else 0)
-    for start in range(0, total, DRAW_CHUNK):
-        stop = min(total, start + DRAW_CHUNK)
-        draw.add(stop - start, {i: c[start:stop] for i, c in class_codes.items()})
-    return draw.result()[0]
-
-
 DRAW_CHUNK = 1 << 20        # documents per SampleDraw.add when the whole corpus is at hand
+
+
+def refusal_margin(fit_sample: int) -> int:
+    """How many more candidates than the sample needs `fit` keeps while reading, for the documents
+    a static encoder built after the reading pass may refuse (binary, or no known token: rare)."""
+    return max(64, -(-fit_sample // 100))
 
 
 def fit_substrate(shards: list[Shard], counts: list[int], models: Models, layout: Layout,
                   progress_note=None) -> Substrate:
-    """Fit transform + RVQ on the fit sample (SampleDraw) of the cached embeddings of `shards`."""
-    total = int(sum(counts))
-    check_enough(total)
+    """Fit transform + RVQ on the fit sample (SampleDraw) of the cached embeddings of `shards`
+    (`counts`: the documents each cached). The documents are offered at their positions among
+    those read, as `fit` offers them while reading: a document the encoder refused takes its key
+    and no part, so both draw the same sample."""
+    cfg = models.cfg
+    check_enough(int(sum(counts)))
     classes, class_codes = corpus_classes(shards, counts, models, layout) if models.fixed.indices else ({}, {})
-    picks = sample_positions(total, models.cfg, class_codes)
-    parts, offset = [], 0
+    for i, c in class_codes.items():
+        if (c < 0).any():      # cannot happen for sources; a taxonomy model gives only its labels
+            raise HermesError(f"stage {i + 1}: {int((c < 0).sum())} documents have no class")
+    draw = SampleDraw(cfg.fit_sample, cfg.seed, cfg.min_points_per_code if class_codes else 0)
+    cached_at, cached = [], 0             # per shard: its cached documents' read positions
     for shard, n in zip(shards, counts):
-        if n == 0:
-            continue
-        local = picks[(picks >= offset) & (picks < offset + n)] - offset
-        if len(local):
-            parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[local], dtype=np.float32))
-        offset += n
-    return fit_on(np.concatenate(parts), {i: c[picks] for i, c in class_codes.items()}, classes, total, models,
-                  layout, progress_note)
+        read = cached_read_positions(shard, layout) if n else np.zeros(0, dtype=np.int64)
+        n_read = int(read_marker(layout.emb_marker(shard))["n_read"])
+        offered = np.zeros(n_read, dtype=bool)
+        offered[read] = True
+        for start in range(0, n_read, DRAW_CHUNK):
+            part = offered[start:start + DRAW_CHUNK]
+            lo, hi = cached + np.searchsorted(read, [start, start + len(part)])
+            draw.add(len(part), {i: c[lo:hi] for i, c in class_codes.items()}, offered=part)
+        cached_at.append((draw.seen - n_read, n_read, read, cached))
+        cached += n
+    picks = draw.result()[0]
+    parts, rows = [], []
+    for shard, (first, n_read, read, offset) in zip(shards, cached_at):
+        at = np.searchsorted(read, picks[(picks >= first) & (picks < first + n_read)] - first)   # rows in the cache
+        if len(at):
+            parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[at], dtype=np.float32))
+            rows.append(offset + at)
+    rows = np.concatenate(rows)
+    return fit_on(np.concatenate(parts), {i: c[rows] for i, c in class_codes.items()}, classes, draw.seen,
+                  models, layout, progress_note)
+
+
+def cached_read_positions(shard: Shard, layout: Layout) -> np.ndarray:
+    """The read positions (column `read`) of a shard's cached documents, in cache order (rising)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(layout.docs_file(shard), columns=["read"]).column("read").to_numpy().astype(np.int64)
 
 
 @dataclass
@@ -182,13 +246,20 @@ class ReadSample:
     classes: dict[int, list[str]]     # each fixed stage's class names (sorted, or the taxonomy's)
     counts: list[int]                 # documents read in each shard
     rejected: int                     # records rejected while reading
+    exact: bool = True                # False: more candidates were refused than the margin kept (draw again)
+    vectors: np.ndarray | None = None  # the sample's vectors, if `refusals` gave them
 
 
-def read_sample(shards: list[Shard], models: Models) -> ReadSample:
+def read_sample(shards: list[Shard], models: Models, margin: int = 0, also=None, refusals=None) -> ReadSample:
     """The corpus read once: each shard's documents counted, each one's fixed-stage classes named,
-    and the fit sample drawn (SampleDraw, as `run` draws it from its cache) with its texts kept."""
+    and the fit sample drawn (SampleDraw, as `run` draws it from its cache) with its texts kept.
+    `also(texts)` is called with every read batch's texts too (a static encoder's own sample).
+    `refusals(texts)`, called once the corpus is read with the texts of every candidate (`margin`
+    more than the sample needs), gives (vectors, ok): the documents not ok take no part, as the
+    encoder refuses them in `run`, and the sample's vectors come with it."""
     cfg, fixed = models.cfg, models.fixed
-    draw = SampleDraw(cfg.fit_sample, cfg.seed, cfg.min_points_per_code if fixed.indices else 0)
+    minimum = cfg.min_points_per_code if fixed.indices else 0
+    draw = SampleDraw(cfg.fit_sample, cfg.seed, minimum, margin=margin)
     classes: dict[int, list[str] | None] = {i: fixed.known_classes(i) for i in fixed.indices}
     ids: dict[int, dict[str, int]] = {i: {} for i in fixed.indices}    # class name -> label, in order seen
     docs_per_label = {i: np.zeros(0, dtype=np.int64) for i in fixed.indices}   # to count those of a class it lacks
@@ -198,6 +269,8 @@ def read_sample(shards: list[Shard], models: Models) -> ReadSample:
         n = 0
         for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
             n, rejected = n + docs.num_rows, rejected + len(bad)
+            if also is not None:
+                also(docs.column("text"))
             labels = {}
             if labeler is not None and docs.num_rows:
                 named = labeler(Batch(docs, shard.name))
@@ -216,18 +289,32 @@ def read_sample(shards: list[Shard], models: Models) -> ReadSample:
             draw.add(docs.num_rows, labels, pa.table({"text": docs.column("text").cast(pa.large_string())}))
         counts.append(n)
     check_enough(int(sum(counts)))
-    positions, labels, payload = draw.result()      # fewer documents than fit_sample: all of them
+    refused, vectors, present = None, None, {i: np.ones(len(ids[i]), dtype=bool) for i in fixed.indices}
+    if refusals is not None:
+        candidates, payload = draw.candidates()
+        got, ok = refusals(payload.column("text").combine_chunks()) if len(candidates) else (None, np.zeros(0, bool))
+        refused = candidates[~ok]
+    positions, labels, payload, exact = draw.result(refused)      # fewer documents than fit_sample: all of them
+    if refusals is not None and len(positions):
+        vectors = got[np.searchsorted(candidates, positions)]
+        # a class none of whose documents the encoder takes is not one (run sees none of it): once
+        # the sample is exact, every class with an accepted document has one among the candidates
+        for i in fixed.indices:
+            present[i] = np.bincount(labels[i], minlength=len(ids[i])) > 0
     codes = {}
     for i in fixed.indices:
-        names = sorted(ids[i]) if classes[i] is None else classes[i]
+        in_order = [name for name, label in ids[i].items() if present[i][label]]       # label order
+        names = sorted(in_order) if classes[i] is None else classes[i]
         check_class_count(i, models.stack[i]["kind"], len(names))
         code_of = {name: k for k, name in enumerate(names)}
         by_label = np.array([code_of.get(name, -1) for name in ids[i]], dtype=np.int64)   # ids[i]: in label order
-        if (by_label < 0).any():        # as run checks: any document of the corpus, sampled or not
-            raise HermesError(f"stage {i + 1}: {int(docs_per_label[i][by_label < 0].sum())} documents have no class")
+        missing = (by_label < 0) & present[i]
+        if missing.any():        # as run checks: any document of the corpus, sampled or not
+            raise HermesError(f"stage {i + 1}: {int(docs_per_label[i][missing].sum())} documents have no class")
         codes[i] = by_label[labels[i]] if len(by_label) else np.zeros(0, dtype=np.int64)
         classes[i] = names
-    return ReadSample(positions, payload.column("text").combine_chunks(), codes, classes, counts, rejected)
+    texts = payload.column("text").combine_chunks() if payload is not None else pa.array([], pa.large_string())
+    return ReadSample(positions, texts, codes, classes, counts, rejected, exact, vectors)
 
 
 def fit_sample_only(shards: list[Shard], models: Models, layout: Layout, progress_note=None

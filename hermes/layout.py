@@ -35,6 +35,7 @@ WORKER: dict[str, str] = {}
 DOCS_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("source", pa.string()), ("n_chars", pa.int32()), ("n_tokens", pa.int32()),
     ("quality", pa.float64()), ("file", pa.string()), ("line", pa.int64()), ("seq", pa.int64()),
+    ("read", pa.int64()),      # the document's position among the shard's documents read (the fit sample's key)
 ])
 
 

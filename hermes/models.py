@@ -109,13 +109,15 @@ class Models:
         """What decides the embeddings alone: the vectors labeler's key and the text and id fields.
         The other columns of the cache (source, counts, quality) can be redone without re-embedding."""
         c = self.cfg
-        return _digest({"embedding": self.embedding_settings(), "fields": [c.text_field, c.id_field], "hermes": __version__})
+        return _digest({"embedding": self.embedding_settings(), "fields": [c.text_field, c.id_field], "hermes": __version__,
+                        "cache_format": CACHE_FORMAT})
 
     def classes_key(self) -> str:
         """What decides the taxonomy stages' labels of a shard: its documents and the models."""
         return _digest({"cache": self.cache_key(), **self.class_names().key()})
 
 
+CACHE_FORMAT = 2         # the embedding cache's layout: 2 added the documents' read positions (column `read`)
 ENCODE_SLICE = 512       # documents per transformer call (a progress line moves while a read batch is embedded)
 
 

@@ -44,9 +44,14 @@ from hermes.substrate import Substrate
 QUANTIZE_BATCH = 16384   # documents per quantizer call from the embedding cache
 
 
-def read_batches(shard: Shard, cfg) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """(documents, rejects found while reading) for each read batch of a shard."""
+def read_batches(shard: Shard, cfg, numbered: list[int] | None = None) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(documents, rejects found while reading) for each read batch of a shard. With `numbered` (a
+    one-item list, the count so far), each document gets its position among the documents read
+    (column `read`), and the count goes on."""
     for docs, bad in read_shard(shard, reading_fields(cfg), cfg.read_batch_size):
+        if numbered is not None:
+            docs = docs.append_column("read", pa.array(np.arange(numbered[0], numbered[0] + docs.num_rows), pa.int64()))
+            numbered[0] += docs.num_rows
         yield docs, (pa.Table.from_pylist([r.__dict__ for r in bad], schema=REJECT_FILE_SCHEMA) if bad
                      else REJECT_FILE_SCHEMA.empty_table())
 
@@ -100,11 +105,11 @@ def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress
     layout.rejects.mkdir(parents=True, exist_ok=True)
     embedding = models.embedding(on_slice=progress.advance if progress else None)
     ticks = not models.static         # the transformer moves the progress line itself, slice by slice
-    seq, n_rejects, dim = 0, 0, 0
+    seq, n_rejects, dim, read = 0, 0, 0, [0]
     with replacing(layout.docs_file(shard), layout.emb_file(shard), layout.reject_file(shard)) as tmp, \
             pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, \
             pq.ParquetWriter(tmp[2], REJECT_FILE_SCHEMA) as rejects_out, open(tmp[1], "wb") as emb_out:
-        for batch, rejects, n_read in label_batches(read_batches(shard, models.cfg), shard.name,
+        for batch, rejects, n_read in label_batches(read_batches(shard, models.cfg, numbered=read), shard.name,
                                                     [*embedding, models.counts(), models.quality()],
                                                     ahead=0 if ticks else 1):
             if rejects.num_rows:
@@ -120,7 +125,7 @@ def embed_shard(shard: Shard, models: Models, layout: Layout, progress: Progress
             if progress:
                 progress.advance(rejects.num_rows if ticks else n_read)
     write_json(marker_path, {"cache_key": key, "embed_key": models.embed_key(), "shard": shard.stat(), "name": shard.name,
-                             "n_docs": seq, "n_rejects": n_rejects, "dim": dim, "dtype": "float16"})
+                             "n_docs": seq, "n_rejects": n_rejects, "n_read": read[0], "dim": dim, "dtype": "float16"})
     if progress:
         progress.shard_done()
     result = ShardResult(shard, seq, n_rejects, skipped=False)
@@ -137,7 +142,7 @@ def _refresh_documents(shard: Shard, models: Models, layout: Layout, marker: dic
     seq, n_rejects, same = 0, 0, True
     with replacing(layout.docs_file(shard), layout.reject_file(shard)) as tmp:
         with pq.ParquetWriter(tmp[0], DOCS_SCHEMA) as docs_out, pq.ParquetWriter(tmp[1], REJECT_FILE_SCHEMA) as rej:
-            for batch, rejects, _ in label_batches(read_batches(shard, models.cfg), shard.name,
+            for batch, rejects, _ in label_batches(read_batches(shard, models.cfg, numbered=[0]), shard.name,
                                                    [models.counts(), models.quality()]):
                 if rejects.num_rows:
                     rej.write_table(rejects)

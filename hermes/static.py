@@ -554,7 +554,8 @@ class PieceCache:
                                                     minlength=k)
         self.used += len(ids)
         self.chars += sum(map(len, pieces))
-        self.index.update(zip((pieces[i] for i in order), range(first, first + k)))
+        in_order = pieces if np.array_equal(order, np.arange(k)) else [pieces[i] for i in order]   # mostly the first
+        self.index.update(zip(in_order, range(first, first + k)))
         where = np.empty(k, dtype=np.int64)
         where[order] = np.arange(first, first + k)
         return where
@@ -651,22 +652,32 @@ def _ids_of(encodings: list) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
-def reservoir_texts(batches: Iterable[Any], n: int, seed: int) -> tuple[list[str], int]:
+class Reservoir:
     """A seeded uniform sample of n texts from a stream of batches (lists of str, or Arrow string
     arrays: only the texts that enter the sample become Python strings), read once (reservoir
-    sampling, Algorithm R), and how many texts the stream had. All of them when there are n or fewer."""
-    rng = np.random.default_rng(seed)
-    sample: list[str] = []
-    seen = 0
-    for texts in batches:
-        take = max(0, min(len(texts), n - len(sample)))
-        sample.extend(texts[:take] if isinstance(texts, list) else texts.slice(0, take).to_pylist())
+    sampling, Algorithm R); all of them when there are n or fewer. `seen`: the texts offered."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self._rng = n, np.random.default_rng(seed)
+        self.texts: list[str] = []
+        self.seen = 0
+
+    def add(self, texts) -> None:
+        take = max(0, min(len(texts), self.n - len(self.texts)))
+        self.texts.extend(texts[:take] if isinstance(texts, list) else texts.slice(0, take).to_pylist())
         rest = len(texts) - take
         if rest:
-            positions = np.arange(seen + take, seen + len(texts))
-            slots = rng.integers(0, positions + 1)
-            for k in np.flatnonzero(slots < n):
+            positions = np.arange(self.seen + take, self.seen + len(texts))
+            slots = self._rng.integers(0, positions + 1)
+            for k in np.flatnonzero(slots < self.n):
                 text = texts[take + k]
-                sample[slots[k]] = text if isinstance(text, str) else text.as_py()
-        seen += len(texts)
-    return sample, seen
+                self.texts[slots[k]] = text if isinstance(text, str) else text.as_py()
+        self.seen += len(texts)
+
+
+def reservoir_texts(batches: Iterable[Any], n: int, seed: int) -> tuple[list[str], int]:
+    """Reservoir's sample of n texts from a stream of batches, and how many texts the stream had."""
+    sample = Reservoir(n, seed)
+    for texts in batches:
+        sample.add(texts)
+    return sample.texts, sample.seen

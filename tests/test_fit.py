@@ -47,7 +47,9 @@ def test_the_sample_drawn_in_one_pass_is_the_smallest_keys_topped_up_per_class(m
     """SampleDraw, fed in batches of any size, gives the documents with the `n` smallest keys of
     the seeded stream, plus each class's first `minimum` documents by key (all it has, if fewer),
     with their labels and payload rows: a plain sort of all the keys gives the same (also when it
-    drops candidates as it goes: no slack)."""
+    drops candidates as it goes: no slack). Documents not offered (the encoder refused them in
+    `run`) take their key and no part; candidates refused after reading (`fit`'s static encoder)
+    leave the sample as if never offered, whenever the margin kept enough (`exact`)."""
     import pyarrow as pa
 
     from hermes import fit
@@ -55,25 +57,45 @@ def test_the_sample_drawn_in_one_pass_is_the_smallest_keys_topped_up_per_class(m
     monkeypatch.setattr(fit._Candidates, "SLACK", slack)
     SampleDraw = fit.SampleDraw
     rng = np.random.default_rng(5)
-    for trial in range(30):
+    outcomes = {"exact with refusals": 0, "not exact": 0}
+    for trial in range(60):
         total, n, minimum, seed = int(rng.integers(1, 3000)), int(rng.integers(1, 400)), int(rng.integers(0, 30)), trial
         labels = {0: rng.zipf(1.5, total) % 17, 2: rng.integers(0, 3, total)} if trial % 3 else {}
-        keys = np.random.default_rng(seed).random(total)
-        order = np.lexsort((np.arange(total), keys))
-        want = set(order[:n].tolist())
-        for label in labels.values():
-            for c in np.unique(label):
-                want |= set(order[label[order] == c][:minimum].tolist())
-        draw, start = SampleDraw(n, seed, minimum), 0
+        offered = rng.random(total) > 0.1 if trial % 4 == 1 else np.ones(total, dtype=bool)
+        margin = int(rng.integers(0, 40)) if trial % 2 else 0
+        draw, start = SampleDraw(n, seed, minimum, margin), 0
         texts = pa.table({"text": [f"d{i}" for i in range(total)]})
         while start < total:
             m = min(int(rng.integers(0, 500)), total - start)
-            draw.add(m, {i: v[start:start + m] for i, v in labels.items()}, texts.slice(start, m))
+            mask = offered[start:start + m]
+            draw.add(m, {i: v[start:start + m][mask] for i, v in labels.items()},
+                     texts.slice(start, m).filter(pa.array(mask)), offered=mask)
             start += m
-        positions, got_labels, payload = draw.result()
+        candidates, payload = draw.candidates()
+        assert payload.column("text").to_pylist() == [f"d{i}" for i in candidates]
+        assert offered[candidates].all()
+        refused = candidates[rng.random(len(candidates)) < rng.choice([0, 0.02, 0.3])] if trial % 2 else None
+        accepted = offered.copy()
+        if refused is not None:
+            accepted[refused] = False
+        keys = np.random.default_rng(seed).random(total)
+        order = [i for i in np.lexsort((np.arange(total), keys)) if accepted[i]]
+        want = set(order[:n])
+        for label in labels.values():
+            for c in np.unique(label):
+                want |= set([i for i in order if label[i] == c][:minimum])
+        positions, got_labels, payload, exact = draw.result(refused)
+        if refused is None or not len(refused):
+            assert exact, trial
+        elif not exact:
+            outcomes["not exact"] += 1
+            continue
+        else:
+            outcomes["exact with refusals"] += 1
         assert positions.tolist() == sorted(want), trial
         assert payload.column("text").to_pylist() == [f"d{i}" for i in positions]
         assert all(np.array_equal(got_labels[i], v[positions]) for i, v in labels.items())
+    assert min(outcomes.values()) > 0, outcomes
 
 
 def test_fit_reads_the_corpus_once(sample_records, tmp_path, monkeypatch):
@@ -87,3 +109,42 @@ def test_fit_reads_the_corpus_once(sample_records, tmp_path, monkeypatch):
                  "--max-length", "32", "--stages", "source,learned,learned", "-q")
     assert fit.exit_code == 0, fit.output
     assert reads == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("reserve", ["kept", "too small"])
+def test_a_static_fit_reads_once_and_embeds_only_its_candidates_for_the_sample_run_fits_on(
+        sample_records, tmp_path, monkeypatch, reserve):
+    """`fit --encoder static` reads the corpus once for the encoder's sample and the fit sample's
+    candidates, embeds only those, and fits on the sample `run` fits on: the documents the encoder
+    refuses (no known token) take no part, and a source whose every document it refuses is no
+    class. If more candidates are refused than were kept in reserve, every document is embedded
+    to draw the sample, with the same result."""
+    import hermes.fit
+
+    records = [{**r, "source": f"s{i % 3}"} for i, r in enumerate(sample_records[:200])]
+    for k in range(40):     # refused: a source of their own, and some of the others
+        records.insert(5 * k + 3, {"id": f"bin{k}", "text": "\x00\x01\x02", "source": "bin" if k % 4 else "s1"})
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    if reserve == "too small":
+        monkeypatch.setattr(hermes.fit, "refusal_margin", lambda fit_sample: 0)
+    reads = []
+    real = hermes.fit.read_shard
+    monkeypatch.setattr(hermes.fit, "read_shard", lambda shard, *a, **k: reads.append(shard.name) or real(shard, *a, **k))
+    common = ["--encoder", "static", "--fit-sample", "60", "--max-length", "32", "--stages", "source,learned,learned",
+              "--format", "json"]
+    fit = invoke("fit", corpus, "--out", tmp_path / "f", *common)
+    assert fit.exit_code == 0, fit.output
+    assert reads == ["c.jsonl"]
+    if reserve == "kept":
+        assert "fit: embedding the sample's " in fit.stderr and "every document is embedded" not in fit.stderr
+        assert not (tmp_path / "f" / "embeddings").exists() and not (tmp_path / "f" / "encoder").exists()
+    else:
+        assert "every document is embedded" in fit.stderr
+    run = invoke("run", corpus, "--out", tmp_path / "r", *common[:-2], "-q", "--format", "json")
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["rejected"] == 40
+    manifests = [json.loads((tmp_path / d / "substrate" / "manifest.json").read_text()) for d in ("f", "r")]
+    assert manifests[0]["stages"][0]["classes"] == ["s0", "s1", "s2"] == manifests[1]["stages"][0]["classes"]
+    assert manifests[0]["fit_sample_size"] == manifests[1]["fit_sample_size"] >= 60
+    assert manifests[0]["training"] == manifests[1]["training"]
+    assert json.loads(fit.stdout)["fingerprint"] == json.loads(run.stdout)["substrate"]
