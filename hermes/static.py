@@ -42,7 +42,7 @@ import numpy as np
 from hermes.errors import HermesError
 from hermes.files import sha256
 from hermes.files import replacing
-from hermes.vectors import count_rows, unit_rows
+from hermes.vectors import count_rows, gather_runs, unit_rows
 
 if TYPE_CHECKING:
     from hermes.words import Pieces
@@ -572,7 +572,7 @@ class PieceCache:
             if len(new):
                 where[new] = self._add([words[i] for i in new])
             length = self.length[where]
-            return _runs(self.ids, self.start[where], length), length, self.n_known[where], where, self.generation
+            return gather_runs(self.ids, self.start[where], length), length, self.n_known[where], where, self.generation
 
     def _from_parts(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`_tokenize`'s result from the parts table: each piece cut around its ASCII punctuation
@@ -595,7 +595,7 @@ class PieceCache:
         part_ids, part_length = self.parts.lookup(distinct.dictionary.to_pylist())[:2]
         which = distinct.indices.to_numpy()               # each part in turn, as a distinct part
         length = part_length[which]
-        ids = _runs(part_ids, (np.cumsum(part_length) - part_length)[which], length)
+        ids = gather_runs(part_ids, (np.cumsum(part_length) - part_length)[which], length)
         lengths = np.bincount(np.repeat(np.arange(len(per_piece)), per_piece), weights=length,
                               minlength=len(per_piece)).astype(np.int64)
         if not whole.any():
@@ -631,12 +631,6 @@ class PieceCache:
         bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
         return bags, counts, occurrences @ n_known, Pieces(distinct.dictionary, occurrences, slots,
                                                           (self.table_id, generation))
-
-
-def _runs(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """values[starts[i]:starts[i] + lengths[i]] for each i, concatenated."""
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return values[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
 
 
 def _encode_batch(tok, texts: list[str]) -> list:

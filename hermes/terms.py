@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 from hermes.aggregates import data_table
 from hermes.cellkeys import CODES, LEVELS
 from hermes.quality import STOP_WORDS
-from hermes.vectors import rank_within
-from hermes.words import Words
+from hermes.vectors import count_rows, rank_within
+from hermes.words import PieceRuns, Words
 
 TOP_PER_CELL = 100
 TERMS_PER_CELL = 8
@@ -111,6 +111,7 @@ class TermCounter:
         self._sum = summed                                     # scipy CSR (cells, terms) of int64 counts, or None
         self._parts: list[tuple[np.ndarray, ...]] = []         # (cell ids, term ids, counts) of batches not added yet
         self._held = 0
+        self._piece_terms = PieceRuns()                         # each piece's term ids, while the ids hold
 
     def add(self, texts, codes: np.ndarray, words: Words | None = None) -> None:
         """Count the words of `texts` (a list of str or an Arrow string array) in the cells `codes`.
@@ -122,18 +123,20 @@ class TermCounter:
         if len(codes) == 0:
             return
         words = words if words is not None else Words.of(texts)
-        flat, parents = _word_lists(words.distinct)                # counted words of each distinct word
-        terms = pc.dictionary_encode(flat)
-        in_word = sp.csr_matrix((np.ones(len(flat)), (parents.to_numpy(), terms.indices.to_numpy())),
-                                shape=(len(words.distinct), max(len(terms.dictionary), 1)))
+        if words.pieces is not None:      # each piece's terms found once while the encoder's table keeps it
+            ids, lengths = self._piece_terms.runs(words.pieces, self._term_runs)
+            occurrences = words.pieces.occurrences
+        else:
+            ids, lengths = self._term_runs(words.distinct)
+            occurrences = words.occurrences
+        in_word = count_rows(ids, lengths, max(len(self._terms), 1))     # (words or pieces, terms seen)
         cells, cell_of_doc = np.unique(np.asarray(codes, dtype=np.int64), axis=0, return_inverse=True)
         cell_of_doc = cell_of_doc.reshape(-1)
         in_cell = sp.csr_matrix((np.ones(len(cell_of_doc)), (cell_of_doc, np.arange(len(cell_of_doc)))),
                                 shape=(len(cells), len(cell_of_doc)))
-        counts = ((in_cell @ words.occurrences) @ in_word).tocoo()
+        counts = ((in_cell @ occurrences) @ in_word).tocoo()
         self._parts.append((self._ids(self._cell_id, _packed(cells).tolist(), cells)[counts.row],
-                            self._ids(self._term_id, terms.dictionary.to_pylist())[counts.col],
-                            np.rint(counts.data).astype(np.int64)))
+                            counts.col.astype(np.int64), np.rint(counts.data).astype(np.int64)))
         self._held += counts.nnz
         if self._held > max(self._sum.nnz if self._sum is not None else 0, self.FOLD_ROWS):
             self._fold()
@@ -141,6 +144,14 @@ class TermCounter:
         if self._since_prune >= self.PRUNE_EVERY:
             self._start(*self._top(self.KEEP)[:3])
             self._since_prune = 0
+
+    def _term_runs(self, words: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """The term ids of each word's counted words (new terms get ids), concatenated, and how
+        many each word holds."""
+        flat, parents = _word_lists(words)
+        terms = pc.dictionary_encode(flat)
+        ids = self._ids(self._term_id, terms.dictionary.to_pylist())[terms.indices.to_numpy()]
+        return ids, np.bincount(parents.to_numpy(), minlength=len(words)).astype(np.int64)
 
     def _fold(self) -> None:
         """The batches' counts held since the last fold, added to the sum (as many rows as the sum

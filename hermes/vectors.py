@@ -28,3 +28,9 @@ def rank_within(groups: np.ndarray) -> np.ndarray:
     rank = np.empty(len(groups), dtype=np.int64)
     rank[by_group] = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
     return rank
+
+
+def gather_runs(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """values[starts[i]:starts[i] + lengths[i]] for each i, concatenated."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return values[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]

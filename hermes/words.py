@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.vectors import count_rows
+from hermes.vectors import count_rows, gather_runs
 
 
 def as_strings(texts) -> pa.Array:
@@ -133,3 +133,44 @@ class PieceSums:
             self._values[slots[new]] = np.rint(split.per_text(self.counts(split.distinct))).astype(np.int32)
             self._have[slots[new]] = True
         return np.asarray(pieces.occurrences @ self._values[slots].astype(np.float64))
+
+
+class PieceRuns:
+    """Per distinct piece of text, a run of integers (its counted words' term ids, say), each piece's
+    computed once while the encoder's piece table keeps its generation, as PieceSums keeps sums.
+    `runs(pieces, compute)` gives every piece's run, concatenated, and each one's length; `compute(new
+    pieces)` gives the new ones' runs (concatenated, in order) and lengths. `clear()` forgets all
+    (when what the integers mean changes)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._table: tuple | None = None
+        self._start = np.zeros(0, dtype=np.int64)
+        self._length = np.zeros(0, dtype=np.int64)
+        self._have = np.zeros(0, dtype=bool)
+        self._values = np.zeros(1 << 16, dtype=np.int64)
+        self._used = 0
+
+    def runs(self, pieces: Pieces, compute) -> tuple[np.ndarray, np.ndarray]:
+        if pieces.table != self._table:          # another table, or the table started again
+            self.clear()
+            self._table = pieces.table
+        slots = pieces.slots
+        if len(slots) and slots.max() >= len(self._have):
+            size = max(2 * len(self._have), int(slots.max()) + 1)
+            self._start, self._length = np.resize(self._start, size), np.resize(self._length, size)
+            self._have = np.concatenate([self._have, np.zeros(size - len(self._have), dtype=bool)])
+        new = np.flatnonzero(~self._have[slots])
+        if len(new):
+            values, lengths = compute(pieces.distinct.take(pa.array(new)))
+            if self._used + len(values) > len(self._values):
+                self._values = np.resize(self._values, max(2 * len(self._values), self._used + len(values)))
+            self._values[self._used:self._used + len(values)] = values
+            self._start[slots[new]] = self._used + np.cumsum(lengths) - lengths
+            self._length[slots[new]] = lengths
+            self._used += len(values)
+            self._have[slots[new]] = True
+        lengths = self._length[slots]
+        return gather_runs(self._values, self._start[slots], lengths), lengths

@@ -447,3 +447,33 @@ def test_the_encoder_sample_is_the_same_from_arrow_batches_as_from_lists():
         from_arrow = reservoir_texts((pa.chunked_array([pa.array(b, pa.string())]) for b in batches), n, seed=3)
         assert from_arrow == from_lists and from_lists[1] == len(texts)
         assert len(from_lists[0]) == min(n, len(texts)) and len(set(from_lists[0])) == len(from_lists[0])
+
+
+def test_term_counts_kept_per_piece_across_batches_equal_counting_the_words_afresh(static_run, monkeypatch):
+    """The term counts find each piece of text's words once while the encoder's table keeps it
+    (PieceRuns): over batches, cold and warm, after the table starts again (slots then name other
+    pieces), after prunings renumber the terms, and after rows leave a batch, the table equals
+    splitting every batch into words afresh."""
+    import pyarrow as pa
+
+    from hermes.static import StaticEncoder
+    from hermes.terms import TermCounter
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
+    texts = [r["text"] for r in static_run["records"]] + TRICKY + ["a \u00a0b\u2003c \x1cd\x85e "]
+    monkeypatch.setattr(TermCounter, "PRUNE_EVERY", 150)
+    monkeypatch.setattr(TermCounter, "KEEP", 20)
+    for limit in (1_000_000, 300):
+        enc.pieces_.limit = limit
+        enc.pieces_._clear()
+        by_piece, afresh = TermCounter(), TermCounter()
+        for k, part in enumerate((texts[:40], texts, TRICKY, texts[::-1], texts[20:60], texts[:40])):
+            codes = (np.arange(len(part))[:, None] * np.array([[1, 3, 7]]) + k) % np.array([[3, 2, 5]])
+            keep = np.arange(len(part)) % 4 > 0 if k == 3 else np.ones(len(part), dtype=bool)
+            kept = [t for t, y in zip(part, keep) if y]
+            words = enc.tokenize(pa.array(part), words=True).words.take(keep)
+            assert words.pieces is not None
+            by_piece.add(kept, codes[keep], words)
+            afresh.add(kept, codes[keep])
+        assert by_piece.table().equals(afresh.table()) and by_piece.table().num_rows > 100
+        assert by_piece._piece_terms._have.any()
