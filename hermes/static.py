@@ -33,11 +33,12 @@ import os
 import re
 import threading
 from contextlib import contextmanager
-from itertools import chain, count, repeat
+from itertools import chain, count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 
 from hermes.errors import HermesError
 from hermes.files import sha256
@@ -52,8 +53,8 @@ FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, 
 FORMAT = "hermes-static-encoder"
 SIF_A = 1e-3                 # SIF's a: an id as frequent as a / (1 - w) of all tokens gets weight w
 ENCODE_BATCH = 8192          # texts per bag product
-PIECE_CACHE = 1_000_000      # distinct pieces of text whose token ids are kept (about 150 MB of short ones)
-PIECE_CHARS = 64_000_000     # ... and at most this many characters of them (long pieces: CJK text, base64)
+PIECE_CACHE = 1_000_000      # distinct pieces of text whose token ids are kept (about 100 bytes each, ids included)
+PIECE_BYTES = 64_000_000     # ... and at most this many bytes of them (long pieces: CJK text, base64)
 JOIN_PIECES = 256            # pieces per tokenizer input when new pieces are tokenized
 NO_TOKENS = ("no token the static encoder knows (binary, or only unknown and special tokens): it would get no "
              "vector")
@@ -474,7 +475,7 @@ class PieceCache:
     tokens are those of its pieces in order, so the bag of ids built from the pieces equals the
     whole text's, and so do the vectors and `n_tokens`. Pieces repeat (Zipf): a batch's distinct
     pieces are looked up here and only the new ones are tokenized, so the tokenizer sees a small
-    share of the text. Up to `limit` pieces and PIECE_CHARS characters of them are kept (then
+    share of the text. Up to `limit` pieces and PIECE_BYTES bytes of them are kept (then
     the table starts again), so memory stays bounded on any corpus.
 
     With `parts` (a second table, behind BERT's pre-tokenizer), a new piece is cut around its ASCII
@@ -483,7 +484,8 @@ class PieceCache:
     tokenizer sees far fewer tokens.
 
     Written here because the tokenizers library keeps no cache across calls; the splitting runs
-    on Arrow's kernels and the bags are scipy sparse products.
+    on Arrow's kernels, the pieces are found in numpy (StringSlots, no Python object per piece)
+    and the bags are scipy sparse products.
     """
 
     def __init__(self, tok, vocab: int, known: np.ndarray, drop_vt_ff: bool, separator: tuple[str, int] | None,
@@ -500,13 +502,12 @@ class PieceCache:
 
     def _clear(self) -> None:
         self.generation += 1
-        self.index: dict[str, int] = {}
+        self.index = StringSlots()                         # the pieces, numbered
         self.ids = np.empty(1 << 16, dtype=np.int32)       # the pieces' ids, concatenated
         self.start = np.zeros(1 << 12, dtype=np.int64)     # piece i's ids: ids[start[i]:start[i] + length[i]]
         self.length = np.zeros(1 << 12, dtype=np.int64)
         self.n_known = np.zeros(1 << 12, dtype=np.float64)  # of those, ids the encoder has a vector for
         self.used = 0                                        # ids stored
-        self.chars = 0                                       # characters of the pieces stored
 
     def __len__(self) -> int:
         return len(self.index)
@@ -538,9 +539,9 @@ class PieceCache:
         return np.concatenate([np.flatnonzero(~is_alone), np.flatnonzero(is_alone)]), ids.astype(np.int32), \
             lengths.astype(np.int64)
 
-    def _add(self, pieces: list[str]) -> np.ndarray:
-        """Tokenize and store new pieces; their positions in the table."""
-        order, ids, lengths = self._tokenize(pieces) if self.parts is None else self._from_parts(pieces)
+    def _add(self, pieces) -> np.ndarray:
+        """Tokenize and store new pieces (an Arrow string array); their positions in the table."""
+        order, ids, lengths = self._tokenize(pieces.to_pylist()) if self.parts is None else self._from_parts(pieces)
         first, k = len(self.index), len(pieces)
         if first + k > len(self.start):
             size = max(2 * len(self.start), first + k)
@@ -553,35 +554,32 @@ class PieceCache:
         self.n_known[first:first + k] = np.bincount(np.repeat(np.arange(k), lengths), weights=self.known[ids],
                                                     minlength=k)
         self.used += len(ids)
-        self.chars += sum(map(len, pieces))
-        in_order = pieces if np.array_equal(order, np.arange(k)) else [pieces[i] for i in order]   # mostly the first
-        self.index.update(zip(in_order, range(first, first + k)))
+        self.index.add(pieces if np.array_equal(order, np.arange(k)) else pieces.take(pa.array(order)))
         where = np.empty(k, dtype=np.int64)
         where[order] = np.arange(first, first + k)
         return where
 
-    def lookup(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        """(token ids of `words` (distinct pieces) concatenated in order, each one's count of ids,
-        and of known ids, each one's slot in the table, the table's generation), tokenizing and
-        storing the pieces not in the table yet."""
+    def lookup(self, words) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """(token ids of `words` (distinct pieces, an Arrow string array) concatenated in order,
+        each one's count of ids, and of known ids, each one's slot in the table, the table's
+        generation), tokenizing and storing the pieces not in the table yet."""
         with self._lock:
-            if len(self.index) + len(words) > self.limit or self.chars > PIECE_CHARS:
+            if len(self.index) + len(words) > self.limit or self.index.n_bytes > PIECE_BYTES:
                 self._clear()
-            where = np.fromiter(map(self.index.get, words, repeat(-1)), dtype=np.int64, count=len(words))
+            where = self.index.find(words)
             new = np.flatnonzero(where < 0)
             if len(new):
-                where[new] = self._add([words[i] for i in new])
+                where[new] = self._add(words.take(pa.array(new)))
             length = self.length[where]
             return gather_runs(self.ids, self.start[where], length), length, self.n_known[where], where, self.generation
 
-    def _from_parts(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _from_parts(self, pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`_tokenize`'s result from the parts table: each piece cut around its ASCII punctuation
         (a piece that holds an added token's text is tokenized whole, as the tokenizer matches it
         before splitting)."""
-        import pyarrow as pa
         import pyarrow.compute as pc
 
-        arr = pa.array(pieces, pa.large_string())
+        arr = pieces
         whole = np.zeros(len(pieces), dtype=bool)
         if self.parts.added:
             whole = pc.match_substring_regex(arr, self.parts.added).to_numpy(zero_copy_only=False)
@@ -592,7 +590,7 @@ class PieceCache:
         lists = pc.split_pattern(pc.replace_substring_regex(arr, ASCII_PUNCTUATION, r" \1 "), " ")
         per_piece = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
-        part_ids, part_length = self.parts.lookup(distinct.dictionary.to_pylist())[:2]
+        part_ids, part_length = self.parts.lookup(distinct.dictionary)[:2]
         which = distinct.indices.to_numpy()               # each part in turn, as a distinct part
         length = part_length[which]
         ids = gather_runs(part_ids, (np.cumsum(part_length) - part_length)[which], length)
@@ -600,7 +598,7 @@ class PieceCache:
                               minlength=len(per_piece)).astype(np.int64)
         if not whole.any():
             return np.arange(len(pieces)), ids.astype(np.int32), lengths
-        order, lone_ids, lone_lengths = self._tokenize([pieces[i] for i in np.flatnonzero(whole)])
+        order, lone_ids, lone_lengths = self._tokenize(pieces.take(pa.array(np.flatnonzero(whole))).to_pylist())
         return (np.concatenate([cut, np.flatnonzero(whole)[order]]), np.concatenate([ids, lone_ids]).astype(np.int32),
                 np.concatenate([lengths, lone_lengths]))
 
@@ -620,7 +618,7 @@ class PieceCache:
             lists = resplit_rare(texts, lists, r"[\v\f]", r"[ \t\n\r]+")
         per_text = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
         distinct = pc.dictionary_encode(pc.list_flatten(lists))
-        words = distinct.dictionary.to_pylist()
+        words = distinct.dictionary
         ids, length, n_known, slots, generation = self.lookup(words)
         # texts x distinct pieces (occurrences; a repeated piece is a repeated entry, summed by the
         # products), then pieces x token ids
@@ -631,6 +629,130 @@ class PieceCache:
         bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
         return bags, counts, occurrences @ n_known, Pieces(distinct.dictionary, occurrences, slots,
                                                           (self.table_id, generation))
+
+
+class StringSlots:
+    """Distinct strings numbered 0, 1, 2, ... in the order added, found again from Arrow string arrays
+    without a Python object per string: each string's bytes are hashed to 64 bits with numpy, the
+    hashes kept sorted (np.searchsorted finds them) and a hit checked byte for byte against the
+    string stored. A string whose hash another one took already is kept in a small dict instead.
+
+    Written here because a dict needs a str per lookup and holds the GIL all along (the encoder's
+    thread spent most of its Python time there), and no library keeps a hash table across calls
+    for Arrow arrays (pyarrow's `index_in` builds its table again on every call)."""
+
+    _MIX = np.random.default_rng(0x5EED).integers(1, 2 ** 63, 4096, dtype=np.uint64) | np.uint64(1)
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._keys = np.zeros(0, dtype=np.uint64)        # sorted hashes
+        self._key_slot = np.zeros(0, dtype=np.int64)     # the slot of each
+        self._bytes = np.zeros(1 << 20, dtype=np.uint8)  # the strings' bytes, by slot
+        self._start = np.zeros(1 << 12, dtype=np.int64)
+        self._length = np.zeros(1 << 12, dtype=np.int64)
+        self._odd: dict[bytes, int] = {}                 # strings whose hash was taken already
+        self.n = 0
+        self.n_bytes = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def find(self, strings: pa.Array) -> np.ndarray:
+        """Each string's slot, -1 where it is not here."""
+        offsets, data = _string_buffers(strings)
+        keys = _hash_strings(offsets, data, self._MIX)
+        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        slots = np.full(len(keys), -1, dtype=np.int64)
+        if not len(self._keys):
+            return self._find_odd(strings, slots, np.arange(len(keys))) if self._odd else slots
+        hit = np.flatnonzero(self._keys[at] == keys)
+        if len(hit):
+            cand = self._key_slot[at[hit]]
+            lengths = np.diff(offsets)[hit]
+            same = self._length[cand] == lengths
+            check = np.flatnonzero(same & (lengths > 0))
+            if len(check):
+                mine = gather_runs(data, offsets[:-1][hit[check]], lengths[check])
+                stored = gather_runs(self._bytes, self._start[cand[check]], lengths[check])
+                ends = np.cumsum(lengths[check])
+                differ = np.add.reduceat((mine != stored).astype(np.int64), ends - lengths[check]) > 0
+                same[check[differ]] = False
+            slots[hit[same]] = cand[same]
+        if self._odd:
+            return self._find_odd(strings, slots, np.flatnonzero(slots < 0))
+        return slots
+
+    def _find_odd(self, strings: pa.Array, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if len(rows):
+            found = [self._odd.get(s, -1) for s in strings.take(pa.array(rows)).cast(pa.binary()).to_pylist()]
+            slots[rows] = found
+        return slots
+
+    def add(self, strings: pa.Array) -> np.ndarray:
+        """Slots for `strings` (distinct, none here yet), numbered on from the last, in order."""
+        offsets, data = _string_buffers(strings)
+        k, first = len(strings), self.n
+        slots = np.arange(first, first + k)
+        lengths = np.diff(offsets)
+        total = int(lengths.sum())
+        if first + k > len(self._start):
+            size = max(2 * len(self._start), first + k)
+            self._start, self._length = np.resize(self._start, size), np.resize(self._length, size)
+        if self.n_bytes + total > len(self._bytes):
+            self._bytes = np.resize(self._bytes, max(2 * len(self._bytes), self.n_bytes + total))
+        self._bytes[self.n_bytes:self.n_bytes + total] = data[offsets[0]:offsets[-1]]
+        self._start[first:first + k] = self.n_bytes + offsets[:-1] - offsets[0]
+        self._length[first:first + k] = lengths
+        self.n_bytes += total
+        self.n += k
+        keys = _hash_strings(offsets, data, self._MIX)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        taken = np.zeros(k, dtype=bool)                       # a hash met twice, or here already
+        taken[order[1:][sorted_keys[1:] == sorted_keys[:-1]]] = True
+        if len(self._keys):
+            at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            taken |= self._keys[at] == keys
+        if taken.any():
+            odd = np.flatnonzero(taken)
+            self._odd.update(zip(strings.take(pa.array(odd)).cast(pa.binary()).to_pylist(), slots[odd].tolist()))
+            order = order[~taken[order]]
+        where = np.searchsorted(self._keys, keys[order])
+        self._keys = np.insert(self._keys, where, keys[order])
+        self._key_slot = np.insert(self._key_slot, where, slots[order])
+        return slots
+
+
+def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (n + 1, int64, into data), data (uint8)) of an Arrow string or binary array."""
+    wide = pa.types.is_large_string(strings.type) or pa.types.is_large_binary(strings.type)
+    _, off, data = strings.buffers()[:3]
+    offsets = np.frombuffer(off, dtype=np.int64 if wide else np.int32)[strings.offset:strings.offset + len(strings) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return offsets.astype(np.int64), data
+
+
+def _hash_strings(offsets: np.ndarray, data: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each string's bytes (data[offsets[i]:offsets[i + 1]]): the sum of each byte
+    times a random odd number for its position, then the length folded in and splitmix64's finaliser."""
+    lengths = np.diff(offsets)
+    first = offsets[0]
+    b = data[first:offsets[-1]].astype(np.uint64) + np.uint64(1)
+    pos = np.arange(len(b), dtype=np.int64) - np.repeat(offsets[:-1] - first, lengths)
+    terms = b * (mix[pos & 4095] + (pos >> 12).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    h = np.zeros(len(lengths), dtype=np.uint64)
+    full = np.flatnonzero(lengths > 0)
+    if len(full):
+        h[full] = np.add.reduceat(terms, (offsets[:-1] - first)[full])
+    h ^= lengths.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
 
 
 def _encode_batch(tok, texts: list[str]) -> list:

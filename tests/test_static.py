@@ -477,3 +477,35 @@ def test_term_counts_kept_per_piece_across_batches_equal_counting_the_words_afre
             afresh.add(kept, codes[keep])
         assert by_piece.table().equals(afresh.table()) and by_piece.table().num_rows > 100
         assert by_piece._piece_terms._have.any()
+
+
+@pytest.mark.parametrize("hash_mod", [None, 7, 1])
+def test_string_slots_find_what_a_dict_finds_whatever_the_hashes_collide(monkeypatch, hash_mod):
+    """The piece table's StringSlots numbers strings in the order added and finds them again as a
+    dict does: sliced arrays, both offset widths, empty strings, non-ASCII, and hashes that collide
+    (reduced modulo 7, or all one), which only the byte-for-byte check and the dict of the
+    colliding strings tell apart."""
+    import random
+
+    import pyarrow as pa
+
+    from hermes import static
+
+    if hash_mod:
+        real = static._hash_strings
+        monkeypatch.setattr(static, "_hash_strings", lambda o, d, m: real(o, d, m) % np.uint64(hash_mod))
+    rng = random.Random(1)
+    table, ref = static.StringSlots(), {}
+    alphabet = ["a", "b", "é", "中", "ab", "\x00", "xyzzy" * 300]
+    for batch in range(40):
+        strings = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5)))
+                          for _ in range(rng.randint(0, 150))})
+        arr = pa.array(["zz"] + strings, pa.large_string() if batch % 2 else pa.string())[1:]    # a slice
+        found = table.find(arr)
+        assert found.tolist() == [ref.get(s, -1) for s in strings], batch
+        new = np.flatnonzero(found < 0)
+        slots = table.add(arr.take(pa.array(new, pa.int64())))
+        assert slots.tolist() == list(range(len(ref), len(ref) + len(new)))
+        ref.update(zip([strings[i] for i in new], slots.tolist()))
+    assert len(table) == len(ref) > 500 and table.n_bytes == sum(len(s.encode()) for s in ref)
+    assert (len(table._odd) > len(ref) // 2) == bool(hash_mod)
