@@ -136,7 +136,8 @@ def _encoder_recipe(shards: list[Shard], cfg: Config) -> dict[str, Any]:
 
 def _embed_and_fit(inputs, out, cfg: Config, quiet: bool, engine: str = "local", address: str | None = None):
     """Embed every shard (into the cache), then fit the substrate on a sample: the first half of
-    `run`, and all of `fit`. With `encoder: static`, the static encoder is built (or found) first."""
+    `run` (and `fit`'s fallback when its static encoder refuses too many candidates). With
+    `encoder: static`, the static encoder is built (or found) first."""
     t0 = time.perf_counter()
     inputs, shards = _plan(inputs, cfg)
     layout = Layout(Path(out))
@@ -197,7 +198,7 @@ def _fit_static(inputs, out, cfg: Config, quiet: bool) -> tuple[Layout, Substrat
     as `run` does. Returns (layout, substrate, documents, records rejected while reading)."""
     import numpy as np
 
-    from hermes.fit import fit_on, read_sample, refusal_margin
+    from hermes.fit import check_enough, fit_on, read_sample, refusal_margin
     from hermes.static import Reservoir
 
     _static_model_check(cfg)
@@ -205,6 +206,7 @@ def _fit_static(inputs, out, cfg: Config, quiet: bool) -> tuple[Layout, Substrat
     layout = Layout(Path(out))
     models = Models(cfg)
     models.fixed.setup()           # a bad taxonomy model fails here, before the corpus is read
+    had_encoder = layout.encoder.exists()
     folder = existing_static_encoder(shards, cfg, layout, quiet)
     built = folder is None
     encoder_sample = Reservoir(cfg.encoder_docs, cfg.seed) if built else None
@@ -223,12 +225,16 @@ def _fit_static(inputs, out, cfg: Config, quiet: bool) -> tuple[Layout, Substrat
     if not sample.exact:
         say("fit: the static encoder refuses more of the sample's candidates than were kept in reserve: every "
             "document is embedded to draw the sample", quiet)
-        _, _, layout, _, results, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
-        return layout, substrate, sum(r.n_docs for r in results), sum(r.n_rejects for r in results)
+        _, shards, layout, _, _, substrate, _ = _embed_and_fit(inputs, out, cfg, quiet)
+        markers = [read_marker(layout.emb_marker(s)) for s in shards]
+        read = sum(m["n_read"] for m in markers)      # as the one pass counts: the refused ones are documents read
+        return layout, substrate, read, sum(m["n_rejects"] - (m["n_read"] - m["n_docs"]) for m in markers)
+    if len(sample.positions) < min(2, cfg.fit_sample):     # the sample is every document the encoder takes
+        check_enough(len(sample.positions), "have a token the static encoder knows")
     total = int(sum(sample.counts))
     substrate = fit_on(sample.vectors, sample.codes, sample.classes, total, models, layout,
                        None if quiet else say)
-    if built:
+    if not had_encoder:
         shutil.rmtree(layout.encoder, ignore_errors=True)     # the substrate holds its copy (and a run reuses it)
     return layout, substrate, total, sample.rejected
 

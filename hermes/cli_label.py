@@ -105,7 +105,8 @@ def fit(
     """Fit the substrate only (embedding settings, transform, RVQ codebooks) on a sample of INPUT.
 
     The corpus is read once, to draw the sample (the same sample `hermes run` fits on) and, with the
-    static encoder (the default), the encoder's own sample; only the sample is embedded.
+    static encoder (the default), the encoder's own sample; only the sample is embedded (unless the
+    encoder refuses more of its candidates than were kept in reserve: then every document is).
 
     Example: hermes fit corpus/ --out fitted --fit-sample 100000
     """

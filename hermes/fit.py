@@ -1,7 +1,7 @@
 """The fit between embedding and labeling: a seeded sample of the corpus's embeddings -> transform
 + RVQ -> OUT/substrate/. `run` fits on the embeddings it has cached for labeling
-(`fit_substrate`); `fit` with the transformer reads the corpus once and embeds only its sample
-(`fit_sample_only`). Both draw the same sample of the same corpus (SampleDraw)."""
+(`fit_substrate`); `fit` reads the corpus once and embeds only its sample (`read_sample`; with a
+static encoder, hermes.api drives it). Both draw the same sample of the same corpus (SampleDraw)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ class SampleDraw:
     has fewer than `minimum` documents in it, the class's next documents by key (all it has, if
     fewer), so every class gets a codeword from data. Documents the encoder refuses take their key
     and no part: `run` offers only those it embedded, and `fit`, which reads before its static
-    encoder exists, keeps `margin` more candidates and drops the refused ones from them (`result`).
-    Only candidates are kept, with an optional payload row each (the text, say): at most about 1.25
-    times the sample, plus each class's first `minimum` documents (which the top-up may need),
-    whatever the corpus's size. `run` (from its embedding cache) and `fit` (while reading) draw
+    encoder exists, keeps `margin` more candidates (and up to `minimum` more per class) and drops
+    the refused ones from them (`result`). Only candidates are kept, with an optional payload row
+    each (the text, say): at most about 1.25 times the sample and margin, plus each class's first
+    `minimum` (and margin) documents, which the top-up may need, whatever the corpus's size. `run` (from its embedding cache) and `fit` (while reading) draw
     the same documents.
 
     Written here because the sample must be drawn while reading, with the class top-up, and equal
@@ -87,9 +87,9 @@ class SampleDraw:
                 continue
             label = kept[pool.per] if pool.per else np.zeros(len(kept["key"]), dtype=np.int64)
             accepted = ~np.isin(kept["position"], refused)
-            left = np.bincount(label[accepted], minlength=len(pool.bound))
-            # a label whose kept rows are all it offered (bound still open) is exact with any refusals
-            exact &= bool(np.all((left >= k) | ~np.isfinite(pool.bound)))
+            left = np.bincount(label[accepted], minlength=len(pool.lost))
+            # a label whose kept rows are all it was offered is exact with any refusals
+            exact &= bool(np.all((left >= k) | ~pool.lost))
             kept = _take(kept, accepted)
             picked.append(_take(kept, rank_within(label[accepted]) < k))     # kept: by key within each label
         rows = _each_position_once(picked)
@@ -123,12 +123,16 @@ class _Candidates:
         self._parts: list[dict] = []
         self._held = 0
         self._bound = np.full(1, np.inf)        # the k-th smallest key so far, per label (one entry if no `per`)
+        self.lost = np.zeros(1, dtype=bool)     # per label: a row was dropped (so the rows kept are not all)
 
     def offer(self, rows: dict) -> None:
         label = rows[self.per] if self.per else np.zeros(len(rows["key"]), dtype=np.int64)
         if len(label) and label.max() >= len(self._bound):
-            self._bound = np.concatenate([self._bound, np.full(label.max() + 1 - len(self._bound), np.inf)])
+            grow = label.max() + 1 - len(self._bound)
+            self._bound = np.concatenate([self._bound, np.full(grow, np.inf)])
+            self.lost = np.concatenate([self.lost, np.zeros(grow, dtype=bool)])
         mask = rows["key"] < self._bound[label]
+        self.lost[label[~mask]] = True
         if not mask.any():
             return
         self._parts.append(_take(rows, mask))
@@ -143,6 +147,7 @@ class _Candidates:
         label = rows[self.per][order] if self.per else np.zeros(len(order), dtype=np.int64)
         rank = rank_within(label)                                 # each row's rank by key within its label
         keep = order[rank < self.k]
+        self.lost[label[rank >= self.k]] = True
         kept = _take(rows, keep)
         self._parts, self._held = [kept], len(keep)
         kept_label = label[rank < self.k]
@@ -150,12 +155,6 @@ class _Candidates:
         last = np.full(len(self._bound), -np.inf)
         np.maximum.at(last, kept_label, rows["key"][keep])
         self._bound = np.where(full, last, np.inf)           # a label with k rows takes only smaller keys now
-
-    @property
-    def bound(self) -> np.ndarray:
-        """Per label, the largest key kept once it has k rows (a smaller one replaces it), inf
-        before: a label whose bound is inf has kept every row offered."""
-        return self._bound
 
     def kept(self) -> dict | None:
         """The rows kept, by key (ties by position), at most k per label."""
@@ -178,9 +177,9 @@ def _take(rows: dict, which: np.ndarray) -> dict:
             for k, v in rows.items()}
 
 
-def check_enough(total: int) -> None:
+def check_enough(total: int, which: str = "could be read") -> None:
     if total < 2:
-        raise HermesError(f"only {total} document(s) could be read; a substrate needs at least 2",
+        raise HermesError(f"only {total} document(s) {which}; a substrate needs at least 2",
                           hint="check the input and the rejects reported above")
 
 
@@ -206,7 +205,7 @@ def fit_substrate(shards: list[Shard], counts: list[int], models: Models, layout
         if (c < 0).any():      # cannot happen for sources; a taxonomy model gives only its labels
             raise HermesError(f"stage {i + 1}: {int((c < 0).sum())} documents have no class")
     draw = SampleDraw(cfg.fit_sample, cfg.seed, cfg.min_points_per_code if class_codes else 0)
-    cached_at, cached = [], 0             # per shard: its cached documents' read positions
+    cached_at, cached = [], 0             # per shard: its first read position, documents read, first cache row
     for shard, n in zip(shards, counts):
         read = cached_read_positions(shard, layout) if n else np.zeros(0, dtype=np.int64)
         n_read = int(read_marker(layout.emb_marker(shard))["n_read"])
@@ -216,13 +215,14 @@ def fit_substrate(shards: list[Shard], counts: list[int], models: Models, layout
             part = offered[start:start + DRAW_CHUNK]
             lo, hi = cached + np.searchsorted(read, [start, start + len(part)])
             draw.add(len(part), {i: c[lo:hi] for i, c in class_codes.items()}, offered=part)
-        cached_at.append((draw.seen - n_read, n_read, read, cached))
+        cached_at.append((draw.seen - n_read, n_read, cached))
         cached += n
     picks = draw.result()[0]
     parts, rows = [], []
-    for shard, (first, n_read, read, offset) in zip(shards, cached_at):
-        at = np.searchsorted(read, picks[(picks >= first) & (picks < first + n_read)] - first)   # rows in the cache
-        if len(at):
+    for shard, (first, n_read, offset) in zip(shards, cached_at):
+        local = picks[(picks >= first) & (picks < first + n_read)] - first
+        if len(local):      # rows in the cache (the read positions read again: memory follows the sample)
+            at = np.searchsorted(cached_read_positions(shard, layout), local)
             parts.append(np.asarray(load_cached_embeddings(shard, layout, mmap=True)[at], dtype=np.float32))
             rows.append(offset + at)
     rows = np.concatenate(rows)

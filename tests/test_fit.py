@@ -85,6 +85,16 @@ def test_the_sample_drawn_in_one_pass_is_the_smallest_keys_topped_up_per_class(m
             for c in np.unique(label):
                 want |= set([i for i in order if label[i] == c][:minimum])
         positions, got_labels, payload, exact = draw.result(refused)
+        # exact: in every pool (the sample's n + margin smallest keys; each class's minimum + its
+        # margin smallest), each label keeps enough accepted rows, or was never offered more rows
+        # than the pool holds
+        by_key = [i for i in np.lexsort((np.arange(total), keys)) if offered[i]]
+        pools = [(np.zeros(total, dtype=np.int64), n, n + margin)] + \
+            [(label, minimum, minimum + min(margin, minimum)) for label in labels.values()] * bool(minimum)
+        should = all(sum(accepted[i] for i in [i for i in by_key if label[i] == c][:room]) >= k
+                     or sum(1 for i in by_key if label[i] == c) <= room
+                     for label, k, room in pools for c in np.unique(label[offered]))
+        assert exact == should, trial
         if refused is None or not len(refused):
             assert exact, trial
         elif not exact:
@@ -120,6 +130,8 @@ def test_a_static_fit_reads_once_and_embeds_only_its_candidates_for_the_sample_r
     class. If more candidates are refused than were kept in reserve, every document is embedded
     to draw the sample, with the same result."""
     import hermes.fit
+    import hermes.pipeline
+    import hermes.read
 
     records = [{**r, "source": f"s{i % 3}"} for i, r in enumerate(sample_records[:200])]
     for k in range(40):     # refused: a source of their own, and some of the others
@@ -128,18 +140,20 @@ def test_a_static_fit_reads_once_and_embeds_only_its_candidates_for_the_sample_r
     if reserve == "too small":
         monkeypatch.setattr(hermes.fit, "refusal_margin", lambda fit_sample: 0)
     reads = []
-    real = hermes.fit.read_shard
-    monkeypatch.setattr(hermes.fit, "read_shard", lambda shard, *a, **k: reads.append(shard.name) or real(shard, *a, **k))
+    real = hermes.read.read_shard
+    for module in (hermes.fit, hermes.pipeline, hermes.read):       # every way a shard is read
+        monkeypatch.setattr(module, "read_shard", lambda shard, *a, **k: reads.append(shard.name) or real(shard, *a, **k))
     common = ["--encoder", "static", "--fit-sample", "60", "--max-length", "32", "--stages", "source,learned,learned",
               "--format", "json"]
     fit = invoke("fit", corpus, "--out", tmp_path / "f", *common)
     assert fit.exit_code == 0, fit.output
-    assert reads == ["c.jsonl"]
+    assert (json.loads(fit.stdout)["documents"], json.loads(fit.stdout)["rejected"]) == (240, 0)   # read, either way
     if reserve == "kept":
+        assert reads == ["c.jsonl"]
         assert "fit: embedding the sample's " in fit.stderr and "every document is embedded" not in fit.stderr
         assert not (tmp_path / "f" / "embeddings").exists() and not (tmp_path / "f" / "encoder").exists()
     else:
-        assert "every document is embedded" in fit.stderr
+        assert reads == ["c.jsonl", "c.jsonl"] and "every document is embedded" in fit.stderr
     run = invoke("run", corpus, "--out", tmp_path / "r", *common[:-2], "-q", "--format", "json")
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["rejected"] == 40

@@ -509,3 +509,17 @@ def test_string_slots_find_what_a_dict_finds_whatever_the_hashes_collide(monkeyp
         ref.update(zip([strings[i] for i in new], slots.tolist()))
     assert len(table) == len(ref) > 500 and table.n_bytes == sum(len(s.encode()) for s in ref)
     assert (len(table._odd) > len(ref) // 2) == bool(hash_mod)
+
+
+@pytest.mark.parametrize("good", [0, 1])
+def test_a_static_fit_of_a_corpus_the_encoder_all_but_refuses_fails_with_one_line(static_run, tmp_path, good):
+    """`fit` finds out only after reading which documents its static encoder takes: with fewer than
+    two, it stops as `run` does, with one line, instead of fitting on nothing."""
+    records = [{"id": f"b{i}", "text": "\x00\x01\x02"} for i in range(30)] + static_run["records"][:good]
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    encoder = static_run["out"] / "substrate" / "encoder"
+    for command in ("fit", "run"):
+        r = invoke(command, corpus, "--out", tmp_path / command, "--encoder", "static", "--model", encoder, "--quiet")
+        assert r.exit_code == 1, (command, r.output)
+        assert r.stderr.count("Error: ") == 1 and ("document(s)" in r.stderr or "no document" in r.stderr), r.stderr
+    assert not (tmp_path / "fit" / "substrate").exists()
