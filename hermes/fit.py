@@ -33,8 +33,8 @@ class SampleDraw:
     encoder exists, keeps `margin` more candidates (and up to `minimum` more per class) and drops
     the refused ones from them (`result`). Only candidates are kept, with an optional payload row
     each (the text, say): at most about 1.25 times the sample and margin, plus each class's first
-    `minimum` (and margin) documents, which the top-up may need, whatever the corpus's size. `run` (from its embedding cache) and `fit` (while reading) draw
-    the same documents.
+    `minimum` (and margin) documents, which the top-up may need, whatever the corpus's size. `run`
+    (from its embedding cache) and `fit` (while reading) draw the same documents.
 
     Written here because the sample must be drawn while reading, with the class top-up, and equal
     whatever the batches; numpy's and scikit-learn's samplers need the corpus's size first."""

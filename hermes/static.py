@@ -35,7 +35,7 @@ import threading
 from contextlib import contextmanager
 from itertools import chain, count
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -644,9 +644,6 @@ class StringSlots:
     _MIX = np.random.default_rng(0x5EED).integers(1, 2 ** 63, 4096, dtype=np.uint64) | np.uint64(1)
 
     def __init__(self):
-        self.clear()
-
-    def clear(self) -> None:
         self._keys = np.zeros(0, dtype=np.uint64)        # sorted hashes
         self._key_slot = np.zeros(0, dtype=np.int64)     # the slot of each
         self._bytes = np.zeros(1 << 20, dtype=np.uint8)  # the strings' bytes, by slot
@@ -789,11 +786,3 @@ class Reservoir:
                 text = texts[take + k]
                 self.texts[slots[k]] = text if isinstance(text, str) else text.as_py()
         self.seen += len(texts)
-
-
-def reservoir_texts(batches: Iterable[Any], n: int, seed: int) -> tuple[list[str], int]:
-    """Reservoir's sample of n texts from a stream of batches, and how many texts the stream had."""
-    sample = Reservoir(n, seed)
-    for texts in batches:
-        sample.add(texts)
-    return sample.texts, sample.seen

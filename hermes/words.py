@@ -107,42 +107,35 @@ class PieceSums:
     one). `counts(distinct words)` gives an (n, width) array of integers; a text's sum over its
     words equals the sum over its pieces of each piece's sum over its words. Batches the encoder
     did not split (no `Words.pieces`) are summed word by word, as `Words.per_text` does.
-    The values are kept as int32 (a piece is shorter than 2**31 characters), one row per slot."""
+    Each piece's sums are kept as a run of `width` int32 (a piece is shorter than 2**31 characters)."""
 
     def __init__(self, counts, width: int):
         self.counts, self.width = counts, width
-        self._table: tuple | None = None
-        self._values = np.zeros((0, width), dtype=np.int32)
-        self._have = np.zeros(0, dtype=bool)
+        self._runs = PieceRuns(np.int32)
 
     def __call__(self, words: Words) -> np.ndarray:
         """(len(words.texts), width) float64: each text's sums."""
         pieces = words.pieces
         if pieces is None:
             return words.per_text(self.counts(words.distinct))
-        if pieces.table != self._table:          # another table, or the table started again
-            self._table, self._have[:] = pieces.table, False
-        slots = pieces.slots
-        if len(slots) and slots.max() >= len(self._have):
-            size = max(2 * len(self._have), int(slots.max()) + 1)
-            self._values = np.resize(self._values, (size, self.width))
-            self._have = np.concatenate([self._have, np.zeros(size - len(self._have), dtype=bool)])
-        new = np.flatnonzero(~self._have[slots])
-        if len(new):
-            split = Words.of(pieces.distinct.take(pa.array(new)))       # new pieces as texts of words
-            self._values[slots[new]] = np.rint(split.per_text(self.counts(split.distinct))).astype(np.int32)
-            self._have[slots[new]] = True
-        return np.asarray(pieces.occurrences @ self._values[slots].astype(np.float64))
+        values, _ = self._runs.runs(pieces, self._sums)
+        return np.asarray(pieces.occurrences @ values.reshape(-1, self.width).astype(np.float64))
+
+    def _sums(self, new: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        split = Words.of(new)                   # new pieces as texts of words
+        sums = np.rint(split.per_text(self.counts(split.distinct))).astype(np.int32)
+        return sums.reshape(-1), np.full(len(new), self.width, dtype=np.int64)
 
 
 class PieceRuns:
     """Per distinct piece of text, a run of integers (its counted words' term ids, say), each piece's
-    computed once while the encoder's piece table keeps its generation, as PieceSums keeps sums.
+    computed once while the encoder's piece table keeps its generation (PieceSums keeps sums so).
     `runs(pieces, compute)` gives every piece's run, concatenated, and each one's length; `compute(new
     pieces)` gives the new ones' runs (concatenated, in order) and lengths. `clear()` forgets all
     (when what the integers mean changes)."""
 
-    def __init__(self):
+    def __init__(self, dtype=np.int64):
+        self.dtype = dtype
         self.clear()
 
     def clear(self) -> None:
@@ -150,7 +143,7 @@ class PieceRuns:
         self._start = np.zeros(0, dtype=np.int64)
         self._length = np.zeros(0, dtype=np.int64)
         self._have = np.zeros(0, dtype=bool)
-        self._values = np.zeros(1 << 16, dtype=np.int64)
+        self._values = np.zeros(1 << 16, dtype=self.dtype)
         self._used = 0
 
     def runs(self, pieces: Pieces, compute) -> tuple[np.ndarray, np.ndarray]:

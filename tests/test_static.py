@@ -401,7 +401,7 @@ def test_the_heuristics_counts_kept_per_piece_across_batches_give_the_same_score
             words = enc.tokenize(arr, words=True).words
             assert words.pieces is not None and words.pieces.table[1] == enc.pieces_.generation
             np.testing.assert_array_equal(heuristic_scores(arr, words, sums), heuristic_scores(arr))
-        assert sums._have.sum() > 0
+        assert sums._runs._have.sum() > 0
     keep = np.arange(len(texts)) % 3 > 0
     words = enc.tokenize(pa.array(texts), words=True).words.take(keep)
     kept = pa.array([t for t, k in zip(texts, keep) if k])
@@ -432,21 +432,23 @@ def test_a_tokenizer_that_does_not_split_at_whitespace_encodes_whole_texts():
 
 
 def test_the_encoder_sample_is_the_same_from_arrow_batches_as_from_lists():
-    """reservoir_texts takes the read batches' Arrow text columns as they are (only the texts that
-    enter the sample become Python strings) and draws what it draws from lists of str."""
+    """The encoder's Reservoir takes the read batches' Arrow text columns as they are (only the
+    texts that enter the sample become Python strings) and draws what it draws from lists of str."""
     import numpy as np
     import pyarrow as pa
 
-    from hermes.static import reservoir_texts
+    from hermes.static import Reservoir
 
     texts = [f"text {i}" for i in range(5000)]
     cuts = np.sort(np.random.default_rng(0).integers(0, len(texts), 40)).tolist()
     batches = [texts[a:b] for a, b in zip([0] + cuts, cuts + [len(texts)])]
     for n in (10, 700, 6000):
-        from_lists = reservoir_texts(batches, n, seed=3)
-        from_arrow = reservoir_texts((pa.chunked_array([pa.array(b, pa.string())]) for b in batches), n, seed=3)
-        assert from_arrow == from_lists and from_lists[1] == len(texts)
-        assert len(from_lists[0]) == min(n, len(texts)) and len(set(from_lists[0])) == len(from_lists[0])
+        from_lists, from_arrow = Reservoir(n, seed=3), Reservoir(n, seed=3)
+        for b in batches:
+            from_lists.add(b)
+            from_arrow.add(pa.chunked_array([pa.array(b, pa.string())]))
+        assert from_arrow.texts == from_lists.texts and from_arrow.seen == from_lists.seen == len(texts)
+        assert len(from_lists.texts) == min(n, len(texts)) and len(set(from_lists.texts)) == len(from_lists.texts)
 
 
 def test_term_counts_kept_per_piece_across_batches_equal_counting_the_words_afresh(static_run, monkeypatch):
