@@ -79,9 +79,10 @@ class Batch:
 
     @property
     def words(self) -> Words:
-        """The texts split into words once (the quality heuristic and the term counts share it)."""
+        """The texts split into words once (the quality heuristic and the term counts share it), from
+        the static encoder's split into pieces where it made one."""
         if self._words is None:
-            self._words = Words.of(self.column("text"))
+            self._words = Words.of_split(self.column("text"), self.tokens.pieces if self.tokens is not None else None)
         return self._words
 
     def vectors(self) -> np.ndarray:
@@ -165,11 +166,9 @@ class StaticTokens(Labeler):
         return self.encoder.settings()
 
     def __call__(self, batch: Batch) -> Batch:
-        tokens = self.encoder.tokenize(batch.column("text"), words=batch._words is None)
+        tokens = self.encoder.tokenize(batch.column("text"))
         out = batch.with_columns(**({"n_tokens": pa.array(tokens.counts, pa.int32())} if self.counts else {}))
-        if tokens.words is not None:      # the encoder's split serves the words view too
-            out._words = tokens.words
-        out.tokens = tokens._replace(words=None)
+        out.tokens = tokens               # its split into pieces serves the words view too
         return out.refuse(tokens.known == 0, NO_TOKENS)
 
 
@@ -415,12 +414,49 @@ def apply(batch: Batch, labelers: Iterable[Labeler]) -> tuple[Batch, list[pa.Tab
     return batch, rejected
 
 
+def _arrow_pool_that_keeps_memory() -> None:
+    """Arrow's jemalloc pool instead of its default mimalloc one, where the build has both. Each
+    batch allocates and frees arrays of megabytes; mimalloc hands freed pages back to the kernel
+    within milliseconds, and the next batch's arrays come back as fresh pages the kernel zeroes
+    (a tenth of `hermes label`'s CPU time went to clearing pages, by `perf`). With jemalloc, static
+    labeling took 7% less time and CPU (docs/benchmarks.md); glibc's and numpy's settings for the
+    same (mallopt thresholds, no huge pages) changed nothing measurable."""
+    if pa.default_memory_pool().backend_name == "mimalloc":
+        try:
+            pa.set_memory_pool(pa.jemalloc_memory_pool())
+        except NotImplementedError:        # a build without jemalloc keeps its pool
+            pass
+
+
+# The first read batch is labeled in pieces of these sizes first: the second thread's first batch
+# (the encoder's piece table empty, every piece new) is then short, and this thread starts on its
+# part after a quarter of a second instead of a second (dev corpus; docs/benchmarks.md).
+RAMP = (256, 768)
+
+
+def _ramped(batches: Iterable[tuple[pa.Table, pa.Table]], sizes: tuple[int, ...]) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """The batches, the first one cut into pieces of `sizes` documents first (its read rejects go
+    with the first piece)."""
+    it = iter(batches)
+    for docs, read_rejects in it:
+        start = 0
+        for size in sizes:
+            if docs.num_rows - start <= size:
+                break
+            yield docs.slice(start, size), read_rejects
+            read_rejects, start = REJECT_FILE_SCHEMA.empty_table(), start + size
+        yield docs.slice(start), read_rejects
+        break
+    yield from it
+
+
 def label_batches(batches: Iterable[tuple[pa.Table, pa.Table]], file: str, labelers: list[Labeler],
                   ahead: int = 0) -> Iterator[tuple[Batch, pa.Table, int]]:
     """The one loop of every per-shard function: (labeled batch, its rejects, rows read) for each
     (documents, rejects found while reading) pair. The first `ahead` labelers run one batch ahead
     in a second thread (the tokenizer and Arrow release the GIL), while this thread runs the rest
-    and the caller writes."""
+    and the caller writes; the first read batch then goes in smaller pieces (RAMP)."""
+    _arrow_pool_that_keeps_memory()
     for labeler in labelers:
         labeler.setup()
     first, rest = labelers[:ahead], labelers[ahead:]
@@ -442,7 +478,7 @@ def label_batches(batches: Iterable[tuple[pa.Table, pa.Table]], file: str, label
     # BLAS thread would only spin against them)
     with ThreadPoolExecutor(1) as pool, threadpool_limits(max(1, (os.cpu_count() or 2) - 2), user_api="blas"):
         pending = None
-        for docs, read_rejects in batches:
+        for docs, read_rejects in _ramped(batches, RAMP):
             job = pool.submit(apply, Batch(docs, file), first)
             if pending is not None:
                 yield finish(*pending[0].result(), *pending[1:])

@@ -348,27 +348,26 @@ class StaticEncoder:
         counts = np.zeros(len(arr), dtype=np.int64)
         ok = np.zeros(len(arr), dtype=bool)
         for start in range(0, len(arr), ENCODE_BATCH):      # a slice's bags at a time
-            tokens = self._tokenize_slice(arr.slice(start, ENCODE_BATCH))[0]
+            tokens = self._tokenize_slice(arr.slice(start, ENCODE_BATCH))
             stop = start + tokens.n
             vecs[start:stop], ok[start:stop] = self.vectors(tokens)
             counts[start:stop] = tokens.counts
         return vecs, counts, ok
 
-    def tokenize(self, texts, words: bool = False) -> "Tokens":
-        """The texts' token ids as bags (hermes.static.Tokens), and with `words`, their `Words` from
-        the same split into pieces (None where the texts were not split in one piece: a tokenizer
-        the piece cache cannot serve, or more than ENCODE_BATCH texts). `vectors(tokens)` then
-        gives their vectors: the two halves of `encode_counted`, so that they can run in two threads."""
-        from hermes.words import Words, as_strings
+    def tokenize(self, texts) -> "Tokens":
+        """The texts' token ids (hermes.static.Tokens), with the split into pieces they were made from
+        where the piece cache made one in one go (at most ENCODE_BATCH texts). `vectors(tokens)`
+        then gives their vectors: the two halves of `encode_counted`, so that they can run in two
+        threads."""
+        from hermes.words import as_strings
 
         arr = as_strings(texts)
         if len(arr) <= ENCODE_BATCH:
-            tokens, pieces = self._tokenize_slice(arr)
-            return tokens._replace(words=Words.of_pieces(arr, pieces)) if words and pieces is not None else tokens
+            return self._tokenize_slice(arr)
         import scipy.sparse as sp
 
-        parts = [self._tokenize_slice(arr.slice(start, ENCODE_BATCH))[0] for start in range(0, len(arr), ENCODE_BATCH)]
-        return Tokens(sp.vstack([t.bags for t in parts], format="csr"), np.concatenate([t.counts for t in parts]),
+        parts = [self._tokenize_slice(arr.slice(start, ENCODE_BATCH)) for start in range(0, len(arr), ENCODE_BATCH)]
+        return Tokens(sp.vstack([t.bags for t in parts], format="csr"), None, np.concatenate([t.counts for t in parts]),
                       np.concatenate([t.known for t in parts]), None)
 
     def vectors(self, tokens: "Tokens") -> tuple[np.ndarray, np.ndarray]:
@@ -389,34 +388,45 @@ class StaticEncoder:
         """Tokens of each whole text (the teacher's tokenizer, no special tokens), as n_tokens counts."""
         return self.tokenize(texts).counts
 
-    def _tokenize_slice(self, texts) -> tuple["Tokens", "Pieces | None"]:
-        """The tokens of at most ENCODE_BATCH texts (an Arrow string array), and the split into
-        pieces they were made from, if the piece cache made one."""
+    def _tokenize_slice(self, texts) -> "Tokens":
+        """The tokens of at most ENCODE_BATCH texts (an Arrow string array)."""
         self.setup()
         if self.pieces_ is None:            # a tokenizer the piece cache cannot serve: whole texts
             ids, lengths = self.token_ids(texts.to_pylist())
             bags = count_rows(ids, lengths, len(self.rows_), np.float32)
-            return Tokens(bags, lengths, bags @ self.known_.astype(np.float32), None), None
-        bags, counts, known, pieces = self.pieces_.bags(texts)
-        return Tokens(bags, counts, known, None), pieces
+            return Tokens(bags, None, lengths, bags @ self.known_.astype(np.float32), None)
+        return self.pieces_.tokens(texts)
 
 
 class Tokens(NamedTuple):
-    """Texts' token ids, as `StaticEncoder.tokenize` gives them: what the vectors are made of."""
-    bags: Any                   # scipy CSR (n, vocab) float32: each text's count of each token id
+    """Texts' token ids, as `StaticEncoder.tokenize` gives them: what the vectors are made of. With
+    `piece_ids`, a text's bag is the product of its pieces' occurrences and the pieces' ids, made
+    when `bags` is asked for (in the labeling thread, not the tokenizing one)."""
+    occurrences: Any            # scipy CSR float32: (n, pieces) each text's count of each piece, or the bags
+    piece_ids: Any              # scipy CSR (pieces, vocab) float32: each piece's count of each token id, or None
     counts: np.ndarray          # (n,) tokens of each whole text
     known: np.ndarray           # (n,) of those, tokens the encoder has a vector for
-    words: Any                  # hermes.words.Words from the same split, or None
+    pieces: "Pieces | None"     # the split into pieces (for the words view), if the piece cache made one
 
     @property
     def n(self) -> int:
         return len(self.counts)
 
+    @property
+    def bags(self):
+        """A scipy CSR (n, vocab) float32: each text's count of each token id, in id order (a text's
+        vector is summed alike in any batch)."""
+        if self.piece_ids is None:
+            return self.occurrences
+        bags = self.occurrences @ self.piece_ids
+        bags.sort_indices()
+        return bags
+
     def take(self, keep: np.ndarray) -> "Tokens":
         """The tokens of the texts where `keep` (a bool mask) is True."""
         rows = np.flatnonzero(keep)
-        return Tokens(self.bags[rows], self.counts[rows], self.known[rows],
-                      self.words.take(keep) if self.words is not None else None)
+        return Tokens(self.occurrences[rows], self.piece_ids, self.counts[rows], self.known[rows],
+                      self.pieces.take(rows) if self.pieces is not None else None)
 
 
 _WHITESPACE_SPLITS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
@@ -602,10 +612,10 @@ class PieceCache:
         return (np.concatenate([cut, np.flatnonzero(whole)[order]]), np.concatenate([ids, lone_ids]).astype(np.int32),
                 np.concatenate([lengths, lone_lengths]))
 
-    def bags(self, texts) -> tuple[Any, np.ndarray, np.ndarray, "Pieces"]:
-        """(bags, token counts, known-token counts, pieces) of an Arrow string array: `bags` is a
-        CSR (len(texts), vocab) matrix of each text's token-id counts, `pieces` the split
-        (hermes.words.Pieces: the distinct pieces, how often each text holds each, their slots)."""
+    def tokens(self, texts) -> Tokens:
+        """The Tokens of an Arrow string array: each text's occurrences of its distinct pieces, the
+        pieces' token ids, counts of tokens and of known tokens, and the split (hermes.words.Pieces:
+        the distinct pieces, how often each text holds each, their slots)."""
         import pyarrow.compute as pc
 
         from hermes.words import Pieces, resplit_rare
@@ -623,29 +633,31 @@ class PieceCache:
         # texts x distinct pieces (occurrences; a repeated piece is a repeated entry, summed by the
         # products), then pieces x token ids
         occurrences = count_rows(distinct.indices.to_numpy(), per_text, len(words), np.float32)
-        pieces = count_rows(ids, length, self.vocab, np.float32)
         counts = np.rint(occurrences @ length.astype(np.float64)).astype(np.int64)
-        bags = occurrences @ pieces
-        bags.sort_indices()         # ids in order: a text's vector is summed alike in any batch
-        return bags, counts, occurrences @ n_known, Pieces(distinct.dictionary, occurrences, slots,
-                                                          (self.table_id, generation))
+        return Tokens(occurrences, count_rows(ids, length, self.vocab, np.float32), counts, occurrences @ n_known,
+                      Pieces(words, occurrences, slots, (self.table_id, generation)))
 
 
 class StringSlots:
     """Distinct strings numbered 0, 1, 2, ... in the order added, found again from Arrow string arrays
     without a Python object per string: each string's bytes are hashed to 64 bits with numpy, the
-    hashes kept sorted (np.searchsorted finds them) and a hit checked byte for byte against the
+    hashes kept in an open-addressing table (linear probing, at most half full, every probe step
+    one numpy gather over the strings still looking) and a hit checked byte for byte against the
     string stored. A string whose hash another one took already is kept in a small dict instead.
 
     Written here because a dict needs a str per lookup and holds the GIL all along (the encoder's
     thread spent most of its Python time there), and no library keeps a hash table across calls
-    for Arrow arrays (pyarrow's `index_in` builds its table again on every call)."""
+    for Arrow arrays (pyarrow's `index_in` builds its table again on every call). A sorted array
+    of the hashes searched by np.searchsorted did the same in twice the time (a binary search
+    misses the cache at every step; a probe here is one or two reads)."""
 
     _MIX = np.random.default_rng(0x5EED).integers(1, 2 ** 63, 4096, dtype=np.uint64) | np.uint64(1)
+    _EMPTY = -1
 
     def __init__(self):
-        self._keys = np.zeros(0, dtype=np.uint64)        # sorted hashes
-        self._key_slot = np.zeros(0, dtype=np.int64)     # the slot of each
+        self._slot = np.full(1 << 12, self._EMPTY, dtype=np.int32)   # the table: a string's slot, or empty
+        self._key = np.zeros(1 << 12, dtype=np.uint64)                # the hash of the string there
+        self._n_keyed = 0                                              # strings in the table
         self._bytes = np.zeros(1 << 20, dtype=np.uint8)  # the strings' bytes, by slot
         self._start = np.zeros(1 << 12, dtype=np.int64)
         self._length = np.zeros(1 << 12, dtype=np.int64)
@@ -660,13 +672,11 @@ class StringSlots:
         """Each string's slot, -1 where it is not here."""
         offsets, data = _string_buffers(strings)
         keys = _hash_strings(offsets, data, self._MIX)
-        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        cand = self._probe(keys)
         slots = np.full(len(keys), -1, dtype=np.int64)
-        if not len(self._keys):
-            return self._find_odd(strings, slots, np.arange(len(keys))) if self._odd else slots
-        hit = np.flatnonzero(self._keys[at] == keys)
+        hit = np.flatnonzero(cand >= 0)
         if len(hit):
-            cand = self._key_slot[at[hit]]
+            cand = cand[hit]
             lengths = np.diff(offsets)[hit]
             same = self._length[cand] == lengths
             check = np.flatnonzero(same & (lengths > 0))
@@ -680,6 +690,45 @@ class StringSlots:
         if self._odd:
             return self._find_odd(strings, slots, np.flatnonzero(slots < 0))
         return slots
+
+    def _probe(self, keys: np.ndarray) -> np.ndarray:
+        """The slot of the string in the table with each key, -1 where none has it."""
+        mask = np.uint64(len(self._slot) - 1)
+        out = np.full(len(keys), -1, dtype=np.int64)
+        todo, pos = np.arange(len(keys)), (keys & mask).astype(np.int64)
+        while len(todo):
+            slot = self._slot[pos]
+            taken = slot != self._EMPTY
+            found = taken & (self._key[pos] == keys[todo])
+            out[todo[found]] = slot[found]
+            on = taken & ~found                   # another key sits here: look at the next place
+            todo, pos = todo[on], (pos[on] + 1) & int(mask)
+        return out
+
+    def _insert(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Put distinct keys, none in the table yet, with their slots."""
+        if 2 * (self._n_keyed + len(keys)) > len(self._slot):
+            kept = np.flatnonzero(self._slot != self._EMPTY)
+            old_keys, old_slots = self._key[kept], self._slot[kept]
+            size = len(self._slot)
+            while 2 * (self._n_keyed + len(keys)) > size:
+                size *= 2
+            self._slot = np.full(size, self._EMPTY, dtype=np.int32)
+            self._key = np.zeros(size, dtype=np.uint64)
+            self._n_keyed = 0
+            self._insert(old_keys, old_slots)
+        mask = len(self._slot) - 1
+        todo, pos = np.arange(len(keys)), (keys & np.uint64(mask)).astype(np.int64)
+        while len(todo):
+            free = self._slot[pos] == self._EMPTY
+            claim = -2 - todo[free]               # each claimant writes its own mark; one wins a place
+            self._slot[pos[free]] = claim
+            won = np.zeros(len(todo), dtype=bool)
+            won[free] = self._slot[pos[free]] == claim
+            self._slot[pos[won]] = slots[todo[won]]
+            self._key[pos[won]] = keys[todo[won]]
+            todo, pos = todo[~won], (pos[~won] + 1) & mask
+        self._n_keyed += len(keys)
 
     def _find_odd(self, strings: pa.Array, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if len(rows):
@@ -705,20 +754,14 @@ class StringSlots:
         self.n_bytes += total
         self.n += k
         keys = _hash_strings(offsets, data, self._MIX)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        taken = np.zeros(k, dtype=bool)                       # a hash met twice, or here already
-        taken[order[1:][sorted_keys[1:] == sorted_keys[:-1]]] = True
-        if len(self._keys):
-            at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-            taken |= self._keys[at] == keys
+        taken = np.ones(k, dtype=bool)                # a hash met twice (all but its first), or here already
+        taken[np.unique(keys, return_index=True)[1]] = False
+        taken |= self._probe(keys) >= 0
         if taken.any():
             odd = np.flatnonzero(taken)
             self._odd.update(zip(strings.take(pa.array(odd)).cast(pa.binary()).to_pylist(), slots[odd].tolist()))
-            order = order[~taken[order]]
-        where = np.searchsorted(self._keys, keys[order])
-        self._keys = np.insert(self._keys, where, keys[order])
-        self._key_slot = np.insert(self._key_slot, where, slots[order])
+        keep = np.flatnonzero(~taken)
+        self._insert(keys[keep], slots[keep])
         return slots
 
 

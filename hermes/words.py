@@ -77,6 +77,13 @@ class Words:
         return cls(arr, coded.dictionary, occurrences)
 
     @classmethod
+    def of_split(cls, texts, pieces: Pieces | None) -> "Words":
+        """The words of `texts`, from the static encoder's split into pieces (`Tokens.pieces`) where
+        it made one."""
+        arr = as_strings(texts)
+        return cls.of(arr) if pieces is None else cls.of_pieces(arr, pieces)
+
+    @classmethod
     def of_pieces(cls, texts: pa.Array, pieces: Pieces) -> "Words":
         """The words of `texts` from a split at ASCII whitespace done already (`pieces`). A piece is
         cut at the rest of the whitespace, so each text holds the same words as `of` finds (and at

@@ -131,12 +131,11 @@ def parts(corpus: Path, substrate: Path) -> dict:
             texts = docs.column("text")
             spent["read"] += time.perf_counter() - t
             t = time.perf_counter()
-            tokens = enc.tokenize(texts, words=True)       # the words of the same split, as labeling uses
+            tokens = enc.tokenize(texts)
             emb, ok = enc.vectors(tokens)
-            words = tokens.words
             spent["tokenize_embed"] += time.perf_counter() - t
             t = time.perf_counter()
-            words = words or Words.of(texts)   # split once, for the heuristic and the term counts
+            words = Words.of_split(texts, tokens.pieces)   # the words of the same split, as labeling uses
             spent["words"] += time.perf_counter() - t
             t = time.perf_counter()
             heuristic_scores(texts, words)

@@ -69,6 +69,25 @@ def test_one_loop_the_same_with_labelers_run_ahead(ahead):
     assert [n for _, _, n in out] == [5, 3, 0]              # rows read, rejects included
 
 
+def test_the_first_batch_goes_through_the_second_thread_in_smaller_pieces(monkeypatch):
+    """With labelers run ahead, the first read batch is cut into pieces of RAMP's sizes (then the
+    rest of it): every document once, in order, its read rejects with the first piece; later
+    batches whole, and a first batch no larger than the first piece left whole."""
+    from hermes import labelers
+
+    monkeypatch.setattr(labelers, "RAMP", (2, 3))
+    bad = pa.table({"file": ["f"], "line": [99], "doc_id": [None], "reason": ["bad json"]}, schema=REJECT_FILE_SCHEMA)
+    first = [f"t{i}" for i in range(8)]
+    reads = [(docs(first, 0), bad), (docs(["a", "b", "c"], 8), REJECT_FILE_SCHEMA.empty_table())]
+    out = list(label_batches(iter(reads), "f", [Refuse("gluon"), Refuse("cat")], ahead=1))
+    assert [b.column("doc_id").to_pylist() for b, _, _ in out] == [["d0", "d1"], ["d2", "d3", "d4"],
+                                                                   ["d5", "d6", "d7"], ["d8", "d9", "d10"]]
+    assert [r.column("reason").to_pylist() for _, r, _ in out] == [["bad json"], [], [], []]
+    assert [n for _, _, n in out] == [3, 3, 3, 3]
+    out = list(label_batches(iter([(docs(["a", "b"], 8), bad)]), "f", [Refuse("gluon")], ahead=1))
+    assert [(b.column("doc_id").to_pylist(), n) for b, _, n in out] == [(["d8", "d9"], 3)]
+
+
 def test_document_labelers_keep_rows_and_order(tmp_path):
     cfg = load_config()
     models = Models(cfg)
@@ -118,10 +137,11 @@ def test_static_tokens_and_vectors_refuse_texts_with_no_vector():
         def setup(self):
             return self
 
-        def tokenize(self, texts, words=False):
+        def tokenize(self, texts):
             texts = texts.to_pylist()
             known = np.array([float(len(t.split())) for t in texts])
-            return Tokens(sp.csr_matrix(np.eye(len(texts), 4) * known[:, None]), np.arange(len(texts)) + 10, known, None)
+            return Tokens(sp.csr_matrix(np.eye(len(texts), 4) * known[:, None]), None, np.arange(len(texts)) + 10,
+                          known, None)
 
         def vectors(self, tokens):
             v = tokens.bags.toarray().astype(np.float32)

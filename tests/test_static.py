@@ -343,7 +343,7 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
 
 
 def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(static_run):
-    """`tokenize(words=True)` hands the quality heuristic and the term counts the words of its own split
+    """`tokenize` hands the quality heuristic and the term counts the words of its own split
     into pieces: each text holds the same words (bar empty strings, which count as none) as
     `Words.of`, and the scores and term counts are the same; a batch that drops rows keeps them."""
     import pyarrow as pa
@@ -363,7 +363,7 @@ def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(
 
     enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
     texts = pa.array([r["text"] for r in static_run["records"]] + TRICKY + ["a \u00a0b\u2003c \x1cd\x85e "])
-    words = enc.tokenize(texts, words=True).words
+    words = Words.of_pieces(texts, enc.tokenize(texts).pieces)
     again = Words.of(texts)
     assert held(words) == held(again)
     np.testing.assert_array_equal(heuristic_scores(texts, words), heuristic_scores(texts, again))
@@ -375,7 +375,7 @@ def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(
     # through the labeler: the batch keeps the encoder's words, also after its refused rows leave
     docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "line": list(range(len(texts))), "text": texts})
     batch, rejects = apply(Batch(docs, "f"), [StaticTokens(enc, counts=True), StaticVectors(enc)])
-    assert sum(t.num_rows for t in rejects) and batch._words is not None
+    assert sum(t.num_rows for t in rejects) and batch.words.pieces is not None
     assert held(batch.words) == held(Words.of(batch.column("text")))
 
 
@@ -388,7 +388,7 @@ def test_the_heuristics_counts_kept_per_piece_across_batches_give_the_same_score
 
     from hermes.quality import heuristic_scores, word_counts
     from hermes.static import StaticEncoder
-    from hermes.words import PieceSums
+    from hermes.words import PieceSums, Words
 
     enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
     sums = PieceSums(word_counts, 6)
@@ -398,12 +398,12 @@ def test_the_heuristics_counts_kept_per_piece_across_batches_give_the_same_score
         enc.pieces_._clear()
         for part in (texts[:40], texts, TRICKY, texts[::-1], texts[20:60]):
             arr = pa.array(part)
-            words = enc.tokenize(arr, words=True).words
+            words = Words.of_pieces(arr, enc.tokenize(arr).pieces)
             assert words.pieces is not None and words.pieces.table[1] == enc.pieces_.generation
             np.testing.assert_array_equal(heuristic_scores(arr, words, sums), heuristic_scores(arr))
         assert sums._runs._have.sum() > 0
     keep = np.arange(len(texts)) % 3 > 0
-    words = enc.tokenize(pa.array(texts), words=True).words.take(keep)
+    words = Words.of_pieces(pa.array(texts), enc.tokenize(pa.array(texts)).pieces).take(keep)
     kept = pa.array([t for t, k in zip(texts, keep) if k])
     np.testing.assert_array_equal(heuristic_scores(kept, words, sums), heuristic_scores(kept))
 
@@ -460,6 +460,7 @@ def test_term_counts_kept_per_piece_across_batches_equal_counting_the_words_afre
 
     from hermes.static import StaticEncoder
     from hermes.terms import TermCounter
+    from hermes.words import Words
 
     enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
     texts = [r["text"] for r in static_run["records"]] + TRICKY + ["a \u00a0b\u2003c \x1cd\x85e "]
@@ -473,7 +474,7 @@ def test_term_counts_kept_per_piece_across_batches_equal_counting_the_words_afre
             codes = (np.arange(len(part))[:, None] * np.array([[1, 3, 7]]) + k) % np.array([[3, 2, 5]])
             keep = np.arange(len(part)) % 4 > 0 if k == 3 else np.ones(len(part), dtype=bool)
             kept = [t for t, y in zip(part, keep) if y]
-            words = enc.tokenize(pa.array(part), words=True).words.take(keep)
+            words = Words.of_pieces(pa.array(part), enc.tokenize(pa.array(part)).pieces).take(keep)
             assert words.pieces is not None
             by_piece.add(kept, codes[keep], words)
             afresh.add(kept, codes[keep])
