@@ -419,7 +419,8 @@ def _arrow_pool_that_keeps_memory() -> None:
     batch allocates and frees arrays of megabytes; mimalloc hands freed pages back to the kernel
     within milliseconds, and the next batch's arrays come back as fresh pages the kernel zeroes
     (a tenth of `hermes label`'s CPU time went to clearing pages, by `perf`). With jemalloc, static
-    labeling took 7% less time and CPU (docs/benchmarks.md); glibc's and numpy's settings for the
+    labeling of the dev corpus took 7% less time and CPU; on a million documents, where most pieces
+    are known, it made no difference (docs/benchmarks.md). glibc's and numpy's settings for the
     same (mallopt thresholds, no huge pages) changed nothing measurable."""
     if pa.default_memory_pool().backend_name == "mimalloc":
         try:

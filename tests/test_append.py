@@ -19,6 +19,7 @@ TABLES = {
     "cells": "SELECT * FROM cells ORDER BY level, cell",
     "cell_terms": "SELECT * FROM cell_terms ORDER BY level, cell",
     "shards": "SELECT * FROM shards ORDER BY ord",
+    "doc_keys": "SELECT * FROM doc_keys ORDER BY ALL",
 }
 
 
@@ -154,8 +155,8 @@ def test_an_append_with_other_settings_or_without_a_store_is_refused(grown, tmp_
 
 def test_an_append_to_a_store_of_the_earlier_layout_aggregates_it_again(grown, tmp_path):
     """A store whose aggregates lack what an append updates from (no exact sums, no percentile
-    bands; cell_terms a table) is aggregated again in full by its first append, and ends equal to
-    a store built at once."""
+    bands; cell_terms a table; no doc_id keys) is aggregated again in full by its first append,
+    and ends equal to a store built at once."""
     out = tmp_path / "out"
     r = invoke("label", grown["a"], "--substrate", grown["sub"], "--out", out, *QUIET)
     assert r.exit_code == 0, r.output
@@ -164,6 +165,7 @@ def test_an_append_to_a_store_of_the_earlier_layout_aggregates_it_again(grown, t
         con.execute(f"DROP TABLE IF EXISTS p70_window_{level}")
         con.execute(f"CREATE OR REPLACE TABLE cells_{level}_data AS SELECT * EXCLUDE (q_n, q_sum, q_below) "
                     f"FROM cells_{level}_data")
+    con.execute("DROP TABLE doc_keys")                     # made before the keys: its append makes them
     con.execute("CREATE TABLE old_terms AS SELECT * FROM cell_terms")
     con.execute("DROP VIEW cell_terms")
     con.execute("ALTER TABLE old_terms RENAME TO cell_terms")
@@ -171,3 +173,33 @@ def test_an_append_to_a_store_of_the_earlier_layout_aggregates_it_again(grown, t
     r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
     assert r.exit_code == 0, r.output
     assert _tables(out / "labels.duckdb") == _tables(grown["full"])
+
+
+@pytest.mark.parametrize("key", ["hash(doc_id)", "hash(doc_id) % 2"])
+def test_appends_find_duplicates_by_the_doc_id_keys_and_a_colliding_key_costs_only_time(grown, e2e, tmp_path,
+                                                                                        monkeypatch, key):
+    """An append with no doc_id of the store's finds that from the keys alone; the keys of its rows
+    join the store's, so a later append finds a repeat of them. Keys that collide (taken modulo 2:
+    every new key is among the store's) send each append to the doc_ids, with the same result."""
+    from hermes import store
+
+    monkeypatch.setattr(store, "DOC_KEY", key)
+    records = [{"id": f"fresh{i}", "text": r["text"]} for i, r in enumerate(e2e["records"])]
+    fresh = write_jsonl(tmp_path / "in" / "fresh.jsonl", records[:20])
+    again = write_jsonl(tmp_path / "in" / "again.jsonl", records[15:25])        # 5 of fresh's ids, 5 new
+    out = tmp_path / "out"
+    for i, shard in enumerate((grown["a"], fresh, again)):
+        r = invoke("label", shard, "--substrate", grown["sub"], "--out", out, *(("--append",) if i else ()), *QUIET)
+        assert r.exit_code == 0, r.output
+    full = invoke("label", grown["a"], fresh, again, "--substrate", grown["sub"], "--out", tmp_path / "full", *QUIET)
+    assert full.exit_code == 0, full.output
+    mine = _tables(out / "labels.duckdb")
+    assert mine == _tables(tmp_path / "full" / "labels.duckdb")
+    dups = [r for r in mine["rejects"] if r[3].startswith("duplicate doc_id (first at fresh.jsonl:")]
+    assert sorted(r[2] for r in dups) == [f"fresh{i}" for i in range(15, 20)]
+    con = duckdb.connect(str(out / "labels.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM labels").fetchall() == con.execute(
+            "SELECT count(*) FROM doc_keys").fetchall()
+    finally:
+        con.close()
