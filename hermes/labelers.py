@@ -421,7 +421,8 @@ def _arrow_pool_that_keeps_memory() -> None:
     (a tenth of `hermes label`'s CPU time went to clearing pages, by `perf`). With jemalloc, static
     labeling of the dev corpus took 7% less time and CPU; on a million documents, where most pieces
     are known, it made no difference (docs/benchmarks.md). glibc's and numpy's settings for the
-    same (mallopt thresholds, no huge pages) changed nothing measurable."""
+    same (mallopt thresholds, no huge pages) changed nothing measurable. The pool is the process's:
+    it stays for every later labeling (any encoder) and Arrow allocation."""
     if pa.default_memory_pool().backend_name == "mimalloc":
         try:
             pa.set_memory_pool(pa.jemalloc_memory_pool())

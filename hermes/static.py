@@ -654,9 +654,10 @@ class StringSlots:
     _MIX = np.random.default_rng(0x5EED).integers(1, 2 ** 63, 4096, dtype=np.uint64) | np.uint64(1)
     _EMPTY = -1
 
-    def __init__(self):
-        self._slot = np.full(1 << 12, self._EMPTY, dtype=np.int32)   # the table: a string's slot, or empty
-        self._key = np.zeros(1 << 12, dtype=np.uint64)                # the hash of the string there
+    def __init__(self, places: int = 1 << 12):
+        """`places`: the table's size to start with (a power of two; it doubles as it fills)."""
+        self._slot = np.full(places, self._EMPTY, dtype=np.int32)    # the table: a string's slot, or empty
+        self._key = np.zeros(places, dtype=np.uint64)                 # the hash of the string there
         self._n_keyed = 0                                              # strings in the table
         self._bytes = np.zeros(1 << 20, dtype=np.uint8)  # the strings' bytes, by slot
         self._start = np.zeros(1 << 12, dtype=np.int64)

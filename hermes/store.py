@@ -246,9 +246,12 @@ def _make_doc_keys(con) -> None:
 
 
 def _doc_keys_current(con) -> bool:
-    """True where table doc_keys holds the labels' keys under this DuckDB's hash."""
+    """True where table doc_keys holds the labels' keys under this DuckDB's hash: one for each
+    label (an append by an earlier hermes adds labels and no keys)."""
     rows = con.execute("SELECT comment FROM duckdb_tables() WHERE table_name = 'doc_keys'").fetchall()
-    return bool(rows) and rows[0][0] == _key_probe(con)
+    if not rows or rows[0][0] != _key_probe(con):
+        return False
+    return con.execute("SELECT (SELECT count(*) FROM doc_keys) = (SELECT count(*) FROM labels)").fetchall()[0][0]
 
 
 def store_shards(db_path: str | Path) -> list[str] | None:

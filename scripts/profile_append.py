@@ -4,7 +4,8 @@ Builds the store of `bench_store.py` once in --workdir (kept, so later runs reus
 new file of N/100 rows to a copy of it, timing every SQL statement the append runs. Prints JSON:
 `append_seconds` and the statements that took longest (`seconds`, the statement's first 120
 characters, summed over repeats). Run it twice, with the code before and after a change, to compare
-(`PYTHONPATH=<other checkout> python scripts/profile_append.py ...` from outside the repository).
+(`PYTHONPATH=<other checkout> python scripts/profile_append.py ...` from outside the repository);
+a kept store without table doc_keys (built by older code) is built again.
 
     python scripts/profile_append.py --rows 30000000 --workdir /tmp/profile-append
 """
@@ -53,6 +54,12 @@ def main() -> None:
 
     labels, built = args.workdir / "labels", args.workdir / "built.duckdb"
     extra = labels / "appended.parquet"
+    if built.is_file():         # a store built by code before table doc_keys would time their making
+        con = duckdb.connect(str(built), read_only=True)
+        keyed = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'doc_keys'").fetchall()[0][0]
+        con.close()
+        if not keyed:
+            built.unlink()
     if not built.is_file():
         labels.mkdir(parents=True, exist_ok=True)
         files = []

@@ -203,3 +203,21 @@ def test_appends_find_duplicates_by_the_doc_id_keys_and_a_colliding_key_costs_on
             "SELECT count(*) FROM doc_keys").fetchall()
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("tamper", ["DELETE FROM doc_keys", "UPDATE doc_keys SET key = key + 1; COMMENT ON TABLE doc_keys IS '1'"])
+def test_keys_that_do_not_match_the_labels_are_made_again_before_they_are_trusted(grown, tmp_path, tamper):
+    """Keys that no longer cover the labels (an append by an earlier hermes adds labels, no keys) or
+    that another hash made (the comment's probe differs) are made again: the append still finds
+    the store's copy of each repeated doc_id, and ends equal to a store built at once."""
+    out = tmp_path / "out"
+    r = invoke("label", grown["a"], "--substrate", grown["sub"], "--out", out, *QUIET)
+    assert r.exit_code == 0, r.output
+    con = duckdb.connect(str(out / "labels.duckdb"))
+    for statement in tamper.split("; "):
+        con.execute(statement)
+    con.close()
+    r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
+    assert r.exit_code == 0, r.output
+    mine = _tables(out / "labels.duckdb")
+    assert mine == _tables(grown["full"]) and any(row[3].startswith("duplicate doc_id") for row in mine["rejects"])

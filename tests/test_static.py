@@ -343,9 +343,10 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
 
 
 def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(static_run):
-    """`tokenize` hands the quality heuristic and the term counts the words of its own split
-    into pieces: each text holds the same words (bar empty strings, which count as none) as
-    `Words.of`, and the scores and term counts are the same; a batch that drops rows keeps them."""
+    """The words made from `tokenize`'s split into pieces (what the quality heuristic and the term
+    counts get): each text holds the same words (bar empty strings, which count as none) as
+    `Words.of`, and the scores and term counts are the same; a batch that drops rows makes them
+    from its remaining rows' pieces."""
     import pyarrow as pa
 
     from hermes.labelers import Batch, StaticTokens, StaticVectors, apply
@@ -372,7 +373,7 @@ def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(
     counts[0].add(texts, codes, words)
     counts[1].add(texts, codes, again)
     assert counts[0].table().equals(counts[1].table())
-    # through the labeler: the batch keeps the encoder's words, also after its refused rows leave
+    # through the labeler: the words come from the encoder's pieces, also after refused rows leave
     docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "line": list(range(len(texts))), "text": texts})
     batch, rejects = apply(Batch(docs, "f"), [StaticTokens(enc, counts=True), StaticVectors(enc)])
     assert sum(t.num_rows for t in rejects) and batch.words.pieces is not None
@@ -498,7 +499,7 @@ def test_string_slots_find_what_a_dict_finds_whatever_the_hashes_collide(monkeyp
         real = static._hash_strings
         monkeypatch.setattr(static, "_hash_strings", lambda o, d, m: real(o, d, m) % np.uint64(hash_mod))
     rng = random.Random(1)
-    table, ref = static.StringSlots(), {}
+    table, ref = static.StringSlots(places=16), {}     # small, so that the table grows many times
     alphabet = ["a", "b", "é", "中", "ab", "\x00", "xyzzy" * 300]
     for batch in range(40):
         strings = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5)))
