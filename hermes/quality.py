@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes.words import PieceSums, Words, resplit_rare
+from hermes.words import PieceSums, Words, resplit_rare, string_buffers
 
 SOURCES = ("none", "heuristic", "field")
 
@@ -125,12 +125,8 @@ def _letters(arr: pa.Array) -> np.ndarray:
     n = len(arr)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    _, offsets, data = arr.buffers()
-    offsets = np.frombuffer(offsets, dtype=np.int64 if pa.types.is_large_string(arr.type) else np.int32)
-    offsets = offsets[arr.offset:arr.offset + n + 1].astype(np.int64)
-    data = np.frombuffer(data, dtype=np.uint8, count=int(offsets[-1]))[offsets[0]:] if data is not None \
-        else np.zeros(0, dtype=np.uint8)
-    running = np.concatenate([[0], np.cumsum(_ASCII_LETTER[data])])
+    offsets, data = string_buffers(arr)
+    running = np.concatenate([[0], np.cumsum(_ASCII_LETTER[data[offsets[0]:offsets[-1]]])])
     out = running[offsets[1:] - offsets[0]] - running[offsets[:-1] - offsets[0]]
     other = np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False))
     if len(other):

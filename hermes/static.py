@@ -35,7 +35,7 @@ import threading
 from contextlib import contextmanager
 from itertools import chain, count
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -44,9 +44,7 @@ from hermes.errors import HermesError
 from hermes.files import sha256
 from hermes.files import replacing
 from hermes.vectors import count_rows, gather_runs, unit_rows
-
-if TYPE_CHECKING:
-    from hermes.words import Pieces
+from hermes.words import Pieces, as_strings, resplit_rare, string_buffers
 
 MANIFEST = "hermes_encoder.json"
 FILES = ("model.safetensors", "tokenizer.json")   # the StaticEmbedding module, saved at the top of the folder
@@ -341,8 +339,6 @@ class StaticEncoder:
         """(vectors (n, dim) float32 unit-norm, token counts (n,), ok (n,) bool) of `texts` (a list of
         str or an Arrow string array): `ok` is False for a text with no known token, whose vector row
         is then zero (it must be rejected, not labeled)."""
-        from hermes.words import as_strings
-
         arr = as_strings(texts)
         vecs = np.zeros((len(arr), self.setup().dim_), dtype=np.float32)
         counts = np.zeros(len(arr), dtype=np.int64)
@@ -359,8 +355,6 @@ class StaticEncoder:
         where the piece cache made one in one go (at most ENCODE_BATCH texts). `vectors(tokens)`
         then gives their vectors: the two halves of `encode_counted`, so that they can run in two
         threads."""
-        from hermes.words import as_strings
-
         arr = as_strings(texts)
         if len(arr) <= ENCODE_BATCH:
             return self._tokenize_slice(arr)
@@ -618,8 +612,6 @@ class PieceCache:
         the distinct pieces, how often each text holds each, their slots)."""
         import pyarrow.compute as pc
 
-        from hermes.words import Pieces, resplit_rare
-
         lists = pc.ascii_split_whitespace(texts)
         if self.drop_vt_ff:
             # the normaliser drops \v and \f (controls) rather than split there, after it has matched
@@ -671,7 +663,7 @@ class StringSlots:
 
     def find(self, strings: pa.Array) -> np.ndarray:
         """Each string's slot, -1 where it is not here."""
-        offsets, data = _string_buffers(strings)
+        offsets, data = string_buffers(strings)
         keys = _hash_strings(offsets, data, self._MIX)
         cand = self._probe(keys)
         slots = np.full(len(keys), -1, dtype=np.int64)
@@ -739,7 +731,7 @@ class StringSlots:
 
     def add(self, strings: pa.Array) -> np.ndarray:
         """Slots for `strings` (distinct, none here yet), numbered on from the last, in order."""
-        offsets, data = _string_buffers(strings)
+        offsets, data = string_buffers(strings)
         k, first = len(strings), self.n
         slots = np.arange(first, first + k)
         lengths = np.diff(offsets)
@@ -764,15 +756,6 @@ class StringSlots:
         keep = np.flatnonzero(~taken)
         self._insert(keys[keep], slots[keep])
         return slots
-
-
-def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets (n + 1, int64, into data), data (uint8)) of an Arrow string or binary array."""
-    wide = pa.types.is_large_string(strings.type) or pa.types.is_large_binary(strings.type)
-    _, off, data = strings.buffers()[:3]
-    offsets = np.frombuffer(off, dtype=np.int64 if wide else np.int32)[strings.offset:strings.offset + len(strings) + 1]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
-    return offsets.astype(np.int64), data
 
 
 def _hash_strings(offsets: np.ndarray, data: np.ndarray, mix: np.ndarray) -> np.ndarray:

@@ -26,6 +26,16 @@ def as_strings(texts) -> pa.Array:
     return texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
 
 
+def string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (n + 1, int64, into data), data (uint8)) of an Arrow string or binary array, without
+    a copy of the data (offsets start where the array's slice does)."""
+    wide = pa.types.is_large_string(strings.type) or pa.types.is_large_binary(strings.type)
+    _, off, data = strings.buffers()[:3]
+    offsets = np.frombuffer(off, dtype=np.int64 if wide else np.int32)[strings.offset:strings.offset + len(strings) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return offsets.astype(np.int64), data
+
+
 def resplit_rare(texts: pa.Array, lists: pa.ListArray, rare: str, pattern: str) -> pa.ListArray:
     """`lists` (a fast split of `texts`, one list per text) with the rows of the texts that match
     the regex `rare` split again at the regex `pattern`: a rare text takes the slow split alone,
