@@ -19,6 +19,7 @@ from hermes.engines import run_step
 from hermes.errors import HermesError
 from hermes.files import replacing
 from hermes.fit import fit_substrate
+from hermes.labelers import give_back_memory
 from hermes.layout import Layout, read_marker
 from hermes.models import Models, models_for, reading_fields
 from hermes.progress import say
@@ -254,7 +255,9 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
     rejects = [layout.reject_file(s) for s in shards] + \
         [layout.unknown_file(s) for s in shards if layout.unknown_file(s).is_file()]
     info = {"command": command, "inputs": inputs, **_store_settings(cfg), "stages": _stack_text(substrate)}
-    pa.default_memory_pool().release_unused()     # what labeling freed goes back before the store is built
+    if getattr(substrate, "static", False):
+        substrate.embedder().release()            # its piece tables: labeling is over
+    give_back_memory()                            # what labeling freed goes back before the store is built
     if append is not None:
         before = store_counts(layout.db)
         held_inputs = list(store_info(layout.db).get("inputs") or [])

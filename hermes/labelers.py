@@ -430,6 +430,22 @@ def _arrow_pool_that_keeps_memory() -> None:
             pass
 
 
+def give_back_memory() -> None:
+    """Return what labeling freed to the system before the store is built, so that DuckDB's memory
+    comes on top of less: Arrow's unused pool pages, and glibc's free heap pages (`malloc_trim`;
+    numpy's and the tokenizer's freed arrays stay in glibc's heaps otherwise, over a hundred MB
+    after a long run). Elsewhere than glibc, only Arrow's."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # The first read batch is labeled in pieces of these sizes first: the second thread's first batch
 # (the encoder's piece table empty, every piece new) is then short, and this thread starts on its
 # part after a quarter of a second instead of a second (dev corpus; docs/benchmarks.md).

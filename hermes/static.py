@@ -317,6 +317,12 @@ class StaticEncoder:
         self._tok = tok
         return self
 
+    def release(self) -> None:
+        """Forget the pieces tokenized so far (the piece tables start again, small): what labeling
+        kept to go fast, given back before the store is built."""
+        if self._tok is not None and self.pieces_ is not None:
+            self.pieces_.release()
+
     @property
     def model(self) -> str:
         return str(self.folder)
@@ -515,6 +521,13 @@ class PieceCache:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def release(self) -> None:
+        """Start this table, and its parts table, again (their memory goes back)."""
+        with self._lock:
+            self._clear()
+        if self.parts is not None:
+            self.parts.release()
 
     def _tokenize(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(the order of the result: its i-th piece is pieces[order[i]], their token ids

@@ -342,6 +342,26 @@ def test_texts_encoded_piece_by_piece_equal_their_whole_tokenization(static_run)
     assert np.array_equal(alone, enc.encode(texts)[:7]) and np.array_equal(alone[3:], enc.encode(texts[3:7]))
 
 
+def test_release_empties_the_piece_tables_and_the_vectors_stay_the_same(static_run):
+    """What labeling gives back before the store is built: both piece tables start again (a new
+    generation, so no slot of the old one is read), and the same texts get the same vectors."""
+    from hermes.static import StaticEncoder
+
+    enc = StaticEncoder(static_run["out"] / "substrate" / "encoder").setup()
+    texts = [r["text"] for r in static_run["records"][:200]]
+    before = enc.encode_counted(texts)
+    tables = (enc.pieces_, enc.pieces_.parts)
+    assert all(len(t) for t in tables)
+    generations = [t.generation for t in tables]
+    enc.release()
+    assert [len(t) for t in tables] == [0, 0]
+    assert [t.generation for t in tables] == [g + 1 for g in generations]
+    assert all(len(t.ids) == 1 << 16 for t in tables)           # the arrays are small again
+    after = enc.encode_counted(texts)
+    for a, b in zip(before, after):
+        assert np.array_equal(a, b)
+
+
 def test_the_encoders_split_gives_the_same_words_and_quality_as_splitting_again(static_run):
     """The words made from `tokenize`'s split into pieces (what the quality heuristic and the term
     counts get): each text holds the same words (bar empty strings, which count as none) as
