@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from hermes.aggregates import data_table
 from hermes.cellkeys import CODES, LEVELS
 from hermes.quality import STOP_WORDS
-from hermes.vectors import count_rows, rank_within
+from hermes.vectors import count_rows, rank_in_runs
 from hermes.words import PieceRuns, Words
 
 TOP_PER_CELL = 100
@@ -71,13 +71,19 @@ def _top_per_cell(cells: np.ndarray, terms: list[str], cell: np.ndarray, term: n
     term_rank = _ranks(pc.array_sort_indices(pa.array(terms, pa.string())).to_numpy())
     # one sort key (cell rank, count descending, term rank) where it fits in 63 bits, else three
     bits = [max(int(n) - 1, 1).bit_length() for n in (len(cells), count.max() + 1, len(terms))]
-    if sum(bits) <= 63:
-        key = (cell_rank[cell].astype(np.int64) << (bits[1] + bits[2])) | \
-            ((count.max() - count).astype(np.int64) << bits[2]) | term_rank[term].astype(np.int64)
+    if sum(bits) <= 63:     # built in place: each temporary is as long as the counts
+        key = cell_rank[cell]
+        key <<= bits[1] + bits[2]
+        part = count.max() - count
+        part <<= bits[2]
+        key |= part
+        del part
+        key |= term_rank[term]
         order = np.argsort(key, kind="stable")     # runs of it come sorted already (cells by id)
+        del key
     else:
         order = np.lexsort((term_rank[term], -count, cell_rank[cell]))
-    return order[rank_within(cell[order]) < k]
+    return order[rank_in_runs(cell[order]) < k]    # sorted by cell first: each cell's rows are one run
 
 
 def _ranks(order: np.ndarray) -> np.ndarray:
@@ -135,8 +141,9 @@ class TermCounter:
         in_cell = sp.csr_matrix((np.ones(len(cell_of_doc)), (cell_of_doc, np.arange(len(cell_of_doc)))),
                                 shape=(len(cells), len(cell_of_doc)))
         counts = ((in_cell @ occurrences) @ in_word).tocoo()
-        self._parts.append((self._ids(self._cell_id, _packed(cells).tolist(), cells)[counts.row],
-                            counts.col.astype(np.int64), np.rint(counts.data).astype(np.int64)))
+        # held as int32 (12 bytes a row): a batch's count of a word in a cell is far below 2**31
+        self._parts.append((self._ids(self._cell_id, _packed(cells).tolist(), cells).astype(np.int32)[counts.row],
+                            counts.col.astype(np.int32), np.rint(counts.data).astype(np.int32)))
         self._held += counts.nnz
         if self._held > max(self._sum.nnz if self._sum is not None else 0, self.FOLD_ROWS):
             self._fold()
@@ -160,14 +167,18 @@ class TermCounter:
 
         if not self._parts:
             return
-        cell, term, count = (np.concatenate(a) for a in zip(*self._parts))
-        part = sp.csr_matrix((count, (cell, term)), shape=(len(self._cells), len(self._terms)))
+        cells, terms, counts = zip(*self._parts)
+        self._parts = []
+        # summed as int64: the batches held may count one word in one cell past 2**31 together
+        part = sp.csr_matrix((np.concatenate(counts, dtype=np.int64), (np.concatenate(cells), np.concatenate(terms))),
+                             shape=(len(self._cells), len(self._terms)))
+        del cells, terms, counts
         if self._sum is None:
             self._sum = part
         else:
             self._sum.resize(part.shape)          # new cells and terms: more rows and columns
             self._sum = self._sum + part
-        self._parts, self._held = [], 0
+        self._held = 0
 
     def _ids(self, index: dict, keys: list, cells: np.ndarray | None = None) -> np.ndarray:
         """The ids of `keys` in `index`, new ones added (for cells, with their codes)."""
@@ -193,8 +204,8 @@ class TermCounter:
             return self._cells, [], None, None
         summed = self._sum
         summed.sum_duplicates()
-        cell = np.repeat(np.arange(summed.shape[0]), np.diff(summed.indptr))
-        term, count = summed.indices.astype(np.int64), summed.data.astype(np.int64)
+        cell = np.repeat(np.arange(summed.shape[0], dtype=np.int32), np.diff(summed.indptr))
+        term, count = summed.indices, summed.data.astype(np.int64, copy=False)
         keep = _top_per_cell(self._cells, self._terms, cell, term, count, k)
         kept_terms, term_ids = np.unique(term[keep], return_inverse=True)
         rows = (cell[keep], term_ids.reshape(-1), count[keep])

@@ -30,6 +30,13 @@ def rank_within(groups: np.ndarray) -> np.ndarray:
     return rank
 
 
+def rank_in_runs(groups: np.ndarray) -> np.ndarray:
+    """rank_within for groups that are runs already (each group's elements next to each other):
+    no sort."""
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    return np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+
+
 def gather_runs(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """values[starts[i]:starts[i] + lengths[i]] for each i, concatenated."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])

@@ -5,7 +5,8 @@ In one run:
 - `static_label`: `hermes label` in a fresh process with a static substrate (model load, reading,
   tokenizing, counts, quality, embedding, quantizing, term counts, label files and the store build
   included), for each size in --docs (the dev corpus repeated under new ids past 18,814), with its
-  wall time and peak RSS (os.wait4);
+  wall time and peak RSS (os.wait4), and the peaks of its labeling and of its store build apart
+  (`peak_rss_mb_by_phase`, from the RSS sampled every 0.1 s);
 - `tokenizer`: the bare tokenizer, `encode_batch` of the dev corpus's whole texts on every core;
 - `transformer`: the transformer's `encode` (max length 256, dtype auto) of a seeded 2,000-document
   subset, the embedding alone (a lower bound of the transformer path's time);
@@ -38,18 +39,49 @@ def hermes_cmd(*args: str) -> list[str]:
 
 
 def timed_process(cmd: list[str]) -> dict:
-    """Run a command in a fresh process: wall seconds, peak RSS (MB, os.wait4), its JSON summary."""
+    """Run a command in a fresh process: wall seconds, peak RSS (MB, os.wait4), its JSON summary,
+    and its RSS sampled every 0.1 s (`rss_trace`: (seconds, MB) pairs)."""
+    import threading
+
+    trace: list[tuple[float, float]] = []
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                try:
+                    with open(f"/proc/{proc.pid}/status") as f:
+                        mb = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+                except (OSError, StopIteration):      # exited (or not Linux): the peak still comes from wait4
+                    continue
+                trace.append((time.perf_counter() - t0, mb))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
         out.seek(0)
         err.seek(0)
         if os.waitstatus_to_exitcode(status):
             raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-2000:]}")
         return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-                "summary": json.loads(out.read())}
+                "summary": json.loads(out.read()), "rss_trace": trace}
+
+
+def phase_peaks(run: dict) -> dict:
+    """Peak RSS (MB) of labeling and of the store build, from the sampled trace: the build is the
+    last `timings.store` seconds before the process's summary (its exit, less the slack)."""
+    trace, store = run["rss_trace"], run["summary"]["timings"].get("store", 0.0)
+    if not trace:
+        return {}
+    end = trace[-1][0]
+    build = [mb for t, mb in trace if t >= end - store - 0.1]
+    label = [mb for t, mb in trace if t < end - store - 0.1]
+    return {"label": round(max(label, default=0.0)), "store_build": round(max(build, default=0.0))}
 
 
 def read_dev(dev: Path) -> list[dict]:
@@ -186,7 +218,7 @@ def main() -> None:
         labels[str(n)] = {"docs": s["read"], "labeled": s["labeled"], "rejected": s["rejected"],
                           "shards": s["shards"], "seconds": run["seconds"],
                           "docs_per_s": round(s["read"] / run["seconds"], 1), "peak_rss_mb": run["peak_rss_mb"],
-                          "timings": s["timings"]}
+                          "peak_rss_mb_by_phase": phase_peaks(run), "timings": s["timings"]}
         if n != sizes[-1] or args.work is None:
             import shutil
 
@@ -206,6 +238,9 @@ def main() -> None:
     if len(sizes) > 1:      # peak RSS of the largest size against the next one down
         big, small = labels[str(sizes[-1])], labels[str(sizes[-2])]
         result["ratios"][f"peak_rss_{sizes[-1]}_vs_{sizes[-2]}"] = round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)
+        if big["peak_rss_mb_by_phase"] and small["peak_rss_mb_by_phase"]:
+            result["ratios"][f"label_peak_rss_{sizes[-1]}_vs_{sizes[-2]}"] = round(
+                big["peak_rss_mb_by_phase"]["label"] / small["peak_rss_mb_by_phase"]["label"], 3)
     print(json.dumps(result, indent=2))
     if args.work is None:
         import shutil
