@@ -78,10 +78,14 @@ def _refuse_same_keys(con, named: list[int]) -> None:
 
 
 # DuckDB's memory budget while building a store: past it, sorts, joins and temporary tables spill
-# to disk. A per-cell quantile must hold its cell's values in memory; where that does not fit, the
-# aggregates are computed with DuckDB's default budget (80% of RAM), and where anything else does
-# not, the whole build runs again with it.
-BUILD_MEMORY = "512MB"
+# to disk. A per-cell quantile must hold its cell's values in memory, and the aggregates of every
+# cell at once hold about QUANTILE_BYTES a label (2M labels fit in 256 MB, 4M do not): a store of
+# more labels than fit computes its aggregates with DuckDB's default budget (80% of RAM) at once,
+# rather than after failing under the budget (at 10M labels that failed attempt took 15-50 s, more
+# than the aggregates themselves). Where anything else does not fit, the whole build runs again
+# with the default budget.
+BUILD_MEMORY_MB = 256
+QUANTILE_BYTES = 128
 
 
 def build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
@@ -97,7 +101,7 @@ def build_store(db_path: str | Path, label_files: list[Path], reject_files: list
     fold_wal(db_path)       # a WAL an append left beside the store would not match the new file
     try:
         try:
-            return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, BUILD_MEMORY)
+            return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, BUILD_MEMORY_MB)
         except duckdb.OutOfMemoryException:
             return _build_store(db_path, label_files, reject_files, substrate_manifest, info, term_files, None)
     except Exception as e:
@@ -116,7 +120,7 @@ def no_room(db_path: str | Path, exc: BaseException, kept: str) -> HermesError:
 
 def _build_store(db_path: str | Path, label_files: list[Path], reject_files: list[Path],
                  substrate_manifest: dict[str, Any], info: dict[str, Any] | None, term_files: list[Path] | None,
-                 memory_limit: str | None) -> dict[str, Any]:
+                 memory_mb: int | None) -> dict[str, Any]:
     import duckdb
 
     db_path = Path(db_path)
@@ -126,7 +130,7 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
         fingerprint = substrate_manifest["fingerprint"]
         spill = db_path.with_name(db_path.name + ".spill")
         con = duckdb.connect(str(tmp), config={"temp_directory": str(spill),
-                                               **({"memory_limit": memory_limit} if memory_limit else {})})
+                                               **({"memory_limit": f"{memory_mb}MB"} if memory_mb else {})})
         try:
             _read_label_files(con, label_files, 0, fingerprint)
             con.execute("""
@@ -162,7 +166,9 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
                             [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
             from hermes.terms import create_cell_terms
 
-            _roomy(con, lambda: create_views(con))
+            fits = memory_mb is None or \
+                con.execute("SELECT count(*) FROM labels").fetchall()[0][0] * QUANTILE_BYTES <= memory_mb * 10**6
+            _roomy(con, lambda: create_views(con), lift=not fits)
             _roomy(con, lambda: create_cell_terms(con, [str(f) for f in (term_files or [])]))
             counts = summary(con)
             # the store must be whole in its file before it is renamed: a checkpoint that fails
@@ -180,12 +186,15 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
     return counts
 
 
-def _roomy(con, step) -> None:
+def _roomy(con, step, lift: bool = False) -> None:
     """Run a step of the build; if it does not fit the memory budget (a per-cell quantile holds its
     cell's values), run it again with DuckDB's default budget. Its statements replace what they
-    create, so a step that failed half-way runs again cleanly."""
+    create, so a step that failed half-way runs again cleanly. `lift`: the step is known not to
+    fit, and runs with the default budget (which the build keeps from then on) at once."""
     import duckdb
 
+    if lift:
+        con.execute("RESET memory_limit")
     try:
         step()
     except duckdb.OutOfMemoryException:
@@ -339,7 +348,7 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
 
     spill = db_path.with_name(db_path.name + ".spill")
     # an append's work is mostly aggregates (per-cell quantiles) inside one transaction, which an
-    # out-of-memory error would abort: DuckDB's default budget (80% of RAM), not BUILD_MEMORY
+    # out-of-memory error would abort: DuckDB's default budget (80% of RAM), not BUILD_MEMORY_MB
     con = duckdb.connect(str(db_path), config={"temp_directory": str(spill)})
     try:
         con.execute("BEGIN TRANSACTION")

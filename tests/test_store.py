@@ -101,7 +101,7 @@ def test_a_store_whose_aggregates_need_more_than_the_build_budget_is_built(e2e, 
     labels = sorted((out / "labels").glob("*.parquet"))
     terms = sorted((out / "terms").glob("*.parquet"))
     manifest = Substrate.load(out / "substrate").manifest()
-    tiny = store._build_store(tmp_path / "tiny.duckdb", labels, [], manifest, None, terms, "4MB")
+    tiny = store._build_store(tmp_path / "tiny.duckdb", labels, [], manifest, None, terms, 4)
     assert not (tmp_path / "tiny.duckdb.spill").exists()
     roomy = store._build_store(tmp_path / "s.duckdb", labels, [], manifest, None, terms, None)
     assert tiny == roomy and tiny["labeled"] == e2e["summary"]["labeled"]
@@ -111,6 +111,30 @@ def test_a_store_whose_aggregates_need_more_than_the_build_budget_is_built(e2e, 
         tables.append([rows(c, f"SELECT * FROM {t} ORDER BY ALL") for t in ("labels", "cells", "cell_terms", "rejects")])
         c.close()
     assert tables[0] == tables[1] and tables[0][0]
+
+
+@pytest.mark.parametrize("bytes_per_label, first_budget", [(1, "3.8 MiB"), (10**6, None)])
+def test_aggregates_that_cannot_fit_the_build_budget_take_the_default_one_at_once(e2e, tmp_path, monkeypatch,
+                                                                                 bytes_per_label, first_budget):
+    """The build knows from the label count whether the per-cell quantiles can fit its budget: if
+    not, the aggregates are computed with DuckDB's default budget at once, not after a failed try."""
+    from hermes import store
+    from hermes.substrate import Substrate
+
+    out = e2e["out"]
+    budgets = []
+    create_views = store.create_views
+
+    def noting(con):
+        budgets.append(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
+        create_views(con)
+
+    monkeypatch.setattr(store, "QUANTILE_BYTES", bytes_per_label)
+    monkeypatch.setattr(store, "create_views", noting)
+    store._build_store(tmp_path / "s.duckdb", sorted((out / "labels").glob("*.parquet")), [],
+                       Substrate.load(out / "substrate").manifest(), None, [], 4)
+    default = duckdb.connect().execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    assert budgets[0] == (first_budget or default) and budgets[-1] == default    # 4 MB: the quantiles fail under it
 
 
 def test_the_store_refuses_label_files_of_another_substrate(e2e, tmp_path):
