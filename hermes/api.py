@@ -262,9 +262,9 @@ def _finish(command: str, inputs: list[str], shards: list[Shard], substrate: Sub
         before = store_counts(layout.db)
         held_inputs = list(store_info(layout.db).get("inputs") or [])
         info["inputs"] = held_inputs + [i for i in inputs if i not in held_inputs]
+        terms = [layout.root / "terms" / name for name in append] + [layout.terms_file(s) for s in shards]
         counts = append_store(layout.db, layout.labels, [layout.label_file(s) for s in shards], rejects,
-                              substrate.manifest(), info, [layout.terms_file(s) for s in shards],
-                              [layout.root / "terms" / name for name in append]) if shards else store_counts(layout.db)
+                              substrate.manifest(), info, terms) if shards else store_counts(layout.db)
     else:
         counts = build_store(layout.db, [layout.label_file(s) for s in shards], rejects, substrate.manifest(),
                              info=info, term_files=[layout.terms_file(s) for s in shards])

@@ -313,16 +313,14 @@ def fold_wal(db_path: str | Path) -> None:
 
 
 def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Path], new_reject_files: list[Path],
-                 substrate_manifest: dict[str, Any], info: dict[str, Any], term_files: list[Path],
-                 old_term_files: list[Path]) -> dict[str, Any]:
+                 substrate_manifest: dict[str, Any], info: dict[str, Any], term_files: list[Path]) -> dict[str, Any]:
     """Add label files to an existing store of the same substrate, in one transaction: their rows
     are inserted after the store's (a doc_id the store or an earlier new row already has goes to
     rejects as a duplicate, naming its first copy; the store's doc_ids are read only where a new
-    row's key is in table doc_keys), the rejects added, the new shards' word counts (`term_files`)
-    added to table term_counts, and the per-level aggregates and cell_terms computed again. The
-    store's term files (`old_term_files`) are read only by the first append to a store without
-    term_counts. The rows already in the store are not rewritten. Any failure rolls the
-    transaction back: the store stays as it was. Returns the store's counts."""
+    row's key is in table doc_keys), the rejects added, and the per-level aggregates
+    and cell_terms computed again (`term_files`: every shard's, old and new). The rows already in
+    the store are not rewritten. Any failure rolls the transaction back: the store stays as it was.
+    Returns the store's counts."""
     db_path = Path(db_path)
     fingerprint = substrate_manifest["fingerprint"]
     old = store_shards(db_path)
@@ -334,8 +332,7 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
         raise HermesError(f"{db_path}: the store holds labels of substrate {found}, not {fingerprint} (field 'substrate')",
                           hint="append with the store's own substrate, or label into another --out")
     try:
-        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files,
-                       old_term_files)
+        return _append(db_path, labels_dir, old, new_label_files, new_reject_files, fingerprint, info, term_files)
     except HermesError:
         raise
     except Exception as e:
@@ -345,8 +342,8 @@ def append_store(db_path: str | Path, labels_dir: Path, new_label_files: list[Pa
 
 
 def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: list[Path],
-            new_reject_files: list[Path], fingerprint: str, info: dict[str, Any], term_files: list[Path],
-            old_term_files: list[Path]) -> dict[str, Any]:
+            new_reject_files: list[Path], fingerprint: str, info: dict[str, Any], term_files: list[Path]
+            ) -> dict[str, Any]:
     import duckdb
 
     spill = db_path.with_name(db_path.name + ".spill")
@@ -405,9 +402,9 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
             aggregates.update(con, named, "fresh")
         else:                                       # a store of an older layout: all of them, once
             aggregates.build(con, named)
-        from hermes.terms import append_cell_terms
+        from hermes.terms import create_cell_terms
 
-        append_cell_terms(con, [str(f) for f in term_files], [str(f) for f in old_term_files])
+        create_cell_terms(con, [str(f) for f in term_files])
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key, value in {**info, "hermes_version": __version__, "appended_at": stamp}.items():
             con.execute("DELETE FROM store_info WHERE key = ?", [key])

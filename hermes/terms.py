@@ -1,10 +1,9 @@
 """Readable cells: the most distinctive words of each cell against its siblings (c-TF-IDF).
 
 Streaming-friendly: each shard contributes a small table of word counts per L123 cell (its top
-`TOP_PER_CELL` words per cell), written beside its label file; the store keeps their sum per L123
-cell (table term_counts, to which an append adds its own shards'), sums it up the hierarchy and
-scores, per level, each cell's words against the cells that share its parent (all L1 cells for
-L1), BERTopic's class-based TF-IDF:
+`TOP_PER_CELL` words per cell), written beside its label file; the store sums them up the
+hierarchy and scores, per level, each cell's words against the cells that share its parent (all
+L1 cells for L1), BERTopic's class-based TF-IDF:
 
     score(t, c) = tf(t, c) / words(c) * ln(1 + mean words per sibling cell / count of t in the siblings)
 
@@ -274,48 +273,15 @@ def _view_sql() -> str:
 
 
 def create_cell_terms(con, term_files: list[str]) -> None:
-    """Table term_counts (each L123 cell's word counts, summed over the shards' term-count files),
-    kept so that an append reads only its own shards' files; and from it cell_words and cell_terms
-    (_cell_words)."""
+    """Table cell_words (each cell's most distinctive words, for the cells that have words) from the
+    shards' term-count files, and the view cell_terms (level, cell, terms) over it and the
+    per-level aggregates, which give every cell's flags: so an append that adds no words for a
+    cell leaves its row to the aggregates."""
     if term_files:
-        con.execute(f"CREATE OR REPLACE TABLE term_counts AS {_summed_sql()} ORDER BY c1, c2, c3, term", [term_files])
+        con.execute("CREATE OR REPLACE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
     else:
-        con.execute("CREATE OR REPLACE TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, "
+        con.execute("CREATE OR REPLACE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, "
                     "count BIGINT)")
-    _cell_words(con)
-
-
-def append_cell_terms(con, term_files: list[str], old_term_files: list[str]) -> None:
-    """Add the new shards' term-count files (`term_files`) to table term_counts, a count to its
-    (cell, term) row or a new row, and compute cell_words and cell_terms again from it. A store of
-    an earlier layout has no term_counts: it is made once from every shard's files, the store's
-    (`old_term_files`) and the new ones."""
-    held = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'term_counts' "
-                       "AND NOT temporary").fetchall()[0][0]
-    if not held:
-        create_cell_terms(con, old_term_files + term_files)
-        return
-    if term_files:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE new_term_counts AS {_summed_sql()}", [term_files])
-        con.execute("""
-            UPDATE term_counts t SET count = t.count + n.count FROM new_term_counts n
-            WHERE t.c1 = n.c1 AND t.c2 = n.c2 AND t.c3 = n.c3 AND t.term = n.term""")
-        con.execute("INSERT INTO term_counts SELECT * FROM new_term_counts ANTI JOIN term_counts "
-                    "USING (c1, c2, c3, term) ORDER BY c1, c2, c3, term")
-        con.execute("DROP TABLE new_term_counts")
-    _cell_words(con)
-
-
-def _summed_sql() -> str:
-    """One row per (cell, term) of the term-count files given as the parameter: its summed count."""
-    return "SELECT c1, c2, c3, term, CAST(sum(count) AS BIGINT) AS count FROM read_parquet(?) GROUP BY ALL"
-
-
-def _cell_words(con) -> None:
-    """Table cell_words (each cell's most distinctive words, for the cells that have words) from
-    table term_counts, and the view cell_terms (level, cell, terms) over it and the per-level
-    aggregates, which give every cell's flags: so an append that adds no words for a cell leaves
-    its row to the aggregates."""
     kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'cell_terms'").fetchall()
     if kind:            # a table in stores of an earlier layout, a view since
         con.execute(f"DROP {'VIEW' if kind[0][0] == 'VIEW' else 'TABLE'} cell_terms")
@@ -323,4 +289,5 @@ def _cell_words(con) -> None:
                 "words VARCHAR, repetitive BOOLEAN)")
     for level in LEVELS:
         con.execute(f"INSERT INTO cell_words {_level_sql(level)}")
+    con.execute("DROP TABLE term_counts")
     con.execute(_view_sql())

@@ -149,7 +149,7 @@ from bench_store import manifest
 from hermes.store import append_store
 t = time.perf_counter()
 append_store(Path({str(db)!r}), Path({str(labels)!r}), [Path({str(extra)!r})], [], manifest(),
-             {{"command": "bench append"}}, [], [])
+             {{"command": "bench append"}}, [])
 print(json.dumps({{"seconds": time.perf_counter() - t}}))""")
     levels = ("l1", "l12", "l123")
     print(json.dumps({

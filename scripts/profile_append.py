@@ -77,7 +77,7 @@ def main() -> None:
     duckdb.connect = lambda *a, **k: _Timed(connect(*a, **k), spent)
     try:
         t = time.perf_counter()
-        append_store(db, labels, [extra], [], manifest(), {"command": "profile append"}, [], [])
+        append_store(db, labels, [extra], [], manifest(), {"command": "profile append"}, [])
         seconds = time.perf_counter() - t
     finally:
         duckdb.connect = connect

@@ -20,7 +20,6 @@ TABLES = {
     "cell_terms": "SELECT * FROM cell_terms ORDER BY level, cell",
     "shards": "SELECT * FROM shards ORDER BY ord",
     "doc_keys": "SELECT * FROM doc_keys ORDER BY ALL",
-    "term_counts": "SELECT * FROM term_counts ORDER BY ALL",
 }
 
 
@@ -119,7 +118,7 @@ def test_a_failed_append_leaves_the_store_as_it_was(grown, tmp_path):
     held = store_shards(out / "labels.duckdb")
     with pytest.raises(Exception):
         append_store(out / "labels.duckdb", out / "labels", new, [], Substrate.load(grown["sub"]).manifest(),
-                     {"command": "label"}, [broken], [out / "terms" / n for n in held])
+                     {"command": "label"}, [out / "terms" / n for n in held] + [broken])
     assert _tables(out / "labels.duckdb") == before
 
 
@@ -174,37 +173,6 @@ def test_an_append_to_a_store_of_the_earlier_layout_aggregates_it_again(grown, t
     r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
     assert r.exit_code == 0, r.output
     assert _tables(out / "labels.duckdb") == _tables(grown["full"])
-
-
-def test_an_append_reads_the_term_files_of_its_own_shards_only(grown, tmp_path):
-    """The store keeps the summed word counts (table term_counts): an append adds its shards' term
-    files to them, so it ends equal to a store built at once even when the earlier term files are gone."""
-    out = tmp_path / "out"
-    r = invoke("label", grown["a"], "--substrate", grown["sub"], "--out", out, *QUIET)
-    assert r.exit_code == 0, r.output
-    old = list((out / "terms").glob("*.parquet"))
-    assert old
-    for f in old:
-        f.unlink()
-    r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
-    assert r.exit_code == 0, r.output
-    mine = _tables(out / "labels.duckdb")
-    assert mine["term_counts"] and mine == _tables(grown["full"])
-
-
-def test_an_append_to_a_store_without_term_counts_makes_them_from_every_term_file(grown, tmp_path):
-    """A store of the earlier layout (no table term_counts) gets it at its first append, from the
-    store's term files and the new ones, and keeps it."""
-    out = tmp_path / "out"
-    r = invoke("label", grown["a"], "--substrate", grown["sub"], "--out", out, *QUIET)
-    assert r.exit_code == 0, r.output
-    con = duckdb.connect(str(out / "labels.duckdb"))
-    con.execute("DROP TABLE term_counts")
-    con.close()
-    r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
-    assert r.exit_code == 0, r.output
-    mine = _tables(out / "labels.duckdb")            # reads table term_counts
-    assert mine["term_counts"] and mine == _tables(grown["full"])
 
 
 @pytest.mark.parametrize("key", ["hash(doc_id)", "hash(doc_id) % 2"])
