@@ -195,6 +195,8 @@ def _roomy(con, step, lift: bool = False) -> None:
 
     if lift:
         con.execute("RESET memory_limit")
+        step()
+        return
     try:
         step()
     except duckdb.OutOfMemoryException:

@@ -74,7 +74,8 @@ def timed_process(cmd: list[str]) -> dict:
 
 def phase_peaks(run: dict) -> dict:
     """Peak RSS (MB) of labeling and of the store build, from the sampled trace: the build is the
-    last `timings.store` seconds before the process's summary (its exit, less the slack)."""
+    last `timings.store` seconds before the process's exit (so the start of the build, where the
+    RSS is low, may count as labeling by the time the process takes to exit)."""
     trace, store = run["rss_trace"], run["summary"]["timings"].get("store", 0.0)
     if not trace:
         return {}
@@ -238,7 +239,7 @@ def main() -> None:
     if len(sizes) > 1:      # peak RSS of the largest size against the next one down
         big, small = labels[str(sizes[-1])], labels[str(sizes[-2])]
         result["ratios"][f"peak_rss_{sizes[-1]}_vs_{sizes[-2]}"] = round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)
-        if big["peak_rss_mb_by_phase"] and small["peak_rss_mb_by_phase"]:
+        if big["peak_rss_mb_by_phase"].get("label") and small["peak_rss_mb_by_phase"].get("label"):
             result["ratios"][f"label_peak_rss_{sizes[-1]}_vs_{sizes[-2]}"] = round(
                 big["peak_rss_mb_by_phase"]["label"] / small["peak_rss_mb_by_phase"]["label"], 3)
     print(json.dumps(result, indent=2))

@@ -132,6 +132,21 @@ def test_term_counts_keep_each_cells_top_words_in_order_across_batches_and_pruni
         assert got == want, (prune_every, fold_rows)
 
 
+def test_rank_in_runs_equals_rank_within_where_the_groups_are_runs():
+    """The terms' pruning ranks rows sorted by cell without a second sort: the same ranks as the
+    sorting rank_within, for runs of any lengths (and no rows, and one)."""
+    import numpy as np
+
+    from hermes.vectors import rank_in_runs, rank_within
+
+    rng = np.random.default_rng(2)
+    cases = [np.zeros(0, np.int64), np.array([7]), np.sort(rng.integers(0, 50, 1000)),
+             np.repeat(rng.permutation(30), rng.integers(1, 9, 30))]      # runs not in value order
+    for groups in cases:
+        assert np.array_equal(rank_in_runs(groups), rank_within(groups))
+    assert rank_in_runs(np.array([4, 4, 1, 1, 1, 4])).tolist() == [0, 1, 0, 1, 2, 0]     # a run again: ranks anew
+
+
 def test_flags_in_a_store(tmp_path):
     import numpy as np
     import pyarrow.parquet as pq
