@@ -193,15 +193,14 @@ def _roomy(con, step, lift: bool = False) -> None:
     fit, and runs with the default budget (which the build keeps from then on) at once."""
     import duckdb
 
-    if lift:
-        con.execute("RESET memory_limit")
-        step()
-        return
-    try:
-        step()
-    except duckdb.OutOfMemoryException:
-        con.execute("RESET memory_limit")
-        step()
+    if not lift:
+        try:
+            step()
+            return
+        except duckdb.OutOfMemoryException:
+            pass
+    con.execute("RESET memory_limit")
+    step()
 
 
 def _read_label_files(con, label_files: list[Path], first_ord: int, fingerprint: str) -> None:

@@ -24,9 +24,8 @@ def rank_within(groups: np.ndarray) -> np.ndarray:
     """Each element's rank among the elements of its group (equal values of `groups`), in the
     array's order: 0 for a group's first, 1 for its second, ..."""
     by_group = np.argsort(groups, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(groups[by_group])) + 1]
     rank = np.empty(len(groups), dtype=np.int64)
-    rank[by_group] = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+    rank[by_group] = rank_in_runs(groups[by_group])
     return rank
 
 

@@ -134,16 +134,25 @@ def test_term_counts_keep_each_cells_top_words_in_order_across_batches_and_pruni
 
 def test_rank_in_runs_equals_rank_within_where_the_groups_are_runs():
     """The terms' pruning ranks rows sorted by cell without a second sort: the same ranks as the
-    sorting rank_within, for runs of any lengths (and no rows, and one)."""
+    sorting rank_within (which ranks its sorted groups so) and as a plain count, for runs of any
+    lengths (and no rows, and one)."""
+    from collections import Counter
+
     import numpy as np
 
     from hermes.vectors import rank_in_runs, rank_within
+
+    def counted(groups):
+        seen = Counter()
+        return [seen.update([g]) or seen[g] - 1 for g in groups.tolist()]
 
     rng = np.random.default_rng(2)
     cases = [np.zeros(0, np.int64), np.array([7]), np.sort(rng.integers(0, 50, 1000)),
              np.repeat(rng.permutation(30), rng.integers(1, 9, 30))]      # runs not in value order
     for groups in cases:
-        assert np.array_equal(rank_in_runs(groups), rank_within(groups))
+        assert rank_in_runs(groups).tolist() == rank_within(groups).tolist() == counted(groups)
+    mixed = rng.integers(0, 9, 500)                                   # groups not in runs: rank_within sorts
+    assert rank_within(mixed).tolist() == counted(mixed)
     assert rank_in_runs(np.array([4, 4, 1, 1, 1, 4])).tolist() == [0, 1, 0, 1, 2, 0]     # a run again: ranks anew
 
 
