@@ -3,27 +3,32 @@ store, and brought up to date by an append without reading every label again.
 
 Table `cells_<l>_data` per level holds, per non-empty cell: its codes, `cell` and `parent` keys,
 `n_docs`, `n_tokens`, `quality_mean` (`q_sum / q_n`), `quality_p70`, `n_children`, `q_n`
-(documents with a quality), `q_sum` (their qualities summed as an exact DECIMAL, so that a parent's
-sum is its children's in any order), `n_short` (documents under SHORT_CHARS characters, for
-`cell_terms`) and `q_below` (below; NULL for an L123 cell without a band). The views add the
-shares, over the store's totals.
+(documents with a quality), `q_sum` (their qualities summed as an exact DECIMAL, so that a sum
+does not depend on the order it was added in), `n_short` (documents under SHORT_CHARS characters,
+for `cell_terms`), and its band's `q_below`, `band_lo`, `band_hi` and `band_len` (below; NULL for
+an L123 cell without a band). The views add the shares, over the store's totals.
 
-- An append adds the new rows' counts and sums to an L123 cell's; an L12 or L1 cell's counts and
-  sums are its children's, summed from the level below.
+- An append adds the new rows' counts and sums to each cell's they fall in, at every level; a
+  cell's `n_children` grows by the children the new rows made. All of these are exact, so they
+  equal the build's sums over all the labels.
 - Its 70th percentile needs the cell's values near it. Table `p70_window_<l>` keeps, per cell, the
-  qualities at sorted positions [q_below, q_below + its length): those ranked within ±WINDOW of the
+  qualities at sorted positions [q_below, q_below + band_len): those ranked within ±WINDOW of the
   cell around the p70 in a cell of BAND_RANKS / WINDOW qualities or more; in a smaller cell the
   window doubles each time the cell halves, so a band keeps about ±BAND_RANKS ranks (`_windows`);
   an L1 or L12 cell of fewer than WHOLE_CELL qualities keeps all of them. An append merges the
-  new values that fall inside a band into it and counts those below it into `q_below`; the p70 is
-  read off the band at its position, interpolated linearly as DuckDB's `quantile_cont` (it may
-  differ from it in the last bit, never where the two neighbours are equal). A band the p70
-  has moved out of (new values far to one side) is made again from `labels`, for those cells only.
-  With new documents like the old, a band grows on both sides, so that is rare.
+  new values that fall inside a band (between `band_lo` and `band_hi`) into it and counts those
+  below it into `q_below`; the p70 is read off the band at its position, interpolated linearly
+  (DuckDB's `quantile_cont` may differ from it in the last bit, never where the two neighbours
+  are equal). A band the p70 has moved out of (new values far to one side) is made again from
+  `labels`, for those cells only. With new documents like the old, a band grows on both sides,
+  so that is rare.
 - An L123 cell of fewer than WHOLE_CELL qualities keeps no band (there are millions of them):
   its percentile is DuckDB's `quantile_cont` of its values, computed again from `labels` when an
-  append touches it. It gets a band once it has WHOLE_CELL. An append reads the values of all
-  such touched cells in one scan of `labels` (`_copy_values`), and makes their new bands from it.
+  append touches it, as the build does. (Not by the bands' formula: DuckDB's wheel interpolates
+  with a fused multiply-add, which SQL cannot write, and the two differed in the last bit in one
+  cell in eight of a synthetic store.) It gets a band once it has WHOLE_CELL. An append reads the
+  values of all such touched cells in one scan of `labels` (`_copy_values`), and makes their new
+  bands from it.
 
 The build makes the bands the same way, so a store that grew by appends equals one built at once.
 Written here because DuckDB's quantile state cannot be kept between statements.
@@ -39,7 +44,7 @@ BAND_RANKS = 16             # ... and at least about ±16 ranks: in a cell under
 WHOLE_CELL = 50             # ... or, in a cell of fewer qualities than this, all of them
 SHORT_CHARS = 100           # a cell of mostly shorter texts is marked in cell_terms
 DATA_COLUMNS = ("cell", "parent", "n_docs", "n_tokens", "quality_mean", "quality_p70", "n_children", "q_n", "q_sum",
-                "n_short", "q_below")
+                "n_short", "q_below", "band_lo", "band_hi", "band_len")
 Q_SUM = "DECIMAL(38, 16)"    # exact sums of qualities under 1e12 over up to 1e10 documents
 MAX_QUALITY = 1e12
 
@@ -95,6 +100,8 @@ def update(con, named: list[int], fresh: str) -> dict[int, int]:
         con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{level} AS SELECT DISTINCT {_cs(level)} FROM {fresh}")
     remade = {level: _aggregate(con, level, named, touched=f"touched_{level}", fresh=fresh)
               for level in reversed(LEVELS)}
+    for level in LEVELS[1:]:
+        con.execute(f"DROP TABLE born_{level}")
     create_views(con)
     return dict(sorted(remade.items()))
 
@@ -102,17 +109,31 @@ def update(con, named: list[int], fresh: str) -> dict[int, int]:
 def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: str | None) -> int:
     """Aggregate one level (its touched cells, or all); the number of bands made again."""
     cs = _cs(level)
-    semi = f"SEMI JOIN {touched} USING ({cs})" if touched else ""
-    if level == LEVELS[-1] and touched is None:
+    finest = level == LEVELS[-1]
+    band = "CAST(NULL AS DOUBLE) AS band_lo, CAST(NULL AS DOUBLE) AS band_hi, CAST(NULL AS BIGINT) AS band_len"
+    if finest and touched is None:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE agg AS
             SELECT {cs}, count(*) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
                    count(quality) AS q_n, CAST(sum(CAST(quality AS {Q_SUM})) AS {Q_SUM}) AS q_sum,
                    count_if(n_chars < {SHORT_CHARS}) AS n_short, quantile_cont(quality, {P70}) AS quality_p70,
-                   CAST(NULL AS BIGINT) AS n_children, CAST(NULL AS BIGINT) AS q_below
+                   CAST(NULL AS BIGINT) AS n_children, CAST(NULL AS BIGINT) AS q_below, {band}
             FROM labels GROUP BY {cs}""")
-    elif level == LEVELS[-1]:
-        # counts and sums: the cell's as they were plus the new rows'; the percentile in _p70
+    elif touched is None:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE agg AS
+            SELECT {cs}, CAST(sum(n_docs) AS BIGINT) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+                   CAST(sum(q_n) AS BIGINT) AS q_n, CAST(sum(q_sum) AS {Q_SUM}) AS q_sum,
+                   CAST(sum(n_short) AS BIGINT) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
+                   count(*) AS n_children, CAST(0 AS BIGINT) AS q_below, {band}
+            FROM {data_table(level + 1)} GROUP BY {cs}""")
+    else:
+        # counts and sums: the cell's as they were plus the new rows' (sums are exact, so this is
+        # what a build sums); a cell's children: as many as it had, plus those the new rows made
+        # (table born_<level + 1>); the percentile in _p70
+        children = "CAST(NULL AS BIGINT)" if finest else "CAST(coalesce(d.n_children, 0) + coalesce(b.born, 0) AS BIGINT)"
+        born = "" if finest else f"""
+            LEFT JOIN (SELECT {cs}, count(*) AS born FROM born_{level + 1} GROUP BY {cs}) b ON {_on(level, 'b', 'n')}"""
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE agg AS
             SELECT {_cs(level, "n.")}, CAST(coalesce(d.n_docs, 0) + n.n_docs AS BIGINT) AS n_docs,
@@ -120,28 +141,22 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                    CAST(coalesce(d.q_n, 0) + n.q_n AS BIGINT) AS q_n,
                    CAST(coalesce(d.q_sum, 0) + n.q_sum AS {Q_SUM}) AS q_sum,
                    CAST(coalesce(d.n_short, 0) + n.n_short AS BIGINT) AS n_short,
-                   CAST(NULL AS DOUBLE) AS quality_p70, CAST(NULL AS BIGINT) AS n_children,
-                   CAST(NULL AS BIGINT) AS q_below
+                   CAST(NULL AS DOUBLE) AS quality_p70, {children} AS n_children,
+                   CAST({"NULL" if finest else "0"} AS BIGINT) AS q_below, {band}, d.n_docs IS NULL AS born
             FROM (SELECT {cs}, count(*) AS n_docs, sum(n_tokens) AS n_tokens, count(quality) AS q_n,
                          CAST(coalesce(sum(CAST(quality AS {Q_SUM})), 0) AS {Q_SUM}) AS q_sum,
                          count_if(n_chars < {SHORT_CHARS}) AS n_short
                   FROM {fresh} GROUP BY {cs}) n
-            LEFT JOIN {data_table(level)} d ON {_on(level, 'd', 'n')}""")
-    else:
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE agg AS
-            SELECT {cs}, CAST(sum(n_docs) AS BIGINT) AS n_docs, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
-                   CAST(sum(q_n) AS BIGINT) AS q_n, CAST(sum(q_sum) AS {Q_SUM}) AS q_sum,
-                   CAST(sum(n_short) AS BIGINT) AS n_short, CAST(NULL AS DOUBLE) AS quality_p70,
-                   count(*) AS n_children, CAST(0 AS BIGINT) AS q_below
-            FROM {data_table(level + 1)} {semi} GROUP BY {cs}""")
+            LEFT JOIN {data_table(level)} d ON {_on(level, 'd', 'n')}{born}""")
+        if level > LEVELS[0]:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE born_{level} AS SELECT {cs} FROM agg WHERE born")
     remade = _p70(con, level, touched, fresh)
     key, joins = key_sql(level, named, "a")
     parent = key_sql(level - 1, named, "a")[0] if level > 1 else "CAST(NULL AS VARCHAR)"
     rows = f"""
         SELECT {_cs(level, "a.")}, {key} AS cell, {parent} AS parent, a.n_docs, a.n_tokens,
                CAST(a.q_sum AS DOUBLE) / NULLIF(a.q_n, 0) AS quality_mean, a.quality_p70, a.n_children,
-               a.q_n, a.q_sum, a.n_short, a.q_below
+               a.q_n, a.q_sum, a.n_short, a.q_below, a.band_lo, a.band_hi, a.band_len
         FROM agg a {joins}"""
     if touched is None:
         con.execute(f"CREATE OR REPLACE TABLE {data_table(level)} AS {rows} ORDER BY {cs}")
@@ -170,12 +185,9 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
         # each touched cell's band as it was: its ends, and whether it holds all the cell's values
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE band AS
-            SELECT {_cs(level, "d.")}, d.q_below, d.q_n, min(w.quality) AS lo, max(w.quality) AS hi,
-                   count(w.quality) AS len
-            FROM {data_table(level)} d SEMI JOIN {touched} USING ({cs})
-            LEFT JOIN {window} w ON {_on(level, 'w', 'd')}
-            WHERE d.q_below IS NOT NULL
-            GROUP BY ALL""")
+            SELECT {cs}, q_below, q_n, band_lo AS lo, band_hi AS hi, coalesce(band_len, 0) AS len
+            FROM {data_table(level)} SEMI JOIN {touched} USING ({cs})
+            WHERE q_below IS NOT NULL""")
         # a new L1 or L12 cell starts a band holding all its values
         con.execute(f"""
             INSERT INTO {window}
@@ -213,8 +225,9 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
             # the touched cells with no band: their p70 from their values
             con.execute(f"""
                 CREATE OR REPLACE TEMP TABLE p AS
-                SELECT {cs}, quantile_cont(quality, {P70}) AS value FROM cell_values
-                SEMI JOIN (SELECT {cs} FROM unbanded ANTI JOIN grown USING ({cs})) USING ({cs})
+                SELECT {cs}, quantile_cont(quality, {P70}) AS value
+                FROM (SELECT * FROM cell_values SEMI JOIN (SELECT {cs} FROM unbanded ANTI JOIN grown USING ({cs}))
+                      USING ({cs}) ORDER BY {cs})
                 GROUP BY {cs}""")
             con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")
             con.execute("DROP TABLE p")
@@ -290,23 +303,28 @@ def _band(con, level: int, cells: str | None, whole: bool = False, source: str =
 def _read_p70(con, level: int, cells: str | None) -> None:
     """agg's quality_p70 of its cells (those in table `cells`, or all) from their bands: the values
     lo and hi at positions floor and ceil of rn = 0.7 (n - 1) among the cell's qualities, as
-    lo + (hi - lo) d with d = rn - floor(rn); NULL where the band lacks one of them."""
+    lo + (hi - lo) d with d = rn - floor(rn); NULL where the band lacks one of them. A band's values
+    are ranked by a window (a sort per cell), and only the two wanted and the band's ends are kept:
+    its lowest and highest value and its length (band_lo, band_hi, band_len) are kept with the
+    cell, so that an append knows each band without reading its values."""
     cs = _cs(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
-    at = "vals[CASE WHEN {0} >= 0 THEN CAST({0} AS BIGINT) + 1 END]"      # a position in the band, or NULL
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE p AS
-            SELECT {cs}, lo + (hi - lo) * d AS value     -- exact where lo = hi, and within [lo, hi]
-            FROM (SELECT {cs}, {at.format("lo_k")} AS lo, {at.format("hi_k")} AS hi, d
-            FROM (SELECT {_cs(level, "a.")}, list_sort(list(w.quality)) AS vals,
-                         floor(any_value(a.rn)) - any_value(a.q_below) AS lo_k,
-                         ceil(any_value(a.rn)) - any_value(a.q_below) AS hi_k,
-                         any_value(a.rn) - floor(any_value(a.rn)) AS d
-                  FROM {_window_table(level)} w
-                  JOIN (SELECT {cs}, q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi}) a
-                  ON {_on(level, 'w', 'a')}
-                  GROUP BY {_cs(level, "a.")}))""")
-    con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")
+        SELECT {cs}, lo + (hi - lo) * d AS value, band_lo, band_hi, band_len   -- exact where lo = hi, within [lo, hi]
+        FROM (SELECT {_cs(level, "r.")}, min(r.quality) FILTER (WHERE r.k = a.lo_k) AS lo,
+                     min(r.quality) FILTER (WHERE r.k = a.hi_k) AS hi, any_value(a.d) AS d,
+                     min(r.quality) AS band_lo, max(r.quality) AS band_hi, max(r.k) + 1 AS band_len
+              FROM (SELECT {cs}, quality, row_number() OVER w - 1 AS k, lead(TRUE) OVER w IS NULL AS last
+                    FROM {_window_table(level)} SEMI JOIN agg USING ({cs}) {semi}
+                    WINDOW w AS (PARTITION BY {cs} ORDER BY quality)) r
+              JOIN (SELECT {cs}, floor(rn) - q_below AS lo_k, ceil(rn) - q_below AS hi_k, rn - floor(rn) AS d
+                    FROM (SELECT {cs}, q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi})) a
+              ON {_on(level, 'r', 'a')}
+              WHERE r.k IN (a.lo_k, a.hi_k, 0) OR r.last
+              GROUP BY {_cs(level, "r.")})""")
+    con.execute(f"UPDATE agg SET quality_p70 = p.value, band_lo = p.band_lo, band_hi = p.band_hi, "
+                f"band_len = p.band_len FROM p WHERE {_on(level, 'agg', 'p')}")
     con.execute("DROP TABLE p")
 
 

@@ -11,8 +11,11 @@ counts, uniform quality), then times, in one run:
 - `mix_seconds`, `mix_peak_rss_mb`: one mixture (`hermes mix` in a fresh process: uniform at L1,
   equal down to L12, top:0.3, budget = 10% of tokens), its wall time and peak RSS;
 - `store_bytes` (labels.duckdb) and `label_file_bytes` (the Parquet label files, the source of truth);
+- with `--words R`, synthetic term files too (R word counts a document), so that the build and the
+  append score every cell's words (`cell_terms`) as `hermes label` does; `term_file_bytes`;
 and, as the baseline in the same run, a plain DuckDB scan of the labels (`SELECT count(*),
-sum(n_tokens) FROM labels`). Prints JSON.
+sum(n_tokens) FROM labels`). Each step starts once what the steps before it wrote is on disk
+(`os.sync`). Prints JSON.
 
     python scripts/bench_store.py --rows 10000000 --workdir /tmp/bench-store
 """
@@ -55,6 +58,21 @@ def write_labels(path: Path, first: int, rows: int, seed: int) -> None:
     con.close()
 
 
+def write_terms(label_path: Path, path: Path, per_doc: int, seed: int) -> None:
+    """A term file for one label file (the word counts per L123 cell that `hermes label` writes
+    beside it): `per_doc` words a document, drawn log-uniformly from 100,000 (Zipf-like), summed
+    per cell and word."""
+    con = duckdb.connect()
+    con.execute(f"SELECT setseed({(seed % 1000) / 1000})")
+    con.execute(f"""
+        COPY (
+        SELECT c1, c2, c3, 'w' || CAST(floor(exp(random() * ln(100000))) AS INTEGER) AS term, CAST(count(*) AS BIGINT) AS count
+        FROM read_parquet('{label_path}'), range({per_doc})
+        GROUP BY ALL
+        ) TO '{path}' (FORMAT parquet)""")
+    con.close()
+
+
 def manifest() -> dict:
     return {"fingerprint": FINGERPRINT, "created_at": "2026-01-01T00:00:00Z", "hermes_version": "bench",
             "embedding": {"model": "synthetic"}, "transform": {"kind": "none"}, "rvq": {}, "fit_sample_size": 0,
@@ -75,6 +93,7 @@ def mix_in_process(db: Path, out: Path, budget: int) -> dict:
     cmd = [sys.executable, "-m", "hermes", "mix", "--db", str(db), "--out", str(out), "--rule", "uniform",
            "--to-level", "2", "--sampler", "equal", "--eligible", "top:0.3", "--budget-tokens", str(budget),
            "--seed", "1", "--format", "json"]
+    os.sync()
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -89,7 +108,9 @@ def mix_in_process(db: Path, out: Path, budget: int) -> dict:
 def in_child(code: str) -> dict:
     """Run a Python snippet in a fresh process (it prints JSON): each step's memory is its own, and
     this process stays small, so the mixture's peak RSS is not inherited from the build (a forked
-    child's maximum RSS starts at its parent's)."""
+    child's maximum RSS starts at its parent's). What earlier steps wrote is on disk first, so that
+    a step's first fsync does not pay for writing out another's files."""
+    os.sync()
     out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % str(Path(__file__).parent)
                           + code], capture_output=True, text=True)
     if out.returncode:
@@ -102,6 +123,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/hermes-bench-store"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--words", type=int, default=0,
+                    help="word-count rows a document in synthetic term files (the dev corpus has about 17); "
+                         "0 (default): no term files, so no words are scored")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     labels = args.workdir / "labels"
@@ -118,6 +142,16 @@ for k, first in enumerate(range(0, {args.rows}, {SHARD_ROWS})):
                  {args.seed} + k)
 write_labels(Path({str(extra)!r}), {args.rows}, {n_extra}, {args.seed} + {len(files)})
 print(json.dumps({{}}))""")
+    terms = [args.workdir / "terms" / f.name for f in files + [extra]] if args.words else []
+    if terms:
+        terms[0].parent.mkdir()
+        in_child(f"""
+import json
+from pathlib import Path
+from bench_store import write_terms
+for k, (f, t) in enumerate(zip({[str(f) for f in files + [extra]]!r}, {[str(t) for t in terms]!r})):
+    write_terms(Path(f), Path(t), {args.words}, {args.seed} + k)
+print(json.dumps({{}}))""")
     db = args.workdir / "labels.duckdb"
     build = in_child(f"""
 import json, resource, time
@@ -125,7 +159,8 @@ from pathlib import Path
 from bench_store import manifest
 from hermes.store import build_store
 t = time.perf_counter()
-build_store(Path({str(db)!r}), {[str(f) for f in files]!r}, [], manifest(), info={{"command": "bench"}}, term_files=[])
+build_store(Path({str(db)!r}), {[str(f) for f in files]!r}, [], manifest(), info={{"command": "bench"}},
+            term_files={[str(t) for t in terms[:-1]]!r})
 print(json.dumps({{"seconds": time.perf_counter() - t,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))""")
     store_bytes = db.stat().st_size
@@ -149,7 +184,7 @@ from bench_store import manifest
 from hermes.store import append_store
 t = time.perf_counter()
 append_store(Path({str(db)!r}), Path({str(labels)!r}), [Path({str(extra)!r})], [], manifest(),
-             {{"command": "bench append"}}, [])
+             {{"command": "bench append"}}, [Path(t) for t in {[str(t) for t in terms]!r}])
 print(json.dumps({{"seconds": time.perf_counter() - t}}))""")
     levels = ("l1", "l12", "l123")
     print(json.dumps({
@@ -164,6 +199,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t}}))""")
                    {"selected_tokens": mix["summary"]["diagnostics"]["selected_tokens"],
                     "budget_tokens": mix["summary"]["diagnostics"]["budget_tokens"]})},
         "store_bytes": store_bytes, "label_file_bytes": label_bytes,
+        **({"words_per_doc": args.words, "term_file_bytes": sum(t.stat().st_size for t in terms[:-1])} if terms else {}),
         "store_bytes_per_million_docs": round(store_bytes / args.rows * 1e6),
         "label_file_bytes_per_million_docs": round(label_bytes / args.rows * 1e6),
     }, indent=2))
