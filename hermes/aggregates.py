@@ -6,7 +6,8 @@ Table `cells_<l>_data` per level holds, per non-empty cell: its codes, `cell` an
 (documents with a quality), `q_sum` (their qualities summed as an exact DECIMAL, so that a sum
 does not depend on the order it was added in), `n_short` (documents under SHORT_CHARS characters,
 for `cell_terms`), and its band's `q_below`, `band_lo`, `band_hi` and `band_len` (below; NULL for
-an L123 cell without a band). The views add the shares, over the store's totals.
+an L123 cell without a band, and the last three for a cell without qualities). The views add the
+shares, over the store's totals.
 
 - An append adds the new rows' counts and sums to each cell's they fall in, at every level; a
   cell's `n_children` grows by the children the new rows made. All of these are exact, so they
@@ -30,7 +31,8 @@ an L123 cell without a band). The views add the shares, over the store's totals.
   values of all such touched cells in one scan of `labels` (`_copy_values`), and makes their new
   bands from it.
 
-The build makes the bands the same way, so a store that grew by appends equals one built at once.
+The build makes the bands the same way, so the views of a store that grew by appends equal those
+of one built at once (its bands may hold other values around the same percentiles).
 Written here because DuckDB's quantile state cannot be kept between statements.
 """
 
@@ -94,8 +96,9 @@ def build(con, named: list[int]) -> None:
 
 def update(con, named: list[int], fresh: str) -> dict[int, int]:
     """The aggregates after the rows of table `fresh` (already in `labels`) were added: only the
-    cells they fall in change. Returns, per level, how many cells' bands were made again from
-    `labels` (the p70 had left them)."""
+    cells they fall in change. The levels go finest first: each leaves the cells the new rows
+    made in table born_<level>, which the next coarser level counts into n_children. Returns, per
+    level, how many cells' bands were made again from `labels` (the p70 had left them)."""
     for level in LEVELS:
         con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{level} AS SELECT DISTINCT {_cs(level)} FROM {fresh}")
     remade = {level: _aggregate(con, level, named, touched=f"touched_{level}", fresh=fresh)
@@ -168,8 +171,8 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
 
 
 def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
-    """Fill agg's quality_p70 and q_below from the cells' bands: made from `labels` at a build,
-    merged with `fresh`'s values at an append. At L123 a cell under WHOLE_CELL qualities has no
+    """Fill agg's quality_p70, q_below and band ends (band_lo, band_hi, band_len) from the cells'
+    bands: made from `labels` at a build, merged with `fresh`'s values at an append. At L123 a cell under WHOLE_CELL qualities has no
     band: its p70 is quantile_cont of its values in `labels` (the build's aggregate has it; an
     append computes it again); a cell that reaches WHOLE_CELL gets one. Returns the number of bands
     made again."""

@@ -11,8 +11,9 @@ counts, uniform quality), then times, in one run:
 - `mix_seconds`, `mix_peak_rss_mb`: one mixture (`hermes mix` in a fresh process: uniform at L1,
   equal down to L12, top:0.3, budget = 10% of tokens), its wall time and peak RSS;
 - `store_bytes` (labels.duckdb) and `label_file_bytes` (the Parquet label files, the source of truth);
-- with `--words R`, synthetic term files too (R word counts a document), so that the build and the
-  append score every cell's words (`cell_terms`) as `hermes label` does; `term_file_bytes`;
+- with `--words R`, synthetic term files too (R words drawn a document, counted per L123 cell and
+  word), so that the build and the append score every cell's words (`cell_terms`) as `hermes
+  label` does; `term_file_bytes` and `term_rows_per_doc`;
 and, as the baseline in the same run, a plain DuckDB scan of the labels (`SELECT count(*),
 sum(n_tokens) FROM labels`). Each step starts once what the steps before it wrote is on disk
 (`os.sync`). Prints JSON.
@@ -60,15 +61,16 @@ def write_labels(path: Path, first: int, rows: int, seed: int) -> None:
 
 def write_terms(label_path: Path, path: Path, per_doc: int, seed: int) -> None:
     """A term file for one label file (the word counts per L123 cell that `hermes label` writes
-    beside it): `per_doc` words a document, drawn log-uniformly from 100,000 (Zipf-like), summed
-    per cell and word."""
+    beside it): `per_doc` words drawn for each document, log-uniformly from 100,000 (Zipf-like),
+    counted per cell and word (a word drawn twice in a cell is one row)."""
     con = duckdb.connect()
     con.execute(f"SELECT setseed({(seed % 1000) / 1000})")
     con.execute(f"""
         COPY (
-        SELECT c1, c2, c3, 'w' || CAST(floor(exp(random() * ln(100000))) AS INTEGER) AS term, CAST(count(*) AS BIGINT) AS count
-        FROM read_parquet('{label_path}'), range({per_doc})
-        GROUP BY ALL
+        SELECT c1, c2, c3, term, CAST(count(*) AS BIGINT) AS count
+        FROM (SELECT c1, c2, c3, 'w' || CAST(floor(exp(random() * ln(100000))) AS INTEGER) AS term
+              FROM read_parquet('{label_path}'), range({per_doc}))
+        GROUP BY c1, c2, c3, term
         ) TO '{path}' (FORMAT parquet)""")
     con.close()
 
@@ -124,7 +126,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/hermes-bench-store"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--words", type=int, default=0,
-                    help="word-count rows a document in synthetic term files (the dev corpus has about 17); "
+                    help="words drawn per document into synthetic term files, counted per L123 cell and word "
+                         "(the dev corpus's term files hold about 17 rows a document); "
                          "0 (default): no term files, so no words are scored")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -199,7 +202,9 @@ print(json.dumps({{"seconds": time.perf_counter() - t}}))""")
                    {"selected_tokens": mix["summary"]["diagnostics"]["selected_tokens"],
                     "budget_tokens": mix["summary"]["diagnostics"]["budget_tokens"]})},
         "store_bytes": store_bytes, "label_file_bytes": label_bytes,
-        **({"words_per_doc": args.words, "term_file_bytes": sum(t.stat().st_size for t in terms[:-1])} if terms else {}),
+        **({"words_per_doc": args.words, "term_file_bytes": sum(t.stat().st_size for t in terms[:-1]),
+            "term_rows_per_doc": round(duckdb.sql(f"SELECT count(*) FROM read_parquet({[str(t) for t in terms[:-1]]!r})")
+                                       .fetchall()[0][0] / args.rows, 2)} if terms else {}),
         "store_bytes_per_million_docs": round(store_bytes / args.rows * 1e6),
         "label_file_bytes_per_million_docs": round(label_bytes / args.rows * 1e6),
     }, indent=2))

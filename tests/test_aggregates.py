@@ -92,6 +92,45 @@ def test_an_append_updates_the_aggregates_as_a_build_over_all_the_labels(case, w
         "SELECT count(*) FROM cells_l12_data").fetchall()
 
 
+def _check_band_ends(con) -> None:
+    """Every cell's band_lo, band_hi and band_len are its band's lowest, highest value and length
+    (NULL, NULL and NULL or 0 for a cell without band values)."""
+    for level in (1, 2, 3):
+        s = ("l1", "l12", "l123")[level - 1]
+        cs = ", ".join(f"c{i + 1}" for i in range(level))
+        wrong = con.execute(f"""
+            SELECT count(*) FROM cells_{s}_data d
+            FULL JOIN (SELECT {cs}, min(quality) AS lo, max(quality) AS hi, count(*) AS n FROM p70_window_{s}
+                       GROUP BY ALL) w USING ({cs})
+            WHERE d.band_lo IS DISTINCT FROM w.lo OR d.band_hi IS DISTINCT FROM w.hi
+               OR coalesce(d.band_len, 0) != coalesce(w.n, 0)""").fetchall()[0][0]
+        assert wrong == 0, s
+
+
+def test_new_children_of_old_cells_are_counted_and_the_band_ends_kept_with_their_cells():
+    """An append that makes new L123 cells under L12 cells the store has counts them in their
+    parents' n_children; after a build and after each append, every cell's band ends and length
+    are its band's (an append places its new values by them, without reading the bands)."""
+    rng = np.random.default_rng(11)
+    old = [r[:6] + (r[6] % 20,) for r in _labels(rng, 3000, 0)]      # c3 under 20: half the L123 cells
+    con = _store(old)
+    aggregates.build(con, [])
+    _check_band_ends(con)
+    before = dict(con.execute("SELECT cell, n_children FROM cells_l12").fetchall())
+    rows = list(old)
+    for k in range(2):
+        new = _labels(rng, 400, 10_000 * (k + 1), shift=0.2 * k)       # c3 of 40: new children of old cells
+        _append(con, new)
+        rows += new
+        _check_band_ends(con)
+        _check_p70(con)
+    after = dict(con.execute("SELECT cell, n_children FROM cells_l12").fetchall())
+    assert set(after) == set(before) and all(after[c] > before[c] for c in before)
+    once = _store(rows)
+    aggregates.build(once, [])
+    assert _views(con) == _views(once)
+
+
 def test_the_views_carry_the_contract_columns_and_shares():
     con = _store(_labels(np.random.default_rng(1), 500, 0, nulls=0.5))
     aggregates.build(con, [])

@@ -175,6 +175,23 @@ def test_an_append_to_a_store_of_the_earlier_layout_aggregates_it_again(grown, t
     assert _tables(out / "labels.duckdb") == _tables(grown["full"])
 
 
+def test_an_append_to_a_store_without_band_ends_aggregates_it_again(grown, tmp_path):
+    """A store of the layout before each band's ends were kept with its cell (bands, sums and keys
+    there, no band_lo, band_hi, band_len) is aggregated again in full by its first append, and ends
+    equal to a store built at once."""
+    out = tmp_path / "out"
+    r = invoke("label", grown["a"], "--substrate", grown["sub"], "--out", out, *QUIET)
+    assert r.exit_code == 0, r.output
+    con = duckdb.connect(str(out / "labels.duckdb"))
+    for level in ("l1", "l12", "l123"):
+        con.execute(f"CREATE OR REPLACE TABLE cells_{level}_data AS SELECT * EXCLUDE (band_lo, band_hi, band_len) "
+                    f"FROM cells_{level}_data")
+    con.close()
+    r = invoke("label", grown["b"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
+    assert r.exit_code == 0, r.output
+    assert _tables(out / "labels.duckdb") == _tables(grown["full"])
+
+
 @pytest.mark.parametrize("key", ["hash(doc_id)", "hash(doc_id) % 2"])
 def test_appends_find_duplicates_by_the_doc_id_keys_and_a_colliding_key_costs_only_time(grown, e2e, tmp_path,
                                                                                         monkeypatch, key):
