@@ -75,6 +75,11 @@ def write_terms(label_path: Path, path: Path, per_doc: int, seed: int) -> None:
     con.close()
 
 
+def term_rows(paths: list[Path]) -> int:
+    """How many rows the term files hold."""
+    return duckdb.sql(f"SELECT count(*) FROM read_parquet({[str(p) for p in paths]!r})").fetchall()[0][0]
+
+
 def manifest() -> dict:
     return {"fingerprint": FINGERPRINT, "created_at": "2026-01-01T00:00:00Z", "hermes_version": "bench",
             "embedding": {"model": "synthetic"}, "transform": {"kind": "none"}, "rvq": {}, "fit_sample_size": 0,
@@ -203,8 +208,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t}}))""")
                     "budget_tokens": mix["summary"]["diagnostics"]["budget_tokens"]})},
         "store_bytes": store_bytes, "label_file_bytes": label_bytes,
         **({"words_per_doc": args.words, "term_file_bytes": sum(t.stat().st_size for t in terms[:-1]),
-            "term_rows_per_doc": round(duckdb.sql(f"SELECT count(*) FROM read_parquet({[str(t) for t in terms[:-1]]!r})")
-                                       .fetchall()[0][0] / args.rows, 2)} if terms else {}),
+            "term_rows_per_doc": round(term_rows(terms[:-1]) / args.rows, 2)} if terms else {}),
         "store_bytes_per_million_docs": round(store_bytes / args.rows * 1e6),
         "label_file_bytes_per_million_docs": round(label_bytes / args.rows * 1e6),
     }, indent=2))
