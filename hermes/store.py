@@ -82,8 +82,8 @@ def _refuse_same_keys(con, named: list[int]) -> None:
 # cell at once hold about QUANTILE_BYTES a label (2M labels fit in 256 MB, 4M do not): a store of
 # more labels than fit computes its aggregates with DuckDB's default budget (80% of RAM) at once,
 # rather than after failing under the budget (at 10M labels that failed attempt took 15-50 s, more
-# than the aggregates themselves). Where anything else does not fit, the whole build runs again
-# with the default budget.
+# than the aggregates themselves), and the words under the budget again. Where anything else does
+# not fit, that step runs again with the default budget.
 BUILD_MEMORY_MB = 256
 QUANTILE_BYTES = 128
 
@@ -166,9 +166,13 @@ def _build_store(db_path: str | Path, label_files: list[Path], reject_files: lis
                             [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()])
             from hermes.terms import create_cell_terms
 
+            for t in ("raw", "ranked", "repeated", "shard_order"):    # the label files' rows: in labels now
+                con.execute(f"DROP TABLE {t}")
             fits = memory_mb is None or \
                 con.execute("SELECT count(*) FROM labels").fetchall()[0][0] * QUANTILE_BYTES <= memory_mb * 10**6
             _roomy(con, lambda: create_views(con), lift=not fits)
+            if memory_mb:       # the words spill to disk where they outgrow the budget: back under it
+                con.execute(f"SET memory_limit = '{memory_mb}MB'")
             _roomy(con, lambda: create_cell_terms(con, [str(f) for f in (term_files or [])]))
             counts = summary(con)
             # the store must be whole in its file before it is renamed: a checkpoint that fails
@@ -190,7 +194,8 @@ def _roomy(con, step, lift: bool = False) -> None:
     """Run a step of the build; if it does not fit the memory budget (a per-cell quantile holds its
     cell's values), run it again with DuckDB's default budget. Its statements replace what they
     create, so a step that failed half-way runs again cleanly. `lift`: the step is known not to
-    fit, and runs with the default budget (which the build keeps from then on) at once."""
+    fit, and runs with the default budget at once (the budget stays lifted until the build sets
+    it again)."""
     import duckdb
 
     if not lift:
@@ -403,9 +408,9 @@ def _append(db_path: Path, labels_dir: Path, old: list[str], new_label_files: li
             aggregates.update(con, named, "fresh")
         else:                                       # a store of an older layout: all of them, once
             aggregates.build(con, named)
-        from hermes.terms import create_cell_terms
+        from hermes.terms import update_cell_terms
 
-        create_cell_terms(con, [str(f) for f in term_files])
+        update_cell_terms(con, [str(f) for f in term_files], new=len(new_label_files))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key, value in {**info, "hermes_version": __version__, "appended_at": stamp}.items():
             con.execute("DELETE FROM store_info WHERE key = ?", [key])

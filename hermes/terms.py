@@ -7,6 +7,9 @@ L1 cells for L1), BERTopic's class-based TF-IDF:
 
     score(t, c) = tf(t, c) / words(c) * ln(1 + mean words per sibling cell / count of t in the siblings)
 
+the siblings' counts taken from a reference that appends keep until the store's word counts pass
+the next power of two, so that an append ranks again only the cells it touches (below, "The store's words").
+
 A cell whose documents are mostly very short (over half under aggregates.SHORT_CHARS characters) gets the
 flag `[short texts]` before its words; one whose most frequent word is over a fifth of its words
 gets `[repetitive]`; one with no words at all (digits, symbols, markup) shows `[no words]`.
@@ -21,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hermes.aggregates import data_table
-from hermes.cellkeys import CODES, LEVELS
+from hermes.cellkeys import CODES, LEVELS, view_suffix
 from hermes.quality import STOP_WORDS
 from hermes.vectors import count_rows, rank_in_runs
 from hermes.words import PieceRuns, Words
@@ -235,28 +238,66 @@ def shard_term_counts(texts: list[str], codes: np.ndarray) -> pa.Table:
     return counter.table()
 
 
-def _level_sql(level: int) -> str:
-    """Each level-`level` cell's words, from table term_counts: grouped and ranked on the integer
-    codes (a cell's siblings share the codes of its parent); one row per cell that has words."""
-    codes = list(CODES[:level])
-    parent = codes[:-1] or ["g"]           # L1 cells are all siblings: one constant group g
-    cs, ps = ", ".join(codes), ", ".join(parent)
-    g = ", 0 AS g" if level == 1 else ""
-    padded = ", ".join(c if c in codes else f"CAST(NULL AS SMALLINT) AS {c}" for c in CODES)
+# The store's words. Each level-l cell's words are its terms ranked by
+#
+#     score(t, c) = n(t, c) * ln(1 + avg_words(p) / f(t, p))
+#
+# (c-TF-IDF without its division by the cell's word count, which does not change a cell's ranking),
+# ties by term: n(t, c) the cell's count of t over all term files; f(t, p) and avg_words(p) the
+# count of t among the cells that share c's parent p (all L1 cells at L1), and their mean word
+# count, in the *reference*: the first term files (in shard order) holding at least 2^k word-count
+# rows, 2^k the largest power of two the store's term files reach (so at least half of their
+# rows). A term the reference lacks among p's cells counts as 1 there; a parent it lacks has
+# avg_words 1 (its cells' words are then their most frequent ones). So the words depend on the
+# order of the shards: those after the reference count in their own cells, not among the siblings.
+#
+# While appends keep the term files' rows under 2^(k+1), the reference stays, so a term's weight in
+# a cell never changes: an append adds the new counts (word_counts_<l>, as rows of their own) and
+# ranks, in each cell it touches, the cell's kept top terms (word_top_<l>) together with the terms
+# it counted; a term neither kept nor counted cannot overtake them (its score is unchanged, theirs
+# can only grow). That reads the new term files, and scans the stored counts once a level, but
+# scores only the touched cells. An append past 2^(k+1) takes the reference again and scores every
+# cell (about once each time the store doubles). A store built at once from the same files has the
+# same reference, so the same words. Terms are integer ids (word_terms; in term order after a
+# build, new terms numbered after the others by an append) so that the tables stay small.
+_WORD_STATE = "word_reference"  # one row: the layout, files and rows in the reference and in all term files
+_WORDS_LAYOUT = f"1:{TERMS_PER_CELL}"     # an append to words of another layout scores them all again
+
+
+def _table(kind: str, level: int) -> str:
+    return f"word_{kind}_{view_suffix(level)}"
+
+
+def _parts(level: int) -> tuple[str, list[str]]:
+    """A level's codes (joined), and its parent's (none at L1)."""
+    return ", ".join(CODES[:level]), list(CODES[:level - 1])
+
+
+def _scored_sql(level: int, source: str) -> str:
+    """Rows (codes, id, n) of `source` with their score against the reference."""
+    cs, parent = _parts(level)
+    avg = f"LEFT JOIN {_table('avg', level)} a USING ({', '.join(parent)})" if parent else \
+        f"LEFT JOIN {_table('avg', level)} a ON TRUE"
     return f"""
-    WITH c AS (SELECT {cs}{g}, term, sum(count) AS n FROM term_counts GROUP BY ALL),
-    tot AS (SELECT {cs}, sum(n) AS words, max(n) AS top_n FROM c GROUP BY ALL),
-    sib AS (SELECT {ps}, avg(words) AS avg_words FROM tot {"GROUP BY ALL" if level > 1 else "CROSS JOIN (SELECT 0 AS g) GROUP BY g"}),
-    ft AS (SELECT {ps}, term, sum(n) AS f FROM c GROUP BY ALL),
-    scored AS (SELECT {", ".join(f"c.{x}" for x in codes)}, c.term,
-                      (c.n / tot.words) * ln(1 + sib.avg_words / ft.f) AS score
-               FROM c JOIN tot USING ({cs}) JOIN sib USING ({ps}) JOIN ft USING ({ps}, term)),
-    ranked AS (SELECT {cs}, term, row_number() OVER (PARTITION BY {cs} ORDER BY score DESC, term) AS rk
-               FROM scored),
-    top AS (SELECT {cs}, string_agg(term, ', ' ORDER BY rk) AS words FROM ranked
-            WHERE rk <= {TERMS_PER_CELL} GROUP BY ALL)
-    SELECT {level} AS level, {padded}, top.words, tot.top_n > 0.2 * tot.words AS repetitive
-    FROM tot JOIN top USING ({cs})"""
+        SELECT {", ".join(f"s.{c}" for c in CODES[:level])}, s.id, s.n,
+               s.n * ln(1 + coalesce(a.avg_words, 1) / coalesce(r.n, 1)) AS score
+        FROM {source} s {avg} LEFT JOIN {_table('ref', level)} r USING ({', '.join(parent + ['id'])})"""
+
+
+def _keep_top(con, level: int, ranked: str, totals: str) -> None:
+    """Rows of word_top_<level> and cell_words from `ranked` (codes, id, n, rk: each cell's best
+    terms, rk from 1) and `totals` (codes, n_words, top_n: each cell's word count and top count)."""
+    cs, _ = _parts(level)
+    padded = ", ".join(c if c in CODES[:level] else f"CAST(NULL AS SMALLINT) AS {c}" for c in CODES)
+    con.execute(f"INSERT INTO {_table('top', level)} SELECT {cs}, id, n FROM {ranked} ORDER BY ALL")
+    # the words in rank order by one column per rank: DuckDB spills such an aggregate to disk where
+    # it outgrows the memory budget, but not an ordered string_agg
+    ranks = ", ".join(f"any_value(w.term) FILTER (rk = {k})" for k in range(1, TERMS_PER_CELL + 1))
+    con.execute(f"""
+        INSERT INTO cell_words
+        SELECT {level}, {padded}, words, top_n > 0.2 * n_words, n_words, top_n FROM (
+            SELECT {cs}, concat_ws(', ', {ranks}) AS words FROM {ranked} JOIN word_terms w USING (id)
+            GROUP BY ALL) JOIN {totals} USING ({cs})""")
 
 
 def _view_sql() -> str:
@@ -272,22 +313,177 @@ def _view_sql() -> str:
     return "CREATE OR REPLACE VIEW cell_terms AS" + "\n    UNION ALL".join(parts)
 
 
+def _rows(con, files: list[str]) -> list[int]:
+    """The rows of each term file (from its footer)."""
+    if not files:
+        return []
+    got = dict(con.execute("SELECT file_name, num_rows FROM parquet_file_metadata(?)", [files]).fetchall())
+    return [int(got[f]) for f in files]
+
+
+def _reference(rows: list[int]) -> int:
+    """How many leading term files form the reference (see above), given each file's rows."""
+    total = sum(rows)
+    if not total:
+        return len(rows)
+    floor, held = 1 << (total.bit_length() - 1), 0
+    for i, r in enumerate(rows):
+        held += r
+        if held >= floor:
+            return i + 1
+    return len(rows)
+
+
+def _read(con, name: str, files: list[str], temp: bool = True) -> None:
+    """Table `name` (c1, c2, c3, id, n): the files' counts summed per L123 cell and term (whose id
+    word_terms holds); a stored one in key order."""
+    con.execute(f"CREATE OR REPLACE {'TEMP ' if temp else ''}TABLE {name} (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, "
+                "id INTEGER, n BIGINT)")
+    if files:
+        con.execute(f"INSERT INTO {name} SELECT c1, c2, c3, id, CAST(sum(count) AS BIGINT) FROM read_parquet(?) "
+                    f"JOIN word_terms USING (term) GROUP BY ALL{'' if temp else ' ORDER BY ALL'}", [files])
+
+
+def _sum_up(con, source: str, name: str, level: int, temp: bool = False, codes: str | None = None) -> None:
+    """Table `name` (codes, id, n): `source`'s counts (c1, c2, c3, id, n) summed to the level's
+    codes (or to `codes`); a stored table in key order (which halves its size on disk)."""
+    cs = _parts(level)[0] if codes is None else codes
+    con.execute(f"CREATE OR REPLACE {'TEMP ' if temp else ''}TABLE {name} AS "
+                f"SELECT {cs + ', ' if cs else ''}id, CAST(sum(n) AS BIGINT) AS n FROM {source} GROUP BY ALL"
+                + ("" if temp else " ORDER BY ALL"))
+
+
+def _word_tables(con) -> None:
+    """The store's empty word tables (see above)."""
+    con.execute("CREATE OR REPLACE TABLE cell_words (level INTEGER, c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, "
+                "words VARCHAR, repetitive BOOLEAN, n_words BIGINT, top_n BIGINT)")
+    for level in LEVELS:
+        cs, _ = _parts(level)
+        codes = ", ".join(f"{c} SMALLINT" for c in CODES[:level])
+        con.execute(f"CREATE OR REPLACE TABLE {_table('top', level)} ({codes}, id INTEGER, n BIGINT)")
+
+
 def create_cell_terms(con, term_files: list[str]) -> None:
-    """Table cell_words (each cell's most distinctive words, for the cells that have words) from the
-    shards' term-count files, and the view cell_terms (level, cell, terms) over it and the
-    per-level aggregates, which give every cell's flags: so an append that adds no words for a
-    cell leaves its row to the aggregates."""
-    if term_files:
-        con.execute("CREATE OR REPLACE TEMP TABLE term_counts AS SELECT * FROM read_parquet(?)", [term_files])
-    else:
-        con.execute("CREATE OR REPLACE TEMP TABLE term_counts (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, term VARCHAR, "
-                    "count BIGINT)")
+    """The store's words from the shards' term-count files (all of them, in shard order): the terms,
+    each level's counts, the reference, each cell's top terms, table cell_words (each cell's words,
+    for the cells that have words) and the view cell_terms (level, cell, terms) over it and the
+    per-level aggregates, which give every cell's flags."""
+    rows = _rows(con, term_files)
+    ref_files = _reference(rows)
     kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'cell_terms'").fetchall()
     if kind:            # a table in stores of an earlier layout, a view since
         con.execute(f"DROP {'VIEW' if kind[0][0] == 'VIEW' else 'TABLE'} cell_terms")
-    con.execute("CREATE OR REPLACE TABLE cell_words (level INTEGER, c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, "
-                "words VARCHAR, repetitive BOOLEAN)")
+    # ids in term order (a build ranks ties by id), then the counts summed per cell and term id
+    con.execute("CREATE OR REPLACE TABLE word_terms (id INTEGER, term VARCHAR)")
+    if term_files:
+        con.execute("INSERT INTO word_terms SELECT CAST(row_number() OVER (ORDER BY term) - 1 AS INTEGER), term "
+                    "FROM (SELECT DISTINCT term FROM read_parquet(?))", [term_files])
+    _read(con, _table("counts", 3), term_files, temp=False)
+    for level in (2, 1):
+        _sum_up(con, _table("counts", level + 1), _table("counts", level), level)
+    # the reference's counts at each level (its L123 cells', then summed up, as word_ref_<l> of the
+    # level below holds them), the store's own where it is every term file
+    whole = ref_files == len(term_files)
+    if whole:
+        ref_cells = _table("counts", 3)
+    else:
+        _read(con, "words_ref_cells", term_files[:ref_files])
+        ref_cells = "words_ref_cells"
+    # word_ref_<l>, what a level-l cell is scored against: the reference's counts of the level
+    # above (keyed by the parent's codes; by term alone at L1)
+    for level in reversed(LEVELS):
+        if whole and level > 1:
+            con.execute(f"CREATE OR REPLACE TABLE {_table('ref', level)} AS SELECT * FROM {_table('counts', level - 1)}")
+        else:
+            _sum_up(con, ref_cells if level == 3 else _table("ref", level + 1), _table("ref", level), level,
+                    codes=", ".join(_parts(level)[1]))
+    _word_tables(con)
     for level in LEVELS:
-        con.execute(f"INSERT INTO cell_words {_level_sql(level)}")
-    con.execute("DROP TABLE term_counts")
+        cs, parent = _parts(level)
+        ps = ", ".join(parent)
+        # each parent's mean word count over its cells, in the reference
+        con.execute(f"CREATE OR REPLACE TABLE {_table('avg', level)} AS "
+                    f"SELECT {ps + ', ' if ps else ''}avg(words) AS avg_words FROM (SELECT {cs}, sum(n) AS words "
+                    f"FROM {ref_cells if level == 3 else _table('ref', level + 1)} GROUP BY ALL)"
+                    + (" GROUP BY ALL" if ps else ""))
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE words_ranked AS SELECT * FROM (
+                SELECT {cs}, id, n, row_number() OVER (PARTITION BY {cs} ORDER BY score DESC, id) AS rk
+                FROM ({_scored_sql(level, _table('counts', level))}))
+            WHERE rk <= {TERMS_PER_CELL}""")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE words_totals AS SELECT {cs}, CAST(sum(n) AS BIGINT) AS n_words, "
+                    f"max(n) AS top_n FROM {_table('counts', level)} GROUP BY ALL")
+        _keep_top(con, level, "words_ranked", "words_totals")
+    con.execute(f"CREATE OR REPLACE TABLE {_WORD_STATE} AS SELECT ? AS layout, ? AS files, ? AS ref_files, "
+                "? AS ref_rows, ? AS total_rows",
+                [_WORDS_LAYOUT, len(term_files), ref_files, sum(rows[:ref_files]), sum(rows)])
+    for t in ["words_ranked", "words_totals"] + ([] if whole else ["words_ref_cells"]):
+        con.execute(f"DROP TABLE {t}")
     con.execute(_view_sql())
+
+
+def _can_add(con, files: int, added: int) -> bool:
+    """Whether an append of `added` word-count rows to the store's words from `files` term files
+    keeps their reference: words of this layout, from those files, not past the next power of two."""
+    held = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND column_count = 5",
+                       [_WORD_STATE]).fetchall()[0][0] and \
+        con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'cell_terms'").fetchall()[0][0]
+    if not held:                # a store of an earlier layout
+        return False
+    layout, had_files, total = con.execute(f"SELECT layout, files, total_rows FROM {_WORD_STATE}").fetchall()[0]
+    return layout == _WORDS_LAYOUT and had_files == files and total > 0 and \
+        (total + added).bit_length() == total.bit_length()
+
+
+def update_cell_terms(con, term_files: list[str], new: int) -> None:
+    """The store's words after an append: `term_files` all the shards' (in shard order), the last
+    `new` of them the append's. Adds the new counts and ranks again the terms of the cells they
+    touch (see above); takes the reference again and scores every cell (create_cell_terms) where
+    the new rows take the store past the next power of two, or the store is of an earlier layout."""
+    old = term_files[:max(len(term_files) - new, 0)]
+    fresh = term_files[len(old):]
+    added = sum(_rows(con, fresh))
+    if not _can_add(con, len(old), added):
+        create_cell_terms(con, term_files)
+        return
+    if fresh:           # their new terms numbered after the others
+        con.execute("""
+            INSERT INTO word_terms
+            SELECT CAST((SELECT coalesce(max(id), -1) FROM word_terms) + row_number() OVER (ORDER BY term) AS INTEGER),
+                   term
+            FROM (SELECT DISTINCT term FROM read_parquet(?) ANTI JOIN word_terms USING (term))""", [fresh])
+    _read(con, "words_new", fresh)
+    for level in LEVELS:
+        cs, _ = _parts(level)
+        codes = list(CODES[:level])
+        counts, top = _table("counts", level), _table("top", level)
+        _sum_up(con, "words_new", "words_delta", level, temp=True)
+        # the new counts added as rows of their own (rows already written are not touched, which
+        # saves the commit rewriting them); words_counted: the counts they changed, summed
+        con.execute(f"INSERT INTO {counts} SELECT * FROM words_delta")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE words_counted AS SELECT {cs}, id, CAST(sum(n) AS BIGINT) AS n "
+                    f"FROM {counts} SEMI JOIN words_delta USING ({cs}, id) GROUP BY ALL")
+        # the touched cells' totals: the word count grows by the new counts, the top count is the larger
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE words_totals AS
+            SELECT {cs}, CAST(coalesce(o.n_words, 0) + d.added AS BIGINT) AS n_words,
+                   greatest(coalesce(o.top_n, 0), u.top_n) AS top_n
+            FROM (SELECT {cs}, sum(n) AS added FROM words_delta GROUP BY ALL) d
+            JOIN (SELECT {cs}, max(n) AS top_n FROM words_counted GROUP BY ALL) u USING ({cs})
+            LEFT JOIN (SELECT {cs}, n_words, top_n FROM cell_words WHERE level = {level}) o USING ({cs})""")
+        # each touched cell's kept terms (those not counted again) and those counted, ranked; ties
+        # by term (an append's new ids are not in term order)
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE words_ranked AS SELECT {cs}, id, n, rk FROM (
+                SELECT *, row_number() OVER (PARTITION BY {cs} ORDER BY score DESC, term) AS rk
+                FROM ({_scored_sql(level, f"(SELECT * FROM {top} SEMI JOIN words_totals USING ({cs}) ANTI JOIN words_delta USING ({cs}, id) UNION ALL SELECT * FROM words_counted)")})
+                JOIN word_terms USING (id))
+            WHERE rk <= {TERMS_PER_CELL}""")
+        on_cell = " AND ".join(f"w.{c} = t.{c}" for c in codes)
+        con.execute(f"DELETE FROM {top} w USING words_totals t WHERE {on_cell}")
+        con.execute(f"DELETE FROM cell_words w USING words_totals t WHERE w.level = {level} AND {on_cell}")
+        _keep_top(con, level, "words_ranked", "words_totals")
+        for t in ("words_delta", "words_counted", "words_totals", "words_ranked"):
+            con.execute(f"DROP TABLE {t}")
+    con.execute(f"UPDATE {_WORD_STATE} SET files = ?, total_rows = total_rows + ?", [len(term_files), added])
+    con.execute("DROP TABLE words_new")

@@ -18,6 +18,7 @@ TABLES = {
     "rejects": "SELECT * FROM rejects ORDER BY ALL",
     "cells": "SELECT * FROM cells ORDER BY level, cell",
     "cell_terms": "SELECT * FROM cell_terms ORDER BY level, cell",
+    "cell_words": "SELECT * FROM cell_words ORDER BY ALL",
     "shards": "SELECT * FROM shards ORDER BY ord",
     "doc_keys": "SELECT * FROM doc_keys ORDER BY ALL",
 }
@@ -79,6 +80,31 @@ def test_an_append_leaves_the_rows_of_the_store_and_the_earlier_label_files_alon
     again = invoke("label", grown["c"], grown["a"], "--substrate", grown["sub"], "--out", out, "--append")
     assert again.exit_code == 0, again.output
     assert "nothing to append" in again.stderr and _tables(out / "labels.duckdb") == after   # a rerun adds nothing
+
+
+def test_a_small_append_ranks_the_words_of_the_cells_it_touches_and_equals_a_build(grown, tmp_path):
+    """An append that keeps the store's word reference (30 documents after the e2e corpus) ranks
+    the words of the cells it touches alone, from its own term file, and ends equal to a store
+    built at once from the three shards."""
+    def reference(db):
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            return con.execute("SELECT ref_files, ref_rows, total_rows FROM word_reference").fetchall()[0]
+        finally:
+            con.close()
+
+    out = tmp_path / "out"
+    shutil.copytree(grown["db"].parent, out)
+    before = reference(out / "labels.duckdb")
+    r = invoke("label", grown["c"], "--substrate", grown["sub"], "--out", out, "--append", *QUIET)
+    assert r.exit_code == 0, r.output
+    after = reference(out / "labels.duckdb")
+    assert after[:2] == before[:2] and after[2] > before[2]           # the reference kept, new word counts
+    assert after[2].bit_length() == before[2].bit_length()            # within the power of two: ranked, not rebuilt
+    full = invoke("label", grown["a"], grown["b"], grown["c"], "--substrate", grown["sub"], "--out", tmp_path / "full",
+                  *QUIET)
+    assert full.exit_code == 0, full.output
+    assert _tables(out / "labels.duckdb") == _tables(tmp_path / "full" / "labels.duckdb")
 
 
 def test_an_append_with_another_substrate_is_refused_naming_both(grown, e2e, tmp_path):

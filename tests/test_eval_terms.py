@@ -174,3 +174,77 @@ def test_flags_in_a_store(tmp_path):
     terms = dict(con.execute("SELECT cell, terms FROM cell_terms WHERE level = 1").fetchall())
     assert terms["0"].startswith("[short texts]") and "[no words]" in terms["1"]
     assert terms["2"].split(", ")[0] in {"gardens", "roses", "soil", "document", "long", "enough"}
+
+
+def _word_rows(con) -> dict[str, list]:
+    """What a store's words are made of, with terms as text (ids may differ between stores)."""
+    from hermes.cellkeys import LEVELS, view_suffix
+
+    out = {"cell_words": con.execute("SELECT * FROM cell_words ORDER BY ALL").fetchall(),
+           "cell_terms": con.execute("SELECT * FROM cell_terms ORDER BY ALL").fetchall(),
+           "reference": con.execute("SELECT * FROM word_reference").fetchall()}
+    for level in LEVELS:
+        s = view_suffix(level)
+        for kind in ("counts", "top", "ref"):        # an append adds counts as rows of their own
+            out[f"{kind}_{s}"] = con.execute(f"SELECT * EXCLUDE (id, n), term, sum(n) FROM word_{kind}_{s} "
+                                             "JOIN word_terms USING (id) GROUP BY ALL ORDER BY ALL").fetchall()
+        out[f"avg_{s}"] = con.execute(f"SELECT * FROM word_avg_{s} ORDER BY ALL").fetchall()
+    return out
+
+
+def test_an_append_ranks_the_words_of_the_cells_it_touches_as_a_build_does(tmp_path):
+    """Term files added one at a time give, after each, the words, counts and reference of a store
+    built from the same files at once: appends within a power of two of word-count rows (ranking
+    only the touched cells' kept and counted terms; new term ids out of term order, ties by term;
+    a cell's top count from an earlier file) and appends that pass one (the reference taken again)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hermes.store import create_views
+    from hermes.terms import TERM_SCHEMA, create_cell_terms, update_cell_terms
+
+    rng = np.random.default_rng(5)
+    files = []
+    for k in range(8):          # small cells, a Zipf-like vocabulary that grows (later terms sort first)
+        n = int(rng.integers(20, 120))
+        vocab = [f"w{i:03d}" for i in range(60)] + [f"a{9 - k}{i}" for i in range(5)]
+        rows = {(int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 4)),
+                 vocab[min(int(rng.zipf(1.3)) - 1, 59) if rng.random() < 0.8 else int(rng.integers(60, 65))])
+                for _ in range(n)}
+        table = pa.Table.from_pylist([{"c1": a, "c2": b, "c3": c, "term": t,
+                                       "count": 40 if k == 0 and t == "w000" else int(rng.integers(1, 3))}
+                                      for a, b, c, t in sorted(rows)], schema=TERM_SCHEMA)
+        files.append(str(tmp_path / f"t{k}.parquet"))
+        pq.write_table(table, files[-1])
+
+    def store(name, term_files):
+        con = duckdb.connect(str(tmp_path / name))
+        con.execute("CREATE TABLE labels AS SELECT 'd' || i AS doc_id, 300 AS n_chars, 50 AS n_tokens, 0.5 AS quality, "
+                    "CAST(i % 3 AS SMALLINT) AS c1, CAST(i // 3 % 3 AS SMALLINT) AS c2, CAST(i // 9 % 4 AS SMALLINT) AS c3 "
+                    "FROM range(36) t(i)")
+        create_views(con)
+        create_cell_terms(con, term_files)
+        return con
+
+    kept = retaken = 0
+    for first in (1, 3):
+        grown = store(f"grown{first}.duckdb", files[:first])
+        for k in range(first, len(files)):
+            before = grown.execute("SELECT ref_files, ref_rows FROM word_reference").fetchall()
+            update_cell_terms(grown, files[:k + 1], new=1)
+            same = grown.execute("SELECT ref_files, ref_rows FROM word_reference").fetchall() == before
+            kept, retaken = kept + same, retaken + (not same)
+            whole = store(f"whole{first}-{k}.duckdb", files[:k + 1])
+            expected = _word_rows(whole)
+            whole.close()
+            assert _word_rows(grown) == expected, (first, k, same)
+    assert kept >= 4 and retaken >= 2
+    assert any(len(w.split(", ")) == 8 for *_, w, _r, _n, _t in expected["cell_words"])    # more terms than kept
+    # words of another layout (another TERMS_PER_CELL, say) are scored again in full by an append
+    old = store("other-layout.duckdb", files[:6])
+    old.execute("UPDATE word_reference SET layout = 'earlier'")
+    old.execute("DELETE FROM word_top_l123")                  # what an append within the layout would rank from
+    update_cell_terms(old, files[:7], new=1)
+    whole = store("whole-7.duckdb", files[:7])
+    assert _word_rows(old) == _word_rows(whole)
