@@ -38,7 +38,7 @@ Written here because DuckDB's quantile state cannot be kept between statements.
 
 from __future__ import annotations
 
-from hermes.cellkeys import CODES, LEVELS, key_sql, view_suffix
+from hermes.cellkeys import LEVELS, codes_match, codes_padded, codes_sql, key_sql, view_suffix
 
 P70 = 0.7
 WINDOW = 0.02               # a band holds the values ranked within ±2% of the cell around its p70 ...
@@ -71,14 +71,6 @@ def _windows() -> list[tuple[int, float]]:
         size, window = size / 2, window * 2
 
 
-def _cs(level: int, alias: str = "") -> str:
-    return ", ".join(f"{alias}{c}" for c in CODES[:level])
-
-
-def _on(level: int, a: str, b: str) -> str:
-    return " AND ".join(f"{a}.{c} = {b}.{c}" for c in CODES[:level])
-
-
 def has_current_layout(con) -> bool:
     """True if the store's aggregates are of this layout (an older store is aggregated again)."""
     rows = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
@@ -100,7 +92,7 @@ def update(con, named: list[int], fresh: str) -> dict[int, int]:
     made in table born_<level>, which the next coarser level counts into n_children. Returns, per
     level, how many cells' bands were made again from `labels` (the p70 had left them)."""
     for level in LEVELS:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{level} AS SELECT DISTINCT {_cs(level)} FROM {fresh}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{level} AS SELECT DISTINCT {codes_sql(level)} FROM {fresh}")
     remade = {level: _aggregate(con, level, named, touched=f"touched_{level}", fresh=fresh)
               for level in reversed(LEVELS)}
     for level in LEVELS[1:]:
@@ -111,7 +103,7 @@ def update(con, named: list[int], fresh: str) -> dict[int, int]:
 
 def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: str | None) -> int:
     """Aggregate one level (its touched cells, or all); the number of bands made again."""
-    cs = _cs(level)
+    cs = codes_sql(level)
     finest = level == LEVELS[-1]
     band = "CAST(NULL AS DOUBLE) AS band_lo, CAST(NULL AS DOUBLE) AS band_hi, CAST(NULL AS BIGINT) AS band_len"
     if finest and touched is None:
@@ -137,10 +129,10 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
         children = ("CAST(NULL AS BIGINT)" if finest else
                     "CAST(coalesce(d.n_children, 0) + coalesce(b.born, 0) AS BIGINT)")
         born = "" if finest else f"""
-            LEFT JOIN (SELECT {cs}, count(*) AS born FROM born_{level + 1} GROUP BY {cs}) b ON {_on(level, 'b', 'n')}"""
+            LEFT JOIN (SELECT {cs}, count(*) AS born FROM born_{level + 1} GROUP BY {cs}) b ON {codes_match(level, 'b', 'n')}"""
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE agg AS
-            SELECT {_cs(level, "n.")}, CAST(coalesce(d.n_docs, 0) + n.n_docs AS BIGINT) AS n_docs,
+            SELECT {codes_sql(level, "n.")}, CAST(coalesce(d.n_docs, 0) + n.n_docs AS BIGINT) AS n_docs,
                    CAST(coalesce(d.n_tokens, 0) + n.n_tokens AS BIGINT) AS n_tokens,
                    CAST(coalesce(d.q_n, 0) + n.q_n AS BIGINT) AS q_n,
                    CAST(coalesce(d.q_sum, 0) + n.q_sum AS {Q_SUM}) AS q_sum,
@@ -151,21 +143,21 @@ def _aggregate(con, level: int, named: list[int], touched: str | None, fresh: st
                          CAST(coalesce(sum(CAST(quality AS {Q_SUM})), 0) AS {Q_SUM}) AS q_sum,
                          count_if(n_chars < {SHORT_CHARS}) AS n_short
                   FROM {fresh} GROUP BY {cs}) n
-            LEFT JOIN {data_table(level)} d ON {_on(level, 'd', 'n')}{born}""")
+            LEFT JOIN {data_table(level)} d ON {codes_match(level, 'd', 'n')}{born}""")
         if level > LEVELS[0]:
             con.execute(f"CREATE OR REPLACE TEMP TABLE born_{level} AS SELECT {cs} FROM agg WHERE born")
     remade = _p70(con, level, touched, fresh)
     key, joins = key_sql(level, named, "a")
     parent = key_sql(level - 1, named, "a")[0] if level > 1 else "CAST(NULL AS VARCHAR)"
     rows = f"""
-        SELECT {_cs(level, "a.")}, {key} AS cell, {parent} AS parent, a.n_docs, a.n_tokens,
+        SELECT {codes_sql(level, "a.")}, {key} AS cell, {parent} AS parent, a.n_docs, a.n_tokens,
                CAST(a.q_sum AS DOUBLE) / NULLIF(a.q_n, 0) AS quality_mean, a.quality_p70, a.n_children,
                a.q_n, a.q_sum, a.n_short, a.q_below, a.band_lo, a.band_hi, a.band_len
         FROM agg a {joins}"""
     if touched is None:
         con.execute(f"CREATE OR REPLACE TABLE {data_table(level)} AS {rows} ORDER BY {cs}")
     else:
-        con.execute(f"DELETE FROM {data_table(level)} d USING {touched} t WHERE {_on(level, 'd', 't')}")
+        con.execute(f"DELETE FROM {data_table(level)} d USING {touched} t WHERE {codes_match(level, 'd', 't')}")
         con.execute(f"INSERT INTO {data_table(level)} {rows}")
     con.execute("DROP TABLE agg")
     return remade
@@ -177,7 +169,7 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
     cell under WHOLE_CELL qualities has no band: its p70 is quantile_cont of its values in
     `labels` (the build's aggregate has it; an append computes it again); a cell that reaches
     WHOLE_CELL gets one. Returns the number of bands made again."""
-    cs, window = _cs(level), _window_table(level)
+    cs, window = codes_sql(level), _window_table(level)
     finest = level == LEVELS[-1]
     if touched is None:
         con.execute(f"CREATE OR REPLACE TABLE {window} AS SELECT {cs}, quality FROM labels LIMIT 0")
@@ -195,17 +187,17 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
         # a new L1 or L12 cell starts a band holding all its values
         con.execute(f"""
             INSERT INTO {window}
-            SELECT {_cs(level, "f.")}, f.quality FROM {fresh} f LEFT JOIN band b ON {_on(level, 'f', 'b')}
+            SELECT {codes_sql(level, "f.")}, f.quality FROM {fresh} f LEFT JOIN band b ON {codes_match(level, 'f', 'b')}
             WHERE f.quality IS NOT NULL
               AND ({"FALSE" if finest else "b.q_n IS NULL"} OR (b.q_below = 0 AND b.len = b.q_n)
                    OR f.quality BETWEEN b.lo AND b.hi)""")
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE below AS
-            SELECT {_cs(level, "b.")}, b.q_below + count(f.quality) FILTER (
+            SELECT {codes_sql(level, "b.")}, b.q_below + count(f.quality) FILTER (
                 WHERE NOT (b.q_below = 0 AND b.len = b.q_n) AND f.quality < b.lo) AS below
-            FROM band b LEFT JOIN {fresh} f ON {_on(level, 'f', 'b')}
-            GROUP BY {_cs(level, "b.")}, b.q_below""")
-        con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
+            FROM band b LEFT JOIN {fresh} f ON {codes_match(level, 'f', 'b')}
+            GROUP BY {codes_sql(level, "b.")}, b.q_below""")
+        con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {codes_match(level, 'agg', 'n')}")
         con.execute("DROP TABLE below")
         # a band that held its whole cell (or a new cell's) takes in every new value: once the cell
         # has twice WHOLE_CELL qualities, its band is made again from labels, narrow around the p70;
@@ -214,14 +206,14 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
                  f"a.q_n >= {2 * WHOLE_CELL} AND (b.q_n IS NULL OR (b.q_below = 0 AND b.len = b.q_n))")
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE grown AS
-            SELECT {_cs(level, "a.")} FROM agg a LEFT JOIN band b ON {_on(level, 'a', 'b')} WHERE {grows}""")
+            SELECT {codes_sql(level, "a.")} FROM agg a LEFT JOIN band b ON {codes_match(level, 'a', 'b')} WHERE {grows}""")
         if finest:
             # the values of the touched cells with no band (the small ones, and those that get a
             # band now), in one scan of labels
             con.execute(f"CREATE OR REPLACE TEMP TABLE unbanded AS SELECT {cs} FROM agg ANTI JOIN band USING ({cs})")
             _copy_values(con, level, "unbanded")
         if con.execute("SELECT count(*) FROM grown").fetchall()[0][0]:
-            con.execute(f"DELETE FROM {window} w USING grown g WHERE {_on(level, 'w', 'g')}")
+            con.execute(f"DELETE FROM {window} w USING grown g WHERE {codes_match(level, 'w', 'g')}")
             if not finest:
                 _copy_values(con, level, "grown")
             _band(con, level, "grown", source="cell_values")
@@ -235,7 +227,7 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
                 FROM (SELECT * FROM cell_values SEMI JOIN (SELECT {cs} FROM unbanded ANTI JOIN grown USING ({cs}))
                       USING ({cs}) ORDER BY {cs})
                 GROUP BY {cs}""")
-            con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {_on(level, 'agg', 'p')}")
+            con.execute(f"UPDATE agg SET quality_p70 = p.value FROM p WHERE {codes_match(level, 'agg', 'p')}")
             con.execute("DROP TABLE p")
             con.execute("DROP TABLE unbanded")
         con.execute("DROP TABLE IF EXISTS cell_values")
@@ -252,11 +244,11 @@ def _p70(con, level: int, touched: str | None, fresh: str | None) -> int:
 def _remake(con, level: int, whole: bool) -> int:
     """Make again from `labels` the bands of agg's cells that have a quality but no p70 (all their
     values if `whole`); how many there were."""
-    cs = _cs(level)
+    cs = codes_sql(level)
     con.execute(f"CREATE OR REPLACE TEMP TABLE lost AS SELECT {cs} FROM agg WHERE q_n > 0 AND quality_p70 IS NULL")
     lost = con.execute("SELECT count(*) FROM lost").fetchall()[0][0]
     if lost:
-        con.execute(f"DELETE FROM {_window_table(level)} w USING lost l WHERE {_on(level, 'w', 'l')}")
+        con.execute(f"DELETE FROM {_window_table(level)} w USING lost l WHERE {codes_match(level, 'w', 'l')}")
         _copy_values(con, level, "lost")
         _band(con, level, "lost", whole, source="cell_values")
         con.execute("DROP TABLE cell_values")
@@ -268,7 +260,7 @@ def _remake(con, level: int, whole: bool) -> int:
 def _copy_values(con, level: int, cells: str) -> None:
     """Table cell_values: the qualities in `labels` of the cells in table `cells`, read in one scan
     (a band made from it reads `labels` once instead of three times)."""
-    cs = _cs(level)
+    cs = codes_sql(level)
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cell_values AS
         SELECT {cs}, quality FROM labels SEMI JOIN {cells} USING ({cs}) WHERE quality IS NOT NULL""")
@@ -277,7 +269,7 @@ def _copy_values(con, level: int, cells: str) -> None:
 def _band(con, level: int, cells: str | None, whole: bool = False, source: str = "labels") -> None:
     """Make the bands of agg's cells (those in table `cells`, or all) from their values in `source`
     (`labels`, or a copy of some cells' values; all of them if `whole`), and their q_below."""
-    cs = _cs(level)
+    cs = codes_sql(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
     tiers = _windows()
     fractions = ", ".join(f"{max(P70 - w, 0.0):.6f}, {min(P70 + w, 1.0):.6f}" for _, w in tiers)
@@ -295,13 +287,13 @@ def _band(con, level: int, cells: str | None, whole: bool = False, source: str =
               FROM {source} {semi} WHERE quality IS NOT NULL GROUP BY {cs})""")
     con.execute(f"""
         INSERT INTO {_window_table(level)}
-        SELECT {_cs(level, "l.")}, l.quality FROM {source} l JOIN ends e ON {_on(level, 'l', 'e')}
+        SELECT {codes_sql(level, "l.")}, l.quality FROM {source} l JOIN ends e ON {codes_match(level, 'l', 'e')}
         WHERE l.quality BETWEEN e.lo AND e.hi""")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE below AS
-        SELECT {_cs(level, "l.")}, count(*) FILTER (WHERE l.quality < e.lo) AS below
-        FROM {source} l JOIN ends e ON {_on(level, 'l', 'e')} GROUP BY ALL""")
-    con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {_on(level, 'agg', 'n')}")
+        SELECT {codes_sql(level, "l.")}, count(*) FILTER (WHERE l.quality < e.lo) AS below
+        FROM {source} l JOIN ends e ON {codes_match(level, 'l', 'e')} GROUP BY ALL""")
+    con.execute(f"UPDATE agg SET q_below = n.below FROM below n WHERE {codes_match(level, 'agg', 'n')}")
     con.execute("DROP TABLE below")
     con.execute("DROP TABLE ends")
 
@@ -313,12 +305,12 @@ def _read_p70(con, level: int, cells: str | None) -> None:
     are ranked by a window (a sort per cell), and only the two wanted and the band's ends are kept:
     its lowest and highest value and its length (band_lo, band_hi, band_len) are kept with the
     cell, so that an append knows each band without reading its values."""
-    cs = _cs(level)
+    cs = codes_sql(level)
     semi = f"SEMI JOIN {cells} USING ({cs})" if cells else ""
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE p AS
         SELECT {cs}, lo + (hi - lo) * d AS value, band_lo, band_hi, band_len   -- exact where lo = hi, within [lo, hi]
-        FROM (SELECT {_cs(level, "r.")}, min(r.quality) FILTER (WHERE r.k = a.lo_k) AS lo,
+        FROM (SELECT {codes_sql(level, "r.")}, min(r.quality) FILTER (WHERE r.k = a.lo_k) AS lo,
                      min(r.quality) FILTER (WHERE r.k = a.hi_k) AS hi, any_value(a.d) AS d,
                      min(r.quality) AS band_lo, max(r.quality) AS band_hi, max(r.k) + 1 AS band_len
               FROM (SELECT {cs}, quality, row_number() OVER w - 1 AS k, lead(TRUE) OVER w IS NULL AS last
@@ -326,11 +318,11 @@ def _read_p70(con, level: int, cells: str | None) -> None:
                     WINDOW w AS (PARTITION BY {cs} ORDER BY quality)) r
               JOIN (SELECT {cs}, floor(rn) - q_below AS lo_k, ceil(rn) - q_below AS hi_k, rn - floor(rn) AS d
                     FROM (SELECT {cs}, q_below, CAST(q_n - 1 AS DOUBLE) * {P70} AS rn FROM agg {semi})) a
-              ON {_on(level, 'r', 'a')}
+              ON {codes_match(level, 'r', 'a')}
               WHERE r.k IN (a.lo_k, a.hi_k, 0) OR r.last
-              GROUP BY {_cs(level, "r.")})""")
+              GROUP BY {codes_sql(level, "r.")})""")
     con.execute(f"UPDATE agg SET quality_p70 = p.value, band_lo = p.band_lo, band_hi = p.band_hi, "
-                f"band_len = p.band_len FROM p WHERE {_on(level, 'agg', 'p')}")
+                f"band_len = p.band_len FROM p WHERE {codes_match(level, 'agg', 'p')}")
     con.execute("DROP TABLE p")
 
 
@@ -338,16 +330,15 @@ def create_views(con) -> None:
     """The views of the contract over the aggregates: cells_l1, cells_l12, cells_l123 and cells."""
     totals = f"(SELECT sum(n_docs) AS docs, sum(n_tokens) AS tokens FROM {data_table(1)}) t"
     for level in LEVELS:
-        order = f" ORDER BY {_cs(level, 'd.')}" if level < LEVELS[-1] else ""
+        order = f" ORDER BY {codes_sql(level, 'd.')}" if level < LEVELS[-1] else ""
         con.execute(f"""
             CREATE OR REPLACE VIEW cells_{view_suffix(level)} AS
-            SELECT {_cs(level, "d.")}, d.cell, d.parent, d.n_docs, d.n_tokens,
+            SELECT {codes_sql(level, "d.")}, d.cell, d.parent, d.n_docs, d.n_tokens,
                    d.n_docs / t.docs AS share_docs, d.n_tokens / t.tokens AS share_tokens,
                    d.quality_mean, d.quality_p70, d.n_children
             FROM {data_table(level)} d CROSS JOIN {totals}{order}""")
     parts = []
     for level in LEVELS:
-        codes = ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
-        parts.append(f"SELECT {level} AS level, {codes}, cell, parent, n_docs, n_tokens, share_docs, "
+        parts.append(f"SELECT {level} AS level, {codes_padded(level)}, cell, parent, n_docs, n_tokens, share_docs, "
                      f"share_tokens, quality_mean, quality_p70, n_children FROM cells_{view_suffix(level)}")
     con.execute("CREATE OR REPLACE VIEW cells AS\n" + "\nUNION ALL\n".join(parts))

@@ -30,6 +30,21 @@ def view_suffix(level: int) -> str:
     return "l" + "123"[:level]
 
 
+def codes_sql(level: int, alias: str = "") -> str:
+    """The level's code columns in SQL, `c1, c2` (each after `alias`, e.g. "a."); empty at level 0."""
+    return ", ".join(f"{alias}{c}" for c in CODES[:level])
+
+
+def codes_match(level: int, a: str, b: str) -> str:
+    """SQL that holds where tables `a` and `b` are in the same level-`level` cell."""
+    return " AND ".join(f"{a}.{c} = {b}.{c}" for c in CODES[:level])
+
+
+def codes_padded(level: int) -> str:
+    """All code columns in SQL, those past the level as NULL (rows of every level in one table)."""
+    return ", ".join(c if i < level else f"CAST(NULL AS SMALLINT) AS {c}" for i, c in enumerate(CODES))
+
+
 def pack(codes: np.ndarray, level: int) -> np.ndarray:
     """An int64 key per row of `codes` (n, 3) for its level-`level` cell."""
     import numpy as np      # imported here: the command line names levels without loading numpy

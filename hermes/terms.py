@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hermes.aggregates import data_table
-from hermes.cellkeys import CODES, LEVELS, view_suffix
+from hermes.cellkeys import CODES, LEVELS, codes_match, codes_padded, codes_sql, view_suffix
 from hermes.quality import STOP_WORDS
 from hermes.vectors import count_rows, rank_in_runs
 from hermes.words import PieceRuns, Words
@@ -268,34 +268,27 @@ def _table(kind: str, level: int) -> str:
     return f"word_{kind}_{view_suffix(level)}"
 
 
-def _parts(level: int) -> tuple[str, list[str]]:
-    """A level's codes (joined), and its parent's (none at L1)."""
-    return ", ".join(CODES[:level]), list(CODES[:level - 1])
-
-
 def _scored_sql(level: int, source: str) -> str:
     """Rows (codes, id, n) of `source` with their score against the reference."""
-    cs, parent = _parts(level)
-    avg = f"LEFT JOIN {_table('avg', level)} a USING ({', '.join(parent)})" if parent else \
-        f"LEFT JOIN {_table('avg', level)} a ON TRUE"
+    parent = codes_sql(level - 1)
+    avg = f"USING ({parent})" if parent else "ON TRUE"
     return f"""
-        SELECT {", ".join(f"s.{c}" for c in CODES[:level])}, s.id, s.n,
-               s.n * ln(1 + coalesce(a.avg_words, 1) / coalesce(r.n, 1)) AS score
-        FROM {source} s {avg} LEFT JOIN {_table('ref', level)} r USING ({', '.join(parent + ['id'])})"""
+        SELECT {codes_sql(level, "s.")}, s.id, s.n, s.n * ln(1 + coalesce(a.avg_words, 1) / coalesce(r.n, 1)) AS score
+        FROM {source} s LEFT JOIN {_table('avg', level)} a {avg}
+        LEFT JOIN {_table('ref', level)} r USING ({parent + ', ' if parent else ''}id)"""
 
 
 def _keep_top(con, level: int, ranked: str, totals: str) -> None:
     """Rows of word_top_<level> and cell_words from `ranked` (codes, id, n, rk: each cell's best
     terms, rk from 1) and `totals` (codes, n_words, top_n: each cell's word count and top count)."""
-    cs, _ = _parts(level)
-    padded = ", ".join(c if c in CODES[:level] else f"CAST(NULL AS SMALLINT) AS {c}" for c in CODES)
+    cs = codes_sql(level)
     con.execute(f"INSERT INTO {_table('top', level)} SELECT {cs}, id, n FROM {ranked} ORDER BY ALL")
     # the words in rank order by one column per rank: DuckDB spills such an aggregate to disk where
     # it outgrows the memory budget, but not an ordered string_agg
     ranks = ", ".join(f"any_value(w.term) FILTER (rk = {k})" for k in range(1, TERMS_PER_CELL + 1))
     con.execute(f"""
         INSERT INTO cell_words
-        SELECT {level}, {padded}, words, top_n > 0.2 * n_words, n_words, top_n FROM (
+        SELECT {level}, {codes_padded(level)}, words, top_n > 0.2 * n_words, n_words, top_n FROM (
             SELECT {cs}, concat_ws(', ', {ranks}) AS words FROM {ranked} JOIN word_terms w USING (id)
             GROUP BY ALL) JOIN {totals} USING ({cs})""")
 
@@ -304,7 +297,7 @@ def _view_sql() -> str:
     """View cell_terms: every cell of every level with its flags (from the aggregates) and words."""
     parts = []
     for level in LEVELS:
-        on = " AND ".join(f"w.c{i + 1} = d.c{i + 1}" for i in range(level))
+        on = codes_match(level, "w", "d")
         parts.append(f"""
     SELECT {level} AS level, d.cell,
            concat_ws(' ', CASE WHEN d.n_short * 2 > d.n_docs THEN '[short texts]' END,
@@ -347,7 +340,7 @@ def _read(con, name: str, files: list[str], temp: bool = True) -> None:
 def _sum_up(con, source: str, name: str, level: int, temp: bool = False, codes: str | None = None) -> None:
     """Table `name` (codes, id, n): `source`'s counts (c1, c2, c3, id, n) summed to the level's
     codes (or to `codes`); a stored table in key order (which halves its size on disk)."""
-    cs = _parts(level)[0] if codes is None else codes
+    cs = codes_sql(level) if codes is None else codes
     con.execute(f"CREATE OR REPLACE {'TEMP ' if temp else ''}TABLE {name} AS "
                 f"SELECT {cs + ', ' if cs else ''}id, CAST(sum(n) AS BIGINT) AS n FROM {source} GROUP BY ALL"
                 + ("" if temp else " ORDER BY ALL"))
@@ -358,7 +351,6 @@ def _word_tables(con) -> None:
     con.execute("CREATE OR REPLACE TABLE cell_words (level INTEGER, c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, "
                 "words VARCHAR, repetitive BOOLEAN, n_words BIGINT, top_n BIGINT)")
     for level in LEVELS:
-        cs, _ = _parts(level)
         codes = ", ".join(f"{c} SMALLINT" for c in CODES[:level])
         con.execute(f"CREATE OR REPLACE TABLE {_table('top', level)} ({codes}, id INTEGER, n BIGINT)")
 
@@ -396,11 +388,10 @@ def create_cell_terms(con, term_files: list[str]) -> None:
             con.execute(f"CREATE OR REPLACE TABLE {_table('ref', level)} AS SELECT * FROM {_table('counts', level - 1)}")
         else:
             _sum_up(con, ref_cells if level == 3 else _table("ref", level + 1), _table("ref", level), level,
-                    codes=", ".join(_parts(level)[1]))
+                    codes=codes_sql(level - 1))
     _word_tables(con)
     for level in LEVELS:
-        cs, parent = _parts(level)
-        ps = ", ".join(parent)
+        cs, ps = codes_sql(level), codes_sql(level - 1)
         # each parent's mean word count over its cells, in the reference
         con.execute(f"CREATE OR REPLACE TABLE {_table('avg', level)} AS "
                     f"SELECT {ps + ', ' if ps else ''}avg(words) AS avg_words FROM (SELECT {cs}, sum(n) AS words "
@@ -425,8 +416,7 @@ def create_cell_terms(con, term_files: list[str]) -> None:
 def _can_add(con, files: int, added: int) -> bool:
     """Whether an append of `added` word-count rows to the store's words from `files` term files
     keeps their reference: words of this layout, from those files, not past the next power of two."""
-    held = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND column_count = 5",
-                       [_WORD_STATE]).fetchall()[0][0] and \
+    held = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [_WORD_STATE]).fetchall()[0][0] and \
         con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'cell_terms'").fetchall()[0][0]
     if not held:                # a store of an earlier layout
         return False
@@ -454,8 +444,7 @@ def update_cell_terms(con, term_files: list[str], new: int) -> None:
             FROM (SELECT DISTINCT term FROM read_parquet(?) ANTI JOIN word_terms USING (term))""", [fresh])
     _read(con, "words_new", fresh)
     for level in LEVELS:
-        cs, _ = _parts(level)
-        codes = list(CODES[:level])
+        cs = codes_sql(level)
         counts, top = _table("counts", level), _table("top", level)
         _sum_up(con, "words_new", "words_delta", level, temp=True)
         # the new counts added as rows of their own (rows already written are not touched, which
@@ -479,7 +468,7 @@ def update_cell_terms(con, term_files: list[str], new: int) -> None:
                 FROM ({_scored_sql(level, f"(SELECT * FROM {top} SEMI JOIN words_totals USING ({cs}) ANTI JOIN words_delta USING ({cs}, id) UNION ALL SELECT * FROM words_counted)")})
                 JOIN word_terms USING (id))
             WHERE rk <= {TERMS_PER_CELL}""")
-        on_cell = " AND ".join(f"w.{c} = t.{c}" for c in codes)
+        on_cell = codes_match(level, "w", "t")
         con.execute(f"DELETE FROM {top} w USING words_totals t WHERE {on_cell}")
         con.execute(f"DELETE FROM cell_words w USING words_totals t WHERE w.level = {level} AND {on_cell}")
         _keep_top(con, level, "words_ranked", "words_totals")
