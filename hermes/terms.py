@@ -327,14 +327,26 @@ def _reference(rows: list[int]) -> int:
     return len(rows)
 
 
-def _read(con, name: str, files: list[str], temp: bool = True) -> None:
-    """Table `name` (c1, c2, c3, id, n): the files' counts summed per L123 cell and term (whose id
-    word_terms holds); a stored one in key order."""
-    con.execute(f"CREATE OR REPLACE {'TEMP ' if temp else ''}TABLE {name} (c1 SMALLINT, c2 SMALLINT, c3 SMALLINT, "
-                "id INTEGER, n BIGINT)")
-    if files:
-        con.execute(f"INSERT INTO {name} SELECT c1, c2, c3, id, CAST(sum(count) AS BIGINT) FROM read_parquet(?) "
-                    f"JOIN word_terms USING (term) GROUP BY ALL{'' if temp else ' ORDER BY ALL'}", [files])
+def _read(con, name: str, files: list[str], temp: bool = True, codes: str = "c1, c2, c3") -> None:
+    """Table `name` (codes, id, n): the files' counts summed per cell (of `codes`) and term (whose
+    id word_terms holds); a stored one in key order. One step at a time (the files' rows with their
+    term ids, then summed, then sorted): as one statement, the sum and the sort each took the
+    memory budget as theirs, and it ran out of memory at 10M documents under 256 MB."""
+    types = ", ".join(f"{c} SMALLINT" for c in codes.split(", "))
+    con.execute(f"CREATE OR REPLACE {'TEMP ' if temp else ''}TABLE {name} ({types}, id INTEGER, n BIGINT)")
+    if not files:
+        return
+    con.execute(f"CREATE OR REPLACE TEMP TABLE words_read AS SELECT {codes}, id, count FROM read_parquet(?) "
+                "JOIN word_terms USING (term)", [files])
+    summed = f"SELECT {codes}, id, CAST(sum(count) AS BIGINT) FROM words_read GROUP BY ALL"
+    if temp:
+        con.execute(f"INSERT INTO {name} {summed}")
+    else:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE words_summed AS {summed}")
+        con.execute("DROP TABLE words_read")
+        con.execute(f"INSERT INTO {name} SELECT * FROM words_summed ORDER BY ALL")
+        con.execute("DROP TABLE words_summed")
+    con.execute("DROP TABLE IF EXISTS words_read")
 
 
 def _sum_up(con, source: str, name: str, level: int, temp: bool = False, codes: str | None = None) -> None:
@@ -373,29 +385,29 @@ def create_cell_terms(con, term_files: list[str]) -> None:
     _read(con, _table("counts", 3), term_files, temp=False)
     for level in (2, 1):
         _sum_up(con, _table("counts", level + 1), _table("counts", level), level)
-    # the reference's counts at each level (its L123 cells', then summed up, as word_ref_<l> of the
-    # level below holds them), the store's own where it is every term file
-    whole = ref_files == len(term_files)
-    if whole:
-        ref_cells = _table("counts", 3)
-    else:
-        _read(con, "words_ref_cells", term_files[:ref_files])
-        ref_cells = "words_ref_cells"
     # word_ref_<l>, what a level-l cell is scored against: the reference's counts of the level
-    # above (keyed by the parent's codes; by term alone at L1)
+    # above (keyed by the parent's codes; by term alone at L1), the store's own where the reference
+    # is every term file; and words_ref_totals, the word count of each L123 cell in the reference
+    whole = ref_files == len(term_files)
     for level in reversed(LEVELS):
         if whole and level > 1:
             con.execute(f"CREATE OR REPLACE TABLE {_table('ref', level)} AS SELECT * FROM {_table('counts', level - 1)}")
+        elif level == 3:    # the first files' counts of each L12 cell and term, read again
+            _read(con, _table("ref", 3), term_files[:ref_files], temp=False, codes=codes_sql(2))
         else:
-            _sum_up(con, ref_cells if level == 3 else _table("ref", level + 1), _table("ref", level), level,
-                    codes=codes_sql(level - 1))
+            _sum_up(con, _table("ref", level + 1), _table("ref", level), level, codes=codes_sql(level - 1))
+    source, args = (f"(SELECT *, n AS count FROM {_table('counts', 3)})", []) if whole else \
+        ("read_parquet(?)", [term_files[:ref_files]])
+    con.execute(f"CREATE OR REPLACE TEMP TABLE words_ref_totals AS SELECT {codes_sql(3)}, sum(count) AS words "
+                f"FROM {source} GROUP BY ALL", args)
     _word_tables(con)
     for level in LEVELS:
         cs, ps = codes_sql(level), codes_sql(level - 1)
         # each parent's mean word count over its cells, in the reference
+        totals = "words_ref_totals" if level == 3 else \
+            f"(SELECT {cs}, sum(n) AS words FROM {_table('ref', level + 1)} GROUP BY ALL)"
         con.execute(f"CREATE OR REPLACE TABLE {_table('avg', level)} AS "
-                    f"SELECT {ps + ', ' if ps else ''}avg(words) AS avg_words FROM (SELECT {cs}, sum(n) AS words "
-                    f"FROM {ref_cells if level == 3 else _table('ref', level + 1)} GROUP BY ALL)"
+                    f"SELECT {ps + ', ' if ps else ''}avg(words) AS avg_words FROM {totals}"
                     + (" GROUP BY ALL" if ps else ""))
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE words_ranked AS SELECT * FROM (
@@ -408,7 +420,7 @@ def create_cell_terms(con, term_files: list[str]) -> None:
     con.execute(f"CREATE OR REPLACE TABLE {_WORD_STATE} AS SELECT ? AS layout, ? AS files, ? AS ref_files, "
                 "? AS ref_rows, ? AS total_rows",
                 [_WORDS_LAYOUT, len(term_files), ref_files, sum(rows[:ref_files]), sum(rows)])
-    for t in ["words_ranked", "words_totals"] + ([] if whole else ["words_ref_cells"]):
+    for t in ("words_ranked", "words_totals", "words_ref_totals"):
         con.execute(f"DROP TABLE {t}")
     con.execute(_view_sql())
 

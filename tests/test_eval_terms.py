@@ -192,21 +192,18 @@ def _word_rows(con) -> dict[str, list]:
     return out
 
 
-def test_an_append_ranks_the_words_of_the_cells_it_touches_as_a_build_does(tmp_path):
-    """Term files added one at a time give, after each, the words, counts and reference of a store
-    built from the same files at once: appends within a power of two of word-count rows (ranking
-    only the touched cells' kept and counted terms; new term ids out of term order, ties by term;
-    a cell's top count from an earlier file) and appends that pass one (the reference taken again)."""
+def _term_files(tmp_path, n_files: int = 8) -> list[str]:
+    """Small synthetic term files (as `hermes label` writes beside each label file): small cells, a
+    Zipf-like vocabulary that grows (later terms sort first), one count of 40 in the first file."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hermes.store import create_views
-    from hermes.terms import TERM_SCHEMA, create_cell_terms, update_cell_terms
+    from hermes.terms import TERM_SCHEMA
 
     rng = np.random.default_rng(5)
     files = []
-    for k in range(8):          # small cells, a Zipf-like vocabulary that grows (later terms sort first)
+    for k in range(n_files):
         n = int(rng.integers(20, 120))
         vocab = [f"w{i:03d}" for i in range(60)] + [f"a{9 - k}{i}" for i in range(5)]
         rows = {(int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 4)),
@@ -217,6 +214,76 @@ def test_an_append_ranks_the_words_of_the_cells_it_touches_as_a_build_does(tmp_p
                                       for a, b, c, t in sorted(rows)], schema=TERM_SCHEMA)
         files.append(str(tmp_path / f"t{k}.parquet"))
         pq.write_table(table, files[-1])
+    return files
+
+
+def _plain_words(files: list[str]) -> dict[tuple, str]:
+    """Each cell's words (level and codes to the words), counted in plain Python from the term files
+    as hermes/terms.py says: score n(t, c) * ln(1 + avg_words(p) / f(t, p)), f and avg_words from
+    the first files holding 2^k rows (2^k the largest power of two of all their rows), ties by term."""
+    import math
+    from collections import Counter, defaultdict
+
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f).to_pylist() for f in files]
+    total, held, ref = sum(map(len, tables)), 0, len(tables)
+    for i, t in enumerate(tables):
+        held += len(t)
+        if held >= 2 ** (total.bit_length() - 1):
+            ref = i + 1
+            break
+    words = {}
+    for level in (1, 2, 3):
+        counts, in_ref, cell_words = Counter(), Counter(), defaultdict(Counter)
+        for i, table in enumerate(tables):
+            for r in table:
+                cell = (r["c1"], r["c2"], r["c3"])[:level]
+                counts[cell, r["term"]] += r["count"]
+                if i < ref:
+                    in_ref[cell[:-1], r["term"]] += r["count"]
+                    cell_words[cell[:-1]][cell] += r["count"]
+        avg = {p: sum(c.values()) / len(c) for p, c in cell_words.items()}
+        by_cell = defaultdict(list)
+        for (cell, term), n in counts.items():
+            by_cell[cell].append((-n * math.log(1 + avg.get(cell[:-1], 1) / in_ref.get((cell[:-1], term), 1)), term))
+        for cell, scored in by_cell.items():
+            words[(level, *cell)] = ", ".join(t for _, t in sorted(scored)[:8])
+    return words
+
+
+def test_the_stores_words_are_c_tf_idf_against_the_reference_counted_in_plain_python(tmp_path):
+    """cell_words equals a plain count of the term files, with a reference of some of the files
+    (word counts past a power of two) and of all of them."""
+    from hermes.store import create_views
+    from hermes.terms import create_cell_terms
+
+    files = _term_files(tmp_path)
+    partial = []
+    for k in (1, 4, 8):
+        con = duckdb.connect(str(tmp_path / f"s{k}.duckdb"))
+        con.execute("CREATE TABLE labels AS SELECT 'd' || i AS doc_id, 300 AS n_chars, 50 AS n_tokens, "
+                    "0.5 AS quality, 0 AS c1, 0 AS c2, 0 AS c3 FROM range(3) t(i)")
+        create_views(con)
+        create_cell_terms(con, files[:k])
+        got = {(level, *(c for c in (c1, c2, c3)[:level])): w
+               for level, c1, c2, c3, w in con.execute("SELECT level, c1, c2, c3, words FROM cell_words").fetchall()}
+        ref_files = con.execute("SELECT ref_files FROM word_reference").fetchall()[0][0]
+        con.close()
+        partial.append(ref_files < k)
+        assert got == _plain_words(files[:k]), k
+    assert partial[0] is False and any(partial)     # a reference of every file, and of the first files
+
+
+def test_an_append_ranks_the_words_of_the_cells_it_touches_as_a_build_does(tmp_path):
+    """Term files added one at a time give, after each, the words, counts and reference of a store
+    built from the same files at once: appends within a power of two of word-count rows (ranking
+    only the touched cells' kept and counted terms; new term ids out of term order, ties by term;
+    a cell's top count from an earlier file) and appends that pass one (the reference taken again)."""
+    from hermes.store import create_views
+    from hermes.terms import create_cell_terms, update_cell_terms
+
+    files = _term_files(tmp_path)
 
     def store(name, term_files):
         con = duckdb.connect(str(tmp_path / name))
