@@ -341,12 +341,12 @@ def _read(con, name: str, files: list[str], temp: bool = True, codes: str = "c1,
     summed = f"SELECT {codes}, id, CAST(sum(count) AS BIGINT) FROM words_read GROUP BY ALL"
     if temp:
         con.execute(f"INSERT INTO {name} {summed}")
+        con.execute("DROP TABLE words_read")
     else:
         con.execute(f"CREATE OR REPLACE TEMP TABLE words_summed AS {summed}")
         con.execute("DROP TABLE words_read")
         con.execute(f"INSERT INTO {name} SELECT * FROM words_summed ORDER BY ALL")
         con.execute("DROP TABLE words_summed")
-    con.execute("DROP TABLE IF EXISTS words_read")
 
 
 def _sum_up(con, source: str, name: str, level: int, temp: bool = False, codes: str | None = None) -> None:
@@ -397,7 +397,7 @@ def create_cell_terms(con, term_files: list[str]) -> None:
         else:
             _sum_up(con, _table("ref", level + 1), _table("ref", level), level, codes=codes_sql(level - 1))
     source, args = (f"(SELECT *, n AS count FROM {_table('counts', 3)})", []) if whole else \
-        ("read_parquet(?)", [term_files[:ref_files]])
+        ("read_parquet(?) WHERE term IS NOT NULL", [term_files[:ref_files]])   # the rows the join to ids keeps
     con.execute(f"CREATE OR REPLACE TEMP TABLE words_ref_totals AS SELECT {codes_sql(3)}, sum(count) AS words "
                 f"FROM {source} GROUP BY ALL", args)
     _word_tables(con)
